@@ -1,0 +1,22 @@
+# sftrl: how SFT and RL fine-tuning reshape an LLM (GeneralPoints; arXiv 2508.16546 / 2509.12235).
+# Thin entry point: config + schema validation live in common.smk, one .smk per stage.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/base.smk"
+include: "workflow/rules/sft.smk"
+include: "workflow/rules/eval.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

@@ -1,0 +1,135 @@
+"""Seeded generator of the embedded base model's pretraining corpus.
+
+The tiny base model must leave pretraining with the *general* abilities that the paper's OOD test relies on,
+and without the GeneralPoints task format (SFT has to teach that, as in the paper). Four document families,
+all written as plain text lines, none of them the GeneralPoints prompt or its JSON answer:
+
+* ``arithmetic``  — ``13*(5+9)+12=194``: expressions of 2–4 operands in 1..13 and their exact value.
+* ``target``      — ``Use 3, 5, 9, 1 to make 17: (9-5)*3+5=17``: combine given numbers (each once) into an
+  expression that hits a target. Targets are whatever random expressions evaluate to, so 24 is one target
+  among many, not a special one.
+* ``rule``        — ``Note that 'J', 'Q', and 'K' count as '4', '9', and '2' respectively. Cards: ['J', '5'] Numbers: [4, 5]``:
+  read a stated face-card rule and apply it. Mappings are drawn at random (all three the same value, or three
+  values), so 10 and 11/12/13 are two mappings among hundreds.
+* ``cards``       — the three combined: cards + a stated rule + a target, answered with a formula over the mapped
+  values.
+
+Why generate expressions forward (numbers → random expression → value = target) instead of solving for a
+target: it is O(1) per document and every answer is correct by construction (exact `Fraction` arithmetic).
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+
+RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
+OPS = "+-*/"
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+FAMILIES = ("arithmetic", "target", "rule", "cards")
+
+
+def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a / b  # ZeroDivisionError is handled by the caller
+
+
+def random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[str, Fraction] | None:
+    """A random binary expression tree over `numbers` (in the given order, each used once), rendered with the
+    minimal parentheses and no spaces, and its exact value. None when it divides by zero."""
+    # Each item: (text, value, precedence of its top operator; 3 = atom).
+    items = [(str(n), Fraction(n), 3) for n in numbers]
+    try:
+        while len(items) > 1:
+            i = int(rng.integers(len(items) - 1))
+            (lt, lv, lp), (rt, rv, rp) = items[i], items[i + 1]
+            op = OPS[int(rng.integers(4))]
+            prec = PRECEDENCE[op]
+            if lp < prec:
+                lt = f"({lt})"
+            # Right operand needs brackets at equal precedence for the non-associative - and /, and for a * over /.
+            if rp < prec or (rp == prec and op in "-/"):
+                rt = f"({rt})"
+            items[i : i + 2] = [(f"{lt}{op}{rt}", _apply(op, lv, rv), prec)]
+    except ZeroDivisionError:
+        return None
+    return items[0][0], items[0][1]
+
+
+def _integer_expression(rng, numbers, max_abs: int) -> tuple[str, int] | None:
+    result = random_expression(rng, numbers)
+    if result is None or result[1].denominator != 1 or abs(result[1]) > max_abs:
+        return None
+    return result[0], int(result[1])
+
+
+def random_face_rule(rng: np.random.Generator) -> tuple[tuple[int, int, int], str]:
+    """A face-card mapping (J, Q, K values in 1..13) and its statement in the authors' phrasing."""
+    if rng.random() < 0.5:
+        v = int(rng.integers(1, 14))
+        values = (v, v, v)
+        msg = f"'J', 'Q', and 'K' count as '{v}'."
+    else:
+        values = tuple(int(x) for x in rng.integers(1, 14, size=3))
+        msg = f"'J', 'Q', and 'K' count as '{values[0]}', '{values[1]}', and '{values[2]}' respectively."
+    return values, msg
+
+
+def card_value(rank: str, face_values) -> int:
+    if rank in ("J", "Q", "K"):
+        return face_values["JQK".index(rank)]
+    return 1 if rank == "A" else int(rank)
+
+
+def _draw_cards(rng, k: int) -> list[str]:
+    return [RANKS[int(i)] for i in rng.integers(0, 13, size=k)]
+
+
+def make_document(rng: np.random.Generator, family: str, max_abs: int = 999, max_target: int = 100) -> str:
+    """One document of the given family (retries internally until the draw is valid)."""
+    while True:
+        if family == "arithmetic":
+            k = int(rng.integers(2, 5))
+            found = _integer_expression(rng, [int(x) for x in rng.integers(1, 14, size=k)], max_abs)
+            if found:
+                return f"{found[0]}={found[1]}"
+        elif family == "target":
+            numbers = [int(x) for x in rng.integers(1, 14, size=4)]
+            found = _integer_expression(rng, numbers, max_target)
+            if found and found[1] > 0:
+                shown = ", ".join(str(n) for n in rng.permutation(numbers))
+                return f"Use {shown} to make {found[1]}: {found[0]}={found[1]}"
+        elif family == "rule":
+            face_values, msg = random_face_rule(rng)
+            cards = _draw_cards(rng, int(rng.integers(2, 5)))
+            if not any(c in "JQK" for c in cards):
+                cards[int(rng.integers(len(cards)))] = "JQK"[int(rng.integers(3))]
+            numbers = [card_value(c, face_values) for c in cards]
+            return f"Note that {msg} Cards: {cards} Numbers: {numbers}"
+        elif family == "cards":
+            face_values, msg = random_face_rule(rng)
+            cards = _draw_cards(rng, 4)
+            numbers = [card_value(c, face_values) for c in cards]
+            order = rng.permutation(4)
+            found = _integer_expression(rng, [numbers[i] for i in order], max_target)
+            if found and found[1] > 0:
+                return f"Cards: {cards}. Note that {msg} Make {found[1]}: {found[0]}={found[1]}"
+        else:
+            raise ValueError(f"unknown corpus family {family!r}; expected one of {FAMILIES}")
+
+
+def generate_corpus(seed: int, n_documents: int, mix: dict[str, float]) -> list[str]:
+    """`n_documents` documents, families drawn with probabilities `mix` (normalised), fully determined by `seed`."""
+    unknown = set(mix) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"base.corpus.mix has unknown families {sorted(unknown)}; expected {FAMILIES}")
+    names = [f for f in FAMILIES if mix.get(f, 0) > 0]
+    weights = np.array([mix[f] for f in names], dtype=float)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(names), size=n_documents, p=weights / weights.sum())
+    return [make_document(rng, names[i]) for i in picks]

@@ -1,0 +1,87 @@
+"""Problem sets and SFT data for GeneralPoints.
+
+* Evaluation sets: `n` hands dealt from one seeded Generator under a rule — the same file for every checkpoint
+  (the authors' eval depended on global RNG consumption; here the seed alone fixes the set).
+* SFT data, in TRL's conversational prompt/completion format, answers in the authors' response format.
+  The ID train / ID test split is by card *multiset* (cpu_notes.md pitfall 5: only 1820 multisets exist, so a
+  split by example would leak test hands into training).
+"""
+from __future__ import annotations
+
+from itertools import combinations_with_replacement
+from pathlib import Path
+
+import numpy as np
+
+from . import points
+from .io import write_jsonl
+
+
+def multiset_key(cards) -> str:
+    """Canonical key of a hand's card multiset (order-free), e.g. '10 A K K'."""
+    return " ".join(sorted(cards))
+
+
+def eval_problems(rule_name: str, n: int, seed: int, target: int) -> list[dict]:
+    rule = points.RULES[rule_name]
+    rng = np.random.default_rng(seed)
+    problems = []
+    for index in range(n):
+        hand = points.deal(rng, rule, target)
+        problems.append({"id": f"{rule_name}-{index:04d}", "rule": rule_name, "cards": list(hand.cards),
+                         "numbers": list(hand.numbers), "target": target})
+    return problems
+
+
+def solvable_multisets(rule: points.Rule, target: int) -> list[str]:
+    keys = []
+    for combo in combinations_with_replacement(points.RANKS, 4):
+        if points.is_solvable([rule.value(card) for card in combo], target):
+            keys.append(multiset_key(combo))
+    return sorted(keys)
+
+
+def sft_example(hand: points.Hand, rule: points.Rule, rng: np.random.Generator, target: int) -> dict:
+    """One conversational prompt/completion example; the answer uses a solution drawn at random (not always the
+    first one the solver lists, so the model sees varied but correct formulas)."""
+    solutions = points.solve(hand.numbers, target)
+    formula = solutions[int(rng.integers(len(solutions)))]
+    return {
+        "prompt": [{"role": "user", "content": points.render_prompt(hand.cards, rule, target)}],
+        "completion": [{"role": "assistant", "content": points.render_answer(hand, formula, target)}],
+        "cards": list(hand.cards),
+        "numbers": list(hand.numbers),
+        "rule": rule.name,
+    }
+
+
+def _deal_from(rng, rule, target, allowed: set[str]) -> points.Hand:
+    while True:
+        hand = points.deal(rng, rule, target)
+        if multiset_key(hand.cards) in allowed:
+            return hand
+
+
+def build_sft_data(settings: dict, target: int, out_dir: str | Path) -> dict:
+    """Write train.jsonl, train_loss.jsonl, id_test.jsonl and ood_loss.jsonl; return a summary."""
+    rng = np.random.default_rng(settings["seed"])
+    keys = solvable_multisets(points.ID_RULE, target)
+    shuffled = [keys[i] for i in rng.permutation(len(keys))]
+    n_test = max(1, round(settings["id_test_fraction"] * len(keys)))
+    test_keys, train_keys = set(shuffled[:n_test]), set(shuffled[n_test:])
+
+    # Hands are dealt as the environment deals them (i.i.d. ranks), then kept only if their multiset is on the
+    # right side of the split, so the training distribution matches the authors' generator.
+    train = [sft_example(_deal_from(rng, points.ID_RULE, target, train_keys), points.ID_RULE, rng, target)
+             for _ in range(settings["n_train"])]
+    id_test = [sft_example(_deal_from(rng, points.ID_RULE, target, test_keys), points.ID_RULE, rng, target)
+               for _ in range(settings["n_id_test"])]
+    ood = [sft_example(points.deal(rng, points.OOD_RULE, target), points.OOD_RULE, rng, target)
+           for _ in range(settings["n_ood_loss"])]
+    out_dir = Path(out_dir)
+    write_jsonl(out_dir / "train.jsonl", train)
+    write_jsonl(out_dir / "train_loss.jsonl", train[: settings["n_train_loss"]])
+    write_jsonl(out_dir / "id_test.jsonl", id_test)
+    write_jsonl(out_dir / "ood_loss.jsonl", ood)
+    return {"solvable_id_multisets": len(keys), "train_multisets": len(train_keys), "test_multisets": len(test_keys),
+            "n_train": len(train), "distinct_train_multisets_used": len({multiset_key(e["cards"]) for e in train})}

@@ -1,0 +1,146 @@
+"""The one model I/O path: every stage loads a model directory (the embedded tiny base, an SFT/RL checkpoint, or a
+real model such as Qwen2.5-7B-Instruct) through `load_tokenizer` / `load_model`, and builds the embedded base
+through `build_tokenizer` / `build_tiny_llama`.
+
+Why Llama for the tiny model: with a custom tokenizer, `AutoTokenizer` on a `model_type: qwen2` directory
+rebuilds Qwen's byte-level tokenizer and silently drops characters (cpu_notes.md §1); the Llama config keeps the
+saved tokenizer.json exactly.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Nothing in this project may reach the Hub: a missing local path must fail fast, not retry DNS for 30 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PAD, EOT, IM_START, IM_END = SPECIAL_TOKENS
+# ChatML, as Qwen uses; the assistant turn ends with <|im_end|>, which is the EOS so generation stops there.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ModelDirError(FileNotFoundError):
+    """A model directory is missing or unreadable; the message names the path."""
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"model directory {str(path)!r} does not exist (config key model.path or a checkpoint path)")
+    if not (path / "config.json").is_file():
+        raise ModelDirError(f"model directory {str(path)!r} has no config.json: not a Hugging Face model directory")
+    if not os.access(path / "config.json", os.R_OK):
+        raise ModelDirError(f"model directory {str(path)!r} is not readable")
+    return path
+
+
+def build_tokenizer(texts, vocab_size: int, model_max_length: int):
+    """A byte-level BPE tokenizer trained on our own texts, with every digit its own token.
+
+    Why BPE with merges across spaces: the GeneralPoints prompt is ~450 characters of fixed English; a
+    character-level vocabulary would make every prompt ~450 tokens long, far too slow on CPU. Digits stay single
+    tokens (Digits(individual_digits)) so arithmetic is learnable digit by digit. Byte-level means any string
+    round-trips exactly, including newlines and spaces. Quotes are split off so card ranks stay separate tokens.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            # Quotes are isolated so a quoted card rank ('J', '10') is its own piece and never merges with context.
+            pre_tokenizers.Split(Regex("['\"]"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=None,
+        eos_token=IM_END,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=model_max_length,
+        padding_side="left",  # generation batches are left-padded; training collators pad explicitly
+    )
+
+
+def build_tiny_llama(tokenizer, arch: dict, seed: int):
+    """A freshly initialised Llama causal LM with untied embed_tokens / lm_head (like the paper's models, so the
+    embed-vs-lm_head analysis applies)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch["hidden_size"],
+        num_hidden_layers=arch["num_layers"],
+        num_attention_heads=arch["num_heads"],
+        num_key_value_heads=arch["num_kv_heads"],
+        intermediate_size=arch["intermediate_size"],
+        max_position_embeddings=arch["max_position_embeddings"],
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+        pad_token_id=tokenizer.pad_token_id,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    model_dir = check_model_dir(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:  # Llama-3 ships without one; generation needs it for batching
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(model_dir, dtype: str = "float32", attn_implementation: str = "sdpa", device: str = "auto"):
+    """Load a causal LM for training or inference with dtype / attention / device placement from config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = check_model_dir(model_dir)
+    torch_dtype = getattr(torch, dtype)
+    device = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=attn_implementation)
+    return model.to(device)
+
+
+def save_model(model, tokenizer, out_dir, generation_defaults: dict | None = None) -> None:
+    """save_pretrained for model + tokenizer (+ chat template) + generation_config, as one directory."""
+    from transformers import GenerationConfig
+
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    generation = GenerationConfig(
+        eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id, **(generation_defaults or {})
+    )
+    generation.save_pretrained(out_dir)

@@ -1,0 +1,139 @@
+"""Pretraining of the embedded tiny base model on the generated corpus (corpus.py), on CPU.
+
+One obvious loop: fixed number of steps, AdamW, linear warm-up then cosine decay, random windows from the packed
+token stream. Every batch is drawn from `default_rng([seed, step])`, so a run resumed from its last saved state
+produces exactly the weights of an uninterrupted run. State lives outside the rule's declared output (Snakemake
+deletes declared outputs before a job starts), in `state_dir`.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import corpus, points
+from .io import atomic_dir, atomic_path, write_json
+from .modeling import EOT, build_tiny_llama, build_tokenizer, save_model
+
+log = logging.getLogger(__name__)
+
+
+def is_held_out(document: str, held_out_per_mille: int) -> bool:
+    """A stable hash split: the same document is held out in every run (used by the probe)."""
+    return zlib.crc32(document.encode()) % 1000 < held_out_per_mille
+
+
+def task_format_texts(seed: int, n_hands: int = 64) -> list[str]:
+    """GeneralPoints prompts, answers and feedback, used ONLY to train the tokenizer's vocabulary so task prompts are
+    short. The model never trains on them during pretraining."""
+    rng = np.random.default_rng(seed)
+    texts = []
+    for rule in points.RULES.values():
+        for _ in range(n_hands):
+            hand = points.deal(rng, rule)
+            texts.append(points.render_prompt(hand.cards, rule))
+            texts.append(points.render_answer(hand, points.solve(hand.numbers)[0]))
+    for formula in ("1+2+3", "3 * 8", "10*2+2+2", "(1+2", "1+2+3+4"):
+        texts.append(points.feedback_turn(points.score(formula, (1, 2, 3, 4))))
+    return texts
+
+
+def lr_at(step: int, settings: dict) -> float:
+    peak, warmup, total = settings["lr"], settings["warmup_steps"], settings["steps"]
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = peak * settings["min_lr_ratio"]
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def pack(tokenizer, documents: list[str]) -> np.ndarray:
+    """Concatenate documents into one token stream, each followed by <|endoftext|>."""
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    ids = tokenizer(documents, add_special_tokens=False).input_ids
+    return np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.int64)
+
+
+def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_log: str | Path, threads: int = 1) -> None:
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    seed = settings["seed"]
+    train = settings["train"]
+    documents = corpus.generate_corpus(seed, settings["corpus"]["n_documents"], settings["corpus"]["mix"])
+    held_out = settings["corpus"]["held_out_per_mille"]
+    documents = [d for d in documents if not is_held_out(d, held_out)]
+    tokenizer = build_tokenizer(
+        documents + task_format_texts(seed), settings["vocab_size"], settings["architecture"]["max_position_embeddings"]
+    )
+    stream = torch.from_numpy(pack(tokenizer, documents))
+    log.info("corpus: %d documents, %d tokens, vocabulary %d", len(documents), len(stream), len(tokenizer))
+
+    model = build_tiny_llama(tokenizer, settings["architecture"], seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=train["lr"], betas=(0.9, 0.95), weight_decay=train["weight_decay"]
+    )
+    state_path = Path(state_dir) / "state.pt"
+    start = 0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["settings"] != settings:
+            raise RuntimeError(
+                f"pretraining state {state_path} was written with different settings; delete it to start over"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        log.info("resuming pretraining from step %d (%s)", start, state_path)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2f M parameters", n_params / 1e6)
+    batch_size, seq_len = train["batch_size"], train["seq_len"]
+    loss_log = Path(loss_log)
+    loss_log.parent.mkdir(parents=True, exist_ok=True)
+    # On resume keep the rows up to the resumed step; later ones are recomputed (and identical).
+    kept = [row for row in csv.reader(open(loss_log))][1:] if start and loss_log.exists() else []
+    with open(loss_log, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "lr", "loss"])
+        writer.writerows(row for row in kept if int(row[0]) <= start)
+        model.train()
+        progress = tqdm(range(start, train["steps"]), initial=start, total=train["steps"], desc="pretrain", mininterval=5)
+        for step in progress:
+            rng = np.random.default_rng([seed, step])
+            starts = torch.from_numpy(rng.integers(0, len(stream) - seq_len - 1, size=batch_size))
+            windows = torch.stack([stream[s : s + seq_len + 1] for s in starts])
+            inputs, targets = windows[:, :-1], windows[:, 1:]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, train)
+            logits = model(input_ids=inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if step % train["log_every"] == 0 or step + 1 == train["steps"]:
+                writer.writerow([step + 1, f"{lr_at(step, train):.6g}", f"{loss.item():.5f}"])
+                f.flush()
+                progress.set_postfix(loss=f"{loss.item():.3f}")
+            if (step + 1) % train["save_every"] == 0 and step + 1 < train["steps"]:
+                f.flush()
+                state_path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(state_path) as tmp:
+                    torch.save(
+                        {"settings": settings, "step": step + 1, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict()},
+                        tmp,
+                    )
+
+    with atomic_dir(out_dir) as tmp:
+        save_model(model, tokenizer, tmp)
+        write_json(Path(tmp) / "sftrl_base.json", {"settings": settings, "parameters": n_params})
+    if state_path.exists():
+        state_path.unlink()

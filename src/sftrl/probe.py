@@ -1,0 +1,91 @@
+"""Ability probe of a base model (results/base/abilities.json): does pretraining give the general abilities the
+OOD test relies on, while the GeneralPoints task format is still unknown?
+
+Probes, each on problems the model did not train on (documents held out of the corpus by hash, or fresh hands):
+* arithmetic          — ``expr=`` → the exact value;
+* target              — ``Use a, b, c, d to make T:`` → a formula that scores +5 for those numbers and T;
+* cards_rule_10       — pretraining format, J/Q/K = 10, target 24;
+* cards_rule_11_12_13 — pretraining format, J/Q/K = 11/12/13, target 24;
+* generalpoints_id / generalpoints_ood — the real task (chat template, multi-turn), expected near 0 before SFT.
+Greedy decoding throughout (temperature from the probe is always 0: it measures ability, not luck).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from . import corpus, figures, points
+from .data import eval_problems
+from .evaluate import run_episodes, summarize
+from .generation import Sampling, make_backend
+from .io import read_json, write_json
+from .pretrain import is_held_out
+
+log = logging.getLogger(__name__)
+
+
+def held_out_documents(family: str, n: int, seed: int, held_out_per_mille: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    found: list[str] = []
+    while len(found) < n:
+        document = corpus.make_document(rng, family)
+        if is_held_out(document, held_out_per_mille):
+            found.append(document)
+    return found
+
+
+def _formula_of(text: str) -> str:
+    return text.strip().split("=")[0].strip()
+
+
+def probe(model_dir, settings: dict, eval_settings: dict, out, figure_stem, target: int = 24,
+          verify_iter: int = 5) -> dict:
+    base_settings = read_json(f"{model_dir}/sftrl_base.json")["settings"]
+    held_out = base_settings["corpus"]["held_out_per_mille"]
+    n, seed = settings["n"], settings["seed"]
+    backend = make_backend("hf", model_dir, {"dtype": "float32", "attn_implementation": "sdpa", "device": "auto"},
+                           eval_settings["batch_size"])
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=settings["max_new_tokens"], seed=seed)
+    abilities = {}
+
+    docs = held_out_documents("arithmetic", n, seed, held_out)
+    prompts = [d[: d.rindex("=") + 1] for d in docs]
+    outputs = backend.generate(prompts, greedy)
+    correct = [o.strip() == d[d.rindex("=") + 1 :] for o, d in zip(outputs, docs)]
+    abilities["arithmetic"] = {"accuracy": float(np.mean(correct)), "n": n, "examples": list(zip(prompts, outputs))[:5]}
+
+    docs = held_out_documents("target", n, seed + 1, held_out)
+    prompts = [d[: d.index(":") + 1] for d in docs]
+    outputs = backend.generate(prompts, greedy)
+    rewards = []
+    for d, o in zip(docs, outputs):
+        numbers = [int(x) for x in d[len("Use ") : d.index(" to make")].split(", ")]
+        goal = int(d[d.index("to make ") + len("to make ") : d.index(":")])
+        rewards.append(points.score(_formula_of(o), numbers, goal).reward)
+    abilities["target"] = {"accuracy": float(np.mean([r == 5 for r in rewards])), "n": n,
+                           "examples": list(zip(prompts, outputs))[:5]}
+
+    rng = np.random.default_rng(seed + 2)
+    for name, rule in (("cards_rule_10", points.ID_RULE), ("cards_rule_11_12_13", points.OOD_RULE)):
+        hands = [points.deal(rng, rule, target) for _ in range(n)]
+        prompts = [f"Cards: {list(h.cards)}. Note that {rule.face_card_msg} Make {target}:" for h in hands]
+        outputs = backend.generate(prompts, greedy)
+        rewards = [points.score(_formula_of(o), h.numbers, target).reward for o, h in zip(outputs, hands)]
+        abilities[name] = {"accuracy": float(np.mean([r == 5 for r in rewards])), "n": n,
+                           "examples": list(zip(prompts, outputs))[:5]}
+
+    task_sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=eval_settings["max_new_tokens"], seed=seed)
+    for split in ("id", "ood"):
+        problems = eval_problems(split, n, seed + 3, target)
+        records = run_episodes(backend, problems, task_sampling, verify_iter)
+        summary = summarize(records)
+        abilities[f"generalpoints_{split}"] = {"accuracy": summary["accuracy"], "n": n,
+                                               "format_error_rate": summary["format_error_rate"],
+                                               "examples": [r["attempts"][0]["output"] for r in records[:3]]}
+    report = {"model": str(model_dir), "abilities": abilities}
+    for name, value in abilities.items():
+        log.info("%-22s accuracy %.3f", name, value["accuracy"])
+    write_json(out, report)
+    figures.abilities(report, figure_stem)
+    return report

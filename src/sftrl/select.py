@@ -1,0 +1,23 @@
+"""Data-dependent checkpoint selection: Inter_SFT = the SFT checkpoint with the highest OOD accuracy (ties ->
+earliest step), End_SFT = the last SFT checkpoint. Later stages (RL, spectral pairs, restoration) read this."""
+from __future__ import annotations
+
+import pandas as pd
+
+from .io import write_json
+
+
+def select_sft(table_path, out) -> dict:
+    table = pd.read_csv(table_path)
+    ood = table[(table["stage"] == "sft") & (table["split"] == "ood")].sort_values("step")
+    if ood.empty:
+        raise ValueError(f"{table_path} has no SFT rows for the OOD split; nothing to select from")
+    best = ood.loc[ood["accuracy"].idxmax()]  # idxmax returns the first maximum; rows are sorted by step
+    last = ood.iloc[-1]
+    selection = {
+        "inter_sft": {"step": int(best["step"]), "ood_accuracy": float(best["accuracy"])},
+        "end_sft": {"step": int(last["step"]), "ood_accuracy": float(last["accuracy"])},
+        "rule": "inter_sft = argmax OOD accuracy over SFT checkpoints (ties -> earliest); end_sft = last checkpoint",
+    }
+    write_json(out, selection)
+    return selection

@@ -1,0 +1,167 @@
+"""Supervised fine-tuning with TRL's SFTTrainer: completion-only loss, a checkpoint every `save_steps`, the three
+loss records (ID-train subset, ID-test, OOD) at every checkpoint, and resume after interruption.
+
+Checkpoint layout (why two places): Snakemake deletes a job's declared outputs before the job starts, so the
+trainer's own resumable state (weights + optimizer + RNG) lives in `work_dir`, outside the outputs. Each saved
+checkpoint is exported at once to `export_dir/checkpoint-N` (model files hard-linked, no optimizer state), which is
+what the rest of the workflow reads. A rerun after an interruption resumes from the newest complete checkpoint
+in `work_dir`; no completed checkpoint is recomputed or deleted.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+from .io import atomic_dir, read_json, read_jsonl, write_csv, write_json
+from .modeling import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Files a checkpoint needs to be loaded as a model; optimizer/scheduler/RNG state stay in the trainer's dir.
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
+TRAINER_ONLY_FILES = {"trainer_state.json", "training_args.bin"}
+EVAL_SETS = {"id_train": "train_loss.jsonl", "id_test": "id_test.jsonl", "ood": "ood_loss.jsonl"}
+
+
+def export_checkpoint(checkpoint_dir: Path, export_dir: Path) -> Path:
+    """Expose a trainer checkpoint as a plain model directory (hard links: no extra disk for 7B weights)."""
+    target = export_dir / checkpoint_dir.name
+    with atomic_dir(target) as tmp:
+        for source in sorted(checkpoint_dir.iterdir()):
+            if source.suffix in MODEL_FILE_SUFFIXES and source.name not in TRAINER_ONLY_FILES:
+                try:
+                    os.link(source, tmp / source.name)
+                except OSError:  # another filesystem: fall back to a copy
+                    shutil.copy2(source, tmp / source.name)
+        write_json(tmp / "sftrl_checkpoint.json", {"stage": "sft", "step": int(checkpoint_dir.name.split("-")[-1])})
+    return target
+
+
+def drop_old_optimizer_states(work_dir: Path, keep: Path) -> None:
+    """Only the newest checkpoint's optimizer state is needed to resume; older ones are large and dead weight."""
+    for checkpoint in work_dir.glob("checkpoint-*"):
+        if checkpoint != keep:
+            for name in ("optimizer.pt", "scheduler.pt"):
+                (checkpoint / name).unlink(missing_ok=True)
+
+
+def log_warmup_constant(warmup_steps: int):
+    """The authors' effective schedule (DeepSpeed WarmupLR, warmup_type=log): lr·ln(step)/ln(warmup) up to
+    `warmup_steps`, then constant (authors_code_spec.md §2.5)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps <= 1 or step >= warmup_steps:
+            return 1.0
+        return math.log(step + 1) / math.log(warmup_steps)
+
+    return factor
+
+
+def loss_table(log_history: list[dict]):
+    import pandas as pd
+
+    rows = []
+    for entry in log_history:
+        for split in EVAL_SETS:
+            key = f"eval_{split}_loss"
+            if key in entry:
+                rows.append({"step": int(entry["step"]), "split": split, "loss": entry[key]})
+        if "loss" in entry:
+            rows.append({"step": int(entry["step"]), "split": "train_running", "loss": entry["loss"]})
+    return pd.DataFrame(rows, columns=["step", "split", "loss"]).drop_duplicates(["step", "split"], keep="last")
+
+
+def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir, export_dir, loss_table_path,
+            threads: int = 1) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(threads)
+    work_dir, export_dir, data_dir = Path(work_dir), Path(export_dir), Path(data_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, model_settings["dtype"], model_settings["attn_implementation"],
+                       model_settings["device"])
+
+    def dataset(name):
+        records = read_jsonl(data_dir / name)
+        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
+
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    schedule = settings["schedule"]
+    config = SFTConfig(
+        output_dir=str(work_dir),
+        max_steps=settings["max_steps"],
+        per_device_train_batch_size=settings["per_device_batch_size"],
+        per_device_eval_batch_size=settings["per_device_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        learning_rate=settings["lr"],
+        lr_scheduler_type="constant" if schedule == "log_warmup_constant" else schedule,
+        warmup_steps=settings["warmup_steps"],
+        adam_beta1=settings["adam_beta1"],
+        adam_beta2=settings["adam_beta2"],
+        adam_epsilon=settings["adam_epsilon"],
+        weight_decay=settings["weight_decay"],
+        save_strategy="steps",
+        save_steps=settings["save_steps"],
+        eval_strategy="steps",
+        eval_steps=settings["save_steps"],
+        logging_steps=max(1, settings["save_steps"] // 5),
+        seed=settings["seed"],
+        data_seed=settings["seed"],
+        max_length=settings["max_length"],
+        completion_only_loss=True,
+        packing=False,
+        # Plain fp32 on CPU (TRL defaults to bf16 + gradient checkpointing; cpu_notes.md pitfall 2).
+        use_cpu=on_cpu,
+        bf16=model_settings["dtype"] == "bfloat16" and not on_cpu,
+        fp16=False,
+        gradient_checkpointing=not on_cpu,
+        deepspeed=settings["deepspeed"],
+        dataloader_num_workers=0,
+        report_to="none",
+        save_only_model=False,  # optimizer state is needed to resume exactly
+    )
+    optimizers = (None, None)
+    if schedule == "log_warmup_constant" and not settings["deepspeed"]:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"],
+                                      betas=(settings["adam_beta1"], settings["adam_beta2"]),
+                                      eps=settings["adam_epsilon"], weight_decay=settings["weight_decay"])
+        optimizers = (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, log_warmup_constant(settings["warmup_steps"])))
+
+    class ExportOnSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                checkpoint = work_dir / f"checkpoint-{state.global_step}"
+                export_checkpoint(checkpoint, export_dir)
+                drop_old_optimizer_states(work_dir, keep=checkpoint)
+                log.info("exported %s", checkpoint.name)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset("train.jsonl"),
+        eval_dataset={split: dataset(name) for split, name in EVAL_SETS.items()},
+        processing_class=tokenizer,
+        optimizers=optimizers,
+        callbacks=[ExportOnSave()],
+    )
+    # The step-0 point of every loss curve (the starting model itself), kept beside the trainer state because
+    # Trainer.train() starts a fresh log history.
+    step0_path = work_dir / "step0_eval.json"
+    if not step0_path.exists():
+        write_json(step0_path, {**trainer.evaluate(), "step": 0})
+    resume = any(work_dir.glob("checkpoint-*"))
+    if resume:
+        log.info("resuming SFT from the newest checkpoint in %s", work_dir)
+    trainer.train(resume_from_checkpoint=resume or None)
+    # Re-export everything the trainer dir holds (idempotent), so a rerun after Snakemake removed the exports
+    # restores them without retraining.
+    for checkpoint in sorted(work_dir.glob("checkpoint-*")):
+        if not (export_dir / checkpoint.name).exists():
+            export_checkpoint(checkpoint, export_dir)
+    write_csv(loss_table_path, loss_table([read_json(step0_path), *trainer.state.log_history]))

@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A base-model config small enough for unit tests (seconds), same keys as config/config.yaml `base`.
+MICRO_BASE = {
+    "seed": 0,
+    "vocab_size": 400,
+    "architecture": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                     "intermediate_size": 64, "max_position_embeddings": 1024},
+    "corpus": {"n_documents": 600, "mix": {"arithmetic": 1.0, "target": 1.0, "rule": 0.5, "cards": 1.5},
+               "held_out_per_mille": 50},
+    "train": {"steps": 12, "batch_size": 4, "seq_len": 64, "lr": 0.003, "min_lr_ratio": 0.1, "warmup_steps": 3,
+              "weight_decay": 0.1, "log_every": 2, "save_every": 5},
+    "probe": {"n": 4, "seed": 7, "max_new_tokens": 8},
+}
+
+
+@pytest.fixture(scope="session")
+def micro_base(tmp_path_factory):
+    """A tiny base model directory built by the real pretraining code."""
+    from sftrl.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("base")
+    pretrain(MICRO_BASE, root / "model", root / "state", root / "loss.csv")
+    return root / "model"

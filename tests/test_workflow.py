@@ -1,0 +1,123 @@
+"""The micro config end to end through real Snakemake (the `.test` convention), plus the DAG's promises:
+config errors name their key, one figure builds only what it needs, a finished DAG has nothing left to do."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = REPO / ".test" / "config" / "config.yaml"
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir, *args, check=True, timeout=900):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def make_workdir(root: Path, edit=None) -> Path:
+    config = yaml.safe_load(MICRO.read_text())
+    if edit:
+        edit(config)
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def planned_rules(result) -> set[str]:
+    """Rule names in a dry run's job table."""
+    rules, in_table = set(), False
+    for line in result.stdout.splitlines():
+        if line.startswith("Job stats:"):
+            in_table = True
+            continue
+        if in_table:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("job", "total"):
+                rules.add(parts[0])
+            elif not line.strip() and rules:
+                break
+    return rules
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    workdir = make_workdir(tmp_path_factory.mktemp("micro"))
+    snakemake(workdir, "--cores", "2", "all")
+    return workdir
+
+
+def test_micro_dag_end_to_end(micro_run):
+    config = yaml.safe_load(MICRO.read_text())
+    results = micro_run / "results"
+    table = pd.read_csv(results / "tables" / "eval.csv")
+    n_checkpoints = config["sft"]["max_steps"] // config["sft"]["save_steps"]
+    assert len(table) == 2 * (1 + n_checkpoints)  # base + every SFT checkpoint, ID and OOD
+    assert set(table["split"]) == {"id", "ood"}
+    assert (table["n"] == config["data"]["eval"]["n"]).all()
+    assert table["accuracy"].between(0, 1).all()
+    for name in ("fig1", "fig2", "base_abilities"):
+        for ext in (".pdf", ".png"):
+            assert (results / "figs" / f"{name}{ext}").stat().st_size > 1000
+    assert (results / "base" / "abilities.json").exists()
+    assert (results / "sft" / "selection.json").exists()
+    losses = pd.read_csv(results / "tables" / "sft_loss.csv")
+    assert {"id_train", "id_test", "ood"} <= set(losses["split"])
+    assert sorted(losses[losses["split"] == "ood"]["step"]) == [0, *range(4, 9, 4)]
+    for step in (4, 8):
+        assert (results / "sft" / f"checkpoint-{step}" / "model.safetensors").exists()
+        assert not (results / "sft" / f"checkpoint-{step}" / "optimizer.pt").exists()
+    # every rule wrote its log
+    assert (micro_run / "logs" / "sft" / "sft.log").stat().st_size > 0
+
+
+def test_finished_dag_has_nothing_to_do(micro_run):
+    result = snakemake(micro_run, "-n", "all")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_rerun_of_sft_resumes_without_recomputing(micro_run):
+    """Forcing the SFT rule again resumes from the trainer's last checkpoint instead of retraining."""
+    before = (micro_run / "results" / "sft" / "checkpoint-8" / "model.safetensors").read_bytes()
+    snakemake(micro_run, "--cores", "2", "--forcerun", "sft", "--until", "sft")
+    log = (micro_run / "logs" / "sft" / "sft.log").read_text()
+    assert "resuming SFT" in log
+    assert (micro_run / "results" / "sft" / "checkpoint-8" / "model.safetensors").read_bytes() == before
+    assert (micro_run / "results" / "sft" / "checkpoint-4" / "model.safetensors").exists()
+
+
+def test_one_figure_builds_only_what_it_needs(tmp_path):
+    workdir = make_workdir(tmp_path)
+    rules = planned_rules(snakemake(workdir, "-n", "results/figs/fig2.pdf"))
+    assert rules == {"pretrain_base", "sft_data", "sft", "fig2"}
+
+
+def test_bad_config_key_is_named(tmp_path):
+    workdir = make_workdir(tmp_path, edit=lambda c: c["sft"].update(save_stpes=4))
+    result = snakemake(workdir, "-n", "all", check=False)
+    assert result.returncode != 0
+    assert "save_stpes" in result.stdout + result.stderr
+
+
+def test_bad_model_path_is_named(tmp_path):
+    workdir = make_workdir(tmp_path, edit=lambda c: c["model"].update(path="/no/such/model"))
+    result = snakemake(workdir, "-n", "all", check=False)
+    assert result.returncode != 0
+    assert "/no/such/model" in result.stdout + result.stderr
+
+
+def test_lint_is_clean():
+    result = snakemake(REPO, "--lint", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

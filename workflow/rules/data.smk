@@ -1,0 +1,39 @@
+# Fixed evaluation problem sets and SFT data (sftrl.data).
+
+
+rule eval_set:
+    output:
+        f"{RESULTS}/data/eval_{{split}}.jsonl",
+    params:
+        n=lookup(dpath="data/eval/n", within=config),
+        seed=lookup(dpath="data/eval/seed", within=config),
+        target=lookup(dpath="env/target", within=config),
+    log:
+        "logs/data/eval_{split}.log",
+    conda:
+        "../envs/analysis.yaml"
+    wildcard_constraints:
+        split="id|ood",
+    shell:
+        "sftrl data eval-set --rule {wildcards.split} --n {params.n} --seed {params.seed}"
+        " --target {params.target} --out {output} > {log} 2>&1"
+
+
+rule sft_data:
+    output:
+        train=f"{RESULTS}/data/sft/train.jsonl",
+        train_loss=f"{RESULTS}/data/sft/train_loss.jsonl",
+        id_test=f"{RESULTS}/data/sft/id_test.jsonl",
+        ood_loss=f"{RESULTS}/data/sft/ood_loss.jsonl",
+        summary=f"{RESULTS}/data/sft/summary.json",
+    params:
+        settings=settings("data", "sft"),
+        target=lookup(dpath="env/target", within=config),
+        out_dir=lambda wc, output: os.path.dirname(output.train),
+    log:
+        "logs/data/sft.log",
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "sftrl data sft --settings {params.settings:q} --target {params.target}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

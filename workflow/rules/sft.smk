@@ -1,0 +1,36 @@
+# Supervised fine-tuning (sftrl.sft): one job writes a checkpoint every sft.save_steps.
+
+
+
+rule sft:
+    input:
+        model=base_model_dir(),
+        train=f"{RESULTS}/data/sft/train.jsonl",
+        train_loss=f"{RESULTS}/data/sft/train_loss.jsonl",
+        id_test=f"{RESULTS}/data/sft/id_test.jsonl",
+        ood_loss=f"{RESULTS}/data/sft/ood_loss.jsonl",
+    output:
+        checkpoints=[directory(f"{RESULTS}/sft/checkpoint-{step}") for step in sft_steps()],
+        losses=f"{RESULTS}/tables/sft_loss.csv",
+    params:
+        settings=settings("sft"),
+        model_settings=settings("model"),
+        launcher=sft_launcher(),
+        data_dir=lambda wc, input: os.path.dirname(input.train),
+        export_dir=lambda wc, output: os.path.dirname(output.checkpoints[0]),
+        # Trainer state (optimizer, RNG) for resume; outside the outputs, which Snakemake deletes before a run.
+        work_dir=f"{RESULTS}/work/sft",
+    log:
+        "logs/sft/sft.log",
+    conda:
+        "../envs/train.yaml"
+    benchmark:
+        "benchmarks/sft/sft.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "{params.launcher} sft --model {input.model} --data-dir {params.data_dir} --settings {params.settings:q}"
+        " --model-settings {params.model_settings:q} --work-dir {params.work_dir} --export-dir {params.export_dir}"
+        " --loss-table {output.losses} --threads {threads} > {log} 2>&1"
