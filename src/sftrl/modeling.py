@@ -53,8 +53,10 @@ def build_tokenizer(texts, vocab_size: int, model_max_length: int):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            # Quotes are isolated so a quoted card rank ('J', '10') is its own piece and never merges with context.
-            pre_tokenizers.Split(Regex("['\"]"), behavior="isolated"),
+            # Quotes, brackets, operators, '=' and ':' are isolated, so a quoted card rank ('J', '10') and every
+            # formula symbol is its own piece and never merges with its context: a prompt cut after any of them
+            # tokenizes exactly as the same text did in training.
+            pre_tokenizers.Split(Regex("['\"()+\\-*/=:]"), behavior="isolated"),
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]

@@ -51,11 +51,15 @@ def lr_at(step: int, settings: dict) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def pack(tokenizer, documents: list[str]) -> np.ndarray:
-    """Concatenate documents into one token stream, each followed by <|endoftext|>."""
+def pack(tokenizer, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate documents into one token stream, each followed by <|endoftext|>; also return where each
+    document starts. Training windows begin at document starts, so position 0 always holds the first token of a
+    document — as it does at inference, where a prompt is the start of a sequence."""
     eot = tokenizer.convert_tokens_to_ids(EOT)
     ids = tokenizer(documents, add_special_tokens=False).input_ids
-    return np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.int64)
+    lengths = np.array([len(doc) + 1 for doc in ids])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.int64), starts
 
 
 def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_log: str | Path, threads: int = 1) -> None:
@@ -72,7 +76,9 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
     tokenizer = build_tokenizer(
         documents + task_format_texts(seed), settings["vocab_size"], settings["architecture"]["max_position_embeddings"]
     )
-    stream = torch.from_numpy(pack(tokenizer, documents))
+    stream, document_starts = pack(tokenizer, documents)
+    document_starts = document_starts[document_starts < len(stream) - train["seq_len"] - 1]
+    stream = torch.from_numpy(stream)
     log.info("corpus: %d documents, %d tokens, vocabulary %d", len(documents), len(stream), len(tokenizer))
 
     model = build_tiny_llama(tokenizer, settings["architecture"], seed)
@@ -107,7 +113,7 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
         progress = tqdm(range(start, train["steps"]), initial=start, total=train["steps"], desc="pretrain", mininterval=5)
         for step in progress:
             rng = np.random.default_rng([seed, step])
-            starts = torch.from_numpy(rng.integers(0, len(stream) - seq_len - 1, size=batch_size))
+            starts = rng.choice(document_starts, size=batch_size)
             windows = torch.stack([stream[s : s + seq_len + 1] for s in starts])
             inputs, targets = windows[:, :-1], windows[:, 1:]
             for group in optimizer.param_groups:

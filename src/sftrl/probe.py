@@ -56,7 +56,8 @@ def probe(model_dir, settings: dict, eval_settings: dict, out, figure_stem, targ
     abilities["arithmetic"] = {"accuracy": float(np.mean(correct)), "n": n, "examples": list(zip(prompts, outputs))[:5]}
 
     docs = held_out_documents("target", n, seed + 1, held_out)
-    prompts = [d[: d.index(":") + 1] for d in docs]
+    # Prompts end where the corpus puts a token boundary (after ": "), so tokenization matches pretraining.
+    prompts = [d[: d.index(":") + 2] for d in docs]
     outputs = backend.generate(prompts, greedy)
     rewards = []
     for d, o in zip(docs, outputs):
@@ -69,7 +70,7 @@ def probe(model_dir, settings: dict, eval_settings: dict, out, figure_stem, targ
     rng = np.random.default_rng(seed + 2)
     for name, rule in (("cards_rule_10", points.ID_RULE), ("cards_rule_11_12_13", points.OOD_RULE)):
         hands = [points.deal(rng, rule, target) for _ in range(n)]
-        prompts = [f"Cards: {list(h.cards)}. Note that {rule.face_card_msg} Make {target}:" for h in hands]
+        prompts = [f"Cards: {list(h.cards)}. Note that {rule.face_card_msg} Make {target}: " for h in hands]
         outputs = backend.generate(prompts, greedy)
         rewards = [points.score(_formula_of(o), h.numbers, target).reward for o, h in zip(outputs, hands)]
         abilities[name] = {"accuracy": float(np.mean([r == 5 for r in rewards])), "n": n,

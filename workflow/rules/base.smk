@@ -2,6 +2,8 @@
 
 
 rule pretrain_base:
+    input:
+        code=library("pretrain", "corpus", "modeling"),
     output:
         directory(f"{RESULTS}/models/base"),
     params:
@@ -27,6 +29,7 @@ rule pretrain_base:
 rule probe_base:
     input:
         model=f"{RESULTS}/models/base",
+        code=library("probe", "generation", "evaluate"),
     output:
         report=f"{RESULTS}/base/abilities.json",
         figure=multiext(f"{RESULTS}/figs/base_abilities", ".pdf", ".png"),

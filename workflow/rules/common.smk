@@ -11,6 +11,7 @@ validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS = "results"
+LIBRARY = os.path.join(workflow.basedir, "src", "sftrl")
 SPLITS = ["id", "ood"]
 
 
@@ -21,6 +22,12 @@ def settings(*keys):
     for key in keys:
         section = section[key]
     return json.dumps(section, sort_keys=True)
+
+
+def library(*modules):
+    """The library modules a rule's computation lives in, as inputs: editing one reruns the rule's jobs (and what
+    depends on them). Snakemake compares checksums of small inputs, so a mere touch or checkout does not."""
+    return [os.path.join(LIBRARY, f"{module}.py") for module in modules]
 
 
 def real_model_dir():

@@ -2,6 +2,8 @@
 
 
 rule eval_set:
+    input:
+        code=library("data", "points"),
     output:
         f"{RESULTS}/data/eval_{{split}}.jsonl",
     params:
@@ -20,6 +22,8 @@ rule eval_set:
 
 
 rule sft_data:
+    input:
+        code=library("data", "points"),
     output:
         train=f"{RESULTS}/data/sft/train.jsonl",
         train_loss=f"{RESULTS}/data/sft/train_loss.jsonl",

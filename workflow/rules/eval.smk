@@ -6,6 +6,7 @@ rule eval_checkpoint:
     input:
         model=lambda wc: model_dir(wc.stage, int(wc.step)),
         problems=f"{RESULTS}/data/eval_{{split}}.jsonl",
+        code=library("evaluate", "generation", "points"),
     output:
         episodes=f"{RESULTS}/eval/{{stage}}/step-{{step}}/{{split}}.jsonl",
         summary=f"{RESULTS}/eval/{{stage}}/step-{{step}}/{{split}}.summary.json",
@@ -38,11 +39,12 @@ rule eval_checkpoint:
 
 rule eval_table:
     input:
-        [
+        summaries=[
             f"{RESULTS}/eval/{stage}/step-{step}/{split}.summary.json"
             for stage, step in eval_points()
             for split in SPLITS
         ],
+        code=library("evaluate"),
     output:
         f"{RESULTS}/tables/eval.csv",
     log:
@@ -50,12 +52,13 @@ rule eval_table:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl table {input} --out {output} > {log} 2>&1"
+        "sftrl table {input.summaries} --out {output} > {log} 2>&1"
 
 
 checkpoint select_sft:
     input:
-        f"{RESULTS}/tables/eval.csv",
+        table=f"{RESULTS}/tables/eval.csv",
+        code=library("select"),
     output:
         f"{RESULTS}/sft/selection.json",
     log:
@@ -63,4 +66,4 @@ checkpoint select_sft:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl select --table {input} --out {output} > {log} 2>&1"
+        "sftrl select --table {input.table} --out {output} > {log} 2>&1"

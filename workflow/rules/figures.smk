@@ -5,6 +5,7 @@ rule fig1:
     input:
         table=f"{RESULTS}/tables/eval.csv",
         selection=f"{RESULTS}/sft/selection.json",
+        code=library("figures"),
     output:
         multiext(f"{RESULTS}/figs/fig1", ".pdf", ".png"),
     params:
@@ -20,6 +21,7 @@ rule fig1:
 rule fig2:
     input:
         losses=f"{RESULTS}/tables/sft_loss.csv",
+        code=library("figures"),
     output:
         multiext(f"{RESULTS}/figs/fig2", ".pdf", ".png"),
     params:

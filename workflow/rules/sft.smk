@@ -9,6 +9,7 @@ rule sft:
         train_loss=f"{RESULTS}/data/sft/train_loss.jsonl",
         id_test=f"{RESULTS}/data/sft/id_test.jsonl",
         ood_loss=f"{RESULTS}/data/sft/ood_loss.jsonl",
+        code=library("sft", "modeling"),
     output:
         checkpoints=[directory(f"{RESULTS}/sft/checkpoint-{step}") for step in sft_steps()],
         losses=f"{RESULTS}/tables/sft_loss.csv",
