@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -17,6 +18,11 @@ MICRO_BASE = {
               "weight_decay": 0.1, "log_every": 2, "save_every": 5},
     "probe": {"n": 4, "seed": 7, "max_new_tokens": 8},
 }
+
+
+@pytest.fixture
+def micro_base_settings():
+    return copy.deepcopy(MICRO_BASE)
 
 
 @pytest.fixture(scope="session")

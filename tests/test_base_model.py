@@ -1,6 +1,4 @@
 """The embedded base model: tokenizer round-trip, reload equality, determinism and exact resume."""
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -11,8 +9,6 @@ from sftrl import corpus, points, pretrain
 from sftrl.data import eval_problems
 from sftrl.generation import chat_prompt
 from sftrl.modeling import ModelDirError, check_model_dir, load_model, load_tokenizer
-
-from .conftest import MICRO_BASE
 
 
 def pipeline_strings():
@@ -63,12 +59,12 @@ def test_reload_equality(micro_base):
     assert load_model(micro_base, device="cpu").config.model_type == "llama"
 
 
-def test_pretraining_is_deterministic(tmp_path, micro_base):
-    pretrain.pretrain(MICRO_BASE, tmp_path / "again", tmp_path / "state", tmp_path / "loss.csv")
+def test_pretraining_is_deterministic(tmp_path, micro_base, micro_base_settings):
+    pretrain.pretrain(micro_base_settings, tmp_path / "again", tmp_path / "state", tmp_path / "loss.csv")
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (micro_base / "model.safetensors").read_bytes()
 
 
-def test_interrupted_pretraining_resumes_exactly(tmp_path, micro_base, monkeypatch):
+def test_interrupted_pretraining_resumes_exactly(tmp_path, micro_base, micro_base_settings, monkeypatch):
     real_lr_at = pretrain.lr_at
 
     def interrupt_at_step_7(step, settings):
@@ -78,18 +74,18 @@ def test_interrupted_pretraining_resumes_exactly(tmp_path, micro_base, monkeypat
 
     monkeypatch.setattr(pretrain, "lr_at", interrupt_at_step_7)
     with pytest.raises(KeyboardInterrupt):
-        pretrain.pretrain(MICRO_BASE, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv")
+        pretrain.pretrain(micro_base_settings, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv")
     assert not (tmp_path / "model").exists()  # nothing half-written
     assert (tmp_path / "state" / "state.pt").exists()  # saved at step 5
     monkeypatch.setattr(pretrain, "lr_at", real_lr_at)
-    pretrain.pretrain(MICRO_BASE, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv")
+    pretrain.pretrain(micro_base_settings, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv")
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == (micro_base / "model.safetensors").read_bytes()
     steps = [int(line.split(",")[0]) for line in (tmp_path / "loss.csv").read_text().splitlines()[1:]]
     assert steps == sorted(set(steps))  # the loss log has no duplicated steps after the resume
 
 
-def test_resume_refuses_state_from_other_settings(tmp_path, monkeypatch):
-    other = copy.deepcopy(MICRO_BASE)
+def test_resume_refuses_state_from_other_settings(tmp_path, micro_base_settings, monkeypatch):
+    other = {**micro_base_settings, "train": {**micro_base_settings["train"]}}
     other["train"]["lr"] = 0.001
     real_lr_at = pretrain.lr_at
 
@@ -103,7 +99,7 @@ def test_resume_refuses_state_from_other_settings(tmp_path, monkeypatch):
         pretrain.pretrain(other, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv")
     monkeypatch.setattr(pretrain, "lr_at", real_lr_at)
     with pytest.raises(RuntimeError, match="different settings"):
-        pretrain.pretrain(MICRO_BASE, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv")
+        pretrain.pretrain(micro_base_settings, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv")
 
 
 def test_missing_model_dir_names_the_path(tmp_path):
