@@ -87,8 +87,11 @@ def collect_summaries(paths: list[str], out) -> None:
     from .io import read_json, write_csv
 
     table = pd.DataFrame([read_json(p) for p in paths])
-    table = table.sort_values(["run", "stage", "step", "split"], key=lambda c: c.map(_stage_order) if c.name == "stage" else c)
-    write_csv(out, table)
+    table = table.sort_values(["run", "stage", "step", "split"],
+                              key=lambda c: c.map(_stage_order) if c.name == "stage" else c)
+    leading = ["run", "stage", "step", "split", "n", "successes", "accuracy", "first_attempt_accuracy",
+               "format_error_rate", "mean_reward", "attempts"]
+    write_csv(out, table[leading + [c for c in table.columns if c not in leading]])
 
 
 def _stage_order(stage: str) -> int:
