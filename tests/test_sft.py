@@ -1,0 +1,82 @@
+"""SFT mechanics on the micro base: checkpoints are exported as plain model dirs, the three loss records exist,
+and an interrupted run resumes from its last checkpoint without recomputing it, ending where an uninterrupted
+run ends."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftrl import sft
+from sftrl.data import build_sft_data
+
+MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
+SFT_SETTINGS = {
+    "seed": 0, "max_steps": 6, "save_steps": 3, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
+    "lr": 0.001, "schedule": "constant_with_warmup", "warmup_steps": 1, "adam_beta1": 0.9, "adam_beta2": 0.98,
+    "adam_epsilon": 1e-7, "weight_decay": 0.0, "max_length": 512, "launcher": "local", "num_processes": 1,
+    "deepspeed": None,
+}
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_data")
+    build_sft_data({"seed": 0, "n_train": 32, "id_test_fraction": 0.15, "n_id_test": 8, "n_ood_loss": 8,
+                    "n_train_loss": 8}, 24, out)
+    return out
+
+
+def run(micro_base, sft_data, root, settings=SFT_SETTINGS):
+    sft.run_sft(micro_base, sft_data, settings, MODEL_SETTINGS, root / "work", root / "export", root / "loss.csv")
+
+
+def weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def test_sft_exports_checkpoints_and_losses(micro_base, sft_data, tmp_path):
+    import pandas as pd
+
+    run(micro_base, sft_data, tmp_path)
+    for step in (3, 6):
+        exported = tmp_path / "export" / f"checkpoint-{step}"
+        assert (exported / "model.safetensors").exists() and (exported / "tokenizer.json").exists()
+        assert not (exported / "optimizer.pt").exists()
+    # only the newest trainer checkpoint keeps its optimizer state (needed to resume)
+    assert not (tmp_path / "work" / "checkpoint-3" / "optimizer.pt").exists()
+    assert (tmp_path / "work" / "checkpoint-6" / "optimizer.pt").exists()
+    losses = pd.read_csv(tmp_path / "loss.csv")
+    for split in ("id_train", "id_test", "ood"):
+        assert sorted(losses[losses["split"] == split]["step"]) == [0, 3, 6]
+    assert not torch.equal(weights(tmp_path / "export" / "checkpoint-3")["lm_head.weight"],
+                           weights(tmp_path / "export" / "checkpoint-6")["lm_head.weight"])
+
+
+def test_interrupted_sft_resumes_without_recomputing(micro_base, sft_data, tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    run(micro_base, sft_data, reference)
+
+    real_export = sft.export_checkpoint
+
+    def export_then_die(checkpoint, export_dir):
+        result = real_export(checkpoint, export_dir)
+        raise KeyboardInterrupt("simulated interruption after the first checkpoint")
+
+    monkeypatch.setattr(sft, "export_checkpoint", export_then_die)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        run(micro_base, sft_data, interrupted)
+    first = interrupted / "work" / "checkpoint-3" / "model.safetensors"
+    inode, mtime = first.stat().st_ino, first.stat().st_mtime_ns
+    monkeypatch.setattr(sft, "export_checkpoint", real_export)
+    run(micro_base, sft_data, interrupted)
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == (inode, mtime)  # not recomputed
+    final, expected = weights(interrupted / "export" / "checkpoint-6"), weights(reference / "export" / "checkpoint-6")
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_log_warmup_constant_schedule():
+    factor = sft.log_warmup_constant(376)
+    assert factor(0) == 0.0
+    assert factor(1) == pytest.approx(0.1169, abs=1e-4)  # the authors' log: step 2 -> 1.169e-7 at lr 1e-6
+    assert factor(375) == 1.0 and factor(1000) == 1.0
