@@ -39,6 +39,7 @@ def task_format_texts(seed: int, n_hands: int = 64) -> list[str]:
             texts.append(points.render_answer(hand, points.solve(hand.numbers)[0]))
     for formula in ("1+2+3", "3 * 8", "10*2+2+2", "(1+2", "1+2+3+4"):
         texts.append(points.feedback_turn(points.score(formula, (1, 2, 3, 4))))
+    texts += ["user\n", "assistant\n"] * n_hands  # the chat template's role lines
     return texts
 
 
