@@ -51,6 +51,10 @@ def fig2(loss_table: pd.DataFrame, stem) -> None:
     fig, ax = plt.subplots(figsize=(4.8, 3.2))
     sns.lineplot(data=data, x="step", y="loss", hue="split", style="split", markers=True, dashes=False, ax=ax)
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("SFT step")
     ax.set_ylabel("completion NLL (nats/token)")
     ax.set_title("Loss during SFT")
