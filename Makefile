@@ -17,7 +17,6 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import sftrl, torch, transformers, trl, snakemake"
 	touch $(STAMP)
