@@ -1,0 +1,222 @@
+"""The micro DAG through a real SLURM cluster: scripts/slurm/up.sh starts a single-node slurmctld + slurmd on
+localhost (Debian packages, fake GPUs), Snakemake runs the whole micro config with the cluster profile layered
+as in CI (`--profile profiles/slurm --profile profiles/slurm-localhost`), and the test checks that
+  * every job went through sbatch: each job Snakemake ran has a SLURM job id in its log, and slurmctld's own log
+    shows each of those ids allocated and completed with exit status 0 (the `all` target, which has no action,
+    is the only job Snakemake runs itself);
+  * the thread-pinned rules ran with the threads of a local `--cores 2` run, and results/tables/eval.csv (plus the
+    SFT loss table and every evaluation episode) is identical to a local `--cores 2` run of the same config;
+  * `gpu_check` (not part of `all`) ran in a job with the SFT rule's GPU request and recorded what it saw.
+The cluster is stopped afterwards by scripts/slurm/down.sh, unless it was already running before the test.
+
+Needs root and Debian's apt (or the slurm packages already installed); otherwise it FAILS and says why.
+Opt out explicitly with SFTRL_SKIP_SLURM=1 (e.g. on a developer machine without root).
+Knobs: SFTRL_SLURM_STATE (state dir of up.sh/down.sh, default /tmp/sftrl-slurm), SFTRL_SLURM_TIMEOUT (seconds for the
+SLURM Snakemake run, default 1200).
+"""
+import datetime
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = REPO / ".test" / "config" / "config.yaml"
+SCRIPTS = REPO / "scripts" / "slurm"
+PROFILES = [REPO / "profiles" / "slurm", REPO / "profiles" / "slurm-localhost"]
+STATE = Path(os.environ.get("SFTRL_SLURM_STATE", "/tmp/sftrl-slurm"))
+TIMEOUT = int(os.environ.get("SFTRL_SLURM_TIMEOUT", "1200"))
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+# Columns of eval.csv that legitimately differ between two runs: wall-clock seconds of the evaluation.
+IGNORED_COLUMNS = ["seconds"]
+# Rules whose `threads: workflow.cores` the CI profile pins (set-threads) to the local --cores 2 value.
+PINNED_THREADS = {"pretrain_base": 2, "probe_base": 2, "sft": 2}
+
+pytestmark = pytest.mark.workflow
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "SFTRL_SLURM_STATE": str(STATE)}
+
+
+def preflight() -> None:
+    if os.environ.get("SFTRL_SKIP_SLURM") == "1":
+        pytest.skip("SFTRL_SKIP_SLURM=1: SLURM integration test skipped on request")
+    if os.geteuid() != 0:
+        pytest.fail("tests/test_slurm.py must run as root: scripts/slurm/up.sh installs Debian's slurm packages and "
+                    "starts slurmctld/slurmd. Run the tests as root (CI does), or set SFTRL_SKIP_SLURM=1 to skip it.",
+                    pytrace=False)
+    installed = all(subprocess.run(["dpkg", "-s", p], capture_output=True).returncode == 0 for p in PACKAGES) \
+        if shutil.which("dpkg") else False
+    if not installed and shutil.which("apt-get") is None:
+        pytest.fail("tests/test_slurm.py needs apt-get to install the slurm packages "
+                    f"({', '.join(PACKAGES)}; Debian/Ubuntu) or them already installed. "
+                    "Set SFTRL_SKIP_SLURM=1 to skip it.", pytrace=False)
+
+
+def ours_running() -> bool:
+    """A cluster started by up.sh from STATE is running (then the test leaves it running afterwards)."""
+    def alive(name):
+        try:
+            pid = int((STATE / f"{name}.pid").read_text())
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            return Path(f"/proc/{pid}/comm").read_text().strip() == name and stat.split()[2] != "Z"
+        except (OSError, ValueError, IndexError):
+            return False
+    return alive("slurmctld") and alive("slurmd")
+
+
+@pytest.fixture(scope="module")
+def cluster(request):
+    preflight()
+    was_running = ours_running()
+
+    def down():
+        if not was_running:
+            result = subprocess.run(["bash", str(SCRIPTS / "down.sh")], env=env(), capture_output=True, text=True,
+                                    timeout=120)
+            print(result.stdout + result.stderr)
+    request.addfinalizer(down)  # registered before up.sh, so a half-started cluster is stopped too
+    start = time.monotonic()
+    up = subprocess.run(["bash", str(SCRIPTS / "up.sh")], env=env(), capture_output=True, text=True, timeout=900)
+    seconds = time.monotonic() - start
+    if up.returncode != 0:
+        pytest.fail(f"scripts/slurm/up.sh failed (rc={up.returncode}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}",
+                    pytrace=False)
+    print(f"\nup.sh: {seconds:.1f} s ({'already running' if was_running else 'started'})\n{up.stdout}")
+    return {"up_seconds": seconds, "was_running": was_running}
+
+
+def make_workdir(root: Path) -> Path:
+    (root / "config").mkdir(parents=True)
+    shutil.copy(MICRO, root / "config" / "config.yaml")
+    return root
+
+
+def snakemake_cmd(workdir: Path, *args) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+
+
+def rule_blocks(log: str) -> dict[int, dict]:
+    """Snakemake jobid -> {rule, local, threads} from the job headers of a Snakemake log."""
+    jobs, current = {}, None
+    for line in log.splitlines():
+        header = re.match(r"^(local)?(rule|checkpoint) (\w+):$", line)
+        if header:
+            current = {"rule": header.group(3), "local": bool(header.group(1)), "threads": 1}
+            continue
+        if current is not None:
+            if m := re.match(r"^\s+jobid: (\d+)$", line):
+                jobs[int(m.group(1))] = current
+            elif m := re.match(r"^\s+threads: (\d+)$", line):
+                current["threads"] = int(m.group(1))
+            elif not line.startswith(" "):
+                current = None
+    return jobs
+
+
+def controller_log_since(since: datetime.datetime) -> str:
+    """slurmctld's log lines written since `since` (its timestamps are local time, to the millisecond)."""
+    lines = []
+    for line in (STATE / "slurmctld.log").read_text(errors="replace").splitlines():
+        m = re.match(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", line)
+        if m and datetime.datetime.fromisoformat(m.group(1)) >= since:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def test_micro_dag_through_slurm(cluster, tmp_path):
+    slurm_dir, local_dir = make_workdir(tmp_path / "slurm"), make_workdir(tmp_path / "local")
+    # The reference run: plain local execution with 2 cores, concurrently (the SLURM run mostly waits on polling).
+    local = subprocess.Popen(snakemake_cmd(local_dir, "--cores", "2", "-p", "all"), env=env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    start, started = time.monotonic(), datetime.datetime.now().replace(microsecond=0)
+    profile_args = [arg for profile in PROFILES for arg in ("--profile", str(profile))]
+    try:
+        # SIGINT, not SIGTERM: a Snakemake waiting on SLURM ignores SIGTERM (slurm_notes.md); KILL 60 s later anyway.
+        slurm = subprocess.run(
+            ["timeout", "-s", "INT", "-k", "60", str(TIMEOUT),
+             *snakemake_cmd(slurm_dir, *profile_args, "all", "results/cluster/gpu_check.txt")],
+            env=env(), capture_output=True, text=True, timeout=TIMEOUT + 120,
+        )
+        slurm_seconds = time.monotonic() - start
+        output = slurm.stdout + slurm.stderr
+        if slurm.returncode != 0:
+            # An interrupted Snakemake may leave submitted jobs behind: cancel this run's jobs (by id).
+            ids = re.findall(r"submitted with SLURM jobid (\d+)", output)
+            if ids:
+                subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+            pytest.fail(f"SLURM run failed (rc={slurm.returncode}; 124 or 137 = timed out after {TIMEOUT} s, "
+                        f"SFTRL_SLURM_TIMEOUT):\n{output[-6000:]}", pytrace=False)
+        local_out, _ = local.communicate(timeout=max(60, TIMEOUT - slurm_seconds))
+    finally:
+        if local.poll() is None:  # never leave the reference run (or its jobs) behind: its whole process group
+            os.killpg(local.pid, signal.SIGKILL)
+            local.wait()
+    assert local.returncode == 0, f"local --cores 2 run failed:\n{local_out[-4000:]}"
+
+    # --- every job went through sbatch ---
+    (log_file,) = (slurm_dir / ".snakemake" / "log").glob("*.snakemake.log")
+    log = log_file.read_text()
+    jobs = rule_blocks(log)
+    submitted = {int(job): (int(slurm_id), path) for job, slurm_id, path in
+                 re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.", log)}
+    assert jobs, f"no jobs found in {log_file}"
+    local_jobs = {jobs[j]["rule"] for j in jobs if jobs[j]["local"]}
+    assert local_jobs == {"all"}, f"jobs run by Snakemake itself instead of SLURM: {local_jobs}"
+    not_submitted = {jobs[j]["rule"] for j in jobs if not jobs[j]["local"] and j not in submitted}
+    assert not not_submitted, f"jobs without a SLURM job id: {not_submitted}"
+    controller_log = controller_log_since(started)
+    # the main scheduler logs "sched: Allocate JobId=N", the backfill scheduler "_start_job: Started JobId=N"
+    allocated = set(map(int, re.findall(r"(?:sched: Allocate|_start_job: Started) JobId=(\d+) ", controller_log)))
+    completed = set(map(int, re.findall(r"_job_complete: JobId=(\d+) WEXITSTATUS 0", controller_log)))
+    slurm_ids = {slurm_id for slurm_id, _ in submitted.values()}
+    assert slurm_ids <= allocated, f"SLURM ids slurmctld never allocated: {sorted(slurm_ids - allocated)}"
+    assert slurm_ids <= completed, f"SLURM ids slurmctld did not see exit 0: {sorted(slurm_ids - completed)}"
+    for _, path in submitted.values():
+        assert Path(path).is_file(), f"missing SLURM job log {path}"
+    sbatch_rules = sorted({jobs[j]["rule"] for j in submitted})
+    expected_rules = {"eval_set", "sft_data", "pretrain_base", "probe_base", "sft", "eval_checkpoint", "eval_table",
+                      "select_sft", "fig1", "fig2", "gpu_check"}
+    assert set(sbatch_rules) == expected_rules
+    print(f"\nSLURM run: {slurm_seconds:.0f} s, {len(submitted)} sbatch jobs; rules: {', '.join(sbatch_rules)}")
+
+    # --- threads inside the jobs = threads of the local --cores 2 run ---
+    local_threads = {block["rule"]: block["threads"] for block in rule_blocks(local_out).values()}
+    for rule, threads in PINNED_THREADS.items():
+        assert local_threads[rule] == threads, f"local --cores 2 run gave {rule} {local_threads[rule]} threads"
+        (job,) = [j for j in submitted if jobs[j]["rule"] == rule]
+        job_log = Path(submitted[job][1]).read_text()  # the job's own Snakemake output on the node
+        in_job = {block["threads"] for block in rule_blocks(job_log).values() if block["rule"] == rule}
+        assert in_job == {threads}, f"{rule} ran with threads {in_job} in its SLURM job (expected {threads})"
+
+    # --- identical numbers ---
+    slurm_table = pd.read_csv(slurm_dir / "results" / "tables" / "eval.csv")
+    local_table = pd.read_csv(local_dir / "results" / "tables" / "eval.csv")
+    pd.testing.assert_frame_equal(slurm_table.drop(columns=IGNORED_COLUMNS),
+                                  local_table.drop(columns=IGNORED_COLUMNS), check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_csv(slurm_dir / "results" / "tables" / "sft_loss.csv"),
+                                  pd.read_csv(local_dir / "results" / "tables" / "sft_loss.csv"), check_exact=True)
+    episodes = sorted((slurm_dir / "results" / "eval").rglob("*.jsonl"))
+    assert len(episodes) == len(slurm_table)
+    for path in episodes:
+        twin = local_dir / path.relative_to(slurm_dir)
+        assert path.read_bytes() == twin.read_bytes(), f"{path.relative_to(slurm_dir)} differs from the local run"
+
+    # --- gpu_check: a job with the SFT rule's (fake) GPU request ---
+    report = (slurm_dir / "results" / "cluster" / "gpu_check.txt").read_text()
+    sft_gpus = yaml.safe_load((PROFILES[1] / "profile.yaml").read_text())["set-resources"]["sft"]["gpu"]
+    assert f"requested gpu resource: {sft_gpus}" in report, report
+    assert re.search(r"^SLURM_JOB_ID: \d+$", report, re.M), report
+    visible = re.search(r"^CUDA_VISIBLE_DEVICES: (.*)$", report, re.M).group(1)
+    assert len(visible.split(",")) == sft_gpus, report
+    assert re.search(r"^verdict: (OK|SCHEDULED ONLY)", report, re.M), report
