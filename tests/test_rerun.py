@@ -80,14 +80,13 @@ def completed(tmp_path_factory):
 # What must rerun after editing one sweep's value (dry run, after a completed run): the jobs whose params carry the
 # value, and everything downstream of them.
 SWEEP_EDITS = {
-    # eval.* is the eval_checkpoint sweep; probe_base also takes the whole eval section (--eval-settings), so it
-    # reruns too (it reads the value: the probe generates with the eval settings).
+    # eval.* is the eval_checkpoint sweep; probe_base reads eval.batch_size and eval.max_new_tokens (its task probe
+    # uses the same generation budget), so it reruns for those and only those.
     "eval.max_new_tokens": (("eval", "max_new_tokens"), 32,
                             {"eval_checkpoint": 6, "probe_base": 1, "eval_table": 1, "select_sft": 1, "fig1": 1,
                              "all": 1}),
     "eval.temperature": (("eval", "temperature"), 0.7,
-                         {"eval_checkpoint": 6, "probe_base": 1, "eval_table": 1, "select_sft": 1, "fig1": 1,
-                          "all": 1}),
+                         {"eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, "all": 1}),
     # the evaluation problem sets: regenerated, then every evaluation reads them; the probe does not
     "data.eval.n": (("data", "eval", "n"), 16,
                     {"eval_set": 2, "eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, "all": 1}),

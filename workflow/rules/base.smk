@@ -35,7 +35,8 @@ rule probe_base:
         figure=multiext(f"{RESULTS}/figs/base_abilities", ".pdf", ".png"),
     params:
         settings=settings("base", "probe"),
-        eval_settings=settings("eval"),
+        # only the eval knobs the probe uses, so an eval sampling sweep does not rerun the probe
+        eval_settings=json.dumps({k: config["eval"][k] for k in ("batch_size", "max_new_tokens")}, sort_keys=True),
         target=lookup(dpath="env/target", within=config),
         verify_iter=lookup(dpath="env/verify_iter", within=config),
         stem=lambda wc, output: os.path.splitext(output.figure[0])[0],
