@@ -80,3 +80,21 @@ def test_log_warmup_constant_schedule():
     assert factor(0) == 0.0
     assert factor(1) == pytest.approx(0.1169, abs=1e-4)  # the authors' log: step 2 -> 1.169e-7 at lr 1e-6
     assert factor(375) == 1.0 and factor(1000) == 1.0
+
+
+def test_training_prompt_tokens_equal_generation_prompt_tokens(micro_base, sft_data):
+    """The prompt part of every training sequence is token for token what generation is given, and only the
+    answer (plus the template's end of turn) is supervised."""
+    from sftrl.generation import chat_prompt
+    from sftrl.io import read_jsonl
+    from sftrl.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(micro_base)
+    for example in read_jsonl(sft_data / "train.jsonl")[:8]:
+        tokenized = sft.tokenize_example(tokenizer, example)
+        prompt_ids = tokenizer(chat_prompt(tokenizer, example["prompt"]), add_special_tokens=False).input_ids
+        n_prompt = tokenized["completion_mask"].index(1)
+        assert tokenized["input_ids"][:n_prompt] == prompt_ids
+        supervised = tokenizer.decode([t for t, m in zip(tokenized["input_ids"], tokenized["completion_mask"]) if m])
+        assert supervised.startswith(example["completion"][0]["content"])
+        assert supervised.endswith("<|im_end|>\n")

@@ -60,6 +60,23 @@ def log_warmup_constant(warmup_steps: int):
     return factor
 
 
+def tokenize_example(tokenizer, example: dict) -> dict:
+    """Token ids of one prompt/completion example, with the prompt tokenized exactly as generation sees it.
+
+    Why not let TRL tokenize prompt+completion as one text: subword merges can cross the boundary (here the
+    chat template's "assistant\n" and the answer's leading "\n" merge), so the prompt tokens in training would
+    differ from the prompt tokens at evaluation, and the model would learn to continue a context it never sees.
+    Tokenizing the two parts separately keeps train and inference contexts identical for any tokenizer."""
+    prompt_text = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template renders the prompt differently with and without the answer")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    completion_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False).input_ids
+    return {"input_ids": prompt_ids + completion_ids,
+            "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
+
+
 def loss_table(log_history: list[dict]):
     import pandas as pd
 
@@ -88,8 +105,7 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
                        model_settings["device"])
 
     def dataset(name):
-        records = read_jsonl(data_dir / name)
-        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
+        return Dataset.from_list([tokenize_example(tokenizer, r) for r in read_jsonl(data_dir / name)])
 
     on_cpu = next(model.parameters()).device.type == "cpu"
     schedule = settings["schedule"]
