@@ -98,3 +98,11 @@ def test_training_prompt_tokens_equal_generation_prompt_tokens(micro_base, sft_d
         supervised = tokenizer.decode([t for t, m in zip(tokenized["input_ids"], tokenized["completion_mask"]) if m])
         assert supervised.startswith(example["completion"][0]["content"])
         assert supervised.endswith("<|im_end|>\n")
+
+
+def test_state_from_other_settings_is_not_resumed(micro_base, sft_data, tmp_path):
+    """After a config edit Snakemake reruns SFT to recompute it: trainer state of the old settings is discarded."""
+    run(micro_base, sft_data, tmp_path)
+    old = weights(tmp_path / "export" / "checkpoint-6")
+    run(micro_base, sft_data, tmp_path, settings={**SFT_SETTINGS, "lr": 0.002})
+    assert not torch.equal(weights(tmp_path / "export" / "checkpoint-6")["lm_head.weight"], old["lm_head.weight"])

@@ -3,6 +3,7 @@ half-written file that Snakemake (or a human) could mistake for a result."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -95,3 +96,12 @@ def save_figure(fig, stem: str | os.PathLike) -> None:
     for ext, kwargs in ((".pdf", {}), (".png", {"dpi": 300})):
         with atomic_path(stem.with_suffix(ext)) as tmp:
             fig.savefig(tmp, bbox_inches="tight", format=ext[1:], **kwargs)
+
+
+def fingerprint(settings, *paths) -> str:
+    """sha256 of a settings object and the bytes of some files: what a resumable state was made from. A training
+    job resumes only from state with the same fingerprint; anything else is stale and is discarded."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()

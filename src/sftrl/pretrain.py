@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import corpus, points
-from .io import atomic_dir, atomic_path, write_json
+from .io import atomic_dir, atomic_path, fingerprint, write_json
 from .modeling import EOT, build_tiny_llama, build_tokenizer, save_model
 
 log = logging.getLogger(__name__)
@@ -87,17 +87,19 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
         model.parameters(), lr=train["lr"], betas=(0.9, 0.95), weight_decay=train["weight_decay"]
     )
     state_path = Path(state_dir) / "state.pt"
+    # Settings and the code that generates data and trains: state made by anything else is not resumed.
+    made_from = fingerprint(settings, *(Path(__file__).parent / f for f in ("pretrain.py", "corpus.py", "modeling.py")))
     start = 0
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        if state["settings"] != settings:
-            raise RuntimeError(
-                f"pretraining state {state_path} was written with different settings; delete it to start over"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        log.info("resuming pretraining from step %d (%s)", start, state_path)
+        if state.get("fingerprint") == made_from:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start = state["step"]
+            log.info("resuming pretraining from step %d (%s)", start, state_path)
+        else:
+            log.warning("discarding %s: it was made with other settings or code; starting over", state_path)
+            state_path.unlink()
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2f M parameters", n_params / 1e6)
@@ -134,7 +136,7 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
                 state_path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(state_path) as tmp:
                     torch.save(
-                        {"settings": settings, "step": step + 1, "model": model.state_dict(),
+                        {"fingerprint": made_from, "step": step + 1, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict()},
                         tmp,
                     )

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .io import atomic_dir, read_json, read_jsonl, write_csv, write_json
+from .io import atomic_dir, fingerprint, read_json, read_jsonl, write_csv, write_json
 from .modeling import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,20 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
                 export_checkpoint(checkpoint, export_dir)
                 drop_old_optimizer_states(work_dir, keep=checkpoint)
                 log.info("exported %s", checkpoint.name)
+
+    # Resume only from trainer state made by this same job (settings, starting model, data, code); after a config
+    # or code edit Snakemake reruns the job to recompute, so older state is discarded, not resumed.
+    made_from = fingerprint(
+        {"settings": settings, "model_settings": model_settings, "model": str(model_dir)},
+        *sorted(Path(model_dir).glob("*.safetensors")), *(data_dir / name for name in ("train.jsonl", *EVAL_SETS.values())),
+        Path(__file__),
+    )
+    stamp = work_dir / "fingerprint.txt"
+    if work_dir.exists() and (not stamp.exists() or stamp.read_text() != made_from):
+        log.warning("discarding trainer state in %s: made from other settings, data, model or code", work_dir)
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(made_from)
 
     trainer = SFTTrainer(
         model=model,
