@@ -23,20 +23,12 @@ from fractions import Fraction
 
 import numpy as np
 
+from .points import apply_operator
+
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
 OPS = "+-*/"
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 FAMILIES = ("arithmetic", "target", "rule", "cards")
-
-
-def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    return a / b  # ZeroDivisionError is handled by the caller
 
 
 def random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[str, Fraction] | None:
@@ -55,7 +47,7 @@ def random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[str
             # Right operand needs brackets at equal precedence for the non-associative - and /, and for a * over /.
             if rp < prec or (rp == prec and op in "-/"):
                 rt = f"({rt})"
-            items[i : i + 2] = [(f"{lt}{op}{rt}", _apply(op, lv, rv), prec)]
+            items[i : i + 2] = [(f"{lt}{op}{rt}", apply_operator(op, lv, rv), prec)]
     except ZeroDivisionError:
         return None
     return items[0][0], items[0][1]

@@ -158,20 +158,25 @@ def _parse(tokens: list[str]):
     return tree
 
 
-def _value(tree) -> Fraction:
-    if isinstance(tree, str):
-        return Fraction(int(tree))
-    op, left, right = tree
-    x, y = _value(left), _value(right)
+def apply_operator(op: str, x: Fraction, y: Fraction) -> Fraction:
+    """One of + - * / on exact rationals (ZeroDivisionError for x / 0)."""
     if op == "+":
         return x + y
     if op == "-":
         return x - y
     if op == "*":
         return x * y
-    if y == 0:
-        raise _Unevaluable("division by zero")
     return x / y
+
+
+def _value(tree) -> Fraction:
+    if isinstance(tree, str):
+        return Fraction(int(tree))
+    op, left, right = tree
+    try:
+        return apply_operator(op, _value(left), _value(right))
+    except ZeroDivisionError:
+        raise _Unevaluable("division by zero") from None
 
 
 def _shape(tree):
