@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import planned_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / ".test" / "config" / "config.yaml"
@@ -39,24 +40,6 @@ def snakemake(snakefile: Path, workdir: Path, *args, check=True, timeout=900):
     return result
 
 
-def planned(result) -> dict[str, int]:
-    """Rule -> number of jobs in a dry run's job table ({} when there is nothing to do)."""
-    counts, in_table = {}, False
-    for line in result.stdout.splitlines():
-        if line.startswith("Job stats:"):
-            in_table = True
-            continue
-        if in_table:
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("job", "total"):
-                counts[parts[0]] = int(parts[1])
-            elif not line.strip() and counts:
-                break
-    if not counts:
-        assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-3000:]
-    return counts
-
-
 @pytest.fixture(scope="module")
 def completed(tmp_path_factory):
     """A temporary copy of the repository and a workdir holding a completed micro run made with it."""
@@ -73,7 +56,7 @@ def completed(tmp_path_factory):
     shutil.copy(MICRO, workdir / "config" / "config.yaml")
     snakefile = repo / "Snakefile"
     snakemake(snakefile, workdir, "--cores", "2", "all")
-    assert planned(snakemake(snakefile, workdir, "-n", "all")) == {}
+    assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == {}
     return snakefile, workdir
 
 
@@ -106,7 +89,7 @@ def test_config_edit_reruns_only_that_sweep(completed, tmp_path, key):
     section[path[-1]] = value
     edited = tmp_path / "edited.yaml"
     edited.write_text(yaml.safe_dump(config))
-    jobs = planned(snakemake(snakefile, workdir, "-n", "all", "--configfile", str(edited)))
+    jobs = planned_jobs(snakemake(snakefile, workdir, "-n", "all", "--configfile", str(edited)))
     assert not UPSTREAM & set(jobs), f"upstream jobs rerun after editing {key}: {jobs}"
     assert jobs == expected
 
@@ -116,7 +99,7 @@ def test_touching_library_code_schedules_nothing(completed):
     later = time.time() + 60
     for module in (snakefile.parent / "src" / "sftrl").glob("*.py"):
         os.utime(module, (later, later))  # newer than every output; content unchanged
-    assert planned(snakemake(snakefile, workdir, "-n", "all")) == {}
+    assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == {}
 
 
 # A real change to one library module: its rules' jobs and everything downstream of them.
@@ -135,8 +118,8 @@ def test_editing_library_code_reruns_its_rules_and_downstream(completed, module)
     original = source.read_text()
     try:
         source.write_text(original + "\n# an edit: the content (hence the checksum) changes\n")
-        assert planned(snakemake(snakefile, workdir, "-n", "all")) == LIBRARY_EDITS[module]
+        assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == LIBRARY_EDITS[module]
     finally:
         source.write_text(original)
     # Back to the recorded content: newer mtime, same checksum -> nothing to do again.
-    assert planned(snakemake(snakefile, workdir, "-n", "all")) == {}
+    assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import planned_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / ".test" / "config" / "config.yaml"
@@ -34,22 +35,6 @@ def make_workdir(root: Path, edit=None) -> Path:
     (root / "config").mkdir(parents=True)
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     return root
-
-
-def planned_rules(result) -> set[str]:
-    """Rule names in a dry run's job table."""
-    rules, in_table = set(), False
-    for line in result.stdout.splitlines():
-        if line.startswith("Job stats:"):
-            in_table = True
-            continue
-        if in_table:
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("job", "total"):
-                rules.add(parts[0])
-            elif not line.strip() and rules:
-                break
-    return rules
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +85,7 @@ def test_rerun_of_sft_resumes_without_recomputing(micro_run):
 
 def test_one_figure_builds_only_what_it_needs(tmp_path):
     workdir = make_workdir(tmp_path)
-    rules = planned_rules(snakemake(workdir, "-n", "results/figs/fig2.pdf"))
+    rules = set(planned_jobs(snakemake(workdir, "-n", "results/figs/fig2.pdf")))
     assert rules == {"pretrain_base", "sft_data", "sft", "fig2"}
 
 
