@@ -14,6 +14,7 @@ include: "workflow/rules/base.smk"
 include: "workflow/rules/sft.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/spectral.smk"
 include: "workflow/rules/cluster.smk"
 
 

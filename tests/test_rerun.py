@@ -60,6 +60,16 @@ def completed(tmp_path_factory):
     return snakefile, workdir
 
 
+# Spectral jobs downstream of the evaluation table and the Inter/End_SFT selection: the drift (it reads OOD
+# accuracy) and the configured-pair tables (they resolve inter_sft / end_sft); the per-pair numbers and the SVDs
+# depend on the checkpoints alone and are reused.
+AFTER_EVAL = {"drift": 1, "fig_drift": 1, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1}
+# Every spectral job after a change of the SFT checkpoints' weights (the base's SVDs are reused).
+SPECTRAL_AFTER_SFT = {"svd": 4, "spectral_pair": 2, "spectral_tables": 1, "embed_lmhead": 1, "drift": 1, "fig3": 1,
+                      "fig4": 1, "fig4_layers": 1, "fig_embed_lmhead": 1, "fig_drift": 1}
+SPECTRAL_ANALYSES = {"spectral_pair": 2, "spectral_tables": 1, "embed_lmhead": 1, "drift": 1, "fig3": 1, "fig4": 1,
+                     "fig4_layers": 1, "fig_embed_lmhead": 1, "fig_drift": 1}
+
 # What must rerun after editing one sweep's value (dry run, after a completed run): the jobs whose params carry the
 # value, and everything downstream of them.
 SWEEP_EDITS = {
@@ -67,12 +77,17 @@ SWEEP_EDITS = {
     # uses the same generation budget), so it reruns for those and only those.
     "eval.max_new_tokens": (("eval", "max_new_tokens"), 32,
                             {"eval_checkpoint": 6, "probe_base": 1, "eval_table": 1, "select_sft": 1, "fig1": 1,
-                             "all": 1}),
+                             **AFTER_EVAL, "all": 1}),
     "eval.temperature": (("eval", "temperature"), 0.7,
-                         {"eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, "all": 1}),
+                         {"eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL, "all": 1}),
     # the evaluation problem sets: regenerated, then every evaluation reads them; the probe does not
     "data.eval.n": (("data", "eval", "n"), 16,
-                    {"eval_set": 2, "eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, "all": 1}),
+                    {"eval_set": 2, "eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1,
+                     **AFTER_EVAL, "all": 1}),
+    # spectral.top_r: the pair tables and what reads them, and the embed/lm_head angles; never an SVD
+    "spectral.top_r": (("spectral", "top_r"), 16,
+                       {"spectral_pair": 2, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1,
+                        "embed_lmhead": 1, "fig_embed_lmhead": 1, "all": 1}),
 }
 UPSTREAM = {"pretrain_base", "sft_data", "sft"}
 
@@ -104,10 +119,17 @@ def test_touching_library_code_schedules_nothing(completed):
 
 # A real change to one library module: its rules' jobs and everything downstream of them.
 LIBRARY_EDITS = {
-    "select": {"select_sft": 1, "fig1": 1, "all": 1},
-    "figures": {"fig1": 1, "fig2": 1, "all": 1},
-    "sft": {"sft": 1, "eval_checkpoint": 4, "eval_table": 1, "select_sft": 1, "fig1": 1, "fig2": 1, "all": 1},
-    "evaluate": {"eval_checkpoint": 6, "probe_base": 1, "eval_table": 1, "select_sft": 1, "fig1": 1, "all": 1},
+    "select": {"select_sft": 1, "fig1": 1, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1, "all": 1},
+    "figures": {"fig1": 1, "fig2": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1, "fig_embed_lmhead": 1, "fig_drift": 1,
+                "all": 1},
+    "sft": {"sft": 1, "eval_checkpoint": 4, "eval_table": 1, "select_sft": 1, "fig1": 1, "fig2": 1,
+            **SPECTRAL_AFTER_SFT, "all": 1},
+    "evaluate": {"eval_checkpoint": 6, "probe_base": 1, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL,
+                 "all": 1},
+    # the SVD numerics: every SVD (3 checkpoints x 2 shards) and every analysis
+    "spectral": {"svd": 6, **SPECTRAL_ANALYSES, "all": 1},
+    # the orchestration only: every analysis, no SVD
+    "analysis": {**SPECTRAL_ANALYSES, "all": 1},
 }
 
 

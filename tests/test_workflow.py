@@ -1,5 +1,6 @@
 """The micro config end to end through real Snakemake (the `.test` convention), plus the DAG's promises:
 config errors name their key, one figure builds only what it needs, a finished DAG has nothing left to do."""
+import json
 import os
 import shutil
 import subprocess
@@ -71,6 +72,39 @@ def test_micro_dag_end_to_end(micro_run):
 def test_finished_dag_has_nothing_to_do(micro_run):
     result = snakemake(micro_run, "-n", "all")
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_spectral_outputs(micro_run):
+    results = micro_run / "results"
+    for name in ("fig3", "fig4", "fig4_layers", "embed_lmhead", "drift"):
+        for ext in (".pdf", ".png"):
+            assert (results / "figs" / f"{name}{ext}").stat().st_size > 1000
+    # every selected matrix of every checkpoint decomposed once: base + 2 SFT checkpoints x (layers, embed) shards
+    assert sorted(p.relative_to(results / "svd").as_posix() for p in (results / "svd").rglob("*.safetensors")) == [
+        f"{point}/{shard}.safetensors" for point in ("base/step-0", "sft/step-4", "sft/step-8")
+        for shard in ("embed", "layers000-001")]
+    angles = pd.read_csv(results / "tables" / "spectral_angles.csv")
+    assert list(dict.fromkeys(angles["pair"])) == ["base->end_sft", "inter_sft->end_sft"]
+    assert angles["angle_deg"].between(0, 90).all()
+    sigma = pd.read_csv(results / "tables" / "spectral_sigma.csv")
+    assert set(sigma["kind"]) >= {"q_proj", "k_proj", "v_proj", "up_proj", "embed_tokens", "lm_head"}
+    energy = pd.read_csv(results / "tables" / "spectral_energy.csv")
+    assert "pair" in energy.columns
+    drift = pd.read_csv(results / "tables" / "drift.csv")
+    assert sorted(set(drift["step"])) == [4, 8] and drift["ood_accuracy"].between(0, 1).all()
+    correlation = json.loads((results / "tables" / "drift_correlation.json").read_text())
+    assert correlation["by_kind"]["all"]["n"] == 2
+    embed = pd.read_csv(results / "tables" / "embed_lmhead.csv")
+    assert sorted(set(embed["step"])) == [0, 4, 8]
+
+
+def test_rerunning_an_analysis_recomputes_no_svd(micro_run):
+    """The SVD cache is the only thing the analyses read: forcing them again plans no svd job."""
+    analyses = ["spectral_pair", "spectral_tables", "embed_lmhead", "drift", "fig3", "fig4"]
+    jobs = planned_jobs(snakemake(micro_run, "-n", "all", "--forcerun", *analyses))
+    assert "svd" not in jobs
+    assert {"spectral_pair", "spectral_tables", "embed_lmhead", "drift", "fig3", "fig4"} <= set(jobs)
+    assert jobs["spectral_pair"] == 2
 
 
 def test_rerun_of_sft_resumes_without_recomputing(micro_run):

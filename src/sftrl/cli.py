@@ -74,6 +74,53 @@ def cmd_select(args) -> None:
     select_sft(args.table, args.out)
 
 
+def cmd_svd(args) -> None:
+    from .spectral import ensure_svd_shard
+
+    settings = _settings(args.settings)
+    ensure_svd_shard(args.model, json.loads(args.names), args.out, dtype=settings["dtype"],
+                     device=settings.get("device", "auto"))
+
+
+def cmd_spectral(args) -> None:
+    from .analysis import group_shards, pair_labels, pair_tables
+    from .io import write_csv
+
+    (ref_point,), (tgt_point,) = group_shards(args.ref_svd), group_shards(args.tgt_svd)
+    labels = pair_labels(args.run, args.ref, args.tgt, ref_point, tgt_point)
+    tables = pair_tables(args.ref_model, args.ref_svd, args.tgt_model, args.tgt_svd, args.top_r, labels)
+    for out, table in zip((args.out_sigma, args.out_angles, args.out_energy), tables):
+        write_csv(out, table)
+
+
+def cmd_spectral_collect(args) -> None:
+    from .analysis import collect_pair_tables, pair_summary
+    from .io import write_csv
+
+    tables = collect_pair_tables(json.loads(args.pairs), args.inputs)
+    for out, table in zip((args.out_sigma, args.out_angles, args.out_energy), tables):
+        write_csv(out, table)
+    logging.info("spectral summary per pair x kind:\n%s", pair_summary(*tables).to_string())
+
+
+def cmd_embed_lmhead(args) -> None:
+    from .analysis import embed_lmhead_series
+    from .io import write_csv
+
+    write_csv(args.out, embed_lmhead_series(args.svd, args.top_r, args.run))
+
+
+def cmd_drift(args) -> None:
+    import pandas as pd
+
+    from .analysis import drift_correlation, drift_series, with_accuracy
+    from .io import write_csv, write_json
+
+    table = with_accuracy(drift_series(args.svd, args.top_k, args.run), pd.read_csv(args.eval_table))
+    write_csv(args.out, table)
+    write_json(args.correlation, drift_correlation(table))
+
+
 def cmd_figure(args) -> None:
     from . import figures
 
@@ -151,11 +198,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_select)
 
+    p = sub.add_parser("svd", help="thin SVDs of one checkpoint's shard of weight matrices, cached and verified")
+    p.add_argument("--model", required=True)
+    p.add_argument("--names", required=True, help="JSON list of the shard's parameter names")
+    p.add_argument("--settings", required=True, help="JSON with dtype and device (config spectral)")
+    p.add_argument("--out", required=True, help="the shard's safetensors cache file")
+    p.set_defaults(func=cmd_svd)
+
+    p = sub.add_parser("spectral", help="σ, principal angles and ΔW energy of one reference/target pair")
+    p.add_argument("--ref", required=True, help="reference name (e.g. base)")
+    p.add_argument("--tgt", required=True, help="target name (e.g. end_sft)")
+    p.add_argument("--ref-model", required=True)
+    p.add_argument("--tgt-model", required=True)
+    p.add_argument("--ref-svd", nargs="+", required=True, help="the reference's SVD shards (.../STAGE/step-N/*)")
+    p.add_argument("--tgt-svd", nargs="+", required=True, help="the target's SVD shards")
+    p.add_argument("--top-r", type=int, required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--out-sigma", required=True)
+    p.add_argument("--out-angles", required=True)
+    p.add_argument("--out-energy", required=True)
+    p.set_defaults(func=cmd_spectral)
+
+    p = sub.add_parser("spectral-collect", help="the configured pairs' spectral tables, one tidy CSV each")
+    p.add_argument("--pairs", required=True, help="JSON list of configured [ref, tgt] names, in order")
+    p.add_argument("--inputs", nargs="+", required=True,
+                   help="per-pair sigma/angles/energy CSVs in pair order (other files are ignored)")
+    p.add_argument("--out-sigma", required=True)
+    p.add_argument("--out-angles", required=True)
+    p.add_argument("--out-energy", required=True)
+    p.set_defaults(func=cmd_spectral_collect)
+
+    p = sub.add_parser("embed-lmhead", help="embed_tokens vs lm_head principal angles per checkpoint")
+    p.add_argument("--svd", nargs="+", required=True, help="embed shards (.../STAGE/step-N/embed.safetensors)")
+    p.add_argument("--top-r", type=int, required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_embed_lmhead)
+
+    p = sub.add_parser("drift", help="rotation drift vs base per SFT checkpoint, and its rank correlation with OOD")
+    p.add_argument("--svd", nargs="+", required=True, help="all shards of the base and every SFT checkpoint")
+    p.add_argument("--eval-table", required=True)
+    p.add_argument("--top-k", type=int, required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True, help="drift table (CSV)")
+    p.add_argument("--correlation", required=True, help="Spearman correlations (JSON)")
+    p.set_defaults(func=cmd_drift)
+
     p = sub.add_parser("figure", help="draw one of the paper's figures")
-    p.add_argument("name", choices=["fig1", "fig2"])
+    p.add_argument("name", choices=["fig1", "fig2", "fig3", "fig4", "fig4_layers", "embed_lmhead", "drift"])
     p.add_argument("--eval-table")
     p.add_argument("--loss-table")
     p.add_argument("--selection")
+    p.add_argument("--sigma-table")
+    p.add_argument("--angle-table")
+    p.add_argument("--embed-table")
+    p.add_argument("--drift-table")
+    p.add_argument("--correlation")
+    p.add_argument("--layer", type=int, default=0, help="fig3: decoder layer of the Q/K/V matrices")
+    p.add_argument("--matrix", help="fig4: the parameter name whose angle spectrum is drawn")
     p.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
     p.set_defaults(func=cmd_figure)
     return parser

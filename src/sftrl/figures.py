@@ -86,4 +86,182 @@ def _fig2(args):
     fig2(pd.read_csv(args.loss_table), args.out)
 
 
-FIGURES = {"fig1": _fig1, "fig2": _fig2}
+# -----------------------------------------------------------------------------
+# Spectral analysis (tables from sftrl.analysis)
+
+KIND_NAMES = {"q_proj": "Q", "k_proj": "K", "v_proj": "V", "o_proj": "O", "gate_proj": "gate", "up_proj": "up",
+              "down_proj": "down", "embed_tokens": "embed", "lm_head": "lm_head", "all": "all"}
+POINT_NAMES = {"base": "Base", "inter_sft": "Inter_SFT", "end_sft": "End_SFT"}
+
+
+def _pair_label(pair: str) -> str:
+    ref, tgt = pair.split("->")
+    return f"{POINT_NAMES.get(ref, ref)} → {POINT_NAMES.get(tgt, tgt)}"
+
+
+def _nontrivial(angles: pd.DataFrame) -> pd.DataFrame:
+    return angles[~angles["trivial"].astype(bool)]
+
+
+def fig3(sigma_table: pd.DataFrame, layer: int, stem) -> None:
+    """Singular values before / after and Δσ vs index of the layer's Q, K, V, one row pair per configured pair."""
+    sns = _style()
+    import matplotlib.pyplot as plt
+
+    data = sigma_table[(sigma_table["layer"] == layer) & sigma_table["kind"].isin(["q_proj", "k_proj", "v_proj"])]
+    if data.empty:
+        raise ValueError(f"no Q/K/V singular values of layer {layer} in the sigma table")
+    pairs = list(dict.fromkeys(data["pair"]))
+    kinds = ["q_proj", "k_proj", "v_proj"]
+    fig, axes = plt.subplots(2 * len(pairs), 3, figsize=(7.2, 2.3 * 2 * len(pairs)), squeeze=False)
+    for p, pair in enumerate(pairs):
+        for c, kind in enumerate(kinds):
+            d = data[(data["pair"] == pair) & (data["kind"] == kind)]
+            ax, dax = axes[2 * p, c], axes[2 * p + 1, c]
+            ax.plot(d["index"], d["sigma_ref"], label="before", color="tab:blue", linewidth=1.6)
+            ax.plot(d["index"], d["sigma_tgt"], label="after", color="tab:orange", linewidth=1.0, linestyle="--")
+            ax.set_title(f"{KIND_NAMES[kind]} (layer {layer}) · {_pair_label(pair)}", fontsize=8)
+            ax.set_ylabel("σ" if c == 0 else None)
+            dax.axhline(0, color="0.5", linewidth=0.8)
+            dax.plot(d["index"], d["delta"], color="tab:red", linewidth=1.0)
+            dax.set_ylabel("Δσ" if c == 0 else None)
+            dax.set_xlabel("singular value index")
+            if c == 0 and p == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle("Singular values barely move: σ before/after fine-tuning and Δσ", fontsize=10)
+    fig.tight_layout()
+    sns.despine(fig)
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+def fig4(angle_table: pd.DataFrame, matrix: str, stem) -> None:
+    """Principal-angle spectrum (top-r left and right singular subspaces) of one matrix, for every pair.
+    Trivially-zero angles (dimension counting) are left out."""
+    sns = _style()
+    import matplotlib.pyplot as plt
+
+    data = _nontrivial(angle_table[angle_table["matrix"] == matrix]).copy()
+    if data.empty:
+        raise ValueError(f"no principal angles of {matrix} in the angle table")
+    data["pair"] = data["pair"].map(_pair_label)
+    data["side"] = data["side"].map({"U": "left (U)", "V": "right (V)"})
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    sns.lineplot(data=data, x="index", y="angle_deg", hue="pair", style="side", ax=ax)
+    ax.set_ylim(0, 90)
+    ax.set_xlabel("principal angle index (top-r subspace)")
+    ax.set_ylabel("principal angle (°)")
+    ax.set_title(f"Principal angles: {matrix.removesuffix('.weight')}", fontsize=9)
+    ax.legend(fontsize=7, title=None)
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+def fig4_layers(angle_table: pd.DataFrame, stem) -> None:
+    """All layers at once: mean non-trivial top-r principal angle (U and V together) per layer × matrix kind,
+    one heatmap per pair."""
+    sns = _style()
+    import matplotlib.pyplot as plt
+
+    data = _nontrivial(angle_table[angle_table["layer"].notna()])
+    pairs = list(dict.fromkeys(data["pair"]))
+    kinds = [k for k in KIND_NAMES if k in set(data["kind"])]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.4 * len(pairs) + 0.8, 0.35 * data["layer"].nunique() + 1.8),
+                             squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        grid = (data[data["pair"] == pair].groupby(["layer", "kind"])["angle_deg"].mean().unstack("kind")
+                .reindex(columns=kinds).rename(columns=KIND_NAMES))
+        grid.index = grid.index.astype(int)
+        sns.heatmap(grid, vmin=0, vmax=90, cmap="viridis", annot=grid.shape[0] * grid.shape[1] <= 120, fmt=".0f",
+                    annot_kws={"fontsize": 6}, cbar_kws={"label": "mean angle (°)"}, ax=ax)
+        ax.set_title(_pair_label(pair), fontsize=9)
+        ax.set_xlabel(None)
+        ax.set_ylabel("layer")
+    fig.suptitle("Mean top-r principal angle per layer and matrix", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+def embed_lmhead(embed_table: pd.DataFrame, stem) -> None:
+    """embed_tokens vs lm_head: principal angles of their hidden-side singular subspaces per checkpoint (left),
+    and the mean non-trivial angle along SFT (right)."""
+    sns = _style()
+    import matplotlib.pyplot as plt
+
+    data = _nontrivial(embed_table).copy()
+    data["checkpoint"] = [f"{s} {t}" if s != "base" else "base" for s, t in zip(data["stage"], data["step"])]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.2, 3.0))
+    sns.lineplot(data=data, x="index", y="angle_deg", hue="step", palette="viridis", ax=ax, legend="brief")
+    ax.set_xlabel("principal angle index")
+    ax.set_ylabel("principal angle (°)")
+    ax.set_ylim(0, 90)
+    ax.legend(title="step", fontsize=6, title_fontsize=7)
+    ax.set_title("embed_tokens vs lm_head, per checkpoint", fontsize=9)
+    summary = data.groupby(["stage", "step"], sort=False)["angle_deg"].agg(["mean", "max"]).reset_index()
+    bx.plot(summary["step"], summary["mean"], marker="o", label="mean")
+    bx.plot(summary["step"], summary["max"], marker="s", linestyle="--", label="max")
+    bx.set_xlabel("SFT step (0 = base)")
+    bx.set_ylabel("angle (°)")
+    bx.legend(fontsize=7)
+    bx.set_title("alignment along SFT", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+def drift(drift_table: pd.DataFrame, correlation: dict, stem) -> None:
+    """Rotation drift (mean top-k principal angle vs base) per matrix kind along SFT (left), and OOD accuracy
+    against the all-matrix drift with its Spearman ρ (right)."""
+    sns = _style()
+    import matplotlib.pyplot as plt
+
+    def rho_text(kind):
+        c = correlation["by_kind"].get(kind, {})
+        if c.get("rho") is None:
+            return f"ρ n/a (n={c.get('n', 0)})"
+        return f"ρ={c['rho']:+.2f}, p={c['p']:.2g}, n={c['n']}"
+
+    data = drift_table.copy()
+    data["kind"] = [f"{KIND_NAMES.get(k, k)}: {rho_text(k)}" for k in data["kind"]]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.0, 3.2))
+    sns.lineplot(data=data[drift_table["kind"] != "all"], x="step", y="drift", hue="kind", marker="o", ax=ax)
+    ax.set_xlabel("SFT step")
+    ax.set_ylabel("mean top-k angle vs base (°)")
+    ax.legend(fontsize=5.5, title="kind: Spearman vs OOD", title_fontsize=6)
+    ax.set_title("Rotation drift along SFT", fontsize=9)
+    overall = drift_table[drift_table["kind"] == "all"]
+    bx.scatter(overall["drift"], 100 * overall["ood_accuracy"], c=overall["step"], cmap="viridis")
+    for _, row in overall.iterrows():
+        bx.annotate(str(int(row["step"])), (row["drift"], 100 * row["ood_accuracy"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    bx.set_xlabel("drift, all matrices (°)")
+    bx.set_ylabel("OOD accuracy (%)")
+    bx.set_title(f"OOD accuracy vs drift: Spearman {rho_text('all')}", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, stem)
+    plt.close(fig)
+
+
+def _fig3(args):
+    fig3(pd.read_csv(args.sigma_table), args.layer, args.out)
+
+
+def _fig4(args):
+    fig4(pd.read_csv(args.angle_table), args.matrix, args.out)
+
+
+def _fig4_layers(args):
+    fig4_layers(pd.read_csv(args.angle_table), args.out)
+
+
+def _embed_lmhead(args):
+    embed_lmhead(pd.read_csv(args.embed_table), args.out)
+
+
+def _drift(args):
+    drift(pd.read_csv(args.drift_table), read_json(args.correlation), args.out)
+
+
+FIGURES = {"fig1": _fig1, "fig2": _fig2, "fig3": _fig3, "fig4": _fig4, "fig4_layers": _fig4_layers,
+           "embed_lmhead": _embed_lmhead, "drift": _drift}

@@ -76,6 +76,109 @@ def all_targets():
     ]
     if not config["model"]["path"]:
         targets.append(f"{RESULTS}/base/abilities.json")
+    return targets + spectral_targets()
+
+
+# -----------------------------------------------------------------------------
+# Spectral analysis (spectral.smk): which matrices, in which SVD shards, for which checkpoints
+
+SPECTRAL_TABLES = ["sigma", "angles", "energy"]
+_SVD_SHARDS = {}
+
+
+def spectral_settings(*keys):
+    """Only the named keys of config `spectral` as one JSON string: a rule's params then carry exactly the knobs
+    it uses (changing top_r reruns the angle tables, not the SVDs)."""
+    return json.dumps({key: config["spectral"][key] for key in keys}, sort_keys=True)
+
+
+def svd_shards():
+    """Shard id -> parameter names (config spectral include / exclude / layers_per_shard), known at parse time:
+    for the embedded model from base.architecture (transformers' Llama naming), for a real model from its
+    safetensors header / index. Every checkpoint of a run has the base's parameter names."""
+    if not _SVD_SHARDS:
+        import sys
+
+        sys.path.insert(0, os.path.join(workflow.basedir, "src"))  # parse with the workflow's own library
+        from sftrl.analysis import checkpoint_parameter_names, llama_parameter_names, shard_plan
+
+        if config["model"]["path"]:
+            names = checkpoint_parameter_names(real_model_dir())
+        else:
+            names = llama_parameter_names(config["base"]["architecture"]["num_layers"])
+        try:
+            _SVD_SHARDS.update(shard_plan(names, config["spectral"]))
+        except ValueError as e:
+            raise WorkflowError(f"config spectral: {e}")
+    return _SVD_SHARDS
+
+
+def svd_files(stage, step, shards=None):
+    """The SVD cache files of one checkpoint (all shards, or the named ones)."""
+    return [f"{RESULTS}/svd/{stage}/step-{step}/{shard}.safetensors" for shard in (shards or svd_shards())]
+
+
+def svd_embed_shard():
+    """The shard holding embed_tokens and lm_head, or None when the selection lacks either."""
+    shard = svd_shards().get("embed", [])
+    kinds = {name.rsplit(".", 2)[-2] for name in shard}
+    return "embed" if {"embed_tokens", "lm_head"} <= kinds else None
+
+
+def resolve_point(name):
+    """A configured checkpoint name -> (stage, step): base, sft-<step>, or inter_sft / end_sft from the
+    select_sft checkpoint (raises IncompleteCheckpointException until it has run, which Snakemake handles)."""
+    if name == "base":
+        return "base", 0
+    if name.startswith("sft-"):
+        step = int(name[len("sft-"):])
+        if step not in sft_steps():
+            raise WorkflowError(f"config spectral.pairs: {name} is not a saved SFT step {sft_steps()}")
+        return "sft", step
+    if name in ("inter_sft", "end_sft"):
+        with checkpoints.select_sft.get().output[0].open() as f:
+            return "sft", int(json.load(f)[name]["step"])
+    raise WorkflowError(f"config spectral.pairs: unknown checkpoint name {name!r}")
+
+
+def point_name(stage, step):
+    """(stage, step) -> the concrete checkpoint name used in results/spectral/{ref}/{tgt}/ (base, sft-<step>)."""
+    return "base" if stage == "base" else f"{stage}-{step}"
+
+
+def spectral_pair_inputs(wildcards):
+    """Model directories and SVD shards of a concrete pair (base / sft-<step>; no selection needed)."""
+    inputs = {"code": library("spectral", "analysis")}
+    for role in ("ref", "tgt"):
+        stage, step = resolve_point(getattr(wildcards, role))
+        inputs[f"{role}_model"] = model_dir(stage, step)
+        inputs[f"{role}_svd"] = svd_files(stage, step)
+    return inputs
+
+
+def spectral_pairs():
+    return [tuple(pair) for pair in config["spectral"]["pairs"]]
+
+
+def spectral_tables_inputs(wildcards):
+    """Per-pair tables of every configured pair, in config order (sigma, angles, energy per pair), with the
+    names inter_sft / end_sft resolved through the select_sft checkpoint."""
+    tables = []
+    for ref, tgt in spectral_pairs():
+        concrete = [point_name(*resolve_point(name)) for name in (ref, tgt)]
+        tables += [f"{RESULTS}/spectral/{concrete[0]}/{concrete[1]}/{table}.csv" for table in SPECTRAL_TABLES]
+    inputs = {"tables": tables, "code": library("analysis")}
+    if {name for pair in spectral_pairs() for name in pair} & {"inter_sft", "end_sft"}:
+        inputs["selection"] = checkpoints.select_sft.get().output[0]
+    return inputs
+
+
+def spectral_targets():
+    targets = [f"{RESULTS}/tables/spectral_{table}.csv" for table in SPECTRAL_TABLES]
+    targets += [f"{RESULTS}/tables/drift.csv", f"{RESULTS}/tables/drift_correlation.json"]
+    targets += [f"{RESULTS}/figs/{name}.pdf" for name in ("fig3", "fig4", "fig4_layers", "drift")]
+    if svd_embed_shard():
+        targets += [f"{RESULTS}/tables/embed_lmhead.csv", f"{RESULTS}/figs/embed_lmhead.pdf"]
     return targets
 
 

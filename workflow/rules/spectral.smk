@@ -1,0 +1,222 @@
+# Spectral analysis of the weights (paper §2.3-2.4, §4): every selected matrix of every checkpoint is decomposed
+# ONCE into a verified SVD cache (rule svd, one job per checkpoint x shard); every analysis reads the cache, so
+# rerunning an analysis never recomputes an SVD. Numerics: sftrl.spectral; tables: sftrl.analysis; figures:
+# sftrl.figures (drawn only from the tidy tables under results/tables/).
+
+
+rule svd:
+    input:
+        model=lambda wc: model_dir(wc.stage, int(wc.step)),
+        code=library("spectral"),
+    output:
+        f"{RESULTS}/svd/{{stage}}/step-{{step}}/{{shard}}.safetensors",
+    params:
+        # the shard's matrices: a different selection or sharding reruns exactly the affected shards
+        names=lambda wc: json.dumps(svd_shards()[wc.shard]),
+        settings=spectral_settings("dtype", "device"),
+    wildcard_constraints:
+        stage="base|sft",
+        step=r"\d+",
+        shard="|".join(svd_shards()),
+    log:
+        "logs/svd/{stage}/step-{step}/{shard}.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/svd/{stage}/step-{step}/{shard}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "OMP_NUM_THREADS={threads} sftrl svd --model {input.model} --names {params.names:q}"
+        " --settings {params.settings:q} --out {output} > {log} 2>&1"
+
+
+rule spectral_pair:
+    input:
+        unpack(spectral_pair_inputs),
+    output:
+        sigma=f"{RESULTS}/spectral/{{ref}}/{{tgt}}/sigma.csv",
+        angles=f"{RESULTS}/spectral/{{ref}}/{{tgt}}/angles.csv",
+        energy=f"{RESULTS}/spectral/{{ref}}/{{tgt}}/energy.csv",
+    params:
+        top_r=lookup(dpath="spectral/top_r", within=config),
+        run=config["run"],
+    wildcard_constraints:
+        # concrete checkpoints only: inter_sft / end_sft are resolved by spectral_tables, so a pair's numbers
+        # depend on its two checkpoints alone (a changed selection reuses them)
+        ref=r"base|sft-\d+",
+        tgt=r"base|sft-\d+",
+    log:
+        "logs/spectral/{ref}/{tgt}.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/spectral/{ref}/{tgt}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "OMP_NUM_THREADS={threads} sftrl spectral --ref {wildcards.ref} --tgt {wildcards.tgt}"
+        " --ref-model {input.ref_model} --tgt-model {input.tgt_model}"
+        " --ref-svd {input.ref_svd} --tgt-svd {input.tgt_svd} --top-r {params.top_r} --run {params.run}"
+        " --out-sigma {output.sigma} --out-angles {output.angles} --out-energy {output.energy} > {log} 2>&1"
+
+
+rule spectral_tables:
+    input:
+        unpack(spectral_tables_inputs),
+    output:
+        sigma=f"{RESULTS}/tables/spectral_sigma.csv",
+        angles=f"{RESULTS}/tables/spectral_angles.csv",
+        energy=f"{RESULTS}/tables/spectral_energy.csv",
+    params:
+        pairs=json.dumps(spectral_pairs()),
+    log:
+        "logs/spectral/tables.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/spectral/tables.tsv"
+    shell:
+        # `{input}` as a whole: its named parts are unknown until select_sft has run (a dry run formats this
+        # command before that); the command picks the per-pair CSVs out of it, in config order
+        "sftrl spectral-collect --pairs {params.pairs:q} --inputs {input}"
+        " --out-sigma {output.sigma} --out-angles {output.angles} --out-energy {output.energy} > {log} 2>&1"
+
+
+rule embed_lmhead:
+    input:
+        svd=[svd_files(stage, step, ["embed"]) for stage, step in eval_points()],
+        code=library("spectral", "analysis"),
+    output:
+        f"{RESULTS}/tables/embed_lmhead.csv",
+    params:
+        top_r=lookup(dpath="spectral/top_r", within=config),
+        run=config["run"],
+    log:
+        "logs/spectral/embed_lmhead.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/spectral/embed_lmhead.tsv"
+    shell:
+        "sftrl embed-lmhead --svd {input.svd} --top-r {params.top_r} --run {params.run} --out {output} > {log} 2>&1"
+
+
+rule drift:
+    input:
+        svd=[svd_files(stage, step) for stage, step in eval_points()],
+        table=f"{RESULTS}/tables/eval.csv",
+        code=library("spectral", "analysis"),
+    output:
+        table=f"{RESULTS}/tables/drift.csv",
+        correlation=f"{RESULTS}/tables/drift_correlation.json",
+    params:
+        top_k=lookup(dpath="spectral/drift_top_k", within=config),
+        run=config["run"],
+    log:
+        "logs/spectral/drift.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/spectral/drift.tsv"
+    shell:
+        "sftrl drift --svd {input.svd} --eval-table {input.table} --top-k {params.top_k} --run {params.run}"
+        " --out {output.table} --correlation {output.correlation} > {log} 2>&1"
+
+
+rule fig3:
+    input:
+        table=f"{RESULTS}/tables/spectral_sigma.csv",
+        code=library("figures"),
+    output:
+        multiext(f"{RESULTS}/figs/fig3", ".pdf", ".png"),
+    params:
+        stem=stem,
+        layer=lookup(dpath="spectral/sigma_layer", within=config),
+    log:
+        "logs/figs/fig3.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/figs/fig3.tsv"
+    shell:
+        "sftrl figure fig3 --sigma-table {input.table} --layer {params.layer} --out {params.stem} > {log} 2>&1"
+
+
+rule fig4:
+    input:
+        table=f"{RESULTS}/tables/spectral_angles.csv",
+        code=library("figures"),
+    output:
+        multiext(f"{RESULTS}/figs/fig4", ".pdf", ".png"),
+    params:
+        stem=stem,
+        matrix=lookup(dpath="spectral/angle_matrix", within=config),
+    log:
+        "logs/figs/fig4.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/figs/fig4.tsv"
+    shell:
+        "sftrl figure fig4 --angle-table {input.table} --matrix {params.matrix:q} --out {params.stem} > {log} 2>&1"
+
+
+rule fig4_layers:
+    input:
+        table=f"{RESULTS}/tables/spectral_angles.csv",
+        code=library("figures"),
+    output:
+        multiext(f"{RESULTS}/figs/fig4_layers", ".pdf", ".png"),
+    params:
+        stem=stem,
+    log:
+        "logs/figs/fig4_layers.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/figs/fig4_layers.tsv"
+    shell:
+        "sftrl figure fig4_layers --angle-table {input.table} --out {params.stem} > {log} 2>&1"
+
+
+rule fig_embed_lmhead:
+    input:
+        table=f"{RESULTS}/tables/embed_lmhead.csv",
+        code=library("figures"),
+    output:
+        multiext(f"{RESULTS}/figs/embed_lmhead", ".pdf", ".png"),
+    params:
+        stem=stem,
+    log:
+        "logs/figs/embed_lmhead.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/figs/embed_lmhead.tsv"
+    shell:
+        "sftrl figure embed_lmhead --embed-table {input.table} --out {params.stem} > {log} 2>&1"
+
+
+rule fig_drift:
+    input:
+        table=f"{RESULTS}/tables/drift.csv",
+        correlation=f"{RESULTS}/tables/drift_correlation.json",
+        code=library("figures"),
+    output:
+        multiext(f"{RESULTS}/figs/drift", ".pdf", ".png"),
+    params:
+        stem=stem,
+    log:
+        "logs/figs/drift.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/figs/drift.tsv"
+    shell:
+        "sftrl figure drift --drift-table {input.table} --correlation {input.correlation}"
+        " --out {params.stem} > {log} 2>&1"
