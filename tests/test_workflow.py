@@ -137,6 +137,15 @@ def test_bad_model_path_is_named(tmp_path):
     assert "/no/such/model" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("key, value", [("angle_matrix", "model.layers.7.mlp.up_proj.weight"), ("sigma_layer", 9)])
+def test_figure_matrix_outside_the_analysis_is_named(tmp_path, key, value):
+    """fig3 / fig4 choices that name no analysed matrix fail at parse time, before any SVD runs."""
+    workdir = make_workdir(tmp_path, edit=lambda c: c["spectral"].update({key: value}))
+    result = snakemake(workdir, "-n", "all", check=False)
+    assert result.returncode != 0
+    assert f"spectral.{key}" in result.stdout + result.stderr
+
+
 def test_lint_is_clean():
     result = snakemake(REPO, "--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr

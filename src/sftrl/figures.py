@@ -128,7 +128,7 @@ def fig3(sigma_table: pd.DataFrame, layer: int, stem) -> None:
             dax.set_xlabel("singular value index")
             if c == 0 and p == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle("Singular values barely move: σ before/after fine-tuning and Δσ", fontsize=10)
+    fig.suptitle(f"Singular values before / after fine-tuning and Δσ (layer {layer})", fontsize=10)
     fig.tight_layout()
     sns.despine(fig)
     save_figure(fig, stem)

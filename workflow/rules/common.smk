@@ -110,6 +110,15 @@ def svd_shards():
             _SVD_SHARDS.update(shard_plan(names, config["spectral"]))
         except ValueError as e:
             raise WorkflowError(f"config spectral: {e}")
+        # the figures' matrix choices must name analysed matrices: fail now, not after hours of SVDs
+        analysed = [name for members in _SVD_SHARDS.values() for name in members]
+        if config["spectral"]["angle_matrix"] not in analysed:
+            raise WorkflowError(
+                f"config spectral.angle_matrix = {config['spectral']['angle_matrix']!r} is not an analysed matrix "
+                f"of this model (e.g. {[n for n in analysed if 'up_proj' in n][:1] or analysed[:1]})")
+        layer = config["spectral"]["sigma_layer"]
+        if not any(f"layers.{layer}.self_attn.q_proj." in name for name in analysed):
+            raise WorkflowError(f"config spectral.sigma_layer = {layer}: no analysed q_proj in that decoder layer")
     return _SVD_SHARDS
 
 
