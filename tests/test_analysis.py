@@ -216,13 +216,25 @@ def test_drift_grows_with_rotation_and_correlates_with_accuracy(models):
                               + [{"stage": "base", "step": 0, "split": "ood", "accuracy": 0.6}])
     table = analysis.with_accuracy(drift, eval_table)
     assert table.set_index(["step", "kind"]).loc[(20, "all"), "ood_accuracy"] == 0.3
+    losses = pd.DataFrame([{"step": s, "split": split, "loss": loss} for s, loss in ((0, 2.0), (10, 1.0), (20, 1.5),
+                                                                                     (30, 1.2))
+                           for split in ("ood", "id_test")])
+    table = analysis.with_ood_loss(table, losses)
+    assert table.set_index(["step", "kind"]).loc[(20, "all"), "ood_loss"] == 1.5
     corr = analysis.drift_correlation(table)
-    assert corr["by_kind"]["all"]["rho"] == pytest.approx(-1.0) and corr["by_kind"]["all"]["n"] == 3
+    accuracy, loss = (corr["by_target"][t]["by_kind"]["all"] for t in ("ood_accuracy", "ood_loss"))
+    assert accuracy["rho"] == pytest.approx(-1.0) and accuracy["n"] == 3
+    assert loss["rho"] == pytest.approx(0.5)  # drift ranks 1, 2, 3 against loss ranks 1, 3, 2
     json.dumps(corr)  # JSON-ready
     short = analysis.drift_correlation(table[table["step"] < 30])
-    assert short["by_kind"]["all"] == {"rho": None, "p": None, "n": 2, "steps": [10, 20]}
+    assert short["by_target"]["ood_accuracy"]["by_kind"]["all"] == {"rho": None, "p": None, "n": 2, "steps": [10, 20]}
+    constant = analysis.drift_correlation(table.assign(ood_accuracy=0.0))  # OOD accuracy 0 everywhere
+    assert constant["by_target"]["ood_accuracy"]["by_kind"]["all"]["rho"] is None
+    assert constant["by_target"]["ood_loss"]["by_kind"]["all"]["rho"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="no OOD accuracy"):
         analysis.with_accuracy(drift, eval_table[eval_table["step"] != 20])
+    with pytest.raises(ValueError, match=r"no OOD loss for SFT steps \[30\]"):
+        analysis.with_ood_loss(drift, losses[losses["step"] != 30])
 
 
 def test_direct_angle_matches_table(models):

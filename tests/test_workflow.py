@@ -93,7 +93,9 @@ def test_spectral_outputs(micro_run):
     drift = pd.read_csv(results / "tables" / "drift.csv")
     assert sorted(set(drift["step"])) == [4, 8] and drift["ood_accuracy"].between(0, 1).all()
     correlation = json.loads((results / "tables" / "drift_correlation.json").read_text())
-    assert correlation["by_kind"]["all"]["n"] == 2
+    assert {t: c["by_kind"]["all"]["n"] for t, c in correlation["by_target"].items()} == {"ood_accuracy": 2,
+                                                                                          "ood_loss": 2}
+    assert drift["ood_loss"].gt(0).all()
     embed = pd.read_csv(results / "tables" / "embed_lmhead.csv")
     assert sorted(set(embed["step"])) == [0, 4, 8]
 

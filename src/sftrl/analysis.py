@@ -245,20 +245,36 @@ def with_accuracy(drift: pd.DataFrame, eval_table: pd.DataFrame) -> pd.DataFrame
     return out
 
 
-def drift_correlation(drift: pd.DataFrame, column: str = "drift", against: str = "ood_accuracy") -> dict:
-    """Spearman rank correlation (scipy.stats.spearmanr) of `column` with `against` across checkpoints, per kind.
+def with_ood_loss(drift: pd.DataFrame, loss_table: pd.DataFrame) -> pd.DataFrame:
+    """drift + ood_loss of the same SFT step (completion NLL on the OOD set, from results/tables/sft_loss.csv): a
+    rollout-free OOD measure that stays informative where OOD accuracy is 0 at every checkpoint."""
+    ood = loss_table[loss_table["split"] == "ood"][["step", "loss"]].rename(columns={"loss": "ood_loss"})
+    out = drift.merge(ood, on="step", how="left")
+    missing = sorted(set(out.loc[out["ood_loss"].isna(), "step"]))
+    if missing:
+        raise ValueError(f"no OOD loss for SFT steps {missing} in the loss table")
+    return out
+
+
+DRIFT_TARGETS = ("ood_accuracy", "ood_loss")
+
+
+def drift_correlation(drift: pd.DataFrame, column: str = "drift", against: Sequence[str] = DRIFT_TARGETS) -> dict:
+    """Spearman rank correlation (scipy.stats.spearmanr) of `column` with each of `against` (those present in the
+    table) across checkpoints, per kind: {"by_target": {target: {"by_kind": {kind: {rho, p, n, steps}}}}}.
     rho / p are None where undefined (fewer than 3 checkpoints or a constant series)."""
     from scipy.stats import spearmanr
 
     result = {"method": "spearman (scipy.stats.spearmanr)", "x": f"{column}: mean top-k principal angle vs base (deg)",
-              "y": against, "by_kind": {}}
-    for kind, group in drift.groupby("kind", sort=False):
-        x, y = group[column].to_numpy(), group[against].to_numpy()
-        rho = p = None
-        if len(group) >= 3 and len(set(x)) > 1 and len(set(y)) > 1:
-            res = spearmanr(x, y)
-            rho, p = float(res.statistic), float(res.pvalue)
-            rho, p = (None if math.isnan(v) else v for v in (rho, p))
-        result["by_kind"][kind] = {"rho": rho, "p": p, "n": int(len(group)),
-                                   "steps": [int(s) for s in group["step"]]}
+              "by_target": {}}
+    for target in (t for t in against if t in drift.columns):
+        by_kind = {}
+        for kind, group in drift.groupby("kind", sort=False):
+            x, y = group[column].to_numpy(), group[target].to_numpy()
+            rho = p = None
+            if len(group) >= 3 and len(set(x)) > 1 and len(set(y)) > 1:
+                res = spearmanr(x, y)
+                rho, p = (None if math.isnan(v) else float(v) for v in (res.statistic, res.pvalue))
+            by_kind[kind] = {"rho": rho, "p": p, "n": int(len(group)), "steps": [int(s) for s in group["step"]]}
+        result["by_target"][target] = {"by_kind": by_kind}
     return result

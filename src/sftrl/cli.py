@@ -113,10 +113,11 @@ def cmd_embed_lmhead(args) -> None:
 def cmd_drift(args) -> None:
     import pandas as pd
 
-    from .analysis import drift_correlation, drift_series, with_accuracy
+    from .analysis import drift_correlation, drift_series, with_accuracy, with_ood_loss
     from .io import write_csv, write_json
 
     table = with_accuracy(drift_series(args.svd, args.top_k, args.run), pd.read_csv(args.eval_table))
+    table = with_ood_loss(table, pd.read_csv(args.loss_table))
     write_csv(args.out, table)
     write_json(args.correlation, drift_correlation(table))
 
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drift", help="rotation drift vs base per SFT checkpoint, and its rank correlation with OOD")
     p.add_argument("--svd", nargs="+", required=True, help="all shards of the base and every SFT checkpoint")
     p.add_argument("--eval-table", required=True)
+    p.add_argument("--loss-table", required=True, help="results/tables/sft_loss.csv (OOD loss per SFT step)")
     p.add_argument("--top-k", type=int, required=True)
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True, help="drift table (CSV)")

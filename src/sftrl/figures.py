@@ -31,6 +31,8 @@ def fig1(eval_table: pd.DataFrame, selection: dict, stem) -> None:
     sns.lineplot(data=data, x="step", y="accuracy (%)", hue="split", style="split", markers=True, dashes=False, ax=ax)
     for key, label, color in (("inter_sft", "Inter_SFT", "tab:green"), ("end_sft", "End_SFT", "tab:red")):
         step = selection[key]["step"]
+        if selection[key].get("degenerate"):  # every checkpoint has the same OOD accuracy: no peak to mark
+            label += " (OOD all tied)"
         ax.axvline(step, color=color, linestyle="--", linewidth=1)
         ax.annotate(label, xy=(step, ax.get_ylim()[1]), xytext=(2, -10), textcoords="offset points",
                     color=color, fontsize=8, rotation=90, va="top")
@@ -211,33 +213,36 @@ def embed_lmhead(embed_table: pd.DataFrame, stem) -> None:
 
 
 def drift(drift_table: pd.DataFrame, correlation: dict, stem) -> None:
-    """Rotation drift (mean top-k principal angle vs base) per matrix kind along SFT (left), and OOD accuracy
-    against the all-matrix drift with its Spearman ρ (right)."""
+    """Rotation drift (mean top-k principal angle vs base) per matrix kind along SFT (left), and OOD accuracy and
+    OOD loss against the all-matrix drift, each with its Spearman ρ (right)."""
     sns = _style()
     import matplotlib.pyplot as plt
 
-    def rho_text(kind):
-        c = correlation["by_kind"].get(kind, {})
+    def rho_text(target, kind, long=False):
+        c = correlation["by_target"].get(target, {}).get("by_kind", {}).get(kind, {})
         if c.get("rho") is None:
-            return f"ρ n/a (n={c.get('n', 0)})"
-        return f"ρ={c['rho']:+.2f}, p={c['p']:.2g}, n={c['n']}"
+            return f"ρ n/a (n={c.get('n', 0)})" if long else "n/a"
+        return f"ρ={c['rho']:+.2f}, p={c['p']:.2g}, n={c['n']}" if long else f"{c['rho']:+.2f}"
 
     data = drift_table.copy()
-    data["kind"] = [f"{KIND_NAMES.get(k, k)}: {rho_text(k)}" for k in data["kind"]]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.0, 3.2))
+    data["kind"] = [f"{KIND_NAMES.get(k, k)}: {rho_text('ood_accuracy', k)} / {rho_text('ood_loss', k)}"
+                    for k in data["kind"]]
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(10.5, 3.2), gridspec_kw={"width_ratios": [1.4, 1, 1]})
     sns.lineplot(data=data[drift_table["kind"] != "all"], x="step", y="drift", hue="kind", marker="o", ax=ax)
     ax.set_xlabel("SFT step")
     ax.set_ylabel("mean top-k angle vs base (°)")
-    ax.legend(fontsize=5.5, title="kind: Spearman vs OOD", title_fontsize=6)
+    ax.legend(fontsize=5.5, title="kind: Spearman ρ vs OOD acc / OOD loss", title_fontsize=6)
     ax.set_title("Rotation drift along SFT", fontsize=9)
     overall = drift_table[drift_table["kind"] == "all"]
-    bx.scatter(overall["drift"], 100 * overall["ood_accuracy"], c=overall["step"], cmap="viridis")
-    for _, row in overall.iterrows():
-        bx.annotate(str(int(row["step"])), (row["drift"], 100 * row["ood_accuracy"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
-    bx.set_xlabel("drift, all matrices (°)")
-    bx.set_ylabel("OOD accuracy (%)")
-    bx.set_title(f"OOD accuracy vs drift: Spearman {rho_text('all')}", fontsize=8)
+    for axis, column, scale, label, target in ((bx, "ood_accuracy", 100, "OOD accuracy (%)", "ood_accuracy"),
+                                               (cx, "ood_loss", 1, "OOD loss (nats/token)", "ood_loss")):
+        axis.scatter(overall["drift"], scale * overall[column], c=overall["step"], cmap="viridis")
+        for _, row in overall.iterrows():
+            axis.annotate(str(int(row["step"])), (row["drift"], scale * row[column]), fontsize=6,
+                          xytext=(3, 3), textcoords="offset points")
+        axis.set_xlabel("drift, all matrices (°)")
+        axis.set_ylabel(label)
+        axis.set_title(f"Spearman {rho_text(target, 'all', long=True)}", fontsize=8)
     fig.tight_layout()
     save_figure(fig, stem)
     plt.close(fig)

@@ -2,9 +2,13 @@
 earliest step), End_SFT = the last SFT checkpoint. Later stages (RL, spectral pairs, restoration) read this."""
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 
 from .io import write_json
+
+log = logging.getLogger(__name__)
 
 
 def select_sft(table_path, out) -> dict:
@@ -14,8 +18,15 @@ def select_sft(table_path, out) -> dict:
         raise ValueError(f"{table_path} has no SFT rows for the OOD split; nothing to select from")
     best = ood.loc[ood["accuracy"].idxmax()]  # idxmax returns the first maximum; rows are sorted by step
     last = ood.iloc[-1]
+    # How many checkpoints share the best OOD accuracy: when all do (e.g. 0 % everywhere), Inter_SFT is the tie
+    # rule's earliest step, not a measured peak; say so rather than let a figure suggest one.
+    tied = [int(step) for step in ood.loc[ood["accuracy"] == best["accuracy"], "step"]]
+    if len(tied) == len(ood) > 1:
+        log.warning("every SFT checkpoint has OOD accuracy %.4f: Inter_SFT = step %d by the tie rule alone",
+                    best["accuracy"], best["step"])
     selection = {
-        "inter_sft": {"step": int(best["step"]), "ood_accuracy": float(best["accuracy"])},
+        "inter_sft": {"step": int(best["step"]), "ood_accuracy": float(best["accuracy"]), "tied_steps": tied,
+                      "degenerate": len(tied) == len(ood) > 1},
         "end_sft": {"step": int(last["step"]), "ood_accuracy": float(last["accuracy"])},
         "rule": "inter_sft = argmax OOD accuracy over SFT checkpoints (ties -> earliest); end_sft = last checkpoint",
     }

@@ -110,6 +110,7 @@ rule drift:
     input:
         svd=[svd_files(stage, step) for stage, step in eval_points()],
         table=f"{RESULTS}/tables/eval.csv",
+        losses=f"{RESULTS}/tables/sft_loss.csv",
         code=library("spectral", "analysis"),
     output:
         table=f"{RESULTS}/tables/drift.csv",
@@ -124,7 +125,7 @@ rule drift:
     benchmark:
         "benchmarks/spectral/drift.tsv"
     shell:
-        "sftrl drift --svd {input.svd} --eval-table {input.table} --top-k {params.top_k} --run {params.run}"
+        "sftrl drift --svd {input.svd} --eval-table {input.table} --loss-table {input.losses} --top-k {params.top_k} --run {params.run}"
         " --out {output.table} --correlation {output.correlation} > {log} 2>&1"
 
 
