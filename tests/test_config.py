@@ -1,10 +1,12 @@
 """The shipped configs are valid: the embedded default, the micro test config, and every paper config layered on
 the default the way `snakemake --configfile config/paper/X.yaml` layers it (a recursive dict update)."""
+import copy
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from snakemake.utils import update_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
@@ -12,11 +14,10 @@ DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
 def layered(base: dict, update: dict) -> dict:
-    """snakemake.utils.update_config: nested dicts are merged, everything else replaced."""
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = layered(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    """The default with a config file layered on it, by Snakemake's own recursive merge (--configfile)."""
+    merged = copy.deepcopy(base)
+    update_config(merged, update)
+    return merged
 
 
 @pytest.mark.parametrize("path", [REPO / "config" / "config.yaml", REPO / ".test" / "config" / "config.yaml"],

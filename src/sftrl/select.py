@@ -21,12 +21,13 @@ def select_sft(table_path, out) -> dict:
     # How many checkpoints share the best OOD accuracy: when all do (e.g. 0 % everywhere), Inter_SFT is the tie
     # rule's earliest step, not a measured peak; say so rather than let a figure suggest one.
     tied = [int(step) for step in ood.loc[ood["accuracy"] == best["accuracy"], "step"]]
-    if len(tied) == len(ood) > 1:
+    degenerate = len(tied) == len(ood) > 1
+    if degenerate:
         log.warning("every SFT checkpoint has OOD accuracy %.4f: Inter_SFT = step %d by the tie rule alone",
                     best["accuracy"], best["step"])
     selection = {
         "inter_sft": {"step": int(best["step"]), "ood_accuracy": float(best["accuracy"]), "tied_steps": tied,
-                      "degenerate": len(tied) == len(ood) > 1},
+                      "degenerate": degenerate},
         "end_sft": {"step": int(last["step"]), "ood_accuracy": float(last["accuracy"])},
         "rule": "inter_sft = argmax OOD accuracy over SFT checkpoints (ties -> earliest); end_sft = last checkpoint",
     }

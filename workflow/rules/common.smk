@@ -101,6 +101,7 @@ def svd_shards():
 
         sys.path.insert(0, os.path.join(workflow.basedir, "src"))  # parse with the workflow's own library
         from sftrl.analysis import checkpoint_parameter_names, llama_parameter_names, shard_plan
+        from sftrl.spectral import layer_index, matrix_kind
 
         if config["model"]["path"]:
             names = checkpoint_parameter_names(real_model_dir())
@@ -117,7 +118,7 @@ def svd_shards():
                 f"config spectral.angle_matrix = {config['spectral']['angle_matrix']!r} is not an analysed matrix "
                 f"of this model (e.g. {[n for n in analysed if 'up_proj' in n][:1] or analysed[:1]})")
         layer = config["spectral"]["sigma_layer"]
-        if not any(f"layers.{layer}.self_attn.q_proj." in name for name in analysed):
+        if not any(layer_index(name) == layer and matrix_kind(name) == "q_proj" for name in analysed):
             raise WorkflowError(f"config spectral.sigma_layer = {layer}: no analysed q_proj in that decoder layer")
     return _SVD_SHARDS
 
@@ -129,8 +130,9 @@ def svd_files(stage, step, shards=None):
 
 def svd_embed_shard():
     """The shard holding embed_tokens and lm_head, or None when the selection lacks either."""
-    shard = svd_shards().get("embed", [])
-    kinds = {name.rsplit(".", 2)[-2] for name in shard}
+    from sftrl.spectral import matrix_kind
+
+    kinds = {matrix_kind(name) for name in svd_shards().get("embed", [])}
     return "embed" if {"embed_tokens", "lm_head"} <= kinds else None
 
 
