@@ -26,7 +26,6 @@ LLAMA_LAYER_WEIGHTS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
 )
-QKV = ("q_proj", "k_proj", "v_proj")
 _SHARD_PATH = re.compile(r"(?P<stage>[^/\\]+)[/\\]step-(?P<step>\d+)[/\\](?P<shard>[^/\\]+)\.safetensors$")
 
 
