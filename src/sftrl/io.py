@@ -90,14 +90,6 @@ def write_csv(path, frame) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def save_figure(fig, stem: str | os.PathLike) -> None:
-    """Save a matplotlib figure as `<stem>.pdf` and `<stem>.png` (300 dpi), each atomically."""
-    stem = Path(stem)
-    for ext, kwargs in ((".pdf", {}), (".png", {"dpi": 300})):
-        with atomic_path(stem.with_suffix(ext)) as tmp:
-            fig.savefig(tmp, bbox_inches="tight", format=ext[1:], **kwargs)
-
-
 def fingerprint(settings, *paths) -> str:
     """sha256 of a settings object and the bytes of some files: what a resumable state was made from. A training
     job resumes only from state with the same fingerprint; anything else is stale and is discarded."""

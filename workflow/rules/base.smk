@@ -1,9 +1,9 @@
-# The embedded base model: a tiny Llama pretrained on a generated corpus (sftrl.pretrain), and its ability probe.
+# The embedded base model (sftrl.base): a tiny Llama pretrained on a generated corpus, and its ability probe.
 
 
 rule pretrain_base:
     input:
-        code=library("pretrain", "corpus", "modeling"),
+        code=code("pretrain"),
     output:
         directory(f"{RESULTS}/models/base"),
     params:
@@ -29,23 +29,24 @@ rule pretrain_base:
 rule probe_base:
     input:
         model=f"{RESULTS}/models/base",
-        code=library("probe", "generation", "evaluate"),
+        code=code("probe"),
     output:
-        report=f"{RESULTS}/base/abilities.json",
-        figure=multiext(f"{RESULTS}/figs/base_abilities", ".pdf", ".png"),
+        f"{RESULTS}/base/abilities.json",
     params:
         settings=settings("base", "probe"),
         # only the eval knobs the probe uses, so an eval sampling sweep does not rerun the probe
         eval_settings=json.dumps({k: config["eval"][k] for k in ("batch_size", "max_new_tokens")}, sort_keys=True),
+        model_settings=settings("model"),
         target=lookup(dpath="env/target", within=config),
         verify_iter=lookup(dpath="env/verify_iter", within=config),
-        stem=lambda wc, output: os.path.splitext(output.figure[0])[0],
     log:
         "logs/base/probe.log",
     conda:
         "../envs/train.yaml"
+    benchmark:
+        "benchmarks/base/probe.tsv"
     threads: workflow.cores
     shell:
-        "sftrl probe --model {input.model} --settings {params.settings:q} --eval-settings {params.eval_settings:q}"
-        " --target {params.target} --verify-iter {params.verify_iter} --out {output.report}"
-        " --figure {params.stem} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} sftrl probe --model {input.model} --settings {params.settings:q}"
+        " --eval-settings {params.eval_settings:q} --model-settings {params.model_settings:q}"
+        " --target {params.target} --verify-iter {params.verify_iter} --out {output} > {log} 2>&1"

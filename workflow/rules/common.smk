@@ -1,6 +1,8 @@
-# Helpers shared by all .smk files: config validation, model-directory resolution, params as JSON.
+# Helpers shared by all .smk files: config validation, checkpoints (sftrl.checkpoint), code inputs from the import
+# graph (sftrl.codegraph), params as JSON, the SVD shard plan. Parse time imports no torch (tests check it).
 import json
 import os
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -9,9 +11,14 @@ validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 # Never reach the Hub from any job (jobs inherit this environment); local paths only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Parse with the workflow's own library (the one the code inputs below point at).
+sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+
+from sftrl import codegraph  # noqa: E402
+from sftrl.checkpoint import NAME_PATTERN, RESULTS_DIR, SELECTIONS, Checkpoint  # noqa: E402
+from sftrl.cli import command_module  # noqa: E402
 
 RESULTS = "results"
-LIBRARY = os.path.join(workflow.basedir, "src", "sftrl")
 SPLITS = ["id", "ood"]
 
 
@@ -24,10 +31,13 @@ def settings(*keys):
     return json.dumps(section, sort_keys=True)
 
 
-def library(*modules):
-    """The library modules a rule's computation lives in, as inputs: editing one reruns the rule's jobs (and what
-    depends on them). Snakemake compares checksums of small inputs, so a mere touch or checkout does not."""
-    return [os.path.join(LIBRARY, f"{module}.py") for module in modules]
+def code(*commands):
+    """The library files the `sftrl` command(s) of a rule run — the command's module and everything it imports,
+    transitively (sftrl.codegraph), plus the CLI — as inputs: editing any of them reruns the rule's jobs (and what
+    depends on them); nothing else does. Snakemake compares checksums of small inputs, so a mere touch or checkout
+    does not."""
+    modules = ["sftrl.cli"] + [command_module(c) for c in commands]
+    return [str(path) for path in codegraph.files(modules)]
 
 
 def real_model_dir():
@@ -55,17 +65,29 @@ def sft_steps():
     return steps if steps and steps[-1] == last else steps + [last]
 
 
-def model_dir(stage, step):
-    if stage == "base":
-        return base_model_dir()
-    if stage == "sft":
-        return f"{RESULTS}/sft/checkpoint-{step}"
-    raise WorkflowError(f"unknown stage {stage!r} (expected base or sft)")
+def sft_checkpoints():
+    return [Checkpoint("sft", step) for step in sft_steps()]
 
 
-def eval_points():
-    """(stage, step) of every model evaluated along SFT: the base at step 0, then each SFT checkpoint."""
-    return [("base", 0)] + [("sft", step) for step in sft_steps()]
+def evaluated_checkpoints():
+    """Every model evaluated along SFT: the base (step 0), then each SFT checkpoint."""
+    return [Checkpoint("base")] + sft_checkpoints()
+
+
+def model_dir(ckpt):
+    return ckpt.model_dir(RESULTS, base_model_dir())
+
+
+def checkpoint_model(wildcards):
+    """Input function: the model directory of the {ckpt} wildcard."""
+    return model_dir(Checkpoint.parse(wildcards.ckpt))
+
+
+def results_dir(kind, ckpt=None):
+    """Per-checkpoint results directory of one kind: of `ckpt`, or a pattern with the {ckpt} wildcard."""
+    if ckpt is None:
+        return RESULTS_DIR.format(results=RESULTS, kind=kind, name="{ckpt}")
+    return ckpt.results_dir(RESULTS, kind)
 
 
 def all_targets():
@@ -75,7 +97,7 @@ def all_targets():
         f"{RESULTS}/figs/fig2.pdf",
     ]
     if not config["model"]["path"]:
-        targets.append(f"{RESULTS}/base/abilities.json")
+        targets += [f"{RESULTS}/base/abilities.json", f"{RESULTS}/figs/base_abilities.pdf"]
     return targets + spectral_targets()
 
 
@@ -97,11 +119,8 @@ def svd_shards():
     for the embedded model from base.architecture (transformers' Llama naming), for a real model from its
     safetensors header / index. Every checkpoint of a run has the base's parameter names."""
     if not _SVD_SHARDS:
-        import sys
-
-        sys.path.insert(0, os.path.join(workflow.basedir, "src"))  # parse with the workflow's own library
-        from sftrl.analysis import checkpoint_parameter_names, llama_parameter_names, shard_plan
-        from sftrl.spectral import layer_index, matrix_kind
+        from sftrl.weights.names import (checkpoint_parameter_names, layer_index, llama_parameter_names,
+                                         matrix_kind, shard_plan)
 
         if config["model"]["path"]:
             names = checkpoint_parameter_names(real_model_dir())
@@ -123,47 +142,42 @@ def svd_shards():
     return _SVD_SHARDS
 
 
-def svd_files(stage, step, shards=None):
+def svd_files(ckpt, shards=None):
     """The SVD cache files of one checkpoint (all shards, or the named ones)."""
-    return [f"{RESULTS}/svd/{stage}/step-{step}/{shard}.safetensors" for shard in (shards or svd_shards())]
+    return [f"{results_dir('svd', ckpt)}/{shard}.safetensors" for shard in (shards or svd_shards())]
 
 
 def svd_embed_shard():
     """The shard holding embed_tokens and lm_head, or None when the selection lacks either."""
-    from sftrl.spectral import matrix_kind
+    from sftrl.weights.names import matrix_kind
 
     kinds = {matrix_kind(name) for name in svd_shards().get("embed", [])}
     return "embed" if {"embed_tokens", "lm_head"} <= kinds else None
 
 
-def resolve_point(name):
-    """A configured checkpoint name -> (stage, step): base, sft-<step>, or inter_sft / end_sft from the
+def resolve(name):
+    """A configured checkpoint name -> Checkpoint: base, sft-<step>, or a selection (inter_sft / end_sft) from the
     select_sft checkpoint (raises IncompleteCheckpointException until it has run, which Snakemake handles)."""
-    if name == "base":
-        return "base", 0
-    if name.startswith("sft-"):
-        step = int(name[len("sft-"):])
-        if step not in sft_steps():
-            raise WorkflowError(f"config spectral.pairs: {name} is not a saved SFT step {sft_steps()}")
-        return "sft", step
-    if name in ("inter_sft", "end_sft"):
+    selection = None
+    if name in SELECTIONS:
         with checkpoints.select_sft.get().output[0].open() as f:
-            return "sft", int(json.load(f)[name]["step"])
-    raise WorkflowError(f"config spectral.pairs: unknown checkpoint name {name!r}")
-
-
-def point_name(stage, step):
-    """(stage, step) -> the concrete checkpoint name used in results/spectral/{ref}/{tgt}/ (base, sft-<step>)."""
-    return "base" if stage == "base" else f"{stage}-{step}"
+            selection = json.load(f)
+    try:
+        ckpt = Checkpoint.resolve(name, selection)
+    except ValueError as e:
+        raise WorkflowError(f"config spectral.pairs: {e}")
+    if ckpt.stage == "sft" and ckpt.step not in sft_steps():
+        raise WorkflowError(f"config spectral.pairs: {name} is not a saved SFT step {sft_steps()}")
+    return ckpt
 
 
 def spectral_pair_inputs(wildcards):
     """Model directories and SVD shards of a concrete pair (base / sft-<step>; no selection needed)."""
-    inputs = {"code": library("spectral", "analysis")}
+    inputs = {"code": code("spectral")}
     for role in ("ref", "tgt"):
-        stage, step = resolve_point(getattr(wildcards, role))
-        inputs[f"{role}_model"] = model_dir(stage, step)
-        inputs[f"{role}_svd"] = svd_files(stage, step)
+        ckpt = resolve(getattr(wildcards, role))
+        inputs[f"{role}_model"] = model_dir(ckpt)
+        inputs[f"{role}_svd"] = svd_files(ckpt)
     return inputs
 
 
@@ -176,10 +190,10 @@ def spectral_tables_inputs(wildcards):
     names inter_sft / end_sft resolved through the select_sft checkpoint."""
     tables = []
     for ref, tgt in spectral_pairs():
-        concrete = [point_name(*resolve_point(name)) for name in (ref, tgt)]
+        concrete = [resolve(name).name for name in (ref, tgt)]
         tables += [f"{RESULTS}/spectral/{concrete[0]}/{concrete[1]}/{table}.csv" for table in SPECTRAL_TABLES]
-    inputs = {"tables": tables, "code": library("analysis")}
-    if {name for pair in spectral_pairs() for name in pair} & {"inter_sft", "end_sft"}:
+    inputs = {"tables": tables, "code": code("spectral-collect")}
+    if {name for pair in spectral_pairs() for name in pair} & set(SELECTIONS):
         inputs["selection"] = checkpoints.select_sft.get().output[0]
     return inputs
 
@@ -204,3 +218,14 @@ def sft_launcher():
 def stem(wildcards, output):
     """Figure stem (path without extension) of a multiext() output pair."""
     return os.path.splitext(output[0])[0]
+
+
+# One set of wildcard constraints for every rule.
+wildcard_constraints:
+    split="|".join(SPLITS),
+    ckpt=NAME_PATTERN,
+    # concrete checkpoints only: inter_sft / end_sft are resolved by spectral_tables, so a pair's numbers depend on
+    # its two checkpoints alone (a changed selection reuses them)
+    ref=NAME_PATTERN,
+    tgt=NAME_PATTERN,
+    shard="|".join(svd_shards()),

@@ -1,9 +1,9 @@
-# Fixed evaluation problem sets and SFT data (sftrl.data).
+# Fixed evaluation problem sets and SFT data (sftrl.task.data).
 
 
 rule eval_set:
     input:
-        code=library("data", "points"),
+        code=code("data eval-set"),
     output:
         f"{RESULTS}/data/eval_{{split}}.jsonl",
     params:
@@ -12,10 +12,10 @@ rule eval_set:
         target=lookup(dpath="env/target", within=config),
     log:
         "logs/data/eval_{split}.log",
+    benchmark:
+        "benchmarks/data/eval_{split}.tsv"
     conda:
         "../envs/analysis.yaml"
-    wildcard_constraints:
-        split="id|ood",
     shell:
         "sftrl data eval-set --rule {wildcards.split} --n {params.n} --seed {params.seed}"
         " --target {params.target} --out {output} > {log} 2>&1"
@@ -23,7 +23,7 @@ rule eval_set:
 
 rule sft_data:
     input:
-        code=library("data", "points"),
+        code=code("data sft"),
     output:
         train=f"{RESULTS}/data/sft/train.jsonl",
         train_loss=f"{RESULTS}/data/sft/train_loss.jsonl",
@@ -36,6 +36,8 @@ rule sft_data:
         out_dir=lambda wc, output: os.path.dirname(output.train),
     log:
         "logs/data/sft.log",
+    benchmark:
+        "benchmarks/data/sft.tsv"
     conda:
         "../envs/analysis.yaml"
     shell:

@@ -1,17 +1,19 @@
-# The paper's figures (sftrl.figures), each as PDF + PNG, drawn only from the tidy tables.
+# The figures (sftrl.figures), each as PDF + PNG, drawn only from the tidy tables and reports.
 
 
 rule fig1:
     input:
         table=f"{RESULTS}/tables/eval.csv",
         selection=f"{RESULTS}/sft/selection.json",
-        code=library("figures"),
+        code=code("figure fig1"),
     output:
         multiext(f"{RESULTS}/figs/fig1", ".pdf", ".png"),
     params:
         stem=stem,
     log:
         "logs/figs/fig1.log",
+    benchmark:
+        "benchmarks/figs/fig1.tsv"
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -21,14 +23,34 @@ rule fig1:
 rule fig2:
     input:
         losses=f"{RESULTS}/tables/sft_loss.csv",
-        code=library("figures"),
+        code=code("figure fig2"),
     output:
         multiext(f"{RESULTS}/figs/fig2", ".pdf", ".png"),
     params:
         stem=stem,
     log:
         "logs/figs/fig2.log",
+    benchmark:
+        "benchmarks/figs/fig2.tsv"
     conda:
         "../envs/analysis.yaml"
     shell:
         "sftrl figure fig2 --loss-table {input.losses} --out {params.stem} > {log} 2>&1"
+
+
+rule fig_base_abilities:
+    input:
+        abilities=f"{RESULTS}/base/abilities.json",
+        code=code("figure abilities"),
+    output:
+        multiext(f"{RESULTS}/figs/base_abilities", ".pdf", ".png"),
+    params:
+        stem=stem,
+    log:
+        "logs/figs/base_abilities.log",
+    benchmark:
+        "benchmarks/figs/base_abilities.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "sftrl figure abilities --abilities {input.abilities} --out {params.stem} > {log} 2>&1"

@@ -1,5 +1,4 @@
-# Supervised fine-tuning (sftrl.sft): one job writes a checkpoint every sft.save_steps.
-
+# Supervised fine-tuning (sftrl.train.sft): one job writes a checkpoint every sft.save_steps.
 
 
 rule sft:
@@ -9,9 +8,9 @@ rule sft:
         train_loss=f"{RESULTS}/data/sft/train_loss.jsonl",
         id_test=f"{RESULTS}/data/sft/id_test.jsonl",
         ood_loss=f"{RESULTS}/data/sft/ood_loss.jsonl",
-        code=library("sft", "modeling"),
+        code=code("sft"),
     output:
-        checkpoints=[directory(f"{RESULTS}/sft/checkpoint-{step}") for step in sft_steps()],
+        checkpoints=[directory(model_dir(ckpt)) for ckpt in sft_checkpoints()],
         losses=f"{RESULTS}/tables/sft_loss.csv",
     params:
         settings=settings("sft"),

@@ -1,29 +1,25 @@
 # Spectral analysis of the weights (paper §2.3-2.4, §4): every selected matrix of every checkpoint is decomposed
 # ONCE into a verified SVD cache (rule svd, one job per checkpoint x shard); every analysis reads the cache, so
-# rerunning an analysis never recomputes an SVD. Numerics: sftrl.spectral; tables: sftrl.analysis; figures:
-# sftrl.figures (drawn only from the tidy tables under results/tables/).
+# rerunning an analysis never recomputes an SVD. Numerics: sftrl.weights (names, tensors, svd, subspace); tables:
+# sftrl.analysis; figures: sftrl.figures (drawn only from the tidy tables under results/tables/).
 
 
 rule svd:
     input:
-        model=lambda wc: model_dir(wc.stage, int(wc.step)),
-        code=library("spectral"),
+        model=checkpoint_model,
+        code=code("svd"),
     output:
-        f"{RESULTS}/svd/{{stage}}/step-{{step}}/{{shard}}.safetensors",
+        f"{results_dir('svd')}/{{shard}}.safetensors",
     params:
         # the shard's matrices: a different selection or sharding reruns exactly the affected shards
         names=lambda wc: json.dumps(svd_shards()[wc.shard]),
         settings=spectral_settings("dtype", "device"),
-    wildcard_constraints:
-        stage="base|sft",
-        step=r"\d+",
-        shard="|".join(svd_shards()),
     log:
-        "logs/svd/{stage}/step-{step}/{shard}.log",
+        "logs/svd/{ckpt}/{shard}.log",
     conda:
         "../envs/analysis.yaml"
     benchmark:
-        "benchmarks/svd/{stage}/step-{step}/{shard}.tsv"
+        "benchmarks/svd/{ckpt}/{shard}.tsv"
     threads: 1
     resources:
         mem_mb=8000,
@@ -43,11 +39,6 @@ rule spectral_pair:
     params:
         top_r=lookup(dpath="spectral/top_r", within=config),
         run=config["run"],
-    wildcard_constraints:
-        # concrete checkpoints only: inter_sft / end_sft are resolved by spectral_tables, so a pair's numbers
-        # depend on its two checkpoints alone (a changed selection reuses them)
-        ref=r"base|sft-\d+",
-        tgt=r"base|sft-\d+",
     log:
         "logs/spectral/{ref}/{tgt}.log",
     conda:
@@ -89,8 +80,8 @@ rule spectral_tables:
 
 rule embed_lmhead:
     input:
-        svd=[svd_files(stage, step, ["embed"]) for stage, step in eval_points()],
-        code=library("spectral", "analysis"),
+        svd=[svd_files(ckpt, ["embed"]) for ckpt in evaluated_checkpoints()],
+        code=code("embed-lmhead"),
     output:
         f"{RESULTS}/tables/embed_lmhead.csv",
     params:
@@ -108,10 +99,10 @@ rule embed_lmhead:
 
 rule drift:
     input:
-        svd=[svd_files(stage, step) for stage, step in eval_points()],
+        svd=[svd_files(ckpt) for ckpt in evaluated_checkpoints()],
         table=f"{RESULTS}/tables/eval.csv",
         losses=f"{RESULTS}/tables/sft_loss.csv",
-        code=library("spectral", "analysis"),
+        code=code("drift"),
     output:
         table=f"{RESULTS}/tables/drift.csv",
         correlation=f"{RESULTS}/tables/drift_correlation.json",
@@ -132,7 +123,7 @@ rule drift:
 rule fig3:
     input:
         table=f"{RESULTS}/tables/spectral_sigma.csv",
-        code=library("figures"),
+        code=code("figure fig3"),
     output:
         multiext(f"{RESULTS}/figs/fig3", ".pdf", ".png"),
     params:
@@ -151,7 +142,7 @@ rule fig3:
 rule fig4:
     input:
         table=f"{RESULTS}/tables/spectral_angles.csv",
-        code=library("figures"),
+        code=code("figure fig4"),
     output:
         multiext(f"{RESULTS}/figs/fig4", ".pdf", ".png"),
     params:
@@ -170,7 +161,7 @@ rule fig4:
 rule fig4_layers:
     input:
         table=f"{RESULTS}/tables/spectral_angles.csv",
-        code=library("figures"),
+        code=code("figure fig4_layers"),
     output:
         multiext(f"{RESULTS}/figs/fig4_layers", ".pdf", ".png"),
     params:
@@ -188,7 +179,7 @@ rule fig4_layers:
 rule fig_embed_lmhead:
     input:
         table=f"{RESULTS}/tables/embed_lmhead.csv",
-        code=library("figures"),
+        code=code("figure embed_lmhead"),
     output:
         multiext(f"{RESULTS}/figs/embed_lmhead", ".pdf", ".png"),
     params:
@@ -207,7 +198,7 @@ rule fig_drift:
     input:
         table=f"{RESULTS}/tables/drift.csv",
         correlation=f"{RESULTS}/tables/drift_correlation.json",
-        code=library("figures"),
+        code=code("figure drift"),
     output:
         multiext(f"{RESULTS}/figs/drift", ".pdf", ".png"),
     params:

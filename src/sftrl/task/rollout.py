@@ -1,4 +1,5 @@
-"""Multi-turn rollout evaluation of one checkpoint on one fixed problem set.
+"""Multi-turn GeneralPoints episodes run by a generation backend: the loop shared by evaluation, the base probe and
+(soon) RL rollouts, and the per-episode record and summary every evaluation table is built from.
 
 All episodes of a problem set advance in lockstep: each round generates the next attempt of every unfinished
 episode in one batched call, so the feedback turns ("You failed this trial because ...") cost no extra passes.
@@ -6,11 +7,9 @@ episode in one batched call, so the feedback turns ("You failed this trial becau
 from __future__ import annotations
 
 import logging
-import time
 
+from ..generation import Sampling, chat_prompt
 from . import points
-from .generation import Sampling, chat_prompt, make_backend
-from .io import read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +60,3 @@ def summarize(records: list[dict]) -> dict:
         "format_error_rate": sum(a["format_error"] for a in attempts) / len(attempts) if attempts else float("nan"),
         "mean_reward": sum(a["reward"] for a in attempts) / len(attempts) if attempts else float("nan"),
     }
-
-
-def evaluate_checkpoint(model_dir, problems_path, settings: dict, model_settings: dict, out, summary_path,
-                        verify_iter: int, labels: dict) -> dict:
-    problems = read_jsonl(problems_path)
-    if not problems:
-        raise ValueError(f"problem set {problems_path} is empty")
-    backend = make_backend(settings["backend"], model_dir, model_settings, settings["batch_size"])
-    start = time.perf_counter()
-    records = run_episodes(backend, problems, Sampling.from_settings(settings), verify_iter)
-    seconds = time.perf_counter() - start
-    summary = {**labels, "split": problems[0]["rule"], **summarize(records), "backend": settings["backend"],
-               "temperature": settings["temperature"], "seconds": round(seconds, 3), "model": str(model_dir)}
-    write_jsonl(out, records)
-    write_json(summary_path, summary)
-    log.info("%s", summary)
-    return summary
-
-
-def collect_summaries(paths: list[str], out) -> None:
-    """One tidy table (one row per run × stage × step × split) that every figure reads."""
-    import pandas as pd
-
-    from .io import read_json, write_csv
-
-    table = pd.DataFrame([read_json(p) for p in paths])
-    table = table.sort_values(["run", "stage", "step", "split"],
-                              key=lambda c: c.map(_stage_order) if c.name == "stage" else c)
-    leading = ["run", "stage", "step", "split", "n", "successes", "accuracy", "first_attempt_accuracy",
-               "format_error_rate", "mean_reward", "attempts"]
-    write_csv(out, table[leading + [c for c in table.columns if c not in leading]])
-
-
-def _stage_order(stage: str) -> int:
-    return {"base": 0, "sft": 1, "rl": 2}.get(stage, 3)

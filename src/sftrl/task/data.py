@@ -8,13 +8,14 @@
 """
 from __future__ import annotations
 
+import logging
 from itertools import combinations_with_replacement
 from pathlib import Path
 
 import numpy as np
 
 from . import points
-from .io import write_jsonl
+from ..io import write_json, write_jsonl
 
 
 def multiset_key(cards) -> str:
@@ -85,3 +86,31 @@ def build_sft_data(settings: dict, target: int, out_dir: str | Path) -> dict:
     write_jsonl(out_dir / "ood_loss.jsonl", ood)
     return {"solvable_id_multisets": len(keys), "train_multisets": len(train_keys), "test_multisets": len(test_keys),
             "n_train": len(train), "distinct_train_multisets_used": len({multiset_key(e["cards"]) for e in train})}
+
+
+# -----------------------------------------------------------------------------
+# command line (sftrl data eval-set | sftrl data sft)
+
+
+def eval_set_command(parser):
+    parser.add_argument("--rule", choices=sorted(points.RULES), required=True)
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--target", type=int, default=points.TARGET)
+    parser.add_argument("--out", required=True)
+    return lambda args: write_jsonl(args.out, eval_problems(args.rule, args.n, args.seed, args.target))
+
+
+def sft_data_command(parser):
+    from ..cli import settings
+
+    parser.add_argument("--settings", type=settings, required=True, help="JSON of config data.sft")
+    parser.add_argument("--target", type=int, default=points.TARGET)
+    parser.add_argument("--out-dir", required=True)
+
+    def run(args):
+        summary = build_sft_data(args.settings, args.target, args.out_dir)
+        logging.getLogger(__name__).info("SFT data: %s", summary)
+        write_json(Path(args.out_dir) / "summary.json", summary)
+
+    return run

@@ -3,7 +3,7 @@ loss records (ID-train subset, ID-test, OOD) at every checkpoint, and resume aft
 
 Checkpoint layout (why two places): Snakemake deletes a job's declared outputs before the job starts, so the
 trainer's own resumable state (weights + optimizer + RNG) lives in `work_dir`, outside the outputs. Each saved
-checkpoint is exported at once to `export_dir/checkpoint-N` (model files hard-linked, no optimizer state), which is
+checkpoint is exported at once below `export_dir` (named by sftrl.checkpoint; model files hard-linked, no optimizer state), which is
 what the rest of the workflow reads. A rerun after an interruption resumes from the newest complete checkpoint
 in `work_dir`; no completed checkpoint is recomputed or deleted.
 """
@@ -15,8 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .io import atomic_dir, fingerprint, read_json, read_jsonl, write_csv, write_json
-from .modeling import load_model, load_tokenizer
+from .. import codegraph
+from ..checkpoint import SFT_EXPORT, Checkpoint
+from ..io import atomic_dir, fingerprint, read_json, read_jsonl, write_csv, write_json
+from ..modeling import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,15 @@ TRAINER_ONLY_FILES = {"trainer_state.json", "training_args.bin"}
 EVAL_SETS = {"id_train": "train_loss.jsonl", "id_test": "id_test.jsonl", "ood": "ood_loss.jsonl"}
 
 
+def trainer_step(checkpoint_dir: Path) -> int:
+    """The step of one of the trainer's own `checkpoint-<step>` directories (transformers' naming)."""
+    return int(checkpoint_dir.name.rsplit("-", 1)[-1])
+
+
 def export_checkpoint(checkpoint_dir: Path, export_dir: Path) -> Path:
     """Expose a trainer checkpoint as a plain model directory (hard links: no extra disk for 7B weights)."""
-    target = export_dir / checkpoint_dir.name
+    step = trainer_step(checkpoint_dir)
+    target = export_dir / SFT_EXPORT.format(step=step)
     with atomic_dir(target) as tmp:
         for source in sorted(checkpoint_dir.iterdir()):
             if source.suffix in MODEL_FILE_SUFFIXES and source.name not in TRAINER_ONLY_FILES:
@@ -36,13 +44,15 @@ def export_checkpoint(checkpoint_dir: Path, export_dir: Path) -> Path:
                     os.link(source, tmp / source.name)
                 except OSError:  # another filesystem: fall back to a copy
                     shutil.copy2(source, tmp / source.name)
-        write_json(tmp / "sftrl_checkpoint.json", {"stage": "sft", "step": int(checkpoint_dir.name.split("-")[-1])})
+        write_json(tmp / "sftrl_checkpoint.json", Checkpoint("sft", step).to_json())
     return target
 
 
 def drop_old_optimizer_states(work_dir: Path, keep: Path) -> None:
     """Only the newest checkpoint's optimizer state is needed to resume; older ones are large and dead weight."""
-    for checkpoint in work_dir.glob("checkpoint-*"):
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    for checkpoint in work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         if checkpoint != keep:
             for name in ("optimizer.pt", "scheduler.pt"):
                 (checkpoint / name).unlink(missing_ok=True)
@@ -96,6 +106,7 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(threads)
@@ -152,7 +163,7 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     class ExportOnSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                checkpoint = work_dir / f"checkpoint-{state.global_step}"
+                checkpoint = work_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
                 export_checkpoint(checkpoint, export_dir)
                 drop_old_optimizer_states(work_dir, keep=checkpoint)
                 log.info("exported %s", checkpoint.name)
@@ -162,7 +173,7 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     made_from = fingerprint(
         {"settings": settings, "model_settings": model_settings, "model": str(model_dir)},
         *sorted(Path(model_dir).glob("*.safetensors")), *(data_dir / name for name in ("train.jsonl", *EVAL_SETS.values())),
-        Path(__file__),
+        *codegraph.files([__name__]),
     )
     stamp = work_dir / "fingerprint.txt"
     if work_dir.exists() and (not stamp.exists() or stamp.read_text() != made_from):
@@ -185,13 +196,32 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     step0_path = work_dir / "step0_eval.json"
     if not step0_path.exists():
         write_json(step0_path, {**trainer.evaluate(), "step": 0})
-    resume = any(work_dir.glob("checkpoint-*"))
+    resume = any(work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
     if resume:
         log.info("resuming SFT from the newest checkpoint in %s", work_dir)
     trainer.train(resume_from_checkpoint=resume or None)
     # Re-export everything the trainer dir holds (idempotent), so a rerun after Snakemake removed the exports
     # restores them without retraining.
-    for checkpoint in sorted(work_dir.glob("checkpoint-*")):
-        if not (export_dir / checkpoint.name).exists():
+    for checkpoint in sorted(work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        if not (export_dir / SFT_EXPORT.format(step=trainer_step(checkpoint))).exists():
             export_checkpoint(checkpoint, export_dir)
     write_csv(loss_table_path, loss_table([read_json(step0_path), *trainer.state.log_history]))
+
+
+# -----------------------------------------------------------------------------
+# command line (sftrl sft)
+
+
+def command(parser):
+    from ..cli import settings
+
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--settings", type=settings, required=True, help="JSON of config sft")
+    parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
+    parser.add_argument("--work-dir", required=True, help="trainer state, kept across reruns for resume")
+    parser.add_argument("--export-dir", required=True, help="where the checkpoint model directories are exported")
+    parser.add_argument("--loss-table", required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    return lambda args: run_sft(args.model, args.data_dir, args.settings, args.model_settings, args.work_dir,
+                                args.export_dir, args.loss_table, threads=args.threads)

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import corpus, points
-from .io import atomic_dir, atomic_path, fingerprint, write_json
-from .modeling import EOT, build_tiny_llama, build_tokenizer, save_model
+from .. import codegraph
+from ..io import atomic_dir, atomic_path, fingerprint, write_json
+from ..modeling import EOT, build_tiny_llama, build_tokenizer, save_model
+from ..task import points
+from . import corpus
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,9 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
         model.parameters(), lr=train["lr"], betas=(0.9, 0.95), weight_decay=train["weight_decay"]
     )
     state_path = Path(state_dir) / "state.pt"
-    # Settings and the code that generates data and trains: state made by anything else is not resumed.
-    made_from = fingerprint(settings, *(Path(__file__).parent / f for f in ("pretrain.py", "corpus.py", "modeling.py")))
+    # Settings and the code that generates data and trains (this module's import closure): state made by anything
+    # else is not resumed.
+    made_from = fingerprint(settings, *codegraph.files([__name__]))
     start = 0
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
@@ -146,3 +149,18 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
         write_json(Path(tmp) / "sftrl_base.json", {"settings": settings, "parameters": n_params})
     if state_path.exists():
         state_path.unlink()
+
+
+# -----------------------------------------------------------------------------
+# command line (sftrl pretrain)
+
+
+def command(parser):
+    from ..cli import settings
+
+    parser.add_argument("--settings", type=settings, required=True, help="JSON of config base")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--state-dir", required=True, help="resumable state (outside the rule's outputs)")
+    parser.add_argument("--loss-log", required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    return lambda args: pretrain(args.settings, args.out, args.state_dir, args.loss_log, threads=args.threads)

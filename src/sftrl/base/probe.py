@@ -15,11 +15,12 @@ import logging
 
 import numpy as np
 
-from . import corpus, figures, points
-from .data import eval_problems
-from .evaluate import run_episodes, summarize
-from .generation import Sampling, make_backend
-from .io import read_json, write_json
+from ..generation import Sampling, make_backend
+from ..io import read_json, write_json
+from ..task import points
+from ..task.data import eval_problems
+from ..task.rollout import run_episodes, summarize
+from . import corpus
 from .pretrain import is_held_out
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,12 @@ def _formula_of(text: str) -> str:
     return text.strip().split("=")[0].strip()
 
 
-def probe(model_dir, settings: dict, eval_settings: dict, out, figure_stem, target: int = 24,
+def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, out, target: int = 24,
           verify_iter: int = 5) -> dict:
     base_settings = read_json(f"{model_dir}/sftrl_base.json")["settings"]
     held_out = base_settings["corpus"]["held_out_per_mille"]
     n, seed = settings["n"], settings["seed"]
-    backend = make_backend("hf", model_dir, {"dtype": "float32", "attn_implementation": "sdpa", "device": "auto"},
-                           eval_settings["batch_size"])
+    backend = make_backend("hf", model_dir, model_settings, eval_settings["batch_size"])
     greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=settings["max_new_tokens"], seed=seed)
     abilities = {}
 
@@ -88,5 +88,23 @@ def probe(model_dir, settings: dict, eval_settings: dict, out, figure_stem, targ
     for name, value in abilities.items():
         log.info("%-22s accuracy %.3f", name, value["accuracy"])
     write_json(out, report)
-    figures.abilities(report, figure_stem)
     return report
+
+
+# -----------------------------------------------------------------------------
+# command line (sftrl probe)
+
+
+def command(parser):
+    from ..cli import settings
+
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--settings", type=settings, required=True, help="JSON of config base.probe")
+    parser.add_argument("--eval-settings", type=settings, required=True,
+                        help="JSON of the config eval knobs the probe uses (batch_size, max_new_tokens)")
+    parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
+    parser.add_argument("--target", type=int, default=points.TARGET)
+    parser.add_argument("--verify-iter", type=int, default=5)
+    parser.add_argument("--out", required=True)
+    return lambda args: probe(args.model, args.settings, args.eval_settings, args.model_settings, args.out,
+                              target=args.target, verify_iter=args.verify_iter)

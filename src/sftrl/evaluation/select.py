@@ -6,7 +6,8 @@ import logging
 
 import pandas as pd
 
-from .io import write_json
+from ..checkpoint import END_SFT, INTER_SFT
+from ..io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,16 @@ def select_sft(table_path, out) -> dict:
         log.warning("every SFT checkpoint has OOD accuracy %.4f: Inter_SFT = step %d by the tie rule alone",
                     best["accuracy"], best["step"])
     selection = {
-        "inter_sft": {"step": int(best["step"]), "ood_accuracy": float(best["accuracy"]), "tied_steps": tied,
+        INTER_SFT: {"step": int(best["step"]), "ood_accuracy": float(best["accuracy"]), "tied_steps": tied,
                       "degenerate": degenerate},
-        "end_sft": {"step": int(last["step"]), "ood_accuracy": float(last["accuracy"])},
-        "rule": "inter_sft = argmax OOD accuracy over SFT checkpoints (ties -> earliest); end_sft = last checkpoint",
+        END_SFT: {"step": int(last["step"]), "ood_accuracy": float(last["accuracy"])},
+        "rule": f"{INTER_SFT} = argmax OOD accuracy over SFT checkpoints (ties -> earliest); {END_SFT} = last checkpoint",
     }
     write_json(out, selection)
     return selection
+
+
+def command(parser):
+    parser.add_argument("--table", required=True)
+    parser.add_argument("--out", required=True)
+    return lambda args: select_sft(args.table, args.out)

@@ -23,7 +23,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from .points import apply_operator
+from ..task.points import apply_operator
 
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
 OPS = "+-*/"

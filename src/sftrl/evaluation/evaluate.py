@@ -1,0 +1,55 @@
+"""Rollout evaluation of one checkpoint on one fixed problem set: every episode to a JSONL file, and a one-row
+summary (labelled with the checkpoint) that the evaluation table collects."""
+from __future__ import annotations
+
+import logging
+import time
+
+from ..checkpoint import Checkpoint
+from ..generation import Sampling, make_backend
+from ..io import read_jsonl, write_json, write_jsonl
+from ..task.rollout import run_episodes, summarize
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(model_dir, problems_path, settings: dict, model_settings: dict, out, summary_path,
+                        verify_iter: int, labels: dict) -> dict:
+    problems = read_jsonl(problems_path)
+    if not problems:
+        raise ValueError(f"problem set {problems_path} is empty")
+    backend = make_backend(settings["backend"], model_dir, model_settings, settings["batch_size"])
+    start = time.perf_counter()
+    records = run_episodes(backend, problems, Sampling.from_settings(settings), verify_iter)
+    seconds = time.perf_counter() - start
+    summary = {**labels, "split": problems[0]["rule"], **summarize(records), "backend": settings["backend"],
+               "temperature": settings["temperature"], "seconds": round(seconds, 3), "model": str(model_dir)}
+    write_jsonl(out, records)
+    write_json(summary_path, summary)
+    log.info("%s", summary)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# command line (sftrl eval)
+
+
+def command(parser):
+    from ..cli import settings
+
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--problems", required=True)
+    parser.add_argument("--settings", type=settings, required=True, help="JSON of config eval")
+    parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
+    parser.add_argument("--verify-iter", type=int, default=5)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--checkpoint", type=Checkpoint.parse, required=True, help="base or sft-<step>")
+    parser.add_argument("--out", required=True, help="per-episode JSONL")
+    parser.add_argument("--summary", required=True, help="one-row JSON summary")
+
+    def run(args):
+        labels = {"run": args.run, "stage": args.checkpoint.stage, "step": args.checkpoint.step}
+        evaluate_checkpoint(args.model, args.problems, args.settings, args.model_settings, args.out, args.summary,
+                            verify_iter=args.verify_iter, labels=labels)
+
+    return run

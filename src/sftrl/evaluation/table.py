@@ -1,0 +1,23 @@
+"""The tidy evaluation table every figure reads: one row per run x checkpoint x split, from the summaries."""
+from __future__ import annotations
+
+from ..checkpoint import sort_key
+from ..io import read_json, write_csv
+
+LEADING = ["run", "stage", "step", "split", "n", "successes", "accuracy", "first_attempt_accuracy",
+           "format_error_rate", "mean_reward", "attempts"]
+
+
+def collect_summaries(paths: list[str], out) -> None:
+    import pandas as pd
+
+    table = pd.DataFrame([read_json(p) for p in paths])
+    order = [sort_key(stage, step) for stage, step in zip(table["stage"], table["step"])]
+    table = table.assign(_order=order).sort_values(["run", "_order", "split"]).drop(columns="_order")
+    write_csv(out, table[LEADING + [c for c in table.columns if c not in LEADING]])
+
+
+def command(parser):
+    parser.add_argument("summaries", nargs="+")
+    parser.add_argument("--out", required=True)
+    return lambda args: collect_summaries(args.summaries, args.out)

@@ -1,0 +1,66 @@
+"""SFT figures, drawn from the tidy tables only: accuracy along SFT (the paper's Figure 1) and losses along SFT
+(Figure 2)."""
+from __future__ import annotations
+
+import pandas as pd
+
+from ..checkpoint import END_SFT, INTER_SFT, SELECTIONS
+from ..io import read_json
+from .style import save, style
+
+SPLIT_NAMES = {"id": "ID", "ood": "OOD", "id_train": "ID train", "id_test": "ID test", "train_running": "train (running)"}
+
+
+def fig1(eval_table: pd.DataFrame, selection: dict, stem) -> None:
+    """ID and OOD accuracy over SFT steps, Inter_SFT and End_SFT marked."""
+    sns, plt = style()
+
+    data = eval_table[eval_table["stage"].isin(["base", "sft"])].copy()
+    data["accuracy (%)"] = 100 * data["accuracy"]
+    data["split"] = data["split"].map(SPLIT_NAMES)
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    sns.lineplot(data=data, x="step", y="accuracy (%)", hue="split", style="split", markers=True, dashes=False, ax=ax)
+    for key, color in ((INTER_SFT, "tab:green"), (END_SFT, "tab:red")):
+        label, step = SELECTIONS[key], selection[key]["step"]
+        if selection[key].get("degenerate"):  # every checkpoint has the same OOD accuracy: no peak to mark
+            label += " (OOD all tied)"
+        ax.axvline(step, color=color, linestyle="--", linewidth=1)
+        ax.annotate(label, xy=(step, ax.get_ylim()[1]), xytext=(2, -10), textcoords="offset points",
+                    color=color, fontsize=8, rotation=90, va="top")
+    ax.set_xlabel("SFT step")
+    ax.set_title("GeneralPoints accuracy during SFT")
+    ax.legend(title=None)
+    save(fig, stem)
+
+
+def fig2(loss_table: pd.DataFrame, stem) -> None:
+    """ID-train, ID-test and OOD loss (completion-only NLL) over SFT steps."""
+    sns, plt = style()
+
+    data = loss_table[loss_table["split"].isin(["id_train", "id_test", "ood"])].copy()
+    data["split"] = data["split"].map(SPLIT_NAMES)
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    sns.lineplot(data=data, x="step", y="loss", hue="split", style="split", markers=True, dashes=False, ax=ax)
+    ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("SFT step")
+    ax.set_ylabel("completion NLL (nats/token)")
+    ax.set_title("Loss during SFT")
+    ax.legend(title=None)
+    save(fig, stem)
+
+
+def fig1_command(parser):
+    parser.add_argument("--eval-table", required=True)
+    parser.add_argument("--selection", required=True)
+    parser.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
+    return lambda args: fig1(pd.read_csv(args.eval_table), read_json(args.selection), args.out)
+
+
+def fig2_command(parser):
+    parser.add_argument("--loss-table", required=True)
+    parser.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
+    return lambda args: fig2(pd.read_csv(args.loss_table), args.out)

@@ -1,0 +1,70 @@
+"""Streaming tensors out of a Hugging Face checkpoint (one `model.safetensors`, a sharded index, or a single merged
+`*.safetensors` file), one matrix at a time, never the whole model; and the content hash the SVD cache keys on."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+
+from .names import _natural_key
+
+def _tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it (reads only headers / the index)."""
+    path = Path(model_dir)
+    if path.is_file() and path.suffix == ".safetensors":  # a single merged file, as in the authors' scripts
+        with safe_open(path, framework="pt") as f:
+            return {k: path for k in f.keys()}
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: path / shard for name, shard in weight_map.items()}
+        for shard in set(files.values()):
+            if not shard.is_file():
+                raise FileNotFoundError(f"shard {shard} listed in {index} is missing")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def list_checkpoint_tensors(model_dir: str | os.PathLike) -> list[str]:
+    """All tensor names in a checkpoint (feed these to select_matrices)."""
+    return sorted(_tensor_files(model_dir), key=_natural_key)
+
+
+def iter_checkpoint_tensors(model_dir: str | os.PathLike, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) in the order of `names`, loading one tensor at a time from the memory-mapped shard(s).
+    A missing checkpoint or tensor raises here (FileNotFoundError / KeyError), before the first tensor is read."""
+    files = _tensor_files(model_dir)
+    names = list(names)
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise KeyError(f"{len(missing)} tensor(s) not in checkpoint {model_dir}: {missing[:5]}")
+    return _stream_tensors(files, names)
+
+
+def _stream_tensors(files: Mapping[str, Path], names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    with ExitStack() as stack:
+        handles = {}
+        for name in names:
+            file = files[name]
+            if file not in handles:  # safe_open only maps the file; keeping every shard open is cheap
+                handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+            yield name, handles[file].get_tensor(name)
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and raw (little-endian, as stored) bytes."""
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
