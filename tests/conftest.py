@@ -28,26 +28,8 @@ def micro_base_settings():
 @pytest.fixture(scope="session")
 def micro_base(tmp_path_factory):
     """A tiny base model directory built by the real pretraining code."""
-    from sftrl.pretrain import pretrain
+    from sftrl.base.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("base")
     pretrain(MICRO_BASE, root / "model", root / "state", root / "loss.csv")
     return root / "model"
-
-
-def planned_jobs(result) -> dict[str, int]:
-    """Rule -> number of jobs in a dry run's job table ({} when there is nothing to do)."""
-    counts, in_table = {}, False
-    for line in result.stdout.splitlines():
-        if line.startswith("Job stats:"):
-            in_table = True
-            continue
-        if in_table:
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("job", "total"):
-                counts[parts[0]] = int(parts[1])
-            elif not line.strip() and counts:
-                break
-    if not counts:
-        assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-3000:]
-    return counts
