@@ -5,39 +5,31 @@ What Snakemake 9.27 does (default --rerun-triggers: mtime params input software-
     JSON string (common.smk `settings()`), so editing one sweep's value reruns exactly the jobs whose params include
     it, then everything downstream of them (their outputs will be new).
   * mtime: an input newer than a job's oldest output reruns it only if the input's checksum also differs from the
-    one recorded at the last run (inputs <= --max-checksum-file-size, 1 MB). Each rule lists the library modules it
-    runs as inputs (`code=library(...)`), so a mere touch (or a checkout that rewrites files unchanged) reruns
-    nothing, while a real edit of a module reruns that module's rules and everything downstream.
+    one recorded at the last run (inputs <= --max-checksum-file-size, 1 MB). Each rule's inputs include the library
+    files its `sftrl` command runs — the command's module and its import closure (common.smk `code()`,
+    sftrl.codegraph) — so a mere touch (or a checkout that rewrites files unchanged) reruns nothing, while a real
+    edit of any module reruns exactly the rules whose command imports it, and everything downstream of them.
 The library tests work on a temporary copy of the repository (Snakefile, workflow/, src/; run with
-`-s COPY/Snakefile`), so editing src/sftrl/*.py there never touches the real sources. The jobs themselves still run
+`-s COPY/Snakefile`), so editing src/sftrl/**.py there never touches the real sources. The jobs themselves still run
 the installed `sftrl` (the real sources); only the recorded paths and checksums point at the copy.
 """
 import os
+import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import planned_jobs
+from helpers import MICRO, REPO, planned_jobs
+from helpers import snakemake as run_snakemake
 
-REPO = Path(__file__).resolve().parents[1]
-MICRO = REPO / ".test" / "config" / "config.yaml"
 pytestmark = pytest.mark.workflow
 
 
 def snakemake(snakefile: Path, workdir: Path, *args, check=True, timeout=900):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir), *args],
-        capture_output=True, text=True, env=env, timeout=timeout,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
+    return run_snakemake(workdir, *args, snakefile=snakefile, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -114,36 +106,124 @@ def test_config_edit_reruns_only_that_sweep(completed, tmp_path, key):
 def test_touching_library_code_schedules_nothing(completed):
     snakefile, workdir = completed
     later = time.time() + 60
-    for module in (snakefile.parent / "src" / "sftrl").glob("*.py"):
+    for module in (snakefile.parent / "src" / "sftrl").rglob("*.py"):
         os.utime(module, (later, later))  # newer than every output; content unchanged
     assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == {}
 
 
-# A real change to one library module: its rules' jobs and everything downstream of them.
+# A real change to one library module, exact job counts for a few modules whose reach is easy to state: its rules'
+# jobs and everything downstream of them.
 LIBRARY_EDITS = {
-    "select": {"select_sft": 1, "fig1": 1, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1, "all": 1},
-    "figures": {"fig1": 1, "fig2": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1, "fig_embed_lmhead": 1, "fig_drift": 1,
-                "all": 1},
-    "sft": {"sft": 1, "eval_checkpoint": 4, "eval_table": 1, "select_sft": 1, "fig1": 1, "fig2": 1,
-            **SPECTRAL_AFTER_SFT, "all": 1},
-    "evaluate": {"eval_checkpoint": 6, "probe_base": 1, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL,
-                 "all": 1},
-    # the SVD numerics: every SVD (3 checkpoints x 2 shards) and every analysis
-    "spectral": {"svd": 6, **SPECTRAL_ANALYSES, "all": 1},
-    # the orchestration only: every analysis, no SVD
-    "analysis": {**SPECTRAL_ANALYSES, "all": 1},
+    "evaluation/select.py": {"select_sft": 1, "fig1": 1, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1,
+                             "all": 1},
+    "figures/spectral.py": {"fig3": 1, "fig4": 1, "fig4_layers": 1, "fig_embed_lmhead": 1, "all": 1},
+    "train/sft.py": {"sft": 1, "eval_checkpoint": 4, "eval_table": 1, "select_sft": 1, "fig1": 1, "fig2": 1,
+                     **SPECTRAL_AFTER_SFT, "all": 1},
+    # the episode loop: every evaluation and the probe (which runs the GeneralPoints task too)
+    "task/rollout.py": {"eval_checkpoint": 6, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
+                        "select_sft": 1, "fig1": 1, **AFTER_EVAL, "all": 1},
+    # the SVD numerics: every SVD (3 checkpoints x 2 shards) and every analysis that reads them
+    "weights/svd.py": {"svd": 6, **SPECTRAL_ANALYSES, "all": 1},
+    # the pair tables only: no SVD
+    "analysis/spectral.py": {"spectral_pair": 2, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1,
+                             "all": 1},
 }
+
+
+def edited(source: Path):
+    """Context: `source` with one appended comment line (content, hence checksum, changes), restored afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def edit():
+        original = source.read_text()
+        try:
+            source.write_text(original + "\n# an edit: the content (hence the checksum) changes\n")
+            yield
+        finally:
+            source.write_text(original)
+
+    return edit()
 
 
 @pytest.mark.parametrize("module", LIBRARY_EDITS)
 def test_editing_library_code_reruns_its_rules_and_downstream(completed, module):
     snakefile, workdir = completed
-    source = snakefile.parent / "src" / "sftrl" / f"{module}.py"
-    original = source.read_text()
-    try:
-        source.write_text(original + "\n# an edit: the content (hence the checksum) changes\n")
+    with edited(snakefile.parent / "src" / "sftrl" / module):
         assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == LIBRARY_EDITS[module]
-    finally:
-        source.write_text(original)
     # Back to the recorded content: newer mtime, same checksum -> nothing to do again.
     assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == {}
+
+
+# -----------------------------------------------------------------------------
+# Every module: the rules a dry run schedules after editing it are exactly those whose command imports it (directly
+# or transitively), plus what depends on them. The expectation is computed independently of common.smk's code():
+# which command each rule runs is read from its shell command in workflow/rules/*.smk, what a command imports from
+# sftrl.codegraph, and what depends on a rule from `snakemake --rulegraph`.
+
+RULE_BLOCK = re.compile(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoint) \w+:|\Z)", re.S | re.M)
+LIBRARY_MODULES = sorted(p.relative_to(REPO / "src").with_suffix("").as_posix().replace("/", ".")
+                         for p in (REPO / "src" / "sftrl").rglob("*.py"))
+# Rules whose jobs a dry run can only list once the select_sft checkpoint has run (their wildcards come from it).
+AFTER_SELECTION = {"spectral_pair"}
+
+
+def rule_commands(repo: Path) -> dict[str, str]:
+    """rule -> the `sftrl` command its shell runs (`sftrl X ...` or `{params.launcher} X ...`)."""
+    sys.path.insert(0, str(repo / "src"))
+    from sftrl.cli import COMMANDS
+
+    found = {}
+    for smk in sorted((repo / "workflow" / "rules").glob("*.smk")):
+        for name, body in RULE_BLOCK.findall(smk.read_text()):
+            shell = re.search(r'shell:\s*\n((?:\s*(?:"[^"\n]*"|#[^\n]*)\n)+)', body)
+            if not shell:
+                continue
+            text = "".join(re.findall(r'"([^"\n]*)"', shell.group(1)))
+            words = re.search(r"(?:^|\s)(?:sftrl|\{params\.launcher\})\s+(.*)", text)
+            if words:
+                tokens = words.group(1).split()
+                found[name] = max((c for c in COMMANDS if tokens[: len(c.split())] == c.split()), key=len)
+    return found
+
+
+def descendants(graph: dict[str, set[str]], rules: set[str]) -> set[str]:
+    seen, todo = set(), list(rules)
+    while todo:
+        for child in graph.get(todo.pop(), ()):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def wiring(completed):
+    snakefile, workdir = completed
+    dot = snakemake(snakefile, workdir, "--cores", "1", "--rulegraph").stdout
+    labels = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", dot, re.M))
+    graph: dict[str, set[str]] = {}
+    for parent, child in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M):
+        graph.setdefault(labels[parent], set()).add(labels[child])
+    commands = rule_commands(snakefile.parent)
+    assert {"eval_checkpoint", "sft", "svd", "fig1", "spectral_pair"} <= set(commands), commands
+    return graph, commands
+
+
+@pytest.mark.parametrize("module", LIBRARY_MODULES)
+def test_editing_a_module_reruns_exactly_the_rules_that_import_it(completed, wiring, module):
+    from sftrl import codegraph
+    from sftrl.cli import command_module
+
+    snakefile, workdir = completed
+    graph, commands = wiring
+    root = snakefile.parent / "src" / "sftrl"
+    direct = {rule for rule, command in commands.items()
+              if module in codegraph.closure(["sftrl.cli", command_module(command)], root=root)}
+    assert direct, f"no rule runs {module}: dead code, or a command missing from the workflow"
+    with edited(codegraph.module_file(module, root)):
+        jobs = set(planned_jobs(snakemake(snakefile, workdir, "-n", "all")))
+    listable = direct - (AFTER_SELECTION if "select_sft" in jobs else set())
+    assert listable <= jobs, f"editing {module} does not rerun {sorted(listable - jobs)}"
+    assert jobs <= direct | descendants(graph, direct) | {"all"}, \
+        f"editing {module} reruns rules that do not depend on it: {sorted(jobs - direct - descendants(graph, direct))}"

@@ -1,41 +1,20 @@
 """The micro config end to end through real Snakemake (the `.test` convention), plus the DAG's promises:
 config errors name their key, one figure builds only what it needs, a finished DAG has nothing left to do."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import planned_jobs
+from helpers import MICRO, REPO, make_workdir, planned_jobs
+from helpers import snakemake as run_snakemake
 
-REPO = Path(__file__).resolve().parents[1]
-MICRO = REPO / ".test" / "config" / "config.yaml"
 pytestmark = pytest.mark.workflow
 
 
-def snakemake(workdir, *args, check=True, timeout=900):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
-        capture_output=True, text=True, env=env, timeout=timeout,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
-
-def make_workdir(root: Path, edit=None) -> Path:
-    config = yaml.safe_load(MICRO.read_text())
-    if edit:
-        edit(config)
-    (root / "config").mkdir(parents=True)
-    (root / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    return root
+def snakemake(workdir, *args, check=True, timeout=900, **kwargs):
+    return run_snakemake(workdir, *args, check=check, timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +33,7 @@ def test_micro_dag_end_to_end(micro_run):
     assert set(table["split"]) == {"id", "ood"}
     assert (table["n"] == config["data"]["eval"]["n"]).all()
     assert table["accuracy"].between(0, 1).all()
-    for name in ("fig1", "fig2", "base_abilities"):
+    for name in ("fig1", "fig2", "base_abilities"):  # base_abilities: drawn by its own figure rule
         for ext in (".pdf", ".png"):
             assert (results / "figs" / f"{name}{ext}").stat().st_size > 1000
     assert (results / "base" / "abilities.json").exists()
@@ -81,7 +60,7 @@ def test_spectral_outputs(micro_run):
             assert (results / "figs" / f"{name}{ext}").stat().st_size > 1000
     # every selected matrix of every checkpoint decomposed once: base + 2 SFT checkpoints x (layers, embed) shards
     assert sorted(p.relative_to(results / "svd").as_posix() for p in (results / "svd").rglob("*.safetensors")) == [
-        f"{point}/{shard}.safetensors" for point in ("base/step-0", "sft/step-4", "sft/step-8")
+        f"{checkpoint}/{shard}.safetensors" for checkpoint in ("base", "sft-4", "sft-8")
         for shard in ("embed", "layers000-001")]
     angles = pd.read_csv(results / "tables" / "spectral_angles.csv")
     assert list(dict.fromkeys(angles["pair"])) == ["base->end_sft", "inter_sft->end_sft"]
@@ -151,3 +130,15 @@ def test_figure_matrix_outside_the_analysis_is_named(tmp_path, key, value):
 def test_lint_is_clean():
     result = snakemake(REPO, "--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_parsing_the_workflow_imports_no_torch(tmp_path):
+    """Snakemake's parse (every job's planning, on the head node of a cluster too) must not import torch: a
+    `torch` that raises on import is put first on the path, and a dry run of the whole DAG still plans."""
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch imported while parsing the workflow')\n")
+    workdir = make_workdir(tmp_path / "work")
+    result = snakemake(workdir, "-n", "all", check=False, extra_env={"PYTHONPATH": str(fake.parent)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "pretrain_base" in planned_jobs(result)
