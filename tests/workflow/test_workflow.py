@@ -142,3 +142,10 @@ def test_parsing_the_workflow_imports_no_torch(tmp_path):
     result = snakemake(workdir, "-n", "all", check=False, extra_env={"PYTHONPATH": str(fake.parent)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "pretrain_base" in planned_jobs(result)
+
+
+def test_bad_checkpoint_name_in_pairs_is_named(tmp_path):
+    workdir = make_workdir(tmp_path, edit=lambda c: c["spectral"].update(pairs=[["base", "sft_40"]]))
+    result = snakemake(workdir, "-n", "all", check=False)
+    assert result.returncode != 0
+    assert "spectral.pairs" in result.stdout + result.stderr and "sft_40" in result.stdout + result.stderr

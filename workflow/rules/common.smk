@@ -185,6 +185,13 @@ def spectral_pairs():
     return [tuple(pair) for pair in config["spectral"]["pairs"]]
 
 
+for _name in {name for pair in spectral_pairs() for name in pair} - set(SELECTIONS):
+    try:  # a misspelt name fails now, naming the key, not when the DAG reaches the pair
+        Checkpoint.parse(_name)
+    except ValueError as e:
+        raise WorkflowError(f"config spectral.pairs: {e}")
+
+
 def spectral_tables_inputs(wildcards):
     """Per-pair tables of every configured pair, in config order (sigma, angles, energy per pair), with the
     names inter_sft / end_sft resolved through the select_sft checkpoint."""
