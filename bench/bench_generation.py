@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from sftrl import points
-from sftrl.data import eval_problems
+from sftrl.task import points
+from sftrl.task.data import eval_problems
 from sftrl.generation import HFBackend, Sampling, chat_prompt
 
 

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sftrl.spectral import (compute_svd_shard, iter_checkpoint_tensors, list_checkpoint_tensors, plan_shards,
-                            save_svd_shard, select_matrices, tensor_sha256, thin_svd)
+from sftrl.weights.names import plan_shards, select_matrices
+from sftrl.weights.svd import compute_svd_shard, save_svd_shard, thin_svd
+from sftrl.weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors, tensor_sha256
 
 SHAPES = [(256, 256), (192, 768), (768, 192), (1024, 1024), (512, 2048)]
 
