@@ -52,13 +52,13 @@ def preflight() -> None:
     if os.environ.get("SFTRL_SKIP_SLURM") == "1":
         pytest.skip("SFTRL_SKIP_SLURM=1: SLURM integration test skipped on request")
     if os.geteuid() != 0:
-        pytest.fail("tests/test_slurm.py must run as root: scripts/slurm/up.sh installs Debian's slurm packages and "
+        pytest.fail("tests/workflow/test_slurm.py must run as root: scripts/slurm/up.sh installs Debian's slurm packages and "
                     "starts slurmctld/slurmd. Run the tests as root (CI does), or set SFTRL_SKIP_SLURM=1 to skip it.",
                     pytrace=False)
     installed = all(subprocess.run(["dpkg", "-s", p], capture_output=True).returncode == 0 for p in PACKAGES) \
         if shutil.which("dpkg") else False
     if not installed and shutil.which("apt-get") is None:
-        pytest.fail("tests/test_slurm.py needs apt-get to install the slurm packages "
+        pytest.fail("tests/workflow/test_slurm.py needs apt-get to install the slurm packages "
                     f"({', '.join(PACKAGES)}; Debian/Ubuntu) or them already installed. "
                     "Set SFTRL_SKIP_SLURM=1 to skip it.", pytrace=False)
 
