@@ -1,12 +1,17 @@
-"""The embedded base model: tokenizer round-trip, reload equality, determinism and exact resume."""
+"""The embedded base model: tokenizer round-trip, reload equality, determinism and exact resume; the ability probe
+and its figure."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftrl import corpus, points, pretrain
-from sftrl.data import eval_problems
+from sftrl.base import corpus, pretrain
+from sftrl.base.probe import probe
+from sftrl.task import points
+from sftrl.task.data import eval_problems
 from sftrl.generation import chat_prompt
 from sftrl.modeling import ModelDirError, check_model_dir, load_model, load_tokenizer
 
@@ -109,3 +114,45 @@ def test_missing_model_dir_names_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelDirError, match="config.json"):
         check_model_dir(tmp_path / "empty")
+
+
+PROBE_MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
+ABILITIES = {"arithmetic", "target", "cards_rule_10", "cards_rule_11_12_13", "generalpoints_id", "generalpoints_ood"}
+
+
+def test_probe_reports_every_ability(tmp_path, micro_base, micro_base_settings):
+    settings = micro_base_settings["probe"]
+    out = tmp_path / "abilities.json"
+    report = probe(micro_base, settings, {"batch_size": 4, "max_new_tokens": 16}, PROBE_MODEL_SETTINGS, out,
+                   target=24, verify_iter=2)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["model"] == str(micro_base) and set(report["abilities"]) == ABILITIES
+    for name, value in report["abilities"].items():
+        assert 0.0 <= value["accuracy"] <= 1.0 and value["n"] == settings["n"], name
+        assert value["examples"], name
+    for split in ("id", "ood"):
+        task = report["abilities"][f"generalpoints_{split}"]
+        assert 0.0 <= task["format_error_rate"] <= 1.0 and len(task["examples"]) == 3
+    # greedy throughout: probing again gives the same report
+    again = probe(micro_base, settings, {"batch_size": 4, "max_new_tokens": 16}, PROBE_MODEL_SETTINGS,
+                  tmp_path / "again.json", target=24, verify_iter=2)
+    assert again == report
+
+
+def test_abilities_figure(tmp_path):
+    """sftrl.figures.base.abilities draws the probe report (the probe itself no longer draws), also via the CLI."""
+    from sftrl import cli
+    from sftrl.figures.base import abilities
+
+    report = {"model": "m", "abilities": {name: {"accuracy": i / 10, "n": 4, "examples": []}
+                                          for i, name in enumerate(sorted(ABILITIES))}}
+    abilities(report, tmp_path / "direct")
+    for ext in (".pdf", ".png"):
+        assert (tmp_path / f"direct{ext}").stat().st_size > 1000
+    assert (tmp_path / "direct.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "direct.pdf").read_bytes()[:5] == b"%PDF-"
+    (tmp_path / "abilities.json").write_text(json.dumps(report))
+    cli.main(["figure", "abilities", "--abilities", str(tmp_path / "abilities.json"), "--out", str(tmp_path / "cli")])
+    assert (tmp_path / "cli.pdf").exists() and (tmp_path / "cli.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abilities.json", "cli.pdf", "cli.png", "direct.pdf",
+                                                          "direct.png"]  # no temporary files left behind

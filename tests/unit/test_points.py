@@ -1,4 +1,4 @@
-"""GeneralPoints environment (sftrl.points): golden texts, the authors' worked examples, properties, brute force."""
+"""GeneralPoints environment (sftrl.task.points): golden texts, the authors' worked examples, properties, brute force."""
 import functools
 import re
 import time
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sftrl import points
-from sftrl.points import ID_RULE, OOD_RULE, Episode, Hand, parse_formula, score, solve
+from sftrl.task import points
+from sftrl.task.points import ID_RULE, OOD_RULE, Episode, Hand, parse_formula, score, solve
 
 hands = st.lists(st.integers(1, 13), min_size=4, max_size=4)
 fast = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from sftrl.select import select_sft
+from sftrl.evaluation.select import select_sft
 
 
 def table(tmp_path, ood_by_step, stage="sft"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftrl import sft
-from sftrl.data import build_sft_data
+from sftrl.train import sft
+from sftrl.task.data import build_sft_data
 
 MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 SFT_SETTINGS = {

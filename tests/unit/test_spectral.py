@@ -1,4 +1,5 @@
-"""Tests for sftrl.spectral: principal angles, thin SVD, energy split, the verified SVD cache and name selection."""
+"""Tests for sftrl.weights (names, tensors, svd, subspace) and the tidy tables of sftrl.analysis.spectral: principal
+angles, thin SVD, energy split, the verified SVD cache and name selection."""
 import json
 import logging
 import math
@@ -13,12 +14,14 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sftrl import spectral
-from sftrl.spectral import (SVDFactors, StaleSVDCache, angle_table, compute_svd_shard, embed_lmhead_angles,
-                            energy_split, energy_table, ensure_svd_shard, iter_checkpoint_tensors, layer_index,
-                            list_checkpoint_tensors, load_svd_shard, matrix_kind, mean_topk_angle, plan_shards,
-                            principal_angles, select_matrices, sigma_table, spectral_pair_metrics, svd_errors,
-                            svd_tolerances, thin_svd, trivially_zero_count)
+from sftrl.analysis.spectral import angle_table, energy_table, sigma_table
+from sftrl.weights import svd
+from sftrl.weights.names import DEFAULT_EXCLUDE, layer_index, matrix_kind, plan_shards, select_matrices
+from sftrl.weights.subspace import (embed_lmhead_angles, energy_split, mean_topk_angle, principal_angles,
+                                    shard_pair_metrics, spectral_pair_metrics, trivially_zero_count)
+from sftrl.weights.svd import (SVDFactors, StaleSVDCache, compute_svd_shard, ensure_svd_shard, load_svd_shard,
+                               svd_errors, svd_tolerances, thin_svd)
+from sftrl.weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors
 
 PROPERTY = settings(deadline=None, max_examples=40)
 
@@ -339,7 +342,7 @@ def test_selection_on_real_model_names():
                                exclude_patterns=[r"\.layers\.(1[01])\."])
     assert len(qkv_down) == 10 * 4 and not any(".o_proj" in n or "bias" in n for n in qkv_down)
 
-    ml = select_matrices(MLLAMA, exclude_patterns=spectral.DEFAULT_EXCLUDE)
+    ml = select_matrices(MLLAMA, exclude_patterns=DEFAULT_EXCLUDE)
     assert ml == ["model.language_model.embed_tokens.weight",
                   "model.language_model.layers.3.mlp.down_proj.weight",
                   "model.language_model.layers.3.self_attn.q_proj.weight",
@@ -473,7 +476,7 @@ def test_corrupt_shard_is_stale_and_recomputed(ckpt, tmp_path, caplog):
         load_svd_shard(out, model_dir=ckpt, sample=None)
     with pytest.raises(StaleSVDCache, match="orth_U"):
         load_svd_shard(out, sample=None)  # caught without the checkpoint, too
-    with caplog.at_level(logging.WARNING, logger="sftrl.spectral"):
+    with caplog.at_level(logging.WARNING, logger="sftrl.weights.svd"):
         fresh = ensure_svd_shard(ckpt, names, out, sample=None)
     assert "recomputing" in caplog.text and "v_proj" in caplog.text
     assert svd_errors(fresh["model.layers.1.self_attn.v_proj.weight"])["orth_U"] < 1e-5
@@ -508,7 +511,7 @@ def test_changed_checkpoint_is_stale_and_recomputed(ckpt, tmp_path, caplog):
     assert (ckpt / "model.safetensors").stat().st_size == size
     with pytest.raises(StaleSVDCache, match="q_proj.weight changed"):
         load_svd_shard(out, model_dir=ckpt)
-    with caplog.at_level(logging.WARNING, logger="sftrl.spectral"):
+    with caplog.at_level(logging.WARNING, logger="sftrl.weights.svd"):
         after = ensure_svd_shard(ckpt, names, out)
     assert "changed" in caplog.text
     assert not torch.equal(before["model.layers.1.self_attn.q_proj.weight"].S,
@@ -534,7 +537,7 @@ def test_shard_write_is_atomic(ckpt, tmp_path, monkeypatch):
             f.write(b"\x00" * 123)  # half a file on disk...
         raise RuntimeError("disk full")  # ...then the writer dies
 
-    monkeypatch.setattr(spectral, "save_file", crash_mid_write)
+    monkeypatch.setattr(svd, "save_file", crash_mid_write)
     with pytest.raises(RuntimeError, match="disk full"):
         compute_svd_shard(ckpt, names, out)
     assert not out.exists() and list(out.parent.iterdir()) == []
@@ -542,7 +545,7 @@ def test_shard_write_is_atomic(ckpt, tmp_path, monkeypatch):
     monkeypatch.undo()
     compute_svd_shard(ckpt, names, out)
     good = out.read_bytes()
-    monkeypatch.setattr(spectral, "save_file", crash_mid_write)
+    monkeypatch.setattr(svd, "save_file", crash_mid_write)
     with pytest.raises(RuntimeError):
         compute_svd_shard(ckpt, names, out, dtype="float64")
     assert out.read_bytes() == good and list(out.parent.iterdir()) == [out]  # the old shard is untouched
@@ -556,7 +559,7 @@ def test_shard_pair_metrics_on_checkpoints(ckpt, tiny_ckpt, tmp_path):
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     ref = ensure_svd_shard(tiny_ckpt, names, tmp_path / "ref.safetensors")
     tgt = ensure_svd_shard(ckpt, names, tmp_path / "tgt.safetensors")
-    metrics = spectral.shard_pair_metrics(ref, tgt, tiny_ckpt, ckpt, top_r=12)
+    metrics = shard_pair_metrics(ref, tgt, tiny_ckpt, ckpt, top_r=12)
     assert list(metrics) == names
     k = metrics["model.layers.0.self_attn.k_proj.weight"]  # 16 x 32: r = 12 in R^16 -> 8 trivial left angles
     assert k["trivial_U"] == 8 and k["trivial_V"] == 0
