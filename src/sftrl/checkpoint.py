@@ -89,12 +89,11 @@ class Checkpoint:
 
     @classmethod
     def from_results_path(cls, path, kind: str) -> "Checkpoint":
-        """The checkpoint whose `results_dir(..., kind)` holds `path` (e.g. an SVD shard file)."""
+        """The checkpoint whose `results_dir(..., kind)` directly holds the file `path` (e.g. an SVD shard)."""
         parts = PurePath(path).parts
-        for i in range(len(parts) - 2, -1, -1):
-            if parts[i] == kind:
-                return cls.parse(parts[i + 1])
-        raise ValueError(f"{path}: not inside a {kind}/<checkpoint>/ results directory")
+        if len(parts) < 3 or parts[-3] != kind:
+            raise ValueError(f"{path}: not a file directly inside a {kind}/<checkpoint>/ results directory")
+        return cls.parse(parts[-2])
 
     def to_json(self) -> dict:
         return {"checkpoint": self.name, "stage": self.stage, "step": self.step}

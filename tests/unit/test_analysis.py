@@ -132,9 +132,9 @@ def test_group_shards():
     assert list(group_shards(["svd/r/svd/sft-4/embed.safetensors"])) == [Checkpoint("sft", 4)]
     with pytest.raises(ValueError, match="'rot' is not a checkpoint name"):
         group_shards(["r/svd/rot/embed.safetensors"])
-    with pytest.raises(ValueError, match="'sft' is not a checkpoint name"):  # the old svd/{stage}/step-{step}/ layout
+    with pytest.raises(ValueError, match="not a file directly inside"):  # the old svd/{stage}/step-{step}/ layout
         group_shards(["r/svd/sft/step-40/embed.safetensors"])
-    with pytest.raises(ValueError, match="not inside a svd/<checkpoint>/"):
+    with pytest.raises(ValueError, match="not a file directly inside a svd/<checkpoint>/"):
         group_shards(["r/eval/base/embed.safetensors"])
 
 

@@ -93,8 +93,10 @@ def test_results_dir_round_trip():
     assert Checkpoint("sft", 40).results_dir("/abs/results", "svd") == "/abs/results/svd/sft-40"
     # the innermost <kind>/<checkpoint> directory counts, whatever the results root is called
     assert Checkpoint.from_results_path("/data/svd/results/svd/sft-4/embed.safetensors", "svd") == Checkpoint("sft", 4)
-    with pytest.raises(ValueError, match="not inside a svd/<checkpoint>/ results directory"):
+    with pytest.raises(ValueError, match="not a file directly inside a svd/<checkpoint>/ results directory"):
         Checkpoint.from_results_path("results/eval/base/summary.json", "svd")
+    with pytest.raises(ValueError, match="not a file directly inside"):  # the old svd/base/step-0/ layout
+        Checkpoint.from_results_path("results/svd/base/step-0/embed.safetensors", "svd")
     with pytest.raises(ValueError, match="'inter_sft' is not a checkpoint name"):  # selections never reach a path
         Checkpoint.from_results_path("results/svd/inter_sft/embed.safetensors", "svd")
 

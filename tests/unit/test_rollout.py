@@ -170,8 +170,6 @@ def test_summarize_records_without_attempts():
     assert math.isnan(summary["format_error_rate"]) and math.isnan(summary["mean_reward"])
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="summarize([]) divides first_attempt_accuracy by n = 0 (accuracy is guarded, it is not)")
 def test_summarize_no_records():
     summary = summarize([])
     assert summary["n"] == 0 and math.isnan(summary["accuracy"]) and math.isnan(summary["first_attempt_accuracy"])

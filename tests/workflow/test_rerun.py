@@ -70,7 +70,8 @@ SWEEP_EDITS = {
     # eval.* is the eval_checkpoint sweep; probe_base reads eval.batch_size and eval.max_new_tokens (its task probe
     # uses the same generation budget), so it reruns for those and only those.
     "eval.max_new_tokens": (("eval", "max_new_tokens"), 32,
-                            {"eval_checkpoint": 6, "probe_base": 1, "eval_table": 1, "select_sft": 1, "fig1": 1,
+                            {"eval_checkpoint": 6, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
+                             "select_sft": 1, "fig1": 1,
                              **AFTER_EVAL, "all": 1}),
     "eval.temperature": (("eval", "temperature"), 0.7,
                          {"eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL, "all": 1}),

@@ -55,7 +55,8 @@ def summarize(records: list[dict]) -> dict:
         "n": n,
         "successes": successes,
         "accuracy": successes / n if n else float("nan"),
-        "first_attempt_accuracy": sum(bool(r["attempts"]) and r["attempts"][0]["reward"] == 5 for r in records) / n,
+        "first_attempt_accuracy": (sum(bool(r["attempts"]) and r["attempts"][0]["reward"] == 5 for r in records) / n
+                                   if n else float("nan")),
         "attempts": len(attempts),
         "format_error_rate": sum(a["format_error"] for a in attempts) / len(attempts) if attempts else float("nan"),
         "mean_reward": sum(a["reward"] for a in attempts) / len(attempts) if attempts else float("nan"),
