@@ -23,9 +23,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Run the whole study DAG on the embedded default (config/config.yaml).
+## Run the whole study DAG on the embedded default (config/config.yaml). Recovers by itself from an interrupted
+## run: the stale lock a killed Snakemake leaves is released (flock: never while another `make results` runs here)
+## and incomplete outputs are redone; training resumes from its saved state.
 results: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) all
+	@mkdir -p .snakemake
+	@flock -n -E 75 .snakemake/make-results.lock sh -c '$(BIN)/snakemake --unlock > /dev/null 2>&1; \
+		$(BIN)/snakemake --cores $(CORES) --rerun-incomplete all' \
+		|| { rc=$$?; [ $$rc = 75 ] && echo "make results: another one is running in this directory"; exit $$rc; }
 
 ## Unit tests, then the micro config end to end through real Snakemake.
 test: $(STAMP)

@@ -28,6 +28,10 @@ class ModelDirError(FileNotFoundError):
     """A model directory is missing or unreadable; the message names the path."""
 
 
+class ModelSettingsError(ValueError):
+    """Config `model` asks for something this machine cannot do; the message names the key."""
+
+
 def check_model_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_dir():
@@ -124,11 +128,29 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def check_model_settings(dtype: str, attn_implementation: str, device: str) -> None:
+    """Fail before any work, naming the config key, when this machine cannot honour config `model` (the schema
+    cannot know: CUDA and flash-attn exist on the GPU node, not where the workflow is parsed)."""
+    import importlib.util
+
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelSettingsError("config model.device = cuda, but this machine has no CUDA device "
+                                 "(use auto or cpu, or run the job on a GPU node)")
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelSettingsError("config model.attn_implementation = flash_attention_2 needs the flash-attn package, "
+                                 "which is not installed here (use sdpa)")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ModelSettingsError(f"config model.dtype = {dtype!r}; expected float32, bfloat16 or float16")
+
+
 def load_model(model_dir, dtype: str = "float32", attn_implementation: str = "sdpa", device: str = "auto"):
     """Load a causal LM for training or inference with dtype / attention / device placement from config."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_model_settings(dtype, attn_implementation, device)
     model_dir = check_model_dir(model_dir)
     torch_dtype = getattr(torch, dtype)
     device = resolve_device(device)

@@ -15,11 +15,11 @@ from sftrl.analysis.drift import drift_correlation, drift_series, with_accuracy,
 from sftrl.analysis.embed_lmhead import embed_lmhead_series
 from sftrl.analysis.spectral import collect_pair_tables, pair_labels, pair_summary, pair_tables
 from sftrl.checkpoint import Checkpoint
-from sftrl.weights.names import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, checkpoint_parameter_names, llama_parameter_names,
+from sftrl.weights.names import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, checkpoint_parameter_names, checkpoint_parameter_ndims,
+                                 llama_parameter_names, llama_parameter_ndims,
                                  shard_plan)
 from sftrl.weights.subspace import embed_lmhead_angles, principal_angles
 from sftrl.weights.svd import StaleSVDCache, ensure_svd_shard, group_shards, load_checkpoint_svd, load_svd_shard
-from sftrl.weights.tensors import list_checkpoint_tensors
 
 SETTINGS = {"include": list(DEFAULT_INCLUDE), "exclude": list(DEFAULT_EXCLUDE), "layers_per_shard": 1}
 ARCH = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 48}
@@ -59,7 +59,7 @@ def derived_checkpoint(base, out, edit):
 def cache(model, root, checkpoint, settings=SETTINGS):
     """SVD shards of one checkpoint (a name: base, sft-<step>) at root/{checkpoint}/{shard}.safetensors, the
     workflow's layout (Checkpoint.results_dir(results, "svd"), with root = <results>/svd)."""
-    plan = shard_plan(list_checkpoint_tensors(model), settings)
+    plan = shard_plan(checkpoint_parameter_ndims(model), settings)
     paths = []
     for shard, names in plan.items():
         path = root / Checkpoint.parse(checkpoint).name / f"{shard}.safetensors"
@@ -101,6 +101,8 @@ def test_llama_names_match_a_saved_model(tmp_path):
         model = save_tiny_llama(tmp_path / f"tie{tie}", num_layers=3, tie=tie)
         assert sorted(llama_parameter_names(3, tie_word_embeddings=tie)) == \
             sorted(checkpoint_parameter_names(model))
+        # the header-only (torch-free) shapes agree with the parse-time plan's
+        assert llama_parameter_ndims(3, tie_word_embeddings=tie) == checkpoint_parameter_ndims(model)
 
 
 def test_llama_names_match_the_embedded_base_model(micro_base, micro_base_settings):
@@ -110,7 +112,7 @@ def test_llama_names_match_the_embedded_base_model(micro_base, micro_base_settin
 
 
 def test_shard_plan():
-    names = llama_parameter_names(5)
+    names = llama_parameter_ndims(5)
     plan = shard_plan(names, {**SETTINGS, "layers_per_shard": 2})
     assert list(plan) == ["layers000-001", "layers002-003", "layers004-005", "embed"]
     assert plan["embed"] == ["model.embed_tokens.weight", "lm_head.weight"]
@@ -120,6 +122,10 @@ def test_shard_plan():
     assert {n.split(".")[-2] for shard in only_mlp.values() for n in shard} == {"gate_proj", "up_proj"}
     with pytest.raises(ValueError, match="select no weight matrix"):
         shard_plan(names, {**SETTINGS, "include": ["nothing-matches"]})
+    with pytest.raises(ValueError, match=r"spectral.include selects 11 tensor\(s\) that are not matrices"):
+        shard_plan(names, {**SETTINGS, "include": [r"\.weight$"], "exclude": []})  # 2 norms x 5 layers + the final norm
+    with pytest.raises(ValueError, match=r"spectral.include: '\(' is not a valid regular expression"):
+        shard_plan(names, {**SETTINGS, "include": ["("]})
 
 
 def test_group_shards():

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from sftrl import cli, codegraph
+from sftrl import cli
 from sftrl.codegraph import ROOT, closure, direct_imports, files, module_file
 
 # Commands that must run without torch (figures, tables, the selection, collecting CSVs, dealing problem sets):

@@ -41,3 +41,10 @@ def test_no_sft_rows_is_an_error_naming_the_table(tmp_path):
     path = table(tmp_path, {40: 0.1}, stage="rl")
     with pytest.raises(ValueError, match="eval.csv has no SFT rows"):
         select_sft(path, tmp_path / "s.json")
+
+
+def test_a_single_checkpoint_is_flagged_degenerate(tmp_path):
+    """save_steps >= max_steps is rejected at parse time; the selection itself still says what one checkpoint means."""
+    selection = select_sft(table(tmp_path, {40: 0.2}), tmp_path / "s.json")
+    assert selection["inter_sft"]["step"] == selection["end_sft"]["step"] == 40
+    assert selection["inter_sft"]["degenerate"]

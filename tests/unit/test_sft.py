@@ -58,7 +58,7 @@ def test_interrupted_sft_resumes_without_recomputing(micro_base, sft_data, tmp_p
     real_export = sft.export_checkpoint
 
     def export_then_die(checkpoint, export_dir):
-        result = real_export(checkpoint, export_dir)
+        real_export(checkpoint, export_dir)
         raise KeyboardInterrupt("simulated interruption after the first checkpoint")
 
     monkeypatch.setattr(sft, "export_checkpoint", export_then_die)

@@ -17,7 +17,7 @@ rule pretrain_base:
         "../envs/train.yaml"
     benchmark:
         "benchmarks/base/pretrain.tsv"
-    threads: workflow.cores
+    threads: ALL_CORES
     resources:
         mem_mb=4000,
         runtime=60,
@@ -45,7 +45,7 @@ rule probe_base:
         "../envs/train.yaml"
     benchmark:
         "benchmarks/base/probe.tsv"
-    threads: workflow.cores
+    threads: ALL_CORES
     shell:
         "OMP_NUM_THREADS={threads} sftrl probe --model {input.model} --settings {params.settings:q}"
         " --eval-settings {params.eval_settings:q} --model-settings {params.model_settings:q}"

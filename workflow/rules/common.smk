@@ -20,6 +20,77 @@ from sftrl.cli import command_module  # noqa: E402
 
 RESULTS = "results"
 SPLITS = ["id", "ood"]
+# Rules that use every core of the machine they run on. A function, evaluated per job: Snakemake then needs no
+# --cores to parse the workflow (`snakemake --unlock`, `--rulegraph` work without it).
+ALL_CORES = lambda wildcards: workflow.cores  # noqa: E731
+
+
+def _reject_duplicate_keys(path):
+    """YAML keeps the last of two equal keys without a word; a config with one is a mistake: name it."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise WorkflowError(f"config file {path}, line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                                    "(YAML would silently keep only the last value)")
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    with open(path) as f:
+        yaml.load(f, Strict)
+
+
+def _reject_float_integers(value, schema, root, key=""):
+    """JSON Schema's `integer` admits 4.0; Python's range() and slicing do not: an integer key given as a float
+    fails here, naming it (the schema's `$ref`s to `$defs` are followed)."""
+    if "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].split("/")[-1]]
+    if schema.get("type") == "integer" and isinstance(value, float):
+        raise WorkflowError(f"config {key} = {value!r} must be an integer (write {int(value)}, not {value})")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if name in schema.get("properties", {}):
+                _reject_float_integers(item, schema["properties"][name], root, f"{key}.{name}".lstrip("."))
+
+
+def _check_config():
+    """Consistency checks the schema cannot express, at parse time: a mistake fails before any job runs, naming
+    the key, not hours later in the job that first reads it."""
+    import yaml
+
+    for path in workflow.configfiles:
+        if os.path.isfile(path):
+            _reject_duplicate_keys(path)
+    with open(os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")) as f:
+        schema = yaml.safe_load(f)
+    _reject_float_integers(config, schema, schema)
+    arch = config["base"]["architecture"]
+    if not config["model"]["path"]:
+        if arch["num_heads"] % arch["num_kv_heads"]:
+            raise WorkflowError(f"config base.architecture.num_heads = {arch['num_heads']} is not a multiple of "
+                                f"num_kv_heads = {arch['num_kv_heads']} (grouped-query attention)")
+        if arch["hidden_size"] % arch["num_heads"]:
+            raise WorkflowError(f"config base.architecture.hidden_size = {arch['hidden_size']} is not a multiple of "
+                                f"num_heads = {arch['num_heads']}")
+    sft = config["sft"]
+    if sft["save_steps"] >= sft["max_steps"]:
+        raise WorkflowError(f"config sft.save_steps = {sft['save_steps']} >= sft.max_steps = {sft['max_steps']}: SFT "
+                            "would save a single checkpoint, so Inter_SFT and End_SFT could not differ")
+    if sft["deepspeed"] and not os.path.isfile(sft["deepspeed"]):
+        raise WorkflowError(f"config sft.deepspeed = {sft['deepspeed']!r}: no such DeepSpeed JSON file")
+    for pair in config["spectral"]["pairs"]:
+        if pair[0] == pair[1]:
+            raise WorkflowError(f"config spectral.pairs: {pair} compares a checkpoint with itself")
+
+
+_check_config()
 
 
 def settings(*keys):
@@ -119,13 +190,13 @@ def svd_shards():
     for the embedded model from base.architecture (transformers' Llama naming), for a real model from its
     safetensors header / index. Every checkpoint of a run has the base's parameter names."""
     if not _SVD_SHARDS:
-        from sftrl.weights.names import (checkpoint_parameter_names, layer_index, llama_parameter_names,
+        from sftrl.weights.names import (checkpoint_parameter_ndims, layer_index, llama_parameter_ndims,
                                          matrix_kind, shard_plan)
 
         if config["model"]["path"]:
-            names = checkpoint_parameter_names(real_model_dir())
+            names = checkpoint_parameter_ndims(real_model_dir())
         else:
-            names = llama_parameter_names(config["base"]["architecture"]["num_layers"])
+            names = llama_parameter_ndims(config["base"]["architecture"]["num_layers"])
         try:
             _SVD_SHARDS.update(shard_plan(names, config["spectral"]))
         except ValueError as e:

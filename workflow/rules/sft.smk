@@ -26,7 +26,7 @@ rule sft:
         "../envs/train.yaml"
     benchmark:
         "benchmarks/sft/sft.tsv"
-    threads: workflow.cores
+    threads: ALL_CORES
     resources:
         mem_mb=8000,
         runtime=240,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import shutil
 import zlib
 from pathlib import Path
 
@@ -107,11 +108,13 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2f M parameters", n_params / 1e6)
     batch_size, seq_len = train["batch_size"], train["seq_len"]
-    loss_log = Path(loss_log)
-    loss_log.parent.mkdir(parents=True, exist_ok=True)
+    # The loss log is written beside the resumable state and published to `loss_log` at the end: Snakemake deletes
+    # a job's `log:` files before it starts, so a log kept only there would lose its pre-interruption rows.
+    working_log = Path(state_dir) / "pretrain_loss.csv"
+    working_log.parent.mkdir(parents=True, exist_ok=True)
     # On resume keep the rows up to the resumed step; later ones are recomputed (and identical).
-    kept = [row for row in csv.reader(open(loss_log))][1:] if start and loss_log.exists() else []
-    with open(loss_log, "w", newline="") as f:
+    kept = [row for row in csv.reader(open(working_log))][1:] if start and working_log.exists() else []
+    with open(working_log, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "lr", "loss"])
         writer.writerows(row for row in kept if int(row[0]) <= start)
@@ -147,6 +150,9 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
     with atomic_dir(out_dir) as tmp:
         save_model(model, tokenizer, tmp)
         write_json(Path(tmp) / "sftrl_base.json", {"settings": settings, "parameters": n_params})
+    with atomic_path(loss_log) as tmp:
+        shutil.copyfile(working_log, tmp)
+    working_log.unlink()
     if state_path.exists():
         state_path.unlink()
 

@@ -22,7 +22,7 @@ def select_sft(table_path, out) -> dict:
     # How many checkpoints share the best OOD accuracy: when all do (e.g. 0 % everywhere), Inter_SFT is the tie
     # rule's earliest step, not a measured peak; say so rather than let a figure suggest one.
     tied = [int(step) for step in ood.loc[ood["accuracy"] == best["accuracy"], "step"]]
-    degenerate = len(tied) == len(ood) > 1
+    degenerate = len(tied) == len(ood)  # also with a single checkpoint: Inter_SFT = End_SFT, nothing was selected
     if degenerate:
         log.warning("every SFT checkpoint has OOD accuracy %.4f: Inter_SFT = step %d by the tie rule alone",
                     best["accuracy"], best["step"])

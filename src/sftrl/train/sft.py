@@ -110,6 +110,14 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(threads)
+    if settings["deepspeed"]:  # before any work: DeepSpeed exists on the GPU nodes, not everywhere
+        import importlib.util
+
+        if not Path(settings["deepspeed"]).is_file():
+            raise FileNotFoundError(f"config sft.deepspeed = {settings['deepspeed']!r}: no such DeepSpeed JSON file")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ModuleNotFoundError(f"config sft.deepspeed = {settings['deepspeed']!r} needs the deepspeed package "
+                                      "(workflow/envs/train.yaml), which is not installed here")
     work_dir, export_dir, data_dir = Path(work_dir), Path(export_dir), Path(data_dir)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, model_settings["dtype"], model_settings["attn_implementation"],

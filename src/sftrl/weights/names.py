@@ -31,12 +31,19 @@ _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _KIND_RE = re.compile(r"(?:^|\.)([A-Za-z0-9_]+)\.weight$")
 
 
+def _compile(pattern: str, key: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{key}: {pattern!r} is not a valid regular expression ({e})") from None
+
+
 def select_matrices(names: Iterable[str], include_patterns: Sequence[str] = DEFAULT_INCLUDE,
                     exclude_patterns: Sequence[str] = ()) -> list[str]:
     """Names that match any include pattern and no exclude pattern (both via re.search), deduplicated and in
     natural order (layer-less matrices such as embed_tokens first, then by layer index, lm_head last)."""
-    include = [re.compile(p) for p in include_patterns]
-    exclude = [re.compile(p) for p in exclude_patterns]
+    include = [_compile(p, "spectral.include") for p in include_patterns]
+    exclude = [_compile(p, "spectral.exclude") for p in exclude_patterns]
     chosen = {n for n in names
               if any(p.search(n) for p in include) and not any(p.search(n) for p in exclude)}
     return sorted(chosen, key=_natural_key)
@@ -123,29 +130,54 @@ def llama_parameter_names(num_layers: int, tie_word_embeddings: bool = False) ->
     return names
 
 
-def _safetensors_header_names(path: Path) -> list[str]:
-    """Tensor names in a safetensors file's header (8-byte little-endian length, then JSON), without torch."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return [name for name in header if name != "__metadata__"]
+def llama_parameter_ndims(num_layers: int, tie_word_embeddings: bool = False) -> dict[str, int]:
+    """llama_parameter_names with each tensor's number of dimensions (norm weights are vectors)."""
+    return {name: 1 if name.endswith("norm.weight") else 2
+            for name in llama_parameter_names(num_layers, tie_word_embeddings)}
 
 
-def checkpoint_parameter_names(model_dir: str | os.PathLike) -> list[str]:
-    """Tensor names of a saved Hugging Face checkpoint, from its index or safetensors header only."""
+def _safetensors_header(path: Path) -> dict:
+    """A safetensors file's header (8-byte little-endian length, then JSON), read without torch."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def checkpoint_parameter_ndims(model_dir: str | os.PathLike) -> dict[str, int]:
+    """Tensor name -> number of dimensions of a saved Hugging Face checkpoint, from its safetensors headers only
+    (one file, or the shards an index lists)."""
     path = Path(model_dir)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return sorted(json.loads(index.read_text())["weight_map"], key=_natural_key)
-    single = path / "model.safetensors"
-    if single.is_file():
-        return sorted(_safetensors_header_names(single), key=_natural_key)
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    ndims = {}
+    for file in files:
+        ndims.update({name: len(info["shape"]) for name, info in _safetensors_header(path / file).items()})
+    return dict(sorted(ndims.items(), key=lambda item: _natural_key(item[0])))
 
 
-def shard_plan(names: Iterable[str], settings: Mapping) -> dict[str, list[str]]:
-    """Shard id -> matrix names, for config `spectral` (include / exclude patterns, layers_per_shard)."""
-    chosen = select_matrices(names, settings["include"], settings["exclude"])
+def checkpoint_parameter_names(model_dir: str | os.PathLike) -> list[str]:
+    """Tensor names of a saved Hugging Face checkpoint, from its safetensors headers only."""
+    return list(checkpoint_parameter_ndims(model_dir))
+
+
+def shard_plan(ndims: Mapping[str, int], settings: Mapping) -> dict[str, list[str]]:
+    """Shard id -> matrix names, for config `spectral` (include / exclude patterns, layers_per_shard), from the
+    checkpoint's tensor names and their number of dimensions (only matrices have an SVD)."""
+    chosen = select_matrices(ndims, settings["include"], settings["exclude"])
     if not chosen:
         raise ValueError("spectral.include / spectral.exclude select no weight matrix")
+    vectors = [name for name in chosen if ndims[name] != 2]
+    if vectors:
+        raise ValueError(f"spectral.include selects {len(vectors)} tensor(s) that are not matrices, e.g. "
+                         f"{vectors[:3]}: only 2-D weights have singular vectors")
     return plan_shards(chosen, int(settings["layers_per_shard"]))

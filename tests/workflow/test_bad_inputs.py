@@ -1,0 +1,71 @@
+"""Bad configuration, caught when the workflow is parsed: each case is a realistic mistake in the micro config, and
+a dry run must fail before any job runs, with a message that names the key (and the bad value). Library-side bad
+inputs (files, model outputs, settings only a GPU node can judge) are in tests/unit/test_robustness.py."""
+import pytest
+import yaml
+from helpers import MICRO, make_workdir, snakemake
+
+pytestmark = pytest.mark.workflow
+
+
+def setter(path: str, value):
+    """An edit of the micro config: set the dotted key `path` to `value`."""
+    *parents, last = path.split(".")
+
+    def edit(config):
+        section = config
+        for key in parents:
+            section = section[key]
+        section[last] = value
+
+    return edit
+
+
+# case -> (edit, texts the error must contain)
+CASES = {
+    "misspelt key": (setter("sft.save_stpes", 4), ["save_stpes"]),
+    "missing model dir": (setter("model.path", "/no/such/model"), ["/no/such/model"]),
+    "empty model path": (setter("model.path", ""), ["path"]),
+    "integer given as float": (setter("sft.save_steps", 4.0), ["sft.save_steps", "4.0"]),
+    "heads vs kv heads": (setter("base.architecture.num_kv_heads", 3), ["num_heads", "num_kv_heads"]),
+    "hidden vs heads": (setter("base.architecture.num_heads", 6), ["hidden_size", "num_heads"]),
+    "one SFT checkpoint": (setter("sft.save_steps", 8), ["sft.save_steps", "sft.max_steps"]),
+    "missing DeepSpeed JSON": (setter("sft.deepspeed", "no/such/ds.json"), ["sft.deepspeed", "no/such/ds.json"]),
+    "pair with itself": (setter("spectral.pairs", [["end_sft", "end_sft"]]), ["spectral.pairs"]),
+    "unknown checkpoint name": (setter("spectral.pairs", [["base", "sft_40"]]), ["spectral.pairs", "sft_40"]),
+    "unsaved SFT step": (setter("spectral.pairs", [["base", "sft-5"]]), ["spectral.pairs", "sft-5"]),
+    "bad include regex": (setter("spectral.include", ["("]), ["spectral.include", "'('"]),
+    "include selects vectors": (setter("spectral.include", [r"\.weight$"]), ["spectral.include", "norm"]),
+    "angle matrix not analysed": (setter("spectral.angle_matrix", "model.layers.7.mlp.up_proj.weight"),
+                                  ["spectral.angle_matrix"]),
+    "sigma layer not analysed": (setter("spectral.sigma_layer", 9), ["spectral.sigma_layer"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, case):
+    edit, texts = CASES[case]
+    workdir = make_workdir(tmp_path, edit=edit)
+    result = snakemake(workdir, "-n", "all", check=False, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, f"{case}: the dry run accepted it"
+    assert "Job stats" not in output, f"{case}: a plan was made before failing"
+    for text in texts:
+        assert text in output, f"{case}: {text!r} not named in:\n{output[-2000:]}"
+
+
+def test_duplicate_yaml_key_is_named(tmp_path):
+    text = MICRO.read_text().replace("run: micro", "run: micro\nrun: other", 1)
+    assert yaml.safe_load(text)["run"] == "other"  # what YAML alone would silently do
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(text)
+    result = snakemake(tmp_path, "-n", "all", check=False, timeout=120)
+    assert result.returncode != 0
+    assert "duplicate key 'run'" in result.stdout + result.stderr
+
+
+def test_unlock_and_rulegraph_need_no_cores(tmp_path):
+    """After a killed run, `snakemake --unlock` must work as documented, without --cores."""
+    workdir = make_workdir(tmp_path)
+    assert "Unlock" in snakemake(workdir, "--unlock").stdout + snakemake(workdir, "--unlock").stderr
+    assert "digraph" in snakemake(workdir, "--rulegraph").stdout
