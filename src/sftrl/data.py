@@ -55,11 +55,15 @@ def sft_example(hand: points.Hand, rule: points.Rule, rng: np.random.Generator, 
     }
 
 
-def _deal_from(rng, rule, target, allowed: set[str]) -> points.Hand:
-    while True:
+def _deal_from(rng, rule, target, allowed: set[str], split: str) -> points.Hand:
+    """Deal until the hand's multiset is in `allowed` (non-empty, so each draw hits with probability
+    >= 1/13^4; the limit only stops a loop that a bug would make endless)."""
+    for _ in range(points.MAX_DRAWS):
         hand = points.deal(rng, rule, target)
         if multiset_key(hand.cards) in allowed:
             return hand
+    raise ValueError(f"data.sft.id_test_fraction / env.target = {target}: no hand of the {split} split "
+                     f"({len(allowed)} multisets) dealt in {points.MAX_DRAWS} draws")
 
 
 def build_sft_data(settings: dict, target: int, out_dir: str | Path) -> dict:
@@ -69,12 +73,18 @@ def build_sft_data(settings: dict, target: int, out_dir: str | Path) -> dict:
     shuffled = [keys[i] for i in rng.permutation(len(keys))]
     n_test = max(1, round(settings["id_test_fraction"] * len(keys)))
     test_keys, train_keys = set(shuffled[:n_test]), set(shuffled[n_test:])
+    # An empty side would make dealing for it spin forever: fail now, naming the key.
+    if not keys:
+        raise ValueError(f"env.target = {target}: no card multiset is solvable under the id rule")
+    if not train_keys:
+        raise ValueError(f"data.sft.id_test_fraction = {settings['id_test_fraction']} holds out all {len(keys)} "
+                         f"solvable ID multisets (target {target}): the SFT training split would be empty")
 
     # Hands are dealt as the environment deals them (i.i.d. ranks), then kept only if their multiset is on the
     # right side of the split, so the training distribution matches the authors' generator.
-    train = [sft_example(_deal_from(rng, points.ID_RULE, target, train_keys), points.ID_RULE, rng, target)
+    train = [sft_example(_deal_from(rng, points.ID_RULE, target, train_keys, "train"), points.ID_RULE, rng, target)
              for _ in range(settings["n_train"])]
-    id_test = [sft_example(_deal_from(rng, points.ID_RULE, target, test_keys), points.ID_RULE, rng, target)
+    id_test = [sft_example(_deal_from(rng, points.ID_RULE, target, test_keys, "ID-test"), points.ID_RULE, rng, target)
                for _ in range(settings["n_id_test"])]
     ood = [sft_example(points.deal(rng, points.OOD_RULE, target), points.OOD_RULE, rng, target)
            for _ in range(settings["n_ood_loss"])]
