@@ -54,11 +54,16 @@ def checkpoint_parameter_names(model_dir: str | os.PathLike) -> list[str]:
 
 def shard_plan(names: Iterable[str], settings: Mapping) -> dict[str, list[str]]:
     """Shard id -> matrix names, for config `spectral` (include / exclude patterns, layers_per_shard)."""
-    from .spectral import plan_shards, select_matrices
+    from .spectral import matrix_kind, plan_shards, select_matrices
 
     chosen = select_matrices(names, settings["include"], settings["exclude"])
     if not chosen:
         raise ValueError("spectral.include / spectral.exclude select no weight matrix")
+    # Norm weights, biases and buffers are 1-D (no SVD); caught here, at parse time, rather than in the first SVD job.
+    vectors = [name for name in chosen if not name.endswith(".weight") or "norm" in matrix_kind(name)]
+    if vectors:
+        raise ValueError(f"spectral.include selects {len(vectors)} 1-D tensor(s), e.g. {vectors[0]}: only 2-D weight "
+                         "matrices have an SVD; narrow spectral.include or add them to spectral.exclude")
     return plan_shards(chosen, int(settings["layers_per_shard"]))
 
 
