@@ -79,8 +79,9 @@ def group_shards(paths: Iterable[str | os.PathLike]) -> dict[tuple[str, int], li
 
 
 def load_checkpoint_svd(shards: Sequence[str | os.PathLike], model_dir=None) -> dict:
-    """Every matrix of a checkpoint's shards (merged). Each shard is verified (metadata, sorted finite σ, energy;
-    one sampled matrix orthonormal) and, with `model_dir`, checked against the checkpoint's current weights:
+    """Every matrix of a checkpoint's shards (merged). Each shard is verified (metadata, the sha256 of every
+    factor, sorted finite σ, energy; one sampled matrix orthonormal) and, with `model_dir`, checked against the
+    checkpoint's current weights:
     a stale cache raises StaleSVDCache instead of giving numbers for the wrong weights."""
     from .spectral import load_svd_shard
 

@@ -62,8 +62,8 @@ def _deal_from(rng, rule, target, allowed: set[str], split: str) -> points.Hand:
         hand = points.deal(rng, rule, target)
         if multiset_key(hand.cards) in allowed:
             return hand
-    raise ValueError(f"data.sft.id_test_fraction / env.target = {target}: no hand of the {split} split "
-                     f"({len(allowed)} multisets) dealt in {points.MAX_DRAWS} draws")
+    raise ValueError(f"no hand of the SFT {split} split ({len(allowed)} multisets; data.sft.id_test_fraction, "
+                     f"env.target = {target}) dealt in {points.MAX_DRAWS} draws")
 
 
 def build_sft_data(settings: dict, target: int, out_dir: str | Path) -> dict:

@@ -83,7 +83,8 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
                 try:
                     yield number, json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})"
+                                     ) from None
 
 
 def read_jsonl(path) -> list[dict]:

@@ -5,7 +5,8 @@ Checkpoint layout (why two places): Snakemake deletes a job's declared outputs b
 trainer's own resumable state (weights + optimizer + RNG) lives in `work_dir`, outside the outputs. Each saved
 checkpoint is exported at once to `export_dir/checkpoint-N` (model files hard-linked, no optimizer state), which is
 what the rest of the workflow reads. A rerun after an interruption resumes from the newest complete checkpoint
-in `work_dir`; no completed checkpoint is recomputed or deleted.
+in `work_dir`; no completed checkpoint is recomputed or deleted, and one cut short by a kill during its save is
+moved aside (`resume_checkpoint`).
 """
 from __future__ import annotations
 
@@ -63,12 +64,13 @@ def is_complete(checkpoint: Path) -> bool:
 
 def resume_checkpoint(work_dir: Path) -> Path | None:
     """The newest complete trainer checkpoint in `work_dir` (None: start from the beginning). Incomplete ones
-    newer than it (a kill during a save) are moved aside to `<name>.incomplete-<UTC time>` and logged: resuming
-    from them fails ("Can't find a valid checkpoint"), and the trainer will save that step again."""
+    newer than it (a kill during a save) are moved aside to `<name>.incomplete-<UTC time>` and logged: the trainer
+    cannot resume from them, and it saves that step again."""
     checkpoints = trainer_checkpoints(work_dir)
     while checkpoints and not is_complete(checkpoints[-1]):
         incomplete = checkpoints.pop()
-        quarantine = incomplete.with_name(f"{incomplete.name}.incomplete-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        quarantine = incomplete.with_name(f"{incomplete.name}.incomplete-{stamp}")
         incomplete.rename(quarantine)
         log.warning("%s was interrupted during its save (no complete trainer_state.json): moved aside to %s; "
                     "delete it when no longer needed", incomplete, quarantine.name)

@@ -300,6 +300,8 @@ def svd_errors(factors: SVDFactors, W: torch.Tensor | None = None) -> dict[str, 
 # Integrity: the sha256 of every stored factor (U, S, Vh of every matrix) is recorded beside it and checked on every
 # read, so damage anywhere in the file is caught. The numerical checks (sorted finite σ, sum σ² = ||W||²_F for
 # every matrix; orthonormality and reconstruction for `sample` matrices) stay as a check of the SVD itself.
+# Cost measured on one Qwen2.5-7B decoder layer of float32 factors (1.19 GB): 1.0 s of CPU for all the hashes,
+# against 9.6 s for the numerical checks of one sampled matrix and ~16 s of CPU for one 3584x3584 SVD alone.
 
 CACHE_FORMAT = "2"  # 2: sha256 of every stored factor (format-1 files are stale and recomputed)
 _KEY_SEP = "::"  # tensor keys are f"{matrix}::U", f"{matrix}::S", f"{matrix}::Vh"
