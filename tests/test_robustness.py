@@ -338,6 +338,12 @@ CATALOGUE = {
     "sft data ood loss env.target 10000": lambda t, m: (
         lambda: __import__("sftrl.data").data.build_sft_data(SFT_DATA, 10000, t), ValueError,
         ["env.target = 10000", "ood rule"]),
+    "parse-time check env.target 100000": lambda t, m: (
+        lambda: __import__("sftrl.data").data.check_data_settings(SFT_DATA, 100000), ValueError,
+        ["env.target = 100000", "id rule"]),
+    "parse-time check id_test_fraction 0.9999": lambda t, m: (
+        lambda: __import__("sftrl.data").data.check_data_settings({**SFT_DATA, "id_test_fraction": 0.9999}, 24),
+        ValueError, ["data.sft.id_test_fraction = 0.9999", "env.target = 24"]),
     "probe held_out_per_mille 0": lambda t, m: (
         lambda: __import__("sftrl.probe").probe.held_out_documents("arithmetic", 4, 0, 0), ValueError,
         ["base.corpus.held_out_per_mille = 0"]),
