@@ -92,7 +92,10 @@ class VLLMBackend:
                                "use eval.backend = hf on CPU") from err
         from vllm import LLM
 
+        from .modeling import check_finite_files
+
         self.tokenizer = load_tokenizer(model_dir)
+        check_finite_files(model_dir)
         self.stop_ids = stop_token_ids(self.tokenizer)
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[model_settings["dtype"]]
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=0, max_num_seqs=batch_size,

@@ -74,14 +74,53 @@ def write_jsonl(path, records: Iterable[dict]) -> None:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def read_jsonl(path) -> list[dict]:
+def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, record) for every non-blank line; a malformed line raises ValueError naming the file
+    and its line number (blank lines count, so the number is the one an editor shows)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})"
+                                     ) from None
+
+
+def read_jsonl(path) -> list[dict]:
+    return [record for _, record in iter_jsonl(path)]
 
 
 def read_json(path):
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+
+def check_integer_keys(config: dict, schema: dict) -> None:
+    """Raise ValueError naming the first key whose schema type is integer but whose value is a float such as 4.0.
+    JSON Schema cannot tell 4.0 from 4 (both are the integer 4 there), so `save_steps: 4.0` passes validation and
+    would fail hours later inside the trainer; call this right after validating the config."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: dict, value, key: str) -> None:
+        while "$ref" in node:
+            node = defs[node["$ref"].removeprefix("#/$defs/")]
+        types = node.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if isinstance(value, float) and "integer" in types and "number" not in types:
+            raise ValueError(f"config {key} = {value!r}: must be an integer, not a float (write it without '.0')")
+        if isinstance(value, dict):
+            for name, item in value.items():
+                if name in node.get("properties", {}):
+                    walk(node["properties"][name], item, f"{key}.{name}" if key else name)
+        elif isinstance(value, list) and isinstance(node.get("items"), dict):
+            for index, item in enumerate(value):
+                walk(node["items"], item, f"{key}[{index}]")
+
+    walk(schema, config, "")
 
 
 def write_csv(path, frame) -> None:

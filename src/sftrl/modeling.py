@@ -28,9 +28,6 @@ class ModelDirError(FileNotFoundError):
     """A model directory is missing or unreadable; the message names the path."""
 
 
-class ModelSettingsError(ValueError):
-    """Config `model` asks for something this machine cannot do; the message names the key."""
-
 
 def check_model_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
@@ -40,7 +37,48 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         raise ModelDirError(f"model directory {str(path)!r} has no config.json: not a Hugging Face model directory")
     if not os.access(path / "config.json", os.R_OK):
         raise ModelDirError(f"model directory {str(path)!r} is not readable")
+    check_weight_files(path)
     return path
+
+
+def check_weight_files(path: str | os.PathLike) -> None:
+    """Open every *.safetensors file's header. safetensors checks there that the file holds all the bytes its
+    header promises, so a truncated or garbled file fails here, by path, instead of deep inside from_pretrained
+    with a message that names no file. Reads headers only (the tensors are memory-mapped, not read)."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own SafetensorError (and OSError for I/O)
+            raise ModelDirError(f"weights file {str(file)!r} is unreadable (truncated or corrupt?): {err}") from err
+
+
+def check_finite_files(model_dir) -> None:
+    """check_finite for a model that is not loaded here (the vLLM backend): streams the safetensors files one
+    tensor at a time."""
+    import torch
+    from safetensors import safe_open
+
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError(f"checkpoint {str(model_dir)!r}: tensor {name} in {file.name} holds non-finite "
+                                     "values (NaN/Inf); the model is broken (diverged training or a damaged file)")
+
+
+def check_finite(model, model_dir) -> None:
+    """Fail, naming the checkpoint and the parameter, when weights hold NaN or Inf: such a model generates
+    nothing useful and would be scored 0 % without a word."""
+    import torch
+
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise ValueError(f"checkpoint {str(model_dir)!r}: parameter {name} holds non-finite values (NaN/Inf); "
+                             "the model is broken (diverged training or a damaged file)")
 
 
 def build_tokenizer(texts, vocab_size: int, model_max_length: int):
@@ -91,6 +129,12 @@ def build_tiny_llama(tokenizer, arch: dict, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if arch["hidden_size"] % arch["num_heads"]:
+        raise ValueError(f"base.architecture.hidden_size = {arch['hidden_size']} is not divisible by "
+                         f"base.architecture.num_heads = {arch['num_heads']}")
+    if arch["num_heads"] % arch["num_kv_heads"]:
+        raise ValueError(f"base.architecture.num_heads = {arch['num_heads']} is not divisible by "
+                         f"base.architecture.num_kv_heads = {arch['num_kv_heads']} (grouped-query attention)")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=arch["hidden_size"],
@@ -125,37 +169,35 @@ def resolve_device(device: str = "auto") -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device = {device!r}, but this node has no usable CUDA device "
+                           "(use auto or cpu, or run the job on a GPU node)")
     return device
 
 
-def check_model_settings(dtype: str, attn_implementation: str, device: str) -> None:
-    """Fail before any work, naming the config key, when this machine cannot honour config `model` (the schema
-    cannot know: CUDA and flash-attn exist on the GPU node, not where the workflow is parsed)."""
+def check_attn_implementation(attn_implementation: str) -> None:
+    """flash_attention_2 needs the flash_attn package (and a GPU); fail before any work, naming the key."""
     import importlib.util
 
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelSettingsError("config model.device = cuda, but this machine has no CUDA device "
-                                 "(use auto or cpu, or run the job on a GPU node)")
     if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ModelSettingsError("config model.attn_implementation = flash_attention_2 needs the flash-attn package, "
-                                 "which is not installed here (use sdpa)")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ModelSettingsError(f"config model.dtype = {dtype!r}; expected float32, bfloat16 or float16")
+        raise RuntimeError("model.attn_implementation = 'flash_attention_2', but the flash_attn package is not "
+                           "installed in this environment (use sdpa, or the GPU training environment)")
 
 
 def load_model(model_dir, dtype: str = "float32", attn_implementation: str = "sdpa", device: str = "auto"):
-    """Load a causal LM for training or inference with dtype / attention / device placement from config."""
+    """Load a causal LM for training or inference with dtype / attention / device placement from config.
+    Fails before loading on a setting this node cannot honour, and after loading on non-finite weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    check_model_settings(dtype, attn_implementation, device)
+    device = resolve_device(device)
+    check_attn_implementation(attn_implementation)
     model_dir = check_model_dir(model_dir)
     torch_dtype = getattr(torch, dtype)
-    device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=attn_implementation)
-    return model.to(device)
+    model = model.to(device)
+    check_finite(model, model_dir)
+    return model
 
 
 def save_model(model, tokenizer, out_dir, generation_defaults: dict | None = None) -> None:

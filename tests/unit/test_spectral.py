@@ -21,7 +21,7 @@ from sftrl.weights.subspace import (embed_lmhead_angles, energy_split, mean_topk
                                     shard_pair_metrics, spectral_pair_metrics, trivially_zero_count)
 from sftrl.weights.svd import (SVDFactors, StaleSVDCache, compute_svd_shard, ensure_svd_shard, load_svd_shard,
                                svd_errors, svd_tolerances, thin_svd)
-from sftrl.weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors
+from sftrl.weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors, tensor_sha256
 
 PROPERTY = settings(deadline=None, max_examples=40)
 
@@ -453,11 +453,15 @@ def test_svd_shard_roundtrip(tiny_ckpt, tmp_path):
         load_svd_shard(tmp_path / "missing.safetensors")
 
 
-def _rewrite_shard(path, mutate):
+def _rewrite_shard(path, mutate, rehash=False):
+    """Rewrite a cache file with `mutate` applied. rehash=True records the mutated factors' sha256, as a faulty
+    SVD written by the cache itself would be: then only the numerical checks can catch it."""
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
     tensors = load_file(path)
     meta = mutate(tensors, meta)
+    if rehash:
+        meta["factor_sha256"] = json.dumps({k: tensor_sha256(t) for k, t in tensors.items()})
     save_file(tensors, path, metadata=meta)
 
 
@@ -471,7 +475,7 @@ def test_corrupt_shard_is_stale_and_recomputed(ckpt, tmp_path, caplog):
         tensors[key] = tensors[key] + 1e-3 * torch.randn_like(tensors[key])
         return meta
     torch.manual_seed(7)
-    _rewrite_shard(out, perturb_u)
+    _rewrite_shard(out, perturb_u, rehash=True)
     with pytest.raises(StaleSVDCache, match="v_proj"):
         load_svd_shard(out, model_dir=ckpt, sample=None)
     with pytest.raises(StaleSVDCache, match="orth_U"):
@@ -485,7 +489,7 @@ def test_corrupt_shard_is_stale_and_recomputed(ckpt, tmp_path, caplog):
     def scale_s(tensors, meta):
         tensors["model.layers.0.mlp.up_proj.weight::S"] *= 1.001
         return meta
-    _rewrite_shard(out, scale_s)
+    _rewrite_shard(out, scale_s, rehash=True)
     with pytest.raises(StaleSVDCache, match="sum σ²"):
         load_svd_shard(out, sample=0)
 

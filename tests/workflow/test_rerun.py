@@ -163,7 +163,7 @@ def test_editing_library_code_reruns_its_rules_and_downstream(completed, module)
 # sftrl.codegraph, and what depends on a rule from `snakemake --rulegraph`.
 
 RULE_BLOCK = re.compile(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoint) \w+:|\Z)", re.S | re.M)
-LIBRARY_MODULES = sorted(p.relative_to(REPO / "src").with_suffix("").as_posix().replace("/", ".")
+LIBRARY_MODULES = sorted(p.relative_to(REPO / "src").with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
                          for p in (REPO / "src" / "sftrl").rglob("*.py"))
 # Rules whose jobs a dry run can only list once the select_sft checkpoint has run (their wildcards come from it).
 AFTER_SELECTION = {"spectral_pair"}

@@ -47,30 +47,24 @@ def _reject_duplicate_keys(path):
         yaml.load(f, Strict)
 
 
-def _reject_float_integers(value, schema, root, key=""):
-    """JSON Schema's `integer` admits 4.0; Python's range() and slicing do not: an integer key given as a float
-    fails here, naming it (the schema's `$ref`s to `$defs` are followed)."""
-    if "$ref" in schema:
-        schema = root["$defs"][schema["$ref"].split("/")[-1]]
-    if schema.get("type") == "integer" and isinstance(value, float):
-        raise WorkflowError(f"config {key} = {value!r} must be an integer (write {int(value)}, not {value})")
-    if isinstance(value, dict):
-        for name, item in value.items():
-            if name in schema.get("properties", {}):
-                _reject_float_integers(item, schema["properties"][name], root, f"{key}.{name}".lstrip("."))
-
-
 def _check_config():
     """Consistency checks the schema cannot express, at parse time: a mistake fails before any job runs, naming
     the key, not hours later in the job that first reads it."""
     import yaml
+
+    from sftrl.io import check_integer_keys
+    from sftrl.task.data import check_data_settings
 
     for path in workflow.configfiles:
         if os.path.isfile(path):
             _reject_duplicate_keys(path)
     with open(os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")) as f:
         schema = yaml.safe_load(f)
-    _reject_float_integers(config, schema, schema)
+    try:
+        check_integer_keys(config, schema)  # JSON Schema takes 4.0 for an integer
+        check_data_settings(config["data"]["sft"], config["env"]["target"])  # hands that can be dealt at all
+    except ValueError as e:
+        raise WorkflowError(str(e))
     arch = config["base"]["architecture"]
     if not config["model"]["path"]:
         if arch["num_heads"] % arch["num_kv_heads"]:

@@ -82,6 +82,9 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
     )
     stream, document_starts = pack(tokenizer, documents)
     document_starts = document_starts[document_starts < len(stream) - train["seq_len"] - 1]
+    if not len(document_starts):  # rng.choice would fail later with a message that names nothing
+        raise ValueError(f"base.train.seq_len = {train['seq_len']} is longer than the whole corpus ({len(stream)} "
+                         f"tokens from base.corpus.n_documents = {settings['corpus']['n_documents']})")
     stream = torch.from_numpy(stream)
     log.info("corpus: %d documents, %d tokens, vocabulary %d", len(documents), len(stream), len(tokenizer))
 

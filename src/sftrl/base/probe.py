@@ -27,13 +27,21 @@ log = logging.getLogger(__name__)
 
 
 def held_out_documents(family: str, n: int, seed: int, held_out_per_mille: int) -> list[str]:
+    if held_out_per_mille < 1:  # nothing is held out: the search below would never end
+        raise ValueError(f"base.corpus.held_out_per_mille = {held_out_per_mille}: the probe needs documents held "
+                         "out of pretraining (>= 1)")
     rng = np.random.default_rng(seed)
     found: list[str] = []
-    while len(found) < n:
+    # About n * 1000 / held_out_per_mille draws are expected; 100 times that cannot fail by chance.
+    max_draws = 100 * n * 1000 // held_out_per_mille
+    for _ in range(max_draws):
         document = corpus.make_document(rng, family)
         if is_held_out(document, held_out_per_mille):
             found.append(document)
-    return found
+            if len(found) == n:
+                return found
+    raise ValueError(f"base.corpus.held_out_per_mille = {held_out_per_mille}: only {len(found)} of {n} held-out "
+                     f"{family} documents in {max_draws} draws")
 
 
 def _formula_of(text: str) -> str:

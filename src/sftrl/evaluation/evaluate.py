@@ -7,21 +7,30 @@ import time
 
 from ..checkpoint import Checkpoint
 from ..generation import Sampling, make_backend
-from ..io import read_jsonl, write_json, write_jsonl
+from ..io import write_json, write_jsonl
+from ..task.data import read_problems
 from ..task.rollout import run_episodes, summarize
 
 log = logging.getLogger(__name__)
 
 
+def _warn_if_no_answer(records: list[dict], model_dir) -> None:
+    """An all-empty output is what a broken checkpoint (e.g. NaN weights through a backend that cannot be
+    checked up front) produces; say so rather than let it pass as a measured 0 %."""
+    outputs = [a["output"] for r in records for a in r["attempts"]]
+    if outputs and not any(o.strip() for o in outputs):
+        log.warning("checkpoint %s produced only empty outputs (%d attempts): the model may be broken",
+                    model_dir, len(outputs))
+
+
 def evaluate_checkpoint(model_dir, problems_path, settings: dict, model_settings: dict, out, summary_path,
                         verify_iter: int, labels: dict) -> dict:
-    problems = read_jsonl(problems_path)
-    if not problems:
-        raise ValueError(f"problem set {problems_path} is empty")
+    problems = read_problems(problems_path)
     backend = make_backend(settings["backend"], model_dir, model_settings, settings["batch_size"])
     start = time.perf_counter()
     records = run_episodes(backend, problems, Sampling.from_settings(settings), verify_iter)
     seconds = time.perf_counter() - start
+    _warn_if_no_answer(records, model_dir)
     summary = {**labels, "split": problems[0]["rule"], **summarize(records), "backend": settings["backend"],
                "temperature": settings["temperature"], "seconds": round(seconds, 3), "model": str(model_dir)}
     write_jsonl(out, records)

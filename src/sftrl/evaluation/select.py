@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 
 def select_sft(table_path, out) -> dict:
     table = pd.read_csv(table_path)
+    missing = {"stage", "split", "step", "accuracy"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{table_path} lacks column(s) {sorted(missing)}: not an evaluation table")
     ood = table[(table["stage"] == "sft") & (table["split"] == "ood")].sort_values("step")
     if ood.empty:
         raise ValueError(f"{table_path} has no SFT rows for the OOD split; nothing to select from")

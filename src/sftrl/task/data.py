@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 from itertools import combinations_with_replacement
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import points
-from ..io import write_json, write_jsonl
+from ..io import iter_jsonl, write_json, write_jsonl
 
 
 def multiset_key(cards) -> str:
@@ -35,11 +36,30 @@ def eval_problems(rule_name: str, n: int, seed: int, target: int) -> list[dict]:
 
 
 def solvable_multisets(rule: points.Rule, target: int) -> list[str]:
+    return list(_solvable_multisets(rule, target))
+
+
+@functools.lru_cache(maxsize=None)
+def _solvable_multisets(rule: points.Rule, target: int) -> tuple[str, ...]:
     keys = []
     for combo in combinations_with_replacement(points.RANKS, 4):
         if points.is_solvable([rule.value(card) for card in combo], target):
             keys.append(multiset_key(combo))
-    return sorted(keys)
+    return tuple(sorted(keys))
+
+
+def check_data_settings(sft_settings: dict, target: int) -> None:
+    """Fail, naming the key, when config `env.target` / `data.sft` make a problem set or SFT split impossible to
+    deal (dealing for it would otherwise spin forever). Exact and cheap (< 1 s: 1820 multisets per rule), so the
+    workflow can call it at parse time; build_sft_data calls it too."""
+    for rule in points.RULES.values():
+        if not points.solvable_hand_exists(rule, target):
+            raise ValueError(f"env.target = {target}: no hand of 4 cards is solvable under the {rule.name} rule "
+                             f"(J, Q, K = {rule.face_values}); choose a target the cards can make, e.g. 24")
+    keys = _solvable_multisets(points.ID_RULE, target)
+    if max(1, round(sft_settings["id_test_fraction"] * len(keys))) >= len(keys):
+        raise ValueError(f"data.sft.id_test_fraction = {sft_settings['id_test_fraction']} holds out all {len(keys)} "
+                         f"solvable ID multisets (env.target = {target}): the SFT training split would be empty")
 
 
 def sft_example(hand: points.Hand, rule: points.Rule, rng: np.random.Generator, target: int) -> dict:
@@ -56,15 +76,20 @@ def sft_example(hand: points.Hand, rule: points.Rule, rng: np.random.Generator, 
     }
 
 
-def _deal_from(rng, rule, target, allowed: set[str]) -> points.Hand:
-    while True:
+def _deal_from(rng, rule, target, allowed: set[str], split: str) -> points.Hand:
+    """Deal until the hand's multiset is in `allowed` (non-empty, so each draw hits with probability
+    >= 1/13^4; the limit only stops a loop that a bug would make endless)."""
+    for _ in range(points.MAX_DRAWS):
         hand = points.deal(rng, rule, target)
         if multiset_key(hand.cards) in allowed:
             return hand
+    raise ValueError(f"no hand of the SFT {split} split ({len(allowed)} multisets; data.sft.id_test_fraction, "
+                     f"env.target = {target}) dealt in {points.MAX_DRAWS} draws")
 
 
 def build_sft_data(settings: dict, target: int, out_dir: str | Path) -> dict:
     """Write train.jsonl, train_loss.jsonl, id_test.jsonl and ood_loss.jsonl; return a summary."""
+    check_data_settings(settings, target)  # an empty side of the split would make dealing for it spin forever
     rng = np.random.default_rng(settings["seed"])
     keys = solvable_multisets(points.ID_RULE, target)
     shuffled = [keys[i] for i in rng.permutation(len(keys))]
@@ -73,9 +98,9 @@ def build_sft_data(settings: dict, target: int, out_dir: str | Path) -> dict:
 
     # Hands are dealt as the environment deals them (i.i.d. ranks), then kept only if their multiset is on the
     # right side of the split, so the training distribution matches the authors' generator.
-    train = [sft_example(_deal_from(rng, points.ID_RULE, target, train_keys), points.ID_RULE, rng, target)
+    train = [sft_example(_deal_from(rng, points.ID_RULE, target, train_keys, "train"), points.ID_RULE, rng, target)
              for _ in range(settings["n_train"])]
-    id_test = [sft_example(_deal_from(rng, points.ID_RULE, target, test_keys), points.ID_RULE, rng, target)
+    id_test = [sft_example(_deal_from(rng, points.ID_RULE, target, test_keys, "ID-test"), points.ID_RULE, rng, target)
                for _ in range(settings["n_id_test"])]
     ood = [sft_example(points.deal(rng, points.OOD_RULE, target), points.OOD_RULE, rng, target)
            for _ in range(settings["n_ood_loss"])]
@@ -86,6 +111,42 @@ def build_sft_data(settings: dict, target: int, out_dir: str | Path) -> dict:
     write_jsonl(out_dir / "ood_loss.jsonl", ood)
     return {"solvable_id_multisets": len(keys), "train_multisets": len(train_keys), "test_multisets": len(test_keys),
             "n_train": len(train), "distinct_train_multisets_used": len({multiset_key(e["cards"]) for e in train})}
+
+
+PROBLEM_FIELDS = ("id", "rule", "cards", "numbers", "target")
+
+
+def read_problems(path) -> list[dict]:
+    """A problem set (data.eval_problems' JSONL), checked record by record before any model is loaded: every field
+    present, a known rule, 4 cards whose values under the rule are the numbers, and one rule for the whole file
+    (the summary is labelled with it). Errors name the file, the line and the field."""
+    problems = []
+    for line, problem in iter_jsonl(path):
+        where = f"problem set {path}, line {line}"
+        if not isinstance(problem, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(problem).__name__}")
+        missing = [field for field in PROBLEM_FIELDS if field not in problem]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}; a problem has {list(PROBLEM_FIELDS)}")
+        if problem["rule"] not in points.RULES:
+            raise ValueError(f"{where}: field 'rule' = {problem['rule']!r} is not a known rule {sorted(points.RULES)}")
+        rule = points.RULES[problem["rule"]]
+        try:
+            values = [rule.value(card) for card in problem["cards"]]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: field 'cards' = {problem['cards']!r}: {err}") from None
+        if len(values) != 4 or values != problem["numbers"]:
+            raise ValueError(f"{where}: fields 'cards' {problem['cards']} and 'numbers' {problem['numbers']} do not "
+                             f"agree under the {rule.name} rule (expected 4 cards worth {values})")
+        if not isinstance(problem["target"], int) or isinstance(problem["target"], bool):
+            raise ValueError(f"{where}: field 'target' = {problem['target']!r} is not an integer")
+        if problems and problem["rule"] != problems[0]["rule"]:
+            raise ValueError(f"{where}: rule {problem['rule']!r}, but the file began with rule "
+                             f"{problems[0]['rule']!r}; a problem set holds one split (ID or OOD), never both")
+        problems.append(problem)
+    if not problems:
+        raise ValueError(f"problem set {path} is empty")
+    return problems
 
 
 # -----------------------------------------------------------------------------

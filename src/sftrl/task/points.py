@@ -16,10 +16,11 @@ from __future__ import annotations
 import functools
 import json
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
-from itertools import permutations, product
+from itertools import combinations_with_replacement, permutations, product
 
 import numpy as np
 
@@ -73,12 +74,22 @@ class Hand:
     numbers: tuple[int, ...]  # their values under the rule
 
 
+# Dealing gives up after this many draws. Once some hand is known to be solvable, each draw hits one with
+# probability >= 1/13^4 (the rarest rank tuple), so a legitimate deal fails here with probability < e^-70.
+MAX_DRAWS = 2_000_000
+# After this many unsolvable draws, check every hand once: an impossible target then fails at once, by name.
+_EXHAUSTIVE_CHECK_AFTER = 10_000
+
+
 def deal(rng: np.random.Generator, rule: Rule, target: int = TARGET) -> Hand:
-    """Draw ranks with replacement (there is no deck) until the hand is solvable under `rule`."""
+    """Draw ranks with replacement (there is no deck) until the hand is solvable under `rule`.
+
+    Raises ValueError naming `env.target` when no hand can be solvable (e.g. target 100000), instead of spinning
+    forever; the draws (hence every seeded problem set) are the same as without the check."""
     # DEVIATION: seeded dealing. The authors draw with Python's global `random` (reset(seed) is ignored), so a
     # problem set depended on global RNG consumption; here `rng` alone fixes it. Suits are not drawn: they only
     # chose card images, which the language-only task never shows.
-    while True:
+    for draws in range(1, MAX_DRAWS + 1):
         if rule.ood_hands:
             # 3 ranks from 1..13 plus one face card from 11..13, then shuffled: >= 1 J/Q/K is guaranteed.
             ranks = rng.permutation(np.append(rng.integers(1, 14, size=3), rng.integers(11, 14)))
@@ -89,6 +100,21 @@ def deal(rng: np.random.Generator, rule: Rule, target: int = TARGET) -> Hand:
         # The filter runs on the values under the active rule, as the authors' reset() does.
         if is_solvable(numbers, target):
             return Hand(cards, numbers)
+        if draws == _EXHAUSTIVE_CHECK_AFTER and not solvable_hand_exists(rule, target):
+            raise ValueError(f"env.target = {target}: no hand of 4 cards is solvable under the {rule.name} rule "
+                             f"(J, Q, K = {rule.face_values}); choose a target the cards can make, e.g. 24")
+    raise ValueError(f"env.target = {target}: no solvable hand found in {MAX_DRAWS} draws under the {rule.name} rule")
+
+
+@functools.lru_cache(maxsize=None)
+def solvable_hand_exists(rule: Rule, target: int = TARGET) -> bool:
+    """Whether any hand the rule can deal is solvable (all 1820 rank multisets; OOD hands hold >= 1 face card)."""
+    for combo in combinations_with_replacement(RANKS, 4):
+        if rule.ood_hands and not any(card in ("J", "Q", "K") for card in combo):
+            continue
+        if is_solvable([rule.value(card) for card in combo], target):
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,6 +133,9 @@ PATTERNS = (
 )
 
 
+MAX_NESTED_PARENTHESES = 200  # CPython's MAXLEVEL: eval("(" * 201 + "1" + ")" * 201) is a SyntaxError
+
+
 class _Unevaluable(ValueError):
     """Where Python's eval of the formula would raise (SyntaxError or ZeroDivisionError)."""
 
@@ -114,6 +143,14 @@ class _Unevaluable(ValueError):
 def _parse(tokens: list[str]):
     """Token list -> expression tree (leaf: the number token; node: (op, left, right)), with Python's precedence
     and left associativity. Raises _Unevaluable for anything Python's eval would reject as a syntax error."""
+    # CPython's tokenizer rejects more than 200 nested parentheses ("too many nested parentheses", a SyntaxError
+    # that the authors' `eval` path catches like any other). Checking that first also bounds this recursive parser
+    # at ~600 frames, so a model output of 335+ '(' cannot raise RecursionError and end an evaluation job.
+    depth = 0
+    for token in tokens:
+        depth += (token == "(") - (token == ")")
+        if depth > MAX_NESTED_PARENTHESES:
+            raise _Unevaluable("too many nested parentheses")
     pos = 0
 
     def peek():
@@ -345,14 +382,12 @@ class Verdict:
 
 
 
+_SYMBOL_TYPES = {"+": "operator", "-": "operator", "*": "operator", "/": "operator", "(": "open_paren",
+                 ")": "close_paren"}
+
+
 def _token_type(token: str) -> str:
-    if token in ("+", "-", "*", "/"):
-        return "operator"
-    if token == "(":
-        return "open_paren"
-    if token == ")":
-        return "close_paren"
-    return "number"
+    return _SYMBOL_TYPES.get(token, "number")
 
 
 def _grammar_errors(tokens: list[str]) -> list[str]:
@@ -380,20 +415,35 @@ def _grammar_errors(tokens: list[str]) -> list[str]:
     return errors
 
 
+def _decimal(token: str) -> str:
+    """A number token as the canonical decimal string of int(token), without int(): Python refuses int() of more
+    than 4300 digits (and it is quadratic), and the authors' int() would crash the episode on such a model output.
+    Unicode digits map as int() maps them ('٣' -> '3'), leading zeros go ('007' -> '7')."""
+    if not token.isascii():
+        token = "".join(str(unicodedata.decimal(char)) for char in token)
+    return token.lstrip("0") or "0"
+
+
+def _int_list(values) -> str:
+    return "[" + ", ".join(values) + "]"  # str() of the authors' list of ints, e.g. "[13, 1]"
+
+
 def _number_errors(tokens: list[str], numbers) -> list[str]:
-    """Invalid (not in the hand) or else overused numbers: one -2; and separately underused numbers: one -2."""
-    used = Counter(int(t) for t in tokens if _token_type(t) == "number")
-    hand = Counter(int(n) for n in numbers)
+    """Invalid (not in the hand) or else overused numbers: one -2; and separately underused numbers: one -2.
+    Numbers are compared as canonical decimal strings (see _decimal): the authors' int() comparison and messages
+    for every output, and no int-string-limit crash on a 4301-digit number (it is an invalid number, -2)."""
+    used = Counter(_decimal(t) for t in tokens if t not in _SYMBOL_TYPES)
+    hand = Counter(str(int(n)) for n in numbers)
     errors = []
     invalid = [n for n in used if n not in hand]
     overused = [n for n in used if used[n] > hand[n]]
     if invalid:
-        errors.append(f"you used invalid numbers: {invalid}")
+        errors.append(f"you used invalid numbers: {_int_list(invalid)}")
     elif overused:
-        errors.append(f"you used numbers: {overused} too many times")
+        errors.append(f"you used numbers: {_int_list(overused)} too many times")
     underused = [n for n in hand if hand[n] > used[n]]
     if underused:
-        errors.append(f"you didn't use numbers: {underused}")
+        errors.append(f"you didn't use numbers: {_int_list(underused)}")
     return errors
 
 

@@ -35,6 +35,15 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
     return [episode_record(p, e) for p, e in zip(problems, episodes)]
 
 
+def _warn_if_no_answer(records: list[dict], model_dir) -> None:
+    """An all-empty output is what a broken checkpoint (e.g. NaN weights through a backend that cannot be
+    checked up front) produces; say so rather than let it pass as a measured 0 %."""
+    outputs = [a["output"] for r in records for a in r["attempts"]]
+    if outputs and not any(o.strip() for o in outputs):
+        log.warning("checkpoint %s produced only empty outputs (%d attempts): the model may be broken",
+                    model_dir, len(outputs))
+
+
 def episode_record(problem: dict, episode) -> dict:
     return {
         **problem,

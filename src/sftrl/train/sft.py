@@ -5,14 +5,19 @@ Checkpoint layout (why two places): Snakemake deletes a job's declared outputs b
 trainer's own resumable state (weights + optimizer + RNG) lives in `work_dir`, outside the outputs. Each saved
 checkpoint is exported at once below `export_dir` (named by sftrl.checkpoint; model files hard-linked, no optimizer state), which is
 what the rest of the workflow reads. A rerun after an interruption resumes from the newest complete checkpoint
-in `work_dir`; no completed checkpoint is recomputed or deleted.
+in `work_dir`; no completed checkpoint is recomputed or deleted, and one cut short by a kill during its save is
+moved aside (`resume_checkpoint`).
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import math
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 
 from .. import codegraph
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
 TRAINER_ONLY_FILES = {"trainer_state.json", "training_args.bin"}
 EVAL_SETS = {"id_train": "train_loss.jsonl", "id_test": "id_test.jsonl", "ood": "ood_loss.jsonl"}
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")  # transformers' own pattern for checkpoint folders
 
 
 def trainer_step(checkpoint_dir: Path) -> int:
@@ -48,11 +54,42 @@ def export_checkpoint(checkpoint_dir: Path, export_dir: Path) -> Path:
     return target
 
 
-def drop_old_optimizer_states(work_dir: Path, keep: Path) -> None:
-    """Only the newest checkpoint's optimizer state is needed to resume; older ones are large and dead weight."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+def trainer_checkpoints(work_dir: Path) -> list[Path]:
+    """The trainer's checkpoint-N folders in `work_dir`, by step (quarantined `*.incomplete-*` folders excluded)."""
+    found = [path for path in Path(work_dir).glob("checkpoint-*") if CHECKPOINT_RE.fullmatch(path.name)]
+    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
 
-    for checkpoint in work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+
+def is_complete(checkpoint: Path) -> bool:
+    """Whether a trainer checkpoint was saved to the end. transformers' Trainer._save_checkpoint writes the model,
+    then optimizer, scheduler and RNG state, and trainer_state.json last (transformers 5.24, not atomically), so
+    a folder whose trainer_state.json is missing or cut short was interrupted during its save."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == int(checkpoint.name.split("-")[1])
+
+
+def resume_checkpoint(work_dir: Path) -> Path | None:
+    """The newest complete trainer checkpoint in `work_dir` (None: start from the beginning). Incomplete ones
+    newer than it (a kill during a save) are moved aside to `<name>.incomplete-<UTC time>` and logged: the trainer
+    cannot resume from them, and it saves that step again."""
+    checkpoints = trainer_checkpoints(work_dir)
+    while checkpoints and not is_complete(checkpoints[-1]):
+        incomplete = checkpoints.pop()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        quarantine = incomplete.with_name(f"{incomplete.name}.incomplete-{stamp}")
+        incomplete.rename(quarantine)
+        log.warning("%s was interrupted during its save (no complete trainer_state.json): moved aside to %s; "
+                    "delete it when no longer needed", incomplete, quarantine.name)
+    return checkpoints[-1] if checkpoints else None
+
+
+def drop_old_optimizer_states(work_dir: Path, keep: Path) -> None:
+    """Only the newest checkpoint's optimizer state is needed to resume; older ones are large and dead weight.
+    Runs after `keep` is completely saved, so an interrupted save still leaves an older resumable checkpoint."""
+    for checkpoint in trainer_checkpoints(work_dir):
         if checkpoint != keep:
             for name in ("optimizer.pt", "scheduler.pt"):
                 (checkpoint / name).unlink(missing_ok=True)
@@ -101,6 +138,25 @@ def loss_table(log_history: list[dict]):
     return pd.DataFrame(rows, columns=["step", "split", "loss"]).drop_duplicates(["step", "split"], keep="last")
 
 
+INTEGER_SETTINGS = ("seed", "max_steps", "save_steps", "per_device_batch_size", "gradient_accumulation_steps",
+                    "warmup_steps", "max_length", "num_processes")
+
+
+def check_settings(settings: dict) -> None:
+    """What the schema cannot see, checked before the model is loaded: a float where the trainer needs an integer
+    (JSON Schema accepts 4.0 as an integer) and a DeepSpeed config file that does not exist."""
+    for key in INTEGER_SETTINGS:
+        value = settings[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"sft.{key} = {value!r}: must be an integer")
+    if settings["deepspeed"] and not Path(settings["deepspeed"]).is_file():
+        raise FileNotFoundError(f"sft.deepspeed = {settings['deepspeed']!r}: no such DeepSpeed JSON file "
+                                f"(relative paths start at {Path.cwd()})")
+    if settings["deepspeed"] and importlib.util.find_spec("deepspeed") is None:  # on the GPU nodes, not everywhere
+        raise ModuleNotFoundError(f"sft.deepspeed = {settings['deepspeed']!r} needs the deepspeed package "
+                                  "(workflow/envs/train.yaml), which is not installed here")
+
+
 def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir, export_dir, loss_table_path,
             threads: int = 1) -> None:
     import torch
@@ -109,15 +165,8 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import SFTConfig, SFTTrainer
 
+    check_settings(settings)
     torch.set_num_threads(threads)
-    if settings["deepspeed"]:  # before any work: DeepSpeed exists on the GPU nodes, not everywhere
-        import importlib.util
-
-        if not Path(settings["deepspeed"]).is_file():
-            raise FileNotFoundError(f"config sft.deepspeed = {settings['deepspeed']!r}: no such DeepSpeed JSON file")
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ModuleNotFoundError(f"config sft.deepspeed = {settings['deepspeed']!r} needs the deepspeed package "
-                                      "(workflow/envs/train.yaml), which is not installed here")
     work_dir, export_dir, data_dir = Path(work_dir), Path(export_dir), Path(data_dir)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, model_settings["dtype"], model_settings["attn_implementation"],
@@ -204,13 +253,13 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     step0_path = work_dir / "step0_eval.json"
     if not step0_path.exists():
         write_json(step0_path, {**trainer.evaluate(), "step": 0})
-    resume = any(work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+    resume = resume_checkpoint(work_dir)
     if resume:
-        log.info("resuming SFT from the newest checkpoint in %s", work_dir)
-    trainer.train(resume_from_checkpoint=resume or None)
+        log.info("resuming SFT from %s", resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # Re-export everything the trainer dir holds (idempotent), so a rerun after Snakemake removed the exports
     # restores them without retraining.
-    for checkpoint in sorted(work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+    for checkpoint in trainer_checkpoints(work_dir):
         if not (export_dir / SFT_EXPORT.format(step=trainer_step(checkpoint))).exists():
             export_checkpoint(checkpoint, export_dir)
     write_csv(loss_table_path, loss_table([read_json(step0_path), *trainer.state.log_history]))

@@ -18,8 +18,7 @@ def _tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
     """Map every tensor name to the safetensors file that holds it (reads only headers / the index)."""
     path = Path(model_dir)
     if path.is_file() and path.suffix == ".safetensors":  # a single merged file, as in the authors' scripts
-        with safe_open(path, framework="pt") as f:
-            return {k: path for k in f.keys()}
+        return {k: path for k in _tensor_names(path)}
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     index = path / "model.safetensors.index.json"
@@ -32,9 +31,21 @@ def _tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
         return files
     single = path / "model.safetensors"
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in _tensor_names(single)}
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def _open_safetensors(file: Path):
+    """safe_open, with the file named when it is truncated or garbled (safetensors' own errors do not name it)."""
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as err:
+        raise ValueError(f"weights file {file} is unreadable (truncated or corrupt?): {err}") from err
+
+
+def _tensor_names(file: Path) -> list[str]:
+    with _open_safetensors(file) as f:
+        return list(f.keys())
 
 
 def list_checkpoint_tensors(model_dir: str | os.PathLike) -> list[str]:
@@ -59,7 +70,7 @@ def _stream_tensors(files: Mapping[str, Path], names: list[str]) -> Iterator[tup
         for name in names:
             file = files[name]
             if file not in handles:  # safe_open only maps the file; keeping every shard open is cheap
-                handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+                handles[file] = stack.enter_context(_open_safetensors(file))
             yield name, handles[file].get_tensor(name)
 
 

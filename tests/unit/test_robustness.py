@@ -1,0 +1,590 @@
+"""Issue 15's probe kept as tests (library side): bad inputs fail fast with a message that names the config key,
+file, line or checkpoint at fault; nothing hangs; adversarial model outputs score and never crash an episode; a
+corrupted SVD cache is caught wherever the damage is; SFT resumes after a kill during a checkpoint save.
+
+Every case runs under a wall-clock alarm (`bounded`), so a regression to an endless loop fails instead of hanging
+the suite. The workflow-side cases (parse-time checks, kill-and-resume of whole DAG runs) live in the workflow tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sftrl.task import points
+
+
+def cli_error(argv):
+    """Run the `sftrl` CLI on bad arguments; argparse reports to stderr and exits: raise what it said."""
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            mod("sftrl.cli").main(argv)
+        except SystemExit:
+            raise ValueError(stderr.getvalue()) from None
+    raise AssertionError(f"sftrl {' '.join(argv)} did not fail")
+
+
+def mod(name: str):
+    """A library module by dotted name (the catalogue's cases name where each check lives)."""
+    import importlib
+
+    return importlib.import_module(name)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def bounded(seconds: float):
+    """Fail with TimeoutError if the block runs longer than `seconds` of wall-clock time (SIGALRM: main thread)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a loop that should be bounded is not")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def raises_naming(exception, *names, seconds: float = 60):
+    """Run a callable under `bounded(seconds)`; it must raise `exception` whose message contains every name."""
+    def check(call):
+        with bounded(seconds), pytest.raises(exception) as info:
+            call()
+        message = str(info.value)
+        for name in names:
+            assert str(name) in message, f"{name!r} not named in: {message}"
+        return message
+    return check
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Item 6 of the issue: one model output must never end an evaluation. Each output goes through Episode.submit, the
+# path the evaluation loop takes, and must be scored within 1 s of CPU time (process time: other jobs sharing the
+# machine do not count) and 10 s of wall-clock time.
+
+def _answer(formula: str) -> str:
+    return '\n{\n  "cards": ["A", "2", "3", "4"],\n  "number": [1, 2, 3, 4],\n  "formula": "%s=24",\n}' % formula
+
+
+ADVERSARIAL_OUTPUTS = {
+    # (output text, expected reward, expected outcome) for the hand A 2 3 4 (numbers 1 2 3 4)
+    # 335+ nested '(' raised RecursionError; CPython's eval rejects > 200 levels as a SyntaxError, so the authors'
+    # verifier falls through to the prefix check: -1.
+    "335_nested_parentheses": (_answer("(" * 335 + "1*2*3*4" + ")" * 335), -1.0, "no_solution"),
+    "335_unclosed_parentheses": (_answer("(" * 335 + "1*2*3*4"), -1.0, "no_solution"),
+    "100k_nested_parentheses": (_answer("(" * 100_000 + "1*2*3*4" + ")" * 100_000), -1.0, "no_solution"),
+    "200_nested_parentheses_still_correct": (_answer("(" * 200 + "1*2*3*4" + ")" * 200), 5.0, "correct"),
+    # a 4,301-digit number hit Python's int-string limit: it is a number not in the hand (-2), and 1 is unused (-2)
+    "4301_digit_number": (_answer("1" * 4301 + "+2+3+4"), -4.0, "incorrect_number"),
+    "1M_digit_number": (_answer("9" * 1_000_000), -4.0, "incorrect_number"),
+    "leading_zeros_5000": (_answer("0" * 5000 + "1*2*3*4"), -1.0, "no_solution"),
+    "power_tower": (_answer("9**9**9"), -10.0, "mixed"),
+    "float_literal_1e308": (_answer("1e308"), -3.0, "illegal_formula"),
+    "1MB_of_text": ("x" * 1_000_000, -3.0, "illegal_formula"),
+    "1MB_formula": (_answer("1+" * 500_000 + "1"), -4.0, "incorrect_number"),
+    "1MB_of_closing_parentheses": (_answer(")" * 1_000_000), None, "mixed"),
+    "arabic_indic_digits": (_answer("١*٢*٣*٤"), -1.0, "no_solution"),  # int() reads them; eval does not
+    "fullwidth_digits": (_answer("１*２*３*４"), -1.0, "no_solution"),
+    "deeply_nested_json": ("[" * 100_000, -3.0, "illegal_formula"),
+    "json_formula_deep_parentheses": (json.dumps({"formula": "(" * 1000 + "1*2*3*4" + ")" * 1000}), -1.0,
+                                      "no_solution"),
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL_OUTPUTS)
+def test_adversarial_output_is_scored_not_raised(name):
+    text, reward, outcome = ADVERSARIAL_OUTPUTS[name]
+    episode = points.Episode(points.Hand(("A", "2", "3", "4"), (1, 2, 3, 4)), points.ID_RULE)
+    start = time.process_time()
+    with bounded(10):
+        verdict = episode.submit(text)
+    assert time.process_time() - start < 1.0
+    assert verdict.outcome == outcome
+    if reward is not None:
+        assert verdict.reward == reward
+    if verdict.outcome != "correct":  # the episode goes on, with a feedback turn
+        assert not episode.done and episode.messages[-1]["content"].startswith(points.FEEDBACK_PREFIX)
+
+
+def test_huge_numbers_keep_the_authors_messages():
+    """Numbers are compared without int() but read as the authors' int() reads them."""
+    assert points.score("007*1*2*3", (7, 1, 2, 3)).message == "your formula does not match any solution."
+    verdict = points.score("1" * 4301 + "+2+3+4", (1, 2, 3, 4))
+    assert verdict.message == f"you used invalid numbers: [{'1' * 4301}], you didn't use numbers: [1]."
+    assert points.score("13+13+1", (13, 1, 2, 3)).message == \
+        "you used numbers: [13] too many times, you didn't use numbers: [2, 3]."
+    assert points.score("٣+1+2+4", (1, 2, 3, 4)).outcome == "no_solution"  # '٣' is the number 3, as for int()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Item 1: SFT resumes after a kill during a checkpoint save. transformers writes trainer_state.json last; the kill is
+# injected right there (the file missing, or cut short), after the model and optimizer files of the checkpoint are
+# on disk. The rerun must resume from the previous complete checkpoint, move the broken one aside, and end with the
+# weights of an uninterrupted run.
+
+from test_sft import MODEL_SETTINGS, SFT_SETTINGS  # noqa: E402  (same settings as the SFT unit tests)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    from sftrl.task.data import build_sft_data
+
+    out = tmp_path_factory.mktemp("sft_data")
+    build_sft_data({"seed": 0, "n_train": 32, "id_test_fraction": 0.15, "n_id_test": 8, "n_ood_loss": 8,
+                    "n_train_loss": 8}, 24, out)
+    return out
+
+
+def _run_sft(micro_base, sft_data, root, settings=SFT_SETTINGS):
+    from sftrl.train import sft
+
+    sft.run_sft(micro_base, sft_data, settings, MODEL_SETTINGS, root / "work", root / "export", root / "loss.csv")
+
+
+@pytest.fixture(scope="module")
+def sft_reference(micro_base, sft_data, tmp_path_factory):
+    """An uninterrupted SFT run."""
+    reference = tmp_path_factory.mktemp("sft_reference")
+    with bounded(300):
+        _run_sft(micro_base, sft_data, reference)
+    return reference
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_sft_resumes_after_a_kill_during_a_checkpoint_save(micro_base, sft_data, sft_reference, tmp_path,
+                                                           monkeypatch, caplog, damage):
+    import logging
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers.trainer_callback import TrainerState
+
+    real_save = TrainerState.save_to_json
+
+    def killed_while_saving_step_6(self, json_path):
+        if Path(json_path).parent.name == "checkpoint-6":
+            if damage == "truncated":
+                real_save(self, json_path)
+                text = Path(json_path).read_text()
+                Path(json_path).write_text(text[: len(text) // 2])
+            raise KeyboardInterrupt("simulated kill while checkpoint-6 is being saved")
+        return real_save(self, json_path)
+
+    run = tmp_path / "interrupted"
+    monkeypatch.setattr(TrainerState, "save_to_json", killed_while_saving_step_6)
+    with bounded(300), pytest.raises(KeyboardInterrupt):
+        _run_sft(micro_base, sft_data, run)
+    monkeypatch.setattr(TrainerState, "save_to_json", real_save)
+    work = run / "work"
+    assert (work / "checkpoint-6" / "model.safetensors").exists()  # the save got that far
+    assert (work / "checkpoint-3" / "optimizer.pt").exists()  # the previous checkpoint is still resumable
+    first = work / "checkpoint-3" / "model.safetensors"
+    stamp = first.stat().st_ino, first.stat().st_mtime_ns
+
+    with caplog.at_level(logging.INFO, logger="sftrl.train.sft"), bounded(300):
+        _run_sft(micro_base, sft_data, run)
+    quarantined = [p.name for p in work.iterdir() if p.name.startswith("checkpoint-6.incomplete-")]
+    assert len(quarantined) == 1, sorted(p.name for p in work.iterdir())
+    assert "checkpoint-6 was interrupted during its save" in caplog.text and quarantined[0] in caplog.text
+    assert f"resuming SFT from {work / 'checkpoint-3'}" in caplog.text
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == stamp  # checkpoint-3 was not recomputed
+    final = load_file(run / "export" / "checkpoint-6" / "model.safetensors")
+    expected = load_file(sft_reference / "export" / "checkpoint-6" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    # a third run finds everything complete and changes nothing
+    _run_sft(micro_base, sft_data, run)
+    assert [p.name for p in work.iterdir() if ".incomplete-" in p.name] == quarantined
+
+
+def test_sft_with_no_complete_checkpoint_starts_over(tmp_path):
+    """A kill during the very first save leaves nothing to resume from: the folder is moved aside, None returned."""
+    from sftrl.train import sft
+
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / "checkpoint-30").mkdir()  # numeric order, not string order: 30 is newer than 4
+    (tmp_path / "checkpoint-30" / "trainer_state.json").write_text('{"global_step": 4}')  # not its own step
+    assert sft.resume_checkpoint(tmp_path) is None
+    assert sorted(p.name.split(".")[0] for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-30"]
+    assert not (tmp_path / "checkpoint-3").exists() and sft.trainer_checkpoints(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The catalogue: one case per bad input. Each case builds its input under tmp_path and returns
+# (call, exception type, names the message must contain); the call runs under a 60 s alarm, so a case that hangs
+# (the issue's env.target = 100000 and id_test_fraction = 0.9999 spun forever) fails instead.
+
+SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+SFT_DATA = {"seed": 0, "n_train": 8, "id_test_fraction": 0.15, "n_id_test": 4, "n_ood_loss": 4, "n_train_loss": 4}
+MICRO_ARCH = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64,
+              "max_position_embeddings": 64}
+
+
+def config_with(section_path: str, value) -> dict:
+    """The default config with one key (dotted path) set to `value`."""
+    config = copy.deepcopy(DEFAULT)
+    *parents, key = section_path.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[key] = value
+    return config
+
+
+def schema_case(section_path: str, value):
+    import jsonschema
+
+    def call():
+        jsonschema.validate(config_with(section_path, value), SCHEMA)
+    # jsonschema names the key as a path: "On instance['env']['target']"
+    return call, jsonschema.ValidationError, ["".join(f"['{k}']" for k in section_path.split("."))]
+
+
+def integer_case(section_path: str, value):
+    import jsonschema
+
+    from sftrl.io import check_integer_keys
+
+    config = config_with(section_path, value)
+    jsonschema.validate(config, SCHEMA)  # JSON Schema itself accepts 4.0 as an integer ...
+    return (lambda: check_integer_keys(config, SCHEMA)), ValueError, [section_path, repr(value)]  # ... this does not
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def problem(rule="id", cards=("A", "2", "3", "4"), numbers=(1, 2, 3, 4), index=0, **override) -> str:
+    record = {"id": f"{rule}-{index:04d}", "rule": rule, "cards": cards and list(cards),
+              "numbers": numbers and list(numbers), "target": 24}
+    record.update(override)
+    return json.dumps({k: v for k, v in record.items() if v is not None})
+
+
+def problems_case(tmp_path, lines: list[str], *names):
+    from sftrl.task.data import read_problems
+
+    path = write(tmp_path / "eval_id.jsonl", "\n".join(lines) + "\n")
+    return (lambda: read_problems(path)), ValueError, [str(path), *names]
+
+
+def model_copy(micro_base, tmp_path, name="model") -> Path:
+    import shutil
+
+    target = tmp_path / name
+    shutil.copytree(micro_base, target)
+    return target
+
+
+def truncated_model(micro_base, tmp_path) -> Path:
+    model = model_copy(micro_base, tmp_path)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+def nan_model(micro_base, tmp_path, tensor="model.layers.1.mlp.up_proj.weight") -> Path:
+    from safetensors.torch import load_file, save_file
+
+    model = model_copy(micro_base, tmp_path)
+    tensors = load_file(model / "model.safetensors")
+    tensors[tensor][3, 5] = float("nan")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
+def svd_case(model, names, tmp_path, device=None):
+    from sftrl.weights.svd import compute_svd_shard
+
+    return lambda: compute_svd_shard(model, names, tmp_path / "svd" / "shard.safetensors", device=device)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+CATALOGUE = {
+    # --- config values the schema rejects, by key (item 2: bounds that make dealing impossible or endless)
+    "schema env.target 100000": lambda t, m: schema_case("env.target", 100000),
+    "schema env.target 0": lambda t, m: schema_case("env.target", 0),
+    "schema id_test_fraction 0.9999": lambda t, m: schema_case("data.sft.id_test_fraction", 0.9999),
+    "schema id_test_fraction 1": lambda t, m: schema_case("data.sft.id_test_fraction", 1),
+    "schema held_out_per_mille 0": lambda t, m: schema_case("base.corpus.held_out_per_mille", 0),
+    "schema save_steps 4.5": lambda t, m: schema_case("sft.save_steps", 4.5),
+    # --- floats where an integer is needed: accepted by JSON Schema, caught by check_integer_keys (item 8)
+    "integer sft.save_steps 4.0": lambda t, m: integer_case("sft.save_steps", 4.0),
+    "integer base.train.steps 800.0": lambda t, m: integer_case("base.train.steps", 800.0),
+    "integer data.eval.n 234.0": lambda t, m: integer_case("data.eval.n", 234.0),
+    "integer sft at the job": lambda t, m: (
+        lambda: mod("sftrl.train.sft").check_settings({**SFT_SETTINGS, "save_steps": 4.0}),
+        ValueError, ["sft.save_steps", "4.0"]),
+    # --- dealing that can never succeed fails fast, naming the key (item 2)
+    "deal env.target 100000": lambda t, m: (
+        lambda: points.deal(__import__("numpy").random.default_rng(0), points.ID_RULE, 100000),
+        ValueError, ["env.target = 100000", "id rule"]),
+    "eval set ood env.target 10000": lambda t, m: (  # 10*10*10*10: ID hands only, never with a face card
+        lambda: mod("sftrl.task.data").eval_problems("ood", 3, 0, 10000), ValueError,
+        ["env.target = 10000", "ood rule"]),
+    "sft data id_test_fraction 0.9999": lambda t, m: (
+        lambda: mod("sftrl.task.data").build_sft_data({**SFT_DATA, "id_test_fraction": 0.9999}, 24, t),
+        ValueError, ["data.sft.id_test_fraction = 0.9999", "training split would be empty"]),
+    "sft data env.target 9999": lambda t, m: (
+        lambda: mod("sftrl.task.data").build_sft_data(SFT_DATA, 9999, t), ValueError, ["env.target = 9999"]),
+    "sft data ood loss env.target 10000": lambda t, m: (
+        lambda: mod("sftrl.task.data").build_sft_data(SFT_DATA, 10000, t), ValueError,
+        ["env.target = 10000", "ood rule"]),
+    "parse-time check env.target 100000": lambda t, m: (
+        lambda: mod("sftrl.task.data").check_data_settings(SFT_DATA, 100000), ValueError,
+        ["env.target = 100000", "id rule"]),
+    "parse-time check id_test_fraction 0.9999": lambda t, m: (
+        lambda: mod("sftrl.task.data").check_data_settings({**SFT_DATA, "id_test_fraction": 0.9999}, 24),
+        ValueError, ["data.sft.id_test_fraction = 0.9999", "env.target = 24"]),
+    "probe held_out_per_mille 0": lambda t, m: (
+        lambda: mod("sftrl.base.probe").held_out_documents("arithmetic", 4, 0, 0), ValueError,
+        ["base.corpus.held_out_per_mille = 0"]),
+    "corpus unknown family": lambda t, m: (
+        lambda: mod("sftrl.base.corpus").make_document(__import__("numpy").random.default_rng(0), "poems"),
+        ValueError, ["'poems'"]),
+    "corpus mix unknown family": lambda t, m: (
+        lambda: mod("sftrl.base.corpus").generate_corpus(0, 10, {"poems": 1.0}), ValueError,
+        ["base.corpus.mix", "poems"]),
+    "pretrain seq_len longer than the corpus": lambda t, m: (
+        lambda: mod("sftrl.base.pretrain").pretrain(
+            {**copy.deepcopy(__import__("conftest").MICRO_BASE),
+             "corpus": {"n_documents": 20, "mix": {"arithmetic": 1.0}, "held_out_per_mille": 50},
+             "train": {**__import__("conftest").MICRO_BASE["train"], "seq_len": 100000}},
+            t / "model", t / "state", t / "loss.csv"),
+        ValueError, ["base.train.seq_len = 100000", "base.corpus.n_documents = 20"]),
+    "architecture num_kv_heads": lambda t, m: (
+        lambda: mod("sftrl.modeling").build_tiny_llama(
+            mod("sftrl.modeling").load_tokenizer(m), {**MICRO_ARCH, "num_kv_heads": 3}, 0),
+        ValueError, ["base.architecture.num_heads = 4", "base.architecture.num_kv_heads = 3"]),
+    "architecture hidden_size": lambda t, m: (
+        lambda: mod("sftrl.modeling").build_tiny_llama(
+            mod("sftrl.modeling").load_tokenizer(m), {**MICRO_ARCH, "hidden_size": 30}, 0),
+        ValueError, ["base.architecture.hidden_size = 30", "base.architecture.num_heads = 4"]),
+    # --- spectral settings (item 8: a bad regex; item 4: a regex that selects 1-D tensors, a GPU without a GPU)
+    "spectral.include bad regex": lambda t, m: (
+        lambda: mod("sftrl.weights.names").select_matrices(["a.weight"], ["(q|k"]), ValueError,
+        ["spectral.include", "'(q|k'"]),
+    "spectral.exclude bad regex": lambda t, m: (
+        lambda: mod("sftrl.weights.names").select_matrices(["a.weight"], [".*"], ["[z-a]"]), ValueError,
+        ["spectral.exclude", "'[z-a]'"]),
+    "spectral.include selects nothing": lambda t, m: (
+        lambda: mod("sftrl.weights.names").shard_plan(
+            {"model.layers.0.mlp.up_proj.weight": 2}, {"include": ["nothing$"], "exclude": [], "layers_per_shard": 1}),
+        ValueError, ["spectral.include"]),
+    "spectral.include selects 1-D tensors (parse time)": lambda t, m: (
+        lambda: mod("sftrl.weights.names").shard_plan(
+            mod("sftrl.weights.names").llama_parameter_ndims(2),
+            {"include": [r"\.weight$"], "exclude": [], "layers_per_shard": 1}),
+        ValueError, ["spectral.include", "5 tensor(s) that are not matrices", "model.norm.weight"]),
+    "spectral.include selects a 1-D tensor": lambda t, m: (
+        svd_case(m, ["model.norm.weight"], t), ValueError, ["model.norm.weight", "(32,)", "spectral.include"]),
+    "spectral.device cuda without CUDA": lambda t, m: (
+        svd_case(m, ["lm_head.weight"], t, device="cuda"), RuntimeError, ["spectral.device"]),
+    # --- model files (item 8: a truncated safetensors file; NaN weights)
+    "model dir missing": lambda t, m: (
+        lambda: mod("sftrl.modeling").load_model(t / "nowhere", device="cpu"), FileNotFoundError,
+        [str(t / "nowhere"), "model.path"]),
+    "model dir without config.json": lambda t, m: (
+        lambda: mod("sftrl.modeling").load_tokenizer(t), FileNotFoundError, [str(t), "config.json"]),
+    "truncated safetensors load_model": lambda t, m: (
+        lambda: mod("sftrl.modeling").load_model(truncated_model(m, t), device="cpu"),
+        FileNotFoundError, [str(t / "model" / "model.safetensors"), "truncated"]),
+    "truncated safetensors SVD": lambda t, m: (
+        lambda: mod("sftrl.weights.tensors").list_checkpoint_tensors(truncated_model(m, t)), ValueError,
+        [str(t / "model" / "model.safetensors"), "truncated"]),
+    "NaN weights load_model": lambda t, m: (
+        lambda: mod("sftrl.modeling").load_model(nan_model(m, t), device="cpu"), ValueError,
+        [str(t / "model"), "model.layers.1.mlp.up_proj.weight", "NaN"]),
+    "NaN weights vLLM path": lambda t, m: (
+        lambda: mod("sftrl.modeling").check_finite_files(nan_model(m, t)), ValueError,
+        [str(t / "model"), "model.layers.1.mlp.up_proj.weight", "NaN"]),
+    "NaN weights SVD": lambda t, m: (
+        lambda: svd_case(nan_model(m, t), ["model.layers.1.mlp.up_proj.weight"], t)(), ValueError,
+        [str(t / "model"), "model.layers.1.mlp.up_proj.weight", "NaN"]),
+    "checkpoint lacks a tensor": lambda t, m: (
+        lambda: mod("sftrl.weights.tensors").iter_checkpoint_tensors(m, ["model.layers.9.mlp.up_proj.weight"]),
+        KeyError, [str(m), "model.layers.9.mlp.up_proj.weight"]),
+    # --- settings a node cannot honour fail before any work, naming the key (item 4, library side)
+    "model.device cuda without CUDA": lambda t, m: (
+        lambda: mod("sftrl.modeling").load_model(m, device="cuda"), RuntimeError, ["model.device"]),
+    "flash_attention_2 without flash_attn": lambda t, m: (
+        lambda: mod("sftrl.modeling").load_model(m, attn_implementation="flash_attention_2",
+                                                                device="cpu"),
+        RuntimeError, ["model.attn_implementation", "flash_attn"]),
+    "eval.backend vllm without vLLM": lambda t, m: (
+        lambda: mod("sftrl.generation").make_backend("vllm", m, {}, 1), RuntimeError,
+        ["eval.backend = vllm"]),
+    "eval.backend unknown": lambda t, m: (
+        lambda: mod("sftrl.generation").make_backend("tgi", m, {}, 1), ValueError,
+        ["eval.backend = 'tgi'"]),
+    "sft.deepspeed missing file": lambda t, m: (
+        lambda: mod("sftrl.train.sft").check_settings({**SFT_SETTINGS, "deepspeed": str(t / "ds.json")}),
+        FileNotFoundError, ["sft.deepspeed", str(t / "ds.json")]),
+    # --- data files (item 8: malformed JSONL, problem files with an unknown rule, a missing field, mixed splits)
+    "jsonl malformed line": lambda t, m: (
+        lambda: mod("sftrl.io").read_jsonl(write(t / "train.jsonl", '{"a": 1}\n\n{"a": 2}\n{"a": \n')),
+        ValueError, [str(t / "train.jsonl"), "line 4"]),
+    "json malformed": lambda t, m: (
+        lambda: mod("sftrl.io").read_json(write(t / "selection.json", '{"inter_sft": ')), ValueError,
+        [str(t / "selection.json")]),
+    "problems unknown rule": lambda t, m: problems_case(t, [problem(), problem(rule="hard", index=1)],
+                                                        "line 2", "'rule'", "'hard'"),
+    "problems missing field": lambda t, m: problems_case(t, [problem(), "", problem(numbers=None, index=1)],
+                                                         "line 3", "'numbers'"),
+    "problems mixing ID and OOD": lambda t, m: problems_case(
+        t, [problem(), problem(rule="ood", cards=("J", "2", "3", "4"), numbers=(11, 2, 3, 4), index=1)],
+        "line 2", "'ood'", "'id'"),
+    "problems cards and numbers disagree": lambda t, m: problems_case(
+        t, [problem(cards=("K", "2", "3", "4"), numbers=(13, 2, 3, 4))], "line 1", "'cards'", "'numbers'"),
+    "problems unknown card": lambda t, m: problems_case(t, [problem(cards=("1", "2", "3", "4"))], "line 1", "'cards'"),
+    "problems not an object": lambda t, m: problems_case(t, ["[1, 2, 3, 4]"], "line 1", "JSON object"),
+    "problems malformed JSON": lambda t, m: problems_case(t, [problem(), '{"id": '], "line 2"),
+    "problems empty": lambda t, m: problems_case(t, ["", ""], "empty"),
+    "eval table without OOD rows": lambda t, m: (
+        lambda: mod("sftrl.evaluation.select").select_sft(
+            write(t / "eval.csv", "run,stage,step,split,accuracy\ntiny,sft,40,id,0.5\n"), t / "sel.json"),
+        ValueError, [str(t / "eval.csv"), "OOD"]),
+    "eval table without columns": lambda t, m: (
+        lambda: mod("sftrl.evaluation.select").select_sft(write(t / "eval.csv", "a,b\n1,2\n"), t / "sel.json"),
+        ValueError, [str(t / "eval.csv"), "accuracy"]),
+    "cli settings not JSON": lambda t, m: (
+        lambda: cli_error(["data", "sft", "--settings", "{seed: 0}", "--out-dir", str(t)]),
+        ValueError, ["--settings", "not valid JSON"]),
+    # --- SVD cache files
+    "svd cache missing": lambda t, m: (
+        lambda: mod("sftrl.weights.svd").load_svd_shard(t / "none.safetensors"), FileNotFoundError,
+        [str(t / "none.safetensors")]),
+    "svd cache garbage": lambda t, m: (
+        lambda: mod("sftrl.weights.svd").load_svd_shard(write(t / "s.safetensors", "garbage")),
+        mod("sftrl.weights.svd").StaleSVDCache, [str(t / "s.safetensors"), "unreadable"]),
+    "svd shard path": lambda t, m: (
+        lambda: mod("sftrl.weights.svd").group_shards([str(t / "embed.safetensors")]), ValueError,
+        [str(t / "embed.safetensors")]),
+}
+SKIP = {
+    "spectral.device cuda without CUDA": (_cuda, "this node has CUDA"),
+    "model.device cuda without CUDA": (_cuda, "this node has CUDA"),
+    "flash_attention_2 without flash_attn": (lambda: _installed("flash_attn"), "flash_attn is installed"),
+    "eval.backend vllm without vLLM": (lambda: _installed("vllm"), "vllm is installed"),
+}
+
+
+@pytest.mark.parametrize("case", CATALOGUE)
+def test_bad_input_is_named(case, tmp_path, micro_base):
+    if case in SKIP and SKIP[case][0]():
+        pytest.skip(SKIP[case][1])
+    call, exception, names = CATALOGUE[case](tmp_path, micro_base)
+    raises_naming(exception, *names, seconds=60)(call)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Item 3: the SVD cache verified only one sampled matrix per shard, so a corrupted U elsewhere went into the published
+# tables. Now every factor's sha256 is checked on every read; the damage is named and ensure_svd_shard recomputes.
+
+def _shard(micro_base, tmp_path):
+    from sftrl.weights.names import select_matrices
+    from sftrl.weights.svd import compute_svd_shard
+    from sftrl.weights.tensors import list_checkpoint_tensors
+
+    names = select_matrices(list_checkpoint_tensors(micro_base))
+    out = tmp_path / "svd" / "layers.safetensors"
+    compute_svd_shard(micro_base, names, out)
+    return names, out
+
+
+def _rewrite(path, mutate):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    meta = mutate(tensors, meta) or meta
+    save_file(tensors, path, metadata=meta)
+
+
+@pytest.mark.parametrize("part", ["U", "S", "Vh"])
+def test_corrupted_factor_of_a_non_sampled_matrix_is_caught(micro_base, tmp_path, caplog, part):
+    import logging
+    import random
+
+    import torch
+    from safetensors import safe_open
+
+    from sftrl.weights.svd import StaleSVDCache, ensure_svd_shard, load_svd_shard
+
+    names, out = _shard(micro_base, tmp_path)
+    with safe_open(out, framework="pt") as f:
+        sampled = random.Random(f.metadata()["checkpoint_sha256"]).sample(names, 1)  # what sample=1 checks
+    victim = next(n for n in names if n not in sampled and "mlp" in n)
+    before = load_svd_shard(out, micro_base, sample=1)[victim]
+
+    def corrupt(tensors, meta):
+        key = f"{victim}::{part}"
+        if part == "S":  # the smallest σ 0.1 % smaller: still sorted, sum σ² within tolerance; only the hash sees it
+            tensors[key] = tensors[key].clone()
+            tensors[key][-1] *= 0.999
+        else:  # a sign flip of one singular vector: still orthonormal, still an exact SVD of a different W
+            tensors[key] = tensors[key].clone()
+            if part == "U":
+                tensors[key][:, 1] *= -1
+            else:
+                tensors[key][1, :] *= -1
+    _rewrite(out, corrupt)
+    for kwargs in ({"model_dir": micro_base, "sample": 1}, {"verify": False}, {"sample": None}):
+        message = raises_naming(StaleSVDCache, str(out), victim, part, "sha256", seconds=30)(
+            lambda: load_svd_shard(out, **kwargs))
+        assert f"{part} of {victim}" in message
+    with caplog.at_level(logging.WARNING, logger="sftrl.weights.svd"), bounded(60):
+        fresh = ensure_svd_shard(micro_base, names, out, sample=1)
+    assert "recomputing" in caplog.text and victim in caplog.text
+    for got, want in zip(fresh[victim], before):
+        assert torch.equal(got, want)
+    load_svd_shard(out, micro_base, sample=None)  # the rewritten file passes every check
+
+
+def test_cache_of_the_previous_format_is_recomputed(micro_base, tmp_path, caplog):
+    import logging
+
+    from sftrl.weights.svd import StaleSVDCache, ensure_svd_shard, load_svd_shard
+
+    names, out = _shard(micro_base, tmp_path)
+
+    def format_1(tensors, meta):
+        meta = dict(meta, sftrl_svd_format="1")
+        del meta["factor_sha256"]
+        return meta
+    _rewrite(out, format_1)
+    raises_naming(StaleSVDCache, str(out))(lambda: load_svd_shard(out))
+    with caplog.at_level(logging.WARNING, logger="sftrl.weights.svd"):
+        ensure_svd_shard(micro_base, names, out)
+    assert "recomputing" in caplog.text
+    load_svd_shard(out, micro_base, sample=None)
