@@ -33,3 +33,14 @@ def micro_base(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
     pretrain(MICRO_BASE, root / "model", root / "state", root / "loss.csv")
     return root / "model"
+
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """A work directory holding one uninterrupted, completed micro run (the reference of several workflow tests)."""
+    from helpers import make_workdir, snakemake
+
+    workdir = make_workdir(tmp_path_factory.mktemp("micro"))
+    snakemake(workdir, "--cores", "2", "all")
+    return workdir

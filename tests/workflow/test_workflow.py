@@ -15,13 +15,6 @@ def snakemake(workdir, *args, check=True, timeout=900, **kwargs):
     return run_snakemake(workdir, *args, check=check, timeout=timeout, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    workdir = make_workdir(tmp_path_factory.mktemp("micro"))
-    snakemake(workdir, "--cores", "2", "all")
-    return workdir
-
-
 def test_micro_dag_end_to_end(micro_run):
     config = yaml.safe_load(MICRO.read_text())
     results = micro_run / "results"

@@ -1,0 +1,75 @@
+"""Nothing computed is lost and nothing is corrupted by a kill -9: one micro run is killed during pretraining,
+during SFT, during the evaluations and during the SVDs, and after each kill resumed the way `make results` resumes
+(`snakemake --unlock`, then `--rerun-incomplete`); its final tables and weights equal an uninterrupted run's
+(timing columns aside)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from helpers import env, make_workdir, snakemake
+
+pytestmark = pytest.mark.workflow
+
+# stage -> (the sign that it is under way in results/, the sign that it is over); the run is killed between them
+STAGES = {
+    "pretraining": (lambda r: (r / "work" / "pretrain" / "state.pt").exists(),
+                    lambda r: (r / "models" / "base").exists()),
+    "SFT": (lambda r: (r / "work" / "sft" / "checkpoint-4" / "trainer_state.json").exists(),
+            lambda r: (r / "tables" / "sft_loss.csv").exists()),
+    "evaluation": (lambda r: any((r / "eval").glob("*/*.summary.json")),
+                   lambda r: (r / "tables" / "eval.csv").exists()),
+    "SVD": (lambda r: any((r / "svd").glob("*/*.safetensors")),
+            lambda r: len(list((r / "svd").glob("*/*.safetensors"))) == 6),
+}
+TABLES = ["tables/eval.csv", "tables/sft_loss.csv", "tables/spectral_sigma.csv", "tables/spectral_angles.csv",
+          "tables/spectral_energy.csv", "tables/drift.csv", "tables/embed_lmhead.csv", "base/pretrain_loss.csv"]
+WEIGHTS = ["models/base/model.safetensors", "sft/checkpoint-4/model.safetensors", "sft/checkpoint-8/model.safetensors"]
+
+
+def run_until_killed(workdir: Path, stage: str) -> None:
+    """Resume the run (as make results does) and SIGKILL its whole process group once `stage` is under way."""
+    snakemake(workdir, "--unlock")
+    started, finished = STAGES[stage]
+    results = workdir / "results"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "snakemake", "--directory", str(workdir), "-s", str(Path(__file__).parents[2] /
+         "Snakefile"), "--cores", "2", "--rerun-incomplete", "all"],
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not started(results):
+            assert process.poll() is None, f"the run ended before {stage} began"
+            assert time.monotonic() < deadline, f"{stage} did not begin within 10 minutes"
+            time.sleep(0.05)
+        assert not finished(results), f"{stage} finished before the kill could interrupt it"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_killed_four_times_then_resumed_equals_an_uninterrupted_run(micro_run, tmp_path):
+    workdir = make_workdir(tmp_path)
+    for stage in STAGES:
+        run_until_killed(workdir, stage)
+    snakemake(workdir, "--unlock")
+    snakemake(workdir, "--cores", "2", "--rerun-incomplete", "all")
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, "-n", "all"))
+
+    resumed, reference = workdir / "results", micro_run / "results"
+    for table in TABLES:
+        a, b = pd.read_csv(resumed / table), pd.read_csv(reference / table)
+        a, b = (frame.drop(columns=[c for c in ("seconds", "model") if c in frame.columns]) for frame in (a, b))
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=table)
+    for weights in WEIGHTS:
+        assert (resumed / weights).read_bytes() == (reference / weights).read_bytes(), weights
+    assert json.loads((resumed / "sft/selection.json").read_text()) == \
+        json.loads((reference / "sft/selection.json").read_text())
+    # no half-written file survives anywhere in results/ (atomic outputs leave none behind)
+    leftovers = [p for p in resumed.rglob(".*") if "work" not in p.parts and p.name != ".snakemake_timestamp"]
+    assert not leftovers
