@@ -5,6 +5,7 @@ import os
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
@@ -263,6 +264,9 @@ def spectral_tables_inputs(wildcards):
     tables = []
     for ref, tgt in spectral_pairs():
         concrete = [resolve(name).name for name in (ref, tgt)]
+        if concrete[0] == concrete[1]:  # e.g. the best OOD checkpoint is the last one: Inter_SFT = End_SFT
+            logger.warning(f"config spectral.pairs: {ref} and {tgt} are the same checkpoint ({concrete[0]}) in this "
+                           "run; that pair compares a checkpoint with itself (all angles 0)")
         tables += [f"{RESULTS}/spectral/{concrete[0]}/{concrete[1]}/{table}.csv" for table in SPECTRAL_TABLES]
     inputs = {"tables": tables, "code": code("spectral-collect")}
     if {name for pair in spectral_pairs() for name in pair} & set(SELECTIONS):
