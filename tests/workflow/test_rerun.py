@@ -115,9 +115,6 @@ def test_touching_library_code_schedules_nothing(completed):
 # A real change to one library module, exact job counts for a few modules whose reach is easy to state: its rules'
 # jobs and everything downstream of them.
 LIBRARY_EDITS = {
-    "evaluation/select.py": {"select_sft": 1, "fig1": 1, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1,
-                             "all": 1},
-    "figures/spectral.py": {"fig3": 1, "fig4": 1, "fig4_layers": 1, "fig_embed_lmhead": 1, "all": 1},
     "train/sft.py": {"sft": 1, "eval_checkpoint": 4, "eval_table": 1, "select_sft": 1, "fig1": 1, "fig2": 1,
                      **SPECTRAL_AFTER_SFT, "all": 1},
     # the episode loop: every evaluation and the probe (which runs the GeneralPoints task too)
@@ -125,9 +122,6 @@ LIBRARY_EDITS = {
                         "select_sft": 1, "fig1": 1, **AFTER_EVAL, "all": 1},
     # the SVD numerics: every SVD (3 checkpoints x 2 shards) and every analysis that reads them
     "weights/svd.py": {"svd": 6, **SPECTRAL_ANALYSES, "all": 1},
-    # the pair tables only: no SVD
-    "analysis/spectral.py": {"spectral_pair": 2, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1,
-                             "all": 1},
 }
 
 
