@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MICRO = REPO / ".test" / "config" / "config.yaml"
 SCRIPTS = REPO / "scripts" / "slurm"
 PROFILES = [REPO / "profiles" / "slurm", REPO / "profiles" / "slurm-localhost"]
