@@ -48,3 +48,15 @@ def test_a_single_checkpoint_is_flagged_degenerate(tmp_path):
     selection = select_sft(table(tmp_path, {40: 0.2}), tmp_path / "s.json")
     assert selection["inter_sft"]["step"] == selection["end_sft"]["step"] == 40
     assert selection["inter_sft"]["degenerate"]
+
+
+def test_configured_end_sft_bounds_the_inter_sft_search(tmp_path):
+    """The paper's End_SFT is a chosen step (e.g. Llama 1100 of 1600): Inter_SFT is searched up to it."""
+    path = table(tmp_path, {40: 0.1, 80: 0.2, 120: 0.1, 160: 0.3})
+    selection = select_sft(path, tmp_path / "s.json", end_sft=120)
+    assert selection["end_sft"] == {"step": 120, "ood_accuracy": 0.1}
+    assert selection["inter_sft"]["step"] == 80  # 160 is better but later than End_SFT
+    assert "selection.end_sft" in selection["rule"]
+    assert select_sft(path, tmp_path / "s.json")["inter_sft"]["step"] == 160  # the default: last
+    with pytest.raises(ValueError, match="selection.end_sft = 100: not an evaluated SFT step"):
+        select_sft(path, tmp_path / "s.json", end_sft=100)

@@ -13,7 +13,7 @@ SFT_SETTINGS = {
     "seed": 0, "max_steps": 6, "save_steps": 3, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
     "lr": 0.001, "schedule": "constant_with_warmup", "warmup_steps": 1, "adam_beta1": 0.9, "adam_beta2": 0.98,
     "adam_epsilon": 1e-7, "weight_decay": 0.0, "max_length": 512, "launcher": "local", "num_processes": 1,
-    "deepspeed": None,
+    "deepspeed": None, "loss_every": None,
 }
 
 
@@ -46,7 +46,7 @@ def test_sft_exports_checkpoints_and_losses(micro_base, sft_data, tmp_path):
     assert (tmp_path / "work" / "checkpoint-6" / "optimizer.pt").exists()
     losses = pd.read_csv(tmp_path / "loss.csv")
     for split in ("id_train", "id_test", "ood"):
-        assert sorted(losses[losses["split"] == split]["step"]) == [0, 3, 6]
+        assert sorted(losses[losses["split"] == split]["step"]) == [0, 3, 6]  # loss_every null: every save
     assert not torch.equal(weights(tmp_path / "export" / "checkpoint-3")["lm_head.weight"],
                            weights(tmp_path / "export" / "checkpoint-6")["lm_head.weight"])
 
@@ -106,3 +106,13 @@ def test_state_from_other_settings_is_not_resumed(micro_base, sft_data, tmp_path
     old = weights(tmp_path / "export" / "checkpoint-6")
     run(micro_base, sft_data, tmp_path, settings={**SFT_SETTINGS, "lr": 0.002})
     assert not torch.equal(weights(tmp_path / "export" / "checkpoint-6")["lm_head.weight"], old["lm_head.weight"])
+
+
+def test_loss_interval_is_independent_of_save_steps(micro_base, sft_data, tmp_path):
+    """sft.loss_every: the loss records' cadence (the authors' every 5 steps), checkpoints still every save_steps."""
+    import pandas as pd
+
+    run(micro_base, sft_data, tmp_path, settings={**SFT_SETTINGS, "loss_every": 2})
+    losses = pd.read_csv(tmp_path / "loss.csv")
+    assert sorted(losses[losses["split"] == "ood"]["step"]) == [0, 2, 4, 6]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["checkpoint-3", "checkpoint-6"]

@@ -34,6 +34,7 @@ CASES = {
     "hidden vs heads": (setter("base.architecture.num_heads", 6), ["hidden_size", "num_heads"]),
     "one SFT checkpoint": (setter("sft.save_steps", 8), ["sft.save_steps", "sft.max_steps"]),
     "missing DeepSpeed JSON": (setter("sft.deepspeed", "no/such/ds.json"), ["sft.deepspeed", "no/such/ds.json"]),
+    "End_SFT not saved": (setter("selection.end_sft", 5), ["selection.end_sft", "5"]),
     "pair with itself": (setter("spectral.pairs", [["end_sft", "end_sft"]]), ["spectral.pairs"]),
     "unknown checkpoint name": (setter("spectral.pairs", [["base", "sft_40"]]), ["spectral.pairs", "sft_40"]),
     "unsaved SFT step": (setter("spectral.pairs", [["base", "sft-5"]]), ["spectral.pairs", "sft-5"]),

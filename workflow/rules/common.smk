@@ -131,6 +131,11 @@ def sft_steps():
     return steps if steps and steps[-1] == last else steps + [last]
 
 
+if config["selection"]["end_sft"] != "last" and config["selection"]["end_sft"] not in sft_steps():
+    raise WorkflowError(f"config selection.end_sft = {config['selection']['end_sft']}: not a saved SFT step "
+                        f"(sft.save_steps / sft.max_steps save {sft_steps()})")
+
+
 def sft_checkpoints():
     return [Checkpoint("sft", step) for step in sft_steps()]
 

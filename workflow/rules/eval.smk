@@ -59,6 +59,8 @@ checkpoint select_sft:
         code=code("select"),
     output:
         f"{RESULTS}/sft/selection.json",
+    params:
+        end_sft=lookup(dpath="selection/end_sft", within=config),
     log:
         "logs/sft/select.log",
     benchmark:
@@ -66,4 +68,4 @@ checkpoint select_sft:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl select --table {input.table} --out {output} > {log} 2>&1"
+        "sftrl select --table {input.table} --end-sft {params.end_sft} --out {output} > {log} 2>&1"
