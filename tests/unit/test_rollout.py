@@ -17,7 +17,7 @@ from sftrl.task.rollout import episode_record, run_episodes, summarize
 
 MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=64, seed=11)
-ATTEMPT_KEYS = {"output", "formula", "reward", "outcome", "message", "format_error"}
+ATTEMPT_KEYS = {"output", "formula", "reward", "outcome", "message", "format_error", "stages"}
 
 # What the policy answers, per attempt (the last entry repeats): a right answer, an answer that uses one card only
 # (-2, incorrect_number), and unparseable text (-3, a format error).
@@ -153,11 +153,15 @@ def test_summarize_exact(tokenizer, problems):
         "attempts": 1 + 3 + 5 + 5,
         "format_error_rate": (1 + 5) / 14,           # one gibberish in episode 2, five in episode 4
         "mean_reward": (5 + (-2 - 3 + 5) + 5 * -2 + 5 * -3) / 14,
+        # first attempts: correct, one card, one card, gibberish: the first three read the cards and state the
+        # rule's values (render_answer writes the hand's), only the correct one uses all four numbers
+        "first_cards_ok": 3 / 4, "first_numbers_ok": 3 / 4, "first_formula_numbers_ok": 1 / 4,
     }
     assert summary["mean_reward"] == pytest.approx(-20 / 14)
     # a subset summarizes on its own
     assert summarize(records[:2]) == {"n": 2, "successes": 2, "accuracy": 1.0, "first_attempt_accuracy": 0.5,
-                                      "attempts": 4, "format_error_rate": 1 / 4, "mean_reward": 5 / 4}
+                                      "attempts": 4, "format_error_rate": 1 / 4, "mean_reward": 5 / 4,
+                                      "first_cards_ok": 1.0, "first_numbers_ok": 1.0, "first_formula_numbers_ok": 0.5}
     one = summarize(records[2:3])
     assert (one["accuracy"], one["first_attempt_accuracy"], one["format_error_rate"], one["mean_reward"]) == \
         (0.0, 0.0, 0.0, -2.0)

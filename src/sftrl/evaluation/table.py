@@ -5,7 +5,8 @@ from ..checkpoint import sort_key
 from ..io import read_json, write_csv
 
 LEADING = ["run", "stage", "step", "split", "n", "successes", "accuracy", "first_attempt_accuracy",
-           "format_error_rate", "mean_reward", "attempts"]
+           "format_error_rate", "mean_reward", "attempts", "first_cards_ok", "first_numbers_ok",
+           "first_formula_numbers_ok"]
 
 
 def collect_summaries(paths: list[str], out) -> None:
@@ -14,7 +15,8 @@ def collect_summaries(paths: list[str], out) -> None:
     table = pd.DataFrame([read_json(p) for p in paths])
     order = [sort_key(stage, step) for stage, step in zip(table["stage"], table["step"])]
     table = table.assign(_order=order).sort_values(["run", "_order", "split"]).drop(columns="_order")
-    write_csv(out, table[LEADING + [c for c in table.columns if c not in LEADING]])
+    leading = [c for c in LEADING if c in table.columns]
+    write_csv(out, table[leading + [c for c in table.columns if c not in leading]])
 
 
 def command(parser):

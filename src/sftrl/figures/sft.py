@@ -8,17 +8,22 @@ from ..checkpoint import END_SFT, INTER_SFT, SELECTIONS
 from ..io import read_json
 from .style import save, style
 
+# answer stages (sftrl.task.diagnose) drawn in fig1's right panel, by their eval.csv columns
+STAGE_NAMES = {"first_cards_ok": "cards read", "first_numbers_ok": "rule followed"}
 SPLIT_NAMES = {"id": "ID", "ood": "OOD", "id_train": "ID train", "id_test": "ID test", "train_running": "train (running)"}
 
 
 def fig1(eval_table: pd.DataFrame, selection: dict, stem) -> None:
-    """ID and OOD accuracy over SFT steps, Inter_SFT and End_SFT marked."""
+    """ID and OOD accuracy over SFT steps, Inter_SFT and End_SFT marked (left); where first attempts fail (right):
+    the share whose "cards" field lists the hand and whose "number" field follows the stated rule (task.diagnose)."""
     sns, plt = style()
 
     data = eval_table[eval_table["stage"].isin(["base", "sft"])].copy()
     data["accuracy (%)"] = 100 * data["accuracy"]
     data["split"] = data["split"].map(SPLIT_NAMES)
-    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    stages = [c for c in STAGE_NAMES if c in data.columns]
+    fig, axes = plt.subplots(1, 2 if stages else 1, figsize=(9.6 if stages else 4.8, 3.2), squeeze=False)
+    ax = axes[0, 0]
     sns.lineplot(data=data, x="step", y="accuracy (%)", hue="split", style="split", markers=True, dashes=False, ax=ax)
     for key, color in ((INTER_SFT, "tab:green"), (END_SFT, "tab:red")):
         label, step = SELECTIONS[key], selection[key]["step"]
@@ -30,6 +35,17 @@ def fig1(eval_table: pd.DataFrame, selection: dict, stem) -> None:
     ax.set_xlabel("SFT step")
     ax.set_title("GeneralPoints accuracy during SFT")
     ax.legend(title=None)
+    if stages:
+        long = data.melt(id_vars=["step", "split"], value_vars=stages, var_name="stage", value_name="share")
+        long["share (%)"] = 100 * long["share"]
+        long["stage"] = long["stage"].map(STAGE_NAMES)
+        bx = axes[0, 1]
+        sns.lineplot(data=long, x="step", y="share (%)", hue="split", style="stage", markers=True, ax=bx)
+        bx.set_ylim(-2, 102)
+        bx.set_xlabel("SFT step")
+        bx.set_title("First attempts: answer stages right", fontsize=10)
+        bx.legend(fontsize=7, title=None)
+    fig.tight_layout()
     save(fig, stem)
 
 

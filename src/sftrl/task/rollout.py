@@ -10,6 +10,7 @@ import logging
 
 from ..generation import Sampling, chat_prompt
 from . import points
+from .diagnose import STAGES, answer_stages
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +36,23 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
     return [episode_record(p, e) for p, e in zip(problems, episodes)]
 
 
-def _warn_if_no_answer(records: list[dict], model_dir) -> None:
-    """An all-empty output is what a broken checkpoint (e.g. NaN weights through a backend that cannot be
-    checked up front) produces; say so rather than let it pass as a measured 0 %."""
-    outputs = [a["output"] for r in records for a in r["attempts"]]
-    if outputs and not any(o.strip() for o in outputs):
-        log.warning("checkpoint %s produced only empty outputs (%d attempts): the model may be broken",
-                    model_dir, len(outputs))
-
-
 def episode_record(problem: dict, episode) -> dict:
+    """One episode as a JSON record: the problem, success, and every attempt with its verdict and the stages of
+    the answer it got right (task.diagnose: cards read, rule followed, numbers used, value)."""
     return {
         **problem,
         "success": episode.success,
         "attempts": [
             {"output": text, "formula": formula, "reward": verdict.reward, "outcome": verdict.outcome,
-             "message": verdict.message, "format_error": verdict.format_error}
+             "message": verdict.message, "format_error": verdict.format_error,
+             "stages": answer_stages(text, formula, verdict.reward, episode.hand)}
             for text, formula, verdict in episode.attempts
         ],
     }
+
+
+# summary columns: the fraction of first attempts that get each stage of the answer right
+STAGE_COLUMNS = {stage: f"first_{stage}_ok" for stage in STAGES if stage != "value"}  # value: first_attempt_accuracy
 
 
 def summarize(records: list[dict]) -> dict:
@@ -69,4 +68,6 @@ def summarize(records: list[dict]) -> dict:
         "attempts": len(attempts),
         "format_error_rate": sum(a["format_error"] for a in attempts) / len(attempts) if attempts else float("nan"),
         "mean_reward": sum(a["reward"] for a in attempts) / len(attempts) if attempts else float("nan"),
+        **{column: (sum(bool(r["attempts"]) and r["attempts"][0]["stages"][stage] for r in records) / n
+                    if n else float("nan")) for stage, column in STAGE_COLUMNS.items()},
     }
