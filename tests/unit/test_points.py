@@ -464,3 +464,19 @@ def test_episode_other_target_and_one_attempt():
     episode = Episode(HAND, ID_RULE, verify_iter=1)
     episode.submit(answer("1+2+3+4"))
     assert episode.done and not episode.success and len(episode.messages) == 2
+
+
+def test_authors_eval_hands_are_replayed_exactly():
+    """data.eval.hands = authors: the 234 ID and 234 OOD hands of the authors' evaluation, in order. The golden
+    file was produced once by running the authors' own dealing code (their environment's _generate_cards and
+    solve, Python's random seeded with 42, the constructor's hand discarded), not by this reimplementation."""
+    import json
+    from pathlib import Path
+
+    from sftrl.task.data import eval_problems
+
+    golden = json.loads((Path(__file__).parents[1] / "data" / "authors_eval_hands.json").read_text())
+    for split in ("id", "ood"):
+        problems = eval_problems(split, 234, 42, 24, hands="authors")
+        assert [{"cards": p["cards"], "numbers": p["numbers"]} for p in problems] == golden[split]
+    assert eval_problems("id", 5, 42, 24) != eval_problems("id", 5, 42, 24, hands="authors")[:5]  # the default differs

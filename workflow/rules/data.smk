@@ -9,6 +9,7 @@ rule eval_set:
     params:
         n=lookup(dpath="data/eval/n", within=config),
         seed=lookup(dpath="data/eval/seed", within=config),
+        hands=lookup(dpath="data/eval/hands", within=config),
         target=lookup(dpath="env/target", within=config),
     log:
         "logs/data/eval_{split}.log",
@@ -17,7 +18,7 @@ rule eval_set:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl data eval-set --rule {wildcards.split} --n {params.n} --seed {params.seed}"
+        "sftrl data eval-set --rule {wildcards.split} --n {params.n} --seed {params.seed} --hands {params.hands}"
         " --target {params.target} --out {output} > {log} 2>&1"
 
 

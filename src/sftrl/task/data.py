@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from itertools import combinations_with_replacement
+import random
+from itertools import combinations_with_replacement, permutations
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +25,53 @@ def multiset_key(cards) -> str:
     return " ".join(sorted(cards))
 
 
-def eval_problems(rule_name: str, n: int, seed: int, target: int) -> list[dict]:
+def eval_problems(rule_name: str, n: int, seed: int, target: int, hands: str = "seeded") -> list[dict]:
+    """`n` evaluation problems under a rule. hands = "seeded": dealt from one seeded numpy Generator (the default;
+    DEVIATION: seeded dealing, see points.deal); "authors": the authors' own sequence (`authors_hands`), so a
+    real-model run is comparable hand for hand with the paper."""
     rule = points.RULES[rule_name]
-    rng = np.random.default_rng(seed)
-    problems = []
-    for index in range(n):
-        hand = points.deal(rng, rule, target)
-        problems.append({"id": f"{rule_name}-{index:04d}", "rule": rule_name, "cards": list(hand.cards),
-                         "numbers": list(hand.numbers), "target": target})
-    return problems
+    if hands == "authors":
+        dealt = authors_hands(rule, n, seed, target)
+    elif hands == "seeded":
+        rng = np.random.default_rng(seed)
+        dealt = [points.deal(rng, rule, target) for _ in range(n)]
+    else:
+        raise ValueError(f"data.eval.hands = {hands!r}; expected seeded or authors")
+    return [{"id": f"{rule_name}-{index:04d}", "rule": rule_name, "cards": list(hand.cards),
+             "numbers": list(hand.numbers), "target": target} for index, hand in enumerate(dealt)]
+
+
+def authors_hands(rule: points.Rule, n: int, seed: int = 42, target: int = points.TARGET) -> list[points.Hand]:
+    """The hands the authors' evaluation plays, replayed draw for draw: their `init_seed(42)` seeds Python's
+    global `random`; their environment's constructor deals one hand (discarded, as its reset() is called again per
+    episode); every deal draws ranks (OOD: 3 of 1..13 + one of 11..13, shuffled) and four suits, and their solver
+    shuffles the hand's unique permutations before testing it (rejected hands consume draws too). Python's
+    `random.Random(seed)` yields exactly the global generator's sequence. Checked against hands produced by their
+    own code (tests/data/authors_eval_hands.json)."""
+    rng = random.Random(seed)
+
+    def draw() -> tuple[list[str], list[int]]:
+        if rule.ood_hands:
+            ranks = [rng.randint(1, 13) for _ in range(3)] + [rng.randint(11, 13)]
+            rng.shuffle(ranks)
+        else:
+            ranks = [rng.randint(1, 13) for _ in range(4)]
+        for _ in range(4):
+            rng.choice("HSDC")  # the suit: drawn by the authors (it picks a card image), unused in language
+        cards = [points.RANKS[rank - 1] for rank in ranks]
+        return cards, [rule.value(card) for card in cards]
+
+    def solvable(numbers) -> bool:
+        rng.shuffle(sorted(set(permutations(numbers))))  # the authors' solver shuffles before it searches
+        return points.is_solvable(numbers, target)
+
+    hands = []
+    for _ in range(n + 1):
+        cards, numbers = draw()
+        while not solvable(numbers):
+            cards, numbers = draw()
+        hands.append(points.Hand(tuple(cards), tuple(numbers)))
+    return hands[1:]
 
 
 def solvable_multisets(rule: points.Rule, target: int) -> list[str]:
@@ -158,8 +197,9 @@ def eval_set_command(parser):
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--target", type=int, default=points.TARGET)
+    parser.add_argument("--hands", choices=["seeded", "authors"], default="seeded")
     parser.add_argument("--out", required=True)
-    return lambda args: write_jsonl(args.out, eval_problems(args.rule, args.n, args.seed, args.target))
+    return lambda args: write_jsonl(args.out, eval_problems(args.rule, args.n, args.seed, args.target, args.hands))
 
 
 def sft_data_command(parser):
