@@ -30,14 +30,15 @@ install: $(STAMP)
 results: $(STAMP)
 	@mkdir -p .snakemake
 	@flock -n -E 75 .snakemake/make-results.lock sh -c '$(BIN)/snakemake --unlock > /dev/null 2>&1; \
-		$(BIN)/snakemake --cores $(CORES) --rerun-incomplete all && $(BIN)/snakemake --report $(REPORT)' \
+		$(BIN)/snakemake --cores $(CORES) --rerun-incomplete all && $(BIN)/snakemake --cores $(CORES) --report $(REPORT) --report-stylesheet workflow/report/style.css' \
 		|| { rc=$$?; [ $$rc = 75 ] && echo "make results: another one is running in this directory"; exit $$rc; }
 	@echo "make results: done. Report: $(abspath $(REPORT))  Summary: $(abspath results/SUMMARY.md)"
 
 ## The HTML report of the finished run (every figure captioned, the tables, the configuration, each result's
-## rule, code and runtime), from the existing results: `snakemake --report` runs no job.
+## rule, code and runtime), from the existing results: `snakemake --report` runs no job (--cores only because the
+## report lists each rule's threads, some of which are the machine's cores).
 report: $(STAMP)
-	$(BIN)/snakemake --report $(REPORT)
+	$(BIN)/snakemake --cores $(CORES) --report $(REPORT) --report-stylesheet workflow/report/style.css
 	@echo "make report: $(abspath $(REPORT))"
 
 ## Open the report in headless Chromium (installed from Debian's packages when missing; not part of `make test`):

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Open the Snakemake HTML report in a real headless browser (Chromium) and check it renders: `make report-check`.
 
-For the landing page and for every figure the report embeds (opened as a reader would: the figure in the main
-pane, its caption in the side bar), Chromium loads a copy of the report with a small harness script added, and
+For the landing page and for every figure and HTML page the report embeds (opened as a reader would: the result
+in the main pane, its caption in the side bar), Chromium loads a copy of the report with a small harness script added, and
 this script checks that
   * no JavaScript error was raised and nothing was written to console.error (the harness records both), and
     Chromium's own log (--enable-logging=stderr) shows no console error either;
-  * the report's app rendered (the side bar lists the result categories), and the figure's <img> decoded
-    (naturalWidth > 0) with its caption in the side bar.
-A screenshot of each view is saved in --out (landing.png, then one per figure). Exit status 1 on any failure.
+  * the report's app rendered (the side bar lists the result categories), each figure's <img> decoded
+    (naturalWidth > 0) and each HTML page is in its frame, with its caption in the side bar.
+A screenshot of each view is saved in --out (landing.png, then figure_<name>.png, page_<name>.png). Exit status 1 on any failure.
 
 The copy (with the harness) is written beside the screenshots; the report itself is not modified.
 """
@@ -44,7 +44,8 @@ HARNESS_TAIL = """<script>
 setTimeout(() => {
   try { VIEW } catch (e) { __check.errors.push("view: " + e); }
   setTimeout(() => {
-    const img = document.querySelector("#app img[src^='data:image']");
+    const img = [...document.images].find(i => window.__expected && i.src === __expected);
+    __check.frame = [...document.querySelectorAll("iframe")].some(f => window.__expected && f.src === __expected);
     const nav = document.querySelector("nav");
     __check.image = img ? {width: img.naturalWidth, height: img.naturalHeight} : null;
     __check.nav = nav ? nav.innerText : "";
@@ -82,8 +83,10 @@ def console_errors(stderr: str) -> list[str]:
 
 
 def check_view(binary: str, report: str, view_js: str, name: str, out: Path, size: str) -> dict:
+    # the first <head> and the last </body> are the page's own (the embedded libraries hold such strings too)
     page = report.replace("<head>", "<head>" + HARNESS_HEAD, 1)
-    page = page.replace("</body>", HARNESS_TAIL.replace("VIEW", view_js) + "</body>", 1)
+    body, end, rest = page.rpartition("</body>")
+    page = body + HARNESS_TAIL.replace("VIEW", view_js) + end + rest
     harness = out / f".{name}.html"
     harness.write_text(page, encoding="utf-8")
     url = harness.resolve().as_uri()
@@ -122,24 +125,33 @@ def main() -> int:
           + (f"; MISSING {missing}" if missing else ""))
     failures += [f"landing: {e}" for e in landing["errors"]] + [f"landing: category {c} not shown" for c in missing]
 
-    figures = [path for path, entry in results.items() if entry["mime_type"].startswith("image/")]
-    for path in sorted(figures):
-        entry = results[path]
+    # every result the report shows inline: figures (<img>) and HTML pages (in a frame, e.g. the headline table)
+    shown_inline = {path: "img" if entry["mime_type"].startswith("image/") else "html"
+                    for path, entry in results.items() if entry["mime_type"].startswith("image/")
+                    or entry["mime_type"] == "text/html"}
+    figures = [path for path, kind in shown_inline.items() if kind == "img"]
+    for path in sorted(shown_inline):
+        entry, kind = results[path], shown_inline[path]
         name = Path(path).stem
-        view = (f"app.setView({{content: 'img', contentPath: results[{json.dumps(path)}].data_uri, "
-                f"resultPath: {json.dumps(path)}}}); app.showResultInfo({json.dumps(path)});")
-        state = check_view(binary, report, view, f"figure_{name}", out, args.window_size)
+        # what the eye button beside a result does, plus its info (caption) in the side bar, in one state change
+        view = (f"window.__expected = results[{json.dumps(path)}].data_uri; app.setView({{content: '{kind}', "
+                f"contentPath: __expected, resultPath: {json.dumps(path)}, navbarMode: 'resultinfo'}});")
+        state = check_view(binary, report, view, f"{'figure' if kind == 'img' else 'page'}_{name}", out,
+                           args.window_size)
         caption = " ".join(re.sub(r"<[^>]+>", " ", html.unescape(entry["caption"])).split())
         shown = " ".join(state.get("nav", "").split())
         problems = list(state["errors"])
-        if not state.get("image") or not state["image"]["width"]:
+        if kind == "img" and (not state.get("image") or not state["image"]["width"]):
             problems.append("figure not decoded")
+        if kind == "html" and not state.get("frame"):
+            problems.append("page not shown in a frame")
         if not caption:
             problems.append("no caption")
         elif caption[:60] not in shown:
             problems.append("caption not shown in the side bar")
         image = state.get("image") or {}
-        print(f"{path}: {image.get('width')}x{image.get('height')} px, caption {len(caption)} chars"
+        size = f"{image.get('width')}x{image.get('height')} px" if kind == "img" else "HTML page in a frame"
+        print(f"{path}: {size}, caption {len(caption)} chars"
               f"{' shown' if caption and caption[:60] in shown else ''}; {state['screenshot']}"
               + (f"; PROBLEMS {problems}" if problems else ""))
         failures += [f"{path}: {p}" for p in problems]
@@ -147,7 +159,8 @@ def main() -> int:
         failures.append("the report embeds no figure")
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
-    print(f"report-check: {len(figures)} figure(s), {len(failures)} problem(s); screenshots in {out}")
+    print(f"report-check: {len(figures)} figure(s), {len(shown_inline) - len(figures)} HTML page(s), "
+          f"{len(failures)} problem(s); screenshots in {out}")
     return 1 if failures else 0
 
 

@@ -1,5 +1,7 @@
 """results/SUMMARY.md (sftrl.report.summary): the headline table from a small synthetic evaluation table and selection,
 exactly; later stages keyed by stage; links relative to the summary's folder."""
+import re
+
 import pandas as pd
 import pytest
 
@@ -50,7 +52,8 @@ def test_headline_table_and_links(results):
     out = results / "SUMMARY.md"
     main(["summary", "--eval-table", str(results / "tables" / "eval.csv"),
           "--selection", str(results / "sft" / "selection.json"),
-          "--figures", str(results / "figs" / "fig1.png"), str(results / "figs" / "drift.png"), "--out", str(out)])
+          "--figures", str(results / "figs" / "fig1.png"), str(results / "figs" / "drift.png"), "--out", str(out),
+          "--html", str(results / "tables" / "headline.html")])
     text = out.read_text()
     assert text.startswith("# sftrl study summary: run `t`\n")
     assert HEADLINE in text
@@ -60,6 +63,10 @@ def test_headline_table_and_links(results):
     assert "- [eval.csv](tables/eval.csv)" in text and "- [selection.json](sft/selection.json)" in text
     assert "20 ID problems, 20 OOD problems" in text
     assert "tie rule" not in text
+    page = (results / "tables" / "headline.html").read_text()
+    assert ("<tr><td>Inter_SFT</td><td>sft-10</td><td>40.0 % (8/20)</td><td>30.0 % (6/20)</td><td>10.0 %</td>"
+            "<td>20.0 %</td></tr>") in page
+    assert len(re.findall(r"<tr[ >]", page)) == 1 + 3 + 1 + 8  # headline header + rows, eval.csv header + rows
 
 
 def test_degenerate_selection_is_said(tmp_path):

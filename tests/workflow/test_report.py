@@ -21,7 +21,7 @@ FIGURE_CATEGORIES = {"fig1": "3. SFT and evaluation", "fig2": "3. SFT and evalua
                      "embed_lmhead": "4. Spectral analysis", "drift": "5. Rotation drift"}
 TABLES = ["tables/eval.csv", "sft/selection.json", "tables/sft_loss.csv", "tables/spectral_sigma.csv",
           "tables/spectral_angles.csv", "tables/spectral_energy.csv", "tables/embed_lmhead.csv", "tables/drift.csv",
-          "tables/drift_correlation.json", "base/abilities.json", "SUMMARY.md"]
+          "tables/drift_correlation.json", "base/abilities.json", "SUMMARY.md", "tables/headline.html"]
 
 
 def embedded(report: str, name: str):
@@ -47,7 +47,7 @@ def report(micro_run, tmp_path_factory):
     results = micro_run / "results"
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
     path = tmp_path_factory.mktemp("report") / "report.html"
-    log = snakemake(micro_run, "--report", str(path), timeout=300)
+    log = snakemake(micro_run, "--cores", "2", "--report", str(path), timeout=300)
     after = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
     return path.read_text(encoding="utf-8"), log.stdout + log.stderr, before, after
 
@@ -87,6 +87,11 @@ def test_tables_and_front_page(report):
     for table in TABLES:
         assert f"results/{table}" in results, f"results/{table} is not in the report"
         assert results[f"results/{table}"]["caption"], f"results/{table} has no caption"
+    # the headline renders inline (an HTML result), with the run's own numbers
+    headline = results["results/tables/headline.html"]
+    assert headline["mime_type"] == "text/html"
+    page = base64.b64decode(headline["data_uri"].split("base64,", 1)[1]).decode()
+    assert "<td>Inter_SFT</td>" in page and "<td>End_SFT</td><td>sft-8</td>" in page
     front = text(json.loads(re.search(r'<script id="workflow-desc">\s*var workflow_desc = (.*?);\s*</script>',
                                       html_text, re.S).group(1)))
     assert "sftrl study report: run micro" in front and "How to read this report" in front

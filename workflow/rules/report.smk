@@ -13,8 +13,11 @@ rule summary:
         + [f"{RESULTS}/tables/sft_loss.csv"],
         code=code("summary"),
     output:
-        report(f"{RESULTS}/SUMMARY.md", caption="../report/summary.rst", category="1. Summary",
-               subcategory="Headline"),
+        summary=report(f"{RESULTS}/SUMMARY.md", caption="../report/summary.rst", category="1. Summary",
+                       subcategory="Headline"),
+        # the same headline as a page the HTML report shows inline (it offers Markdown and CSV only as downloads)
+        html=report(f"{RESULTS}/tables/headline.html", caption="../report/headline.rst", category="1. Summary",
+                    subcategory="Headline"),
     log:
         "logs/report/summary.log",
     benchmark:
@@ -23,4 +26,4 @@ rule summary:
         "../envs/analysis.yaml"
     shell:
         "sftrl summary --eval-table {input.table} --selection {input.selection} --figures {input.figures}"
-        " --tables {input.tables} --out {output} > {log} 2>&1"
+        " --tables {input.tables} --out {output.summary} --html {output.html} > {log} 2>&1"

@@ -38,12 +38,15 @@ class _CountingBackend:
 def evaluate_checkpoint(model_dir, problems_path, settings: dict, model_settings: dict, out, summary_path,
                         verify_iter: int, labels: dict) -> dict:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     problems = read_problems(problems_path)
     backend = make_backend(settings["backend"], model_dir, model_settings, settings["batch_size"])
     start = time.perf_counter()
     # at most verify_iter attempts per problem; solved episodes stop early, so the bar's total is an upper bound
-    with tqdm(total=len(problems) * verify_iter, desc="eval", unit="attempt", mininterval=5) as bar:
+    # (log lines of the episode loop go through the bar, so they do not land in the middle of its line)
+    with logging_redirect_tqdm(), tqdm(total=len(problems) * verify_iter, desc="eval", unit="attempt",
+                                       mininterval=5) as bar:
         records = run_episodes(_CountingBackend(backend, bar), problems, Sampling.from_settings(settings), verify_iter)
         bar.total = bar.n
     seconds = time.perf_counter() - start
