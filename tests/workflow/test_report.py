@@ -32,7 +32,7 @@ def embedded(report: str, name: str):
 
 
 def text(markup: str) -> str:
-    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", markup)).split())
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", "", markup)).split())  # (inline tags: no space)
 
 
 def caption_fragments(rst: str) -> list[str]:
@@ -96,8 +96,8 @@ def test_tables_and_front_page(report):
                                       html_text, re.S).group(1)))
     assert "sftrl study report: run micro" in front and "How to read this report" in front
     assert "System Message" not in front
-    # the run's configuration and the provenance of each rule come with the report
-    assert "config/config.yaml" in html_text or "config.yaml" in html_text
+    # the run's configuration closes the front page; each rule's provenance comes with the report
+    assert "verify_iter: 2" in front and "top_r: 24" in front and "pairs: [['base', 'end_sft']" in front
     rules = embedded(html_text, "rules")
     assert {"eval_checkpoint", "sft", "svd", "summary"} <= set(rules)
 
@@ -113,3 +113,23 @@ def test_summary_links_resolve(micro_run):
     assert {"eval.csv", "selection.json"} <= linked
     for label in ("| Base | `base` |", "| Inter_SFT | `sft-", "| End_SFT | `sft-8` |"):
         assert label in body
+
+
+def test_long_jobs_log_a_progress_bar_and_end_with_one_summary_line(micro_run):
+    """Pretraining, SFT, every evaluation and every SVD: a tqdm bar in the log, and its last line says what the job
+    wrote and how long it took."""
+    logs = micro_run / "logs"
+    expected = {  # log -> (progress bar prefix, the last line's pattern)
+        "base/pretrain.log": ("pretrain: 100%", r"pretrained 30 steps .* -> results/models/base, .* in \d+ s$"),
+        "sft/sft.log": ("100%|", r"SFT: 8 steps, checkpoints at steps \[4, 8\] -> results/sft, .* in \d+ s$"),
+        **{f"eval/{ckpt}/{split}.log": ("eval: 100%", rf"eval \S+ on {split}: accuracy .* -> "
+                                        rf"results/eval/{ckpt}/{split}.jsonl, .* in [\d.]+ s$")
+           for ckpt in ("base", "sft-4", "sft-8") for split in ("id", "ood")},
+        **{f"svd/{ckpt}/{shard}.log": ("svd: 100%",
+                                       rf"SVD shard results/svd/{ckpt}/{shard}.safetensors: .* in [\d.]+ s$")
+           for ckpt in ("base", "sft-4", "sft-8") for shard in ("embed", "layers000-001")},
+    }
+    for name, (bar, last) in expected.items():
+        lines = [line for line in re.split(r"[\r\n]", (logs / name).read_text()) if line.strip()]
+        assert any(bar in line for line in lines), f"logs/{name}: no progress bar"
+        assert re.search(last, lines[-1]), f"logs/{name} ends with {lines[-1]!r}"

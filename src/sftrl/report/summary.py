@@ -121,7 +121,7 @@ def headline_notes(table: pd.DataFrame, selection: dict, rows: list[dict]) -> li
                      f"{inter['step']} by the tie rule alone, not a measured peak.")
     if any(r["stage"] not in ("base", "sft") for r in rows):
         notes.append(f"OOD recovery: (OOD − OOD of {SELECTIONS[END_SFT]}) / (OOD of {SELECTIONS[INTER_SFT]} − OOD "
-                     f"of {SELECTIONS[END_SFT]}); empty where {SELECTIONS[INTER_SFT]} is not above "
+                     f"of {SELECTIONS[END_SFT]}); n/a where {SELECTIONS[INTER_SFT]} is not above "
                      f"{SELECTIONS[END_SFT]}.")
     return notes
 
@@ -195,10 +195,14 @@ p {{ max-width: 60em; }}
 
 def write_summary(table_path, selection_path, figures: list[str], tables: list[str], out, html_out=None) -> str:
     table, selection = pd.read_csv(table_path), read_json(selection_path)
-    text = summary_markdown(table, selection, figures, [table_path, selection_path, *tables], out)
+    try:
+        text = summary_markdown(table, selection, figures, [table_path, selection_path, *tables], out)
+        page = summary_html(table, selection) if html_out else None
+    except (ValueError, KeyError) as err:  # name the files the summary was asked to describe
+        raise ValueError(f"{table_path} with {selection_path}: {err}") from err
     write_text(out, text)
     if html_out:
-        write_text(html_out, summary_html(table, selection))
+        write_text(html_out, page)
     log.info("wrote %s%s: headline of %s, %d figure link(s)", out, f" and {html_out}" if html_out else "",
              table_path, len(figures))
     return text
