@@ -30,8 +30,10 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   # let the report's timers (React render, the harness's own waits) run before the capture
                   "--virtual-time-budget=15000"]
 
-# Recorded from the first script on: uncaught errors, rejected promises, console.error.
-HARNESS_HEAD = """<script>
+# Recorded from the first script on: uncaught errors, rejected promises, console.error. CSS transitions are switched
+# off: headless Chromium's virtual time does not advance them, so a capture could show a colour half-way.
+HARNESS_HEAD = """<style>* { transition: none !important; }</style>
+<script>
 window.__check = {errors: []};
 window.addEventListener("error", e => __check.errors.push("error: " + e.message));
 window.addEventListener("unhandledrejection", e => __check.errors.push("rejection: " + e.reason));
