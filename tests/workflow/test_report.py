@@ -47,7 +47,8 @@ def report(micro_run, tmp_path_factory):
     results = micro_run / "results"
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
     path = tmp_path_factory.mktemp("report") / "report.html"
-    log = snakemake(micro_run, "--cores", "2", "--report", str(path), timeout=300)
+    log = snakemake(micro_run, "--cores", "2", "--report", str(path), "--report-stylesheet",
+                    str(REPO / "workflow" / "report" / "style.css"), timeout=300)  # as `make report` does
     after = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
     return path.read_text(encoding="utf-8"), log.stdout + log.stderr, before, after
 
