@@ -1,10 +1,11 @@
-# Two entry points (README quick start): `make results` and `make test`.
+# Two entry points (README quick start): `make results` and `make test`; `make report` rebuilds the HTML report.
 # Both create .venv on first use and install the pinned CPU stack from pyproject.toml.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CORES   ?= all
+REPORT  := results/report.html
 # Reproducible CPU runs: one BLAS pool per library, sized to the machine; never reach the Hub.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -13,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 # Rules call the `sftrl` CLI: put the venv first on PATH for every job Snakemake starts.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install results test lint dryrun clean
+.PHONY: install results report report-check test lint dryrun clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,8 +30,24 @@ install: $(STAMP)
 results: $(STAMP)
 	@mkdir -p .snakemake
 	@flock -n -E 75 .snakemake/make-results.lock sh -c '$(BIN)/snakemake --unlock > /dev/null 2>&1; \
-		$(BIN)/snakemake --cores $(CORES) --rerun-incomplete all' \
+		$(BIN)/snakemake --cores $(CORES) --rerun-incomplete all && $(BIN)/snakemake --cores $(CORES) --report $(REPORT) --report-stylesheet workflow/report/style.css' \
 		|| { rc=$$?; [ $$rc = 75 ] && echo "make results: another one is running in this directory"; exit $$rc; }
+	@echo "make results: done. Report: $(abspath $(REPORT))  Summary: $(abspath results/SUMMARY.md)"
+
+## The HTML report of the finished run (every figure captioned, the tables, the configuration, each result's
+## rule, code and runtime), from the existing results: `snakemake --report` runs no job (--cores only because the
+## report lists each rule's threads, some of which are the machine's cores).
+report: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --report $(REPORT) --report-stylesheet workflow/report/style.css
+	@echo "make report: $(abspath $(REPORT))"
+
+## Open the report in headless Chromium (installed from Debian's packages when missing; not part of `make test`):
+## no console errors, every figure decoded with its caption; screenshots beside it in report_check/.
+report-check: $(STAMP)
+	@test -f $(REPORT) || { echo "make report-check: no $(REPORT); run make report first"; exit 1; }
+	@command -v chromium > /dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y chromium; }
+	$(BIN)/python scripts/report_check.py $(REPORT) --out $(dir $(REPORT))report_check
 
 ## Unit tests, then the micro config end to end through real Snakemake.
 test: $(STAMP)

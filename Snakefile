@@ -8,6 +8,11 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# `snakemake --report results/report.html` (make report): this text on the front page, the outputs the rules flag
+# with report(...) grouped by stage, each with its caption from workflow/report/.
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/base.smk"
@@ -16,6 +21,7 @@ include: "workflow/rules/eval.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/spectral.smk"
 include: "workflow/rules/cluster.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

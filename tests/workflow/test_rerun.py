@@ -52,6 +52,8 @@ def completed(tmp_path_factory):
     return snakefile, workdir
 
 
+# Whatever reruns, the summary (it reads every table and figure) and the default target follow.
+FINAL = {"summary": 1, "all": 1}
 # Spectral jobs downstream of the evaluation table and the Inter/End_SFT selection: the drift (it reads OOD
 # accuracy) and the configured-pair tables (they resolve inter_sft / end_sft); the per-pair numbers and the SVDs
 # depend on the checkpoints alone and are reused.
@@ -72,17 +74,17 @@ SWEEP_EDITS = {
     "eval.max_new_tokens": (("eval", "max_new_tokens"), 32,
                             {"eval_checkpoint": 6, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
                              "select_sft": 1, "fig1": 1,
-                             **AFTER_EVAL, "all": 1}),
+                             **AFTER_EVAL, **FINAL}),
     "eval.temperature": (("eval", "temperature"), 0.7,
-                         {"eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL, "all": 1}),
+                         {"eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL, **FINAL}),
     # the evaluation problem sets: regenerated, then every evaluation reads them; the probe does not
     "data.eval.n": (("data", "eval", "n"), 16,
                     {"eval_set": 2, "eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1,
-                     **AFTER_EVAL, "all": 1}),
+                     **AFTER_EVAL, **FINAL}),
     # spectral.top_r: the pair tables and what reads them, and the embed/lm_head angles; never an SVD
     "spectral.top_r": (("spectral", "top_r"), 16,
                        {"spectral_pair": 2, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1,
-                        "embed_lmhead": 1, "fig_embed_lmhead": 1, "all": 1}),
+                        "embed_lmhead": 1, "fig_embed_lmhead": 1, **FINAL}),
 }
 UPSTREAM = {"pretrain_base", "sft_data", "sft"}
 
@@ -116,12 +118,12 @@ def test_touching_library_code_schedules_nothing(completed):
 # jobs and everything downstream of them.
 LIBRARY_EDITS = {
     "train/sft.py": {"sft": 1, "eval_checkpoint": 4, "eval_table": 1, "select_sft": 1, "fig1": 1, "fig2": 1,
-                     **SPECTRAL_AFTER_SFT, "all": 1},
+                     **SPECTRAL_AFTER_SFT, **FINAL},
     # the episode loop: every evaluation and the probe (which runs the GeneralPoints task too)
     "task/rollout.py": {"eval_checkpoint": 6, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
-                        "select_sft": 1, "fig1": 1, **AFTER_EVAL, "all": 1},
+                        "select_sft": 1, "fig1": 1, **AFTER_EVAL, **FINAL},
     # the SVD numerics: every SVD (3 checkpoints x 2 shards) and every analysis that reads them
-    "weights/svd.py": {"svd": 6, **SPECTRAL_ANALYSES, "all": 1},
+    "weights/svd.py": {"svd": 6, **SPECTRAL_ANALYSES, **FINAL},
 }
 
 

@@ -31,7 +31,8 @@ rule probe_base:
         model=f"{RESULTS}/models/base",
         code=code("probe"),
     output:
-        f"{RESULTS}/base/abilities.json",
+        report(f"{RESULTS}/base/abilities.json", caption="../report/table_abilities.rst", category="2. Base model",
+               subcategory="Tables"),
     params:
         settings=settings("base", "probe"),
         # only the eval knobs the probe uses, so an eval sampling sweep does not rerun the probe

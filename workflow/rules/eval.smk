@@ -42,7 +42,8 @@ rule eval_table:
         ],
         code=code("table"),
     output:
-        f"{RESULTS}/tables/eval.csv",
+        report(f"{RESULTS}/tables/eval.csv", caption="../report/table_eval.rst", category="3. SFT and evaluation",
+               subcategory="Tables"),
     log:
         "logs/eval/table.log",
     benchmark:
@@ -58,7 +59,8 @@ checkpoint select_sft:
         table=f"{RESULTS}/tables/eval.csv",
         code=code("select"),
     output:
-        f"{RESULTS}/sft/selection.json",
+        report(f"{RESULTS}/sft/selection.json", caption="../report/table_selection.rst",
+               category="3. SFT and evaluation", subcategory="Tables"),
     params:
         end_sft=lookup(dpath="selection/end_sft", within=config),
     log:

@@ -1,4 +1,6 @@
-# The figures (sftrl.figures), each as PDF + PNG, drawn only from the tidy tables and reports.
+# The figures (sftrl.figures), each as PDF + PNG, drawn only from the tidy tables and reports. The PNG of each
+# is flagged for the HTML report (`make report`; it renders inline, a PDF would need a viewer), with its caption
+# from workflow/report/.
 
 
 rule fig1:
@@ -7,7 +9,9 @@ rule fig1:
         selection=f"{RESULTS}/sft/selection.json",
         code=code("figure fig1"),
     output:
-        multiext(f"{RESULTS}/figs/fig1", ".pdf", ".png"),
+        pdf=f"{RESULTS}/figs/fig1.pdf",
+        png=report(f"{RESULTS}/figs/fig1.png", caption="../report/fig1.rst",
+                   category="3. SFT and evaluation", subcategory="Figures"),
     params:
         stem=stem,
     log:
@@ -25,7 +29,9 @@ rule fig2:
         losses=f"{RESULTS}/tables/sft_loss.csv",
         code=code("figure fig2"),
     output:
-        multiext(f"{RESULTS}/figs/fig2", ".pdf", ".png"),
+        pdf=f"{RESULTS}/figs/fig2.pdf",
+        png=report(f"{RESULTS}/figs/fig2.png", caption="../report/fig2.rst",
+                   category="3. SFT and evaluation", subcategory="Figures"),
     params:
         stem=stem,
     log:
@@ -43,7 +49,9 @@ rule fig_base_abilities:
         abilities=f"{RESULTS}/base/abilities.json",
         code=code("figure abilities"),
     output:
-        multiext(f"{RESULTS}/figs/base_abilities", ".pdf", ".png"),
+        pdf=f"{RESULTS}/figs/base_abilities.pdf",
+        png=report(f"{RESULTS}/figs/base_abilities.png", caption="../report/base_abilities.rst",
+                   category="2. Base model", subcategory="Figures"),
     params:
         stem=stem,
     log:

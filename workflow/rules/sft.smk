@@ -11,7 +11,8 @@ rule sft:
         code=code("sft"),
     output:
         checkpoints=[directory(model_dir(ckpt)) for ckpt in sft_checkpoints()],
-        losses=f"{RESULTS}/tables/sft_loss.csv",
+        losses=report(f"{RESULTS}/tables/sft_loss.csv", caption="../report/table_sft_loss.rst",
+                      category="3. SFT and evaluation", subcategory="Tables"),
     params:
         settings=settings("sft"),
         model_settings=settings("model"),

@@ -1,7 +1,8 @@
 # Spectral analysis of the weights (paper §2.3-2.4, §4): every selected matrix of every checkpoint is decomposed
 # ONCE into a verified SVD cache (rule svd, one job per checkpoint x shard); every analysis reads the cache, so
 # rerunning an analysis never recomputes an SVD. Numerics: sftrl.weights (names, tensors, svd, subspace); tables:
-# sftrl.analysis; figures: sftrl.figures (drawn only from the tidy tables under results/tables/).
+# sftrl.analysis; figures: sftrl.figures (drawn only from the tidy tables under results/tables/). Figures (PNG) and
+# tables are flagged for the HTML report (`make report`), with captions from workflow/report/.
 
 
 rule svd:
@@ -60,9 +61,12 @@ rule spectral_tables:
     input:
         unpack(spectral_tables_inputs),
     output:
-        sigma=f"{RESULTS}/tables/spectral_sigma.csv",
-        angles=f"{RESULTS}/tables/spectral_angles.csv",
-        energy=f"{RESULTS}/tables/spectral_energy.csv",
+        sigma=report(f"{RESULTS}/tables/spectral_sigma.csv", caption="../report/table_spectral.rst",
+                     category="4. Spectral analysis", subcategory="Tables"),
+        angles=report(f"{RESULTS}/tables/spectral_angles.csv", caption="../report/table_spectral.rst",
+                      category="4. Spectral analysis", subcategory="Tables"),
+        energy=report(f"{RESULTS}/tables/spectral_energy.csv", caption="../report/table_spectral.rst",
+                      category="4. Spectral analysis", subcategory="Tables"),
     params:
         pairs=json.dumps(spectral_pairs()),
     log:
@@ -83,7 +87,8 @@ rule embed_lmhead:
         svd=[svd_files(ckpt, ["embed"]) for ckpt in evaluated_checkpoints()],
         code=code("embed-lmhead"),
     output:
-        f"{RESULTS}/tables/embed_lmhead.csv",
+        report(f"{RESULTS}/tables/embed_lmhead.csv", caption="../report/table_embed_lmhead.rst",
+               category="4. Spectral analysis", subcategory="Tables"),
     params:
         top_r=lookup(dpath="spectral/top_r", within=config),
         run=config["run"],
@@ -104,8 +109,10 @@ rule drift:
         losses=f"{RESULTS}/tables/sft_loss.csv",
         code=code("drift"),
     output:
-        table=f"{RESULTS}/tables/drift.csv",
-        correlation=f"{RESULTS}/tables/drift_correlation.json",
+        table=report(f"{RESULTS}/tables/drift.csv", caption="../report/table_drift.rst",
+                     category="5. Rotation drift", subcategory="Tables"),
+        correlation=report(f"{RESULTS}/tables/drift_correlation.json", caption="../report/table_drift.rst",
+                           category="5. Rotation drift", subcategory="Tables"),
     params:
         top_k=lookup(dpath="spectral/drift_top_k", within=config),
         run=config["run"],
@@ -125,7 +132,9 @@ rule fig3:
         table=f"{RESULTS}/tables/spectral_sigma.csv",
         code=code("figure fig3"),
     output:
-        multiext(f"{RESULTS}/figs/fig3", ".pdf", ".png"),
+        pdf=f"{RESULTS}/figs/fig3.pdf",
+        png=report(f"{RESULTS}/figs/fig3.png", caption="../report/fig3.rst",
+                   category="4. Spectral analysis", subcategory="Figures"),
     params:
         stem=stem,
         layer=lookup(dpath="spectral/sigma_layer", within=config),
@@ -144,7 +153,9 @@ rule fig4:
         table=f"{RESULTS}/tables/spectral_angles.csv",
         code=code("figure fig4"),
     output:
-        multiext(f"{RESULTS}/figs/fig4", ".pdf", ".png"),
+        pdf=f"{RESULTS}/figs/fig4.pdf",
+        png=report(f"{RESULTS}/figs/fig4.png", caption="../report/fig4.rst",
+                   category="4. Spectral analysis", subcategory="Figures"),
     params:
         stem=stem,
         matrix=lookup(dpath="spectral/angle_matrix", within=config),
@@ -163,7 +174,9 @@ rule fig4_layers:
         table=f"{RESULTS}/tables/spectral_angles.csv",
         code=code("figure fig4_layers"),
     output:
-        multiext(f"{RESULTS}/figs/fig4_layers", ".pdf", ".png"),
+        pdf=f"{RESULTS}/figs/fig4_layers.pdf",
+        png=report(f"{RESULTS}/figs/fig4_layers.png", caption="../report/fig4_layers.rst",
+                   category="4. Spectral analysis", subcategory="Figures"),
     params:
         stem=stem,
     log:
@@ -181,7 +194,9 @@ rule fig_embed_lmhead:
         table=f"{RESULTS}/tables/embed_lmhead.csv",
         code=code("figure embed_lmhead"),
     output:
-        multiext(f"{RESULTS}/figs/embed_lmhead", ".pdf", ".png"),
+        pdf=f"{RESULTS}/figs/embed_lmhead.pdf",
+        png=report(f"{RESULTS}/figs/embed_lmhead.png", caption="../report/embed_lmhead.rst",
+                   category="4. Spectral analysis", subcategory="Figures"),
     params:
         stem=stem,
     log:
@@ -200,7 +215,9 @@ rule fig_drift:
         correlation=f"{RESULTS}/tables/drift_correlation.json",
         code=code("figure drift"),
     output:
-        multiext(f"{RESULTS}/figs/drift", ".pdf", ".png"),
+        pdf=f"{RESULTS}/figs/drift.pdf",
+        png=report(f"{RESULTS}/figs/drift.png", caption="../report/drift.rst",
+                   category="5. Rotation drift", subcategory="Figures"),
     params:
         stem=stem,
     log:

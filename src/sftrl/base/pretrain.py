@@ -11,6 +11,7 @@ import csv
 import logging
 import math
 import shutil
+import time
 import zlib
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
     import torch
     from tqdm import tqdm
 
+    began = time.perf_counter()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     seed = settings["seed"]
@@ -158,6 +160,8 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
     working_log.unlink()
     if state_path.exists():
         state_path.unlink()
+    log.info("pretrained %d steps (%d this run): model -> %s, loss log -> %s, in %.0f s", train["steps"],
+             train["steps"] - start, out_dir, loss_log, time.perf_counter() - began)
 
 
 # -----------------------------------------------------------------------------

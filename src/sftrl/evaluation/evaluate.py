@@ -23,19 +23,41 @@ def _warn_if_no_answer(records: list[dict], model_dir) -> None:
                     model_dir, len(outputs))
 
 
+class _CountingBackend:
+    """A generation backend that advances a progress bar by the attempts each round of episodes generates."""
+
+    def __init__(self, backend, bar):
+        self.backend, self.bar, self.tokenizer = backend, bar, backend.tokenizer
+
+    def generate(self, prompts, sampling):
+        texts = self.backend.generate(prompts, sampling)
+        self.bar.update(len(prompts))
+        return texts
+
+
 def evaluate_checkpoint(model_dir, problems_path, settings: dict, model_settings: dict, out, summary_path,
                         verify_iter: int, labels: dict) -> dict:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     problems = read_problems(problems_path)
     backend = make_backend(settings["backend"], model_dir, model_settings, settings["batch_size"])
     start = time.perf_counter()
-    records = run_episodes(backend, problems, Sampling.from_settings(settings), verify_iter)
+    # at most verify_iter attempts per problem; solved episodes stop early, so the bar's total is an upper bound
+    # (log lines of the episode loop go through the bar, so they do not land in the middle of its line)
+    with logging_redirect_tqdm(), tqdm(total=len(problems) * verify_iter, desc="eval", unit="attempt",
+                                       mininterval=5) as bar:
+        records = run_episodes(_CountingBackend(backend, bar), problems, Sampling.from_settings(settings), verify_iter)
+        bar.total = bar.n
     seconds = time.perf_counter() - start
     _warn_if_no_answer(records, model_dir)
     summary = {**labels, "split": problems[0]["rule"], **summarize(records), "backend": settings["backend"],
                "temperature": settings["temperature"], "seconds": round(seconds, 3), "model": str(model_dir)}
     write_jsonl(out, records)
     write_json(summary_path, summary)
-    log.info("%s", summary)
+    log.info("eval %s on %s: accuracy %.3f (%d/%d), format errors %.3f of %d attempts -> %s, %s, in %.1f s",
+             model_dir, summary["split"], summary["accuracy"], summary["successes"], summary["n"],
+             summary["format_error_rate"], summary["attempts"], out, summary_path, seconds)
     return summary
 
 

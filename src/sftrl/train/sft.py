@@ -165,6 +165,7 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import SFTConfig, SFTTrainer
 
+    began = time.perf_counter()
     check_settings(settings)
     torch.set_num_threads(threads)
     work_dir, export_dir, data_dir = Path(work_dir), Path(export_dir), Path(data_dir)
@@ -263,6 +264,9 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
         if not (export_dir / SFT_EXPORT.format(step=trainer_step(checkpoint))).exists():
             export_checkpoint(checkpoint, export_dir)
     write_csv(loss_table_path, loss_table([read_json(step0_path), *trainer.state.log_history]))
+    steps = [trainer_step(checkpoint) for checkpoint in trainer_checkpoints(work_dir)]
+    log.info("SFT: %d steps, checkpoints at steps %s -> %s, losses -> %s, in %.0f s", settings["max_steps"], steps,
+             export_dir, loss_table_path, time.perf_counter() - began)
 
 
 # -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import time
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
@@ -169,11 +170,14 @@ def compute_svd_shard(model_dir: str | os.PathLike, names: Sequence[str], out_pa
                       dtype: str = "float32", device: str | torch.device | None = None) -> dict[str, SVDFactors]:
     """Decompose each named matrix once (streamed from the checkpoint) and write the shard cache. Returns the
     factors so the caller does not have to read the file back."""
+    from tqdm import tqdm
+
     torch_dtype = _torch_dtype(dtype)
     dtype = str(torch_dtype).removeprefix("torch.")
     device = _resolve_device(device)  # fails now, not after reading the checkpoint, when CUDA is missing
     factors, hashes, fro = {}, {}, {}
-    for name, W in iter_checkpoint_tensors(model_dir, names):
+    for name, W in tqdm(iter_checkpoint_tensors(model_dir, names), total=len(names), desc="svd", unit="matrix",
+                        mininterval=5):
         if W.ndim != 2:
             raise ValueError(f"{name} in {model_dir} has shape {tuple(W.shape)}: only 2-D weight matrices have an "
                              "SVD; narrow spectral.include (or widen spectral.exclude) to leave it out")
@@ -300,13 +304,20 @@ def ensure_svd_shard(model_dir: str | os.PathLike, names: Sequence[str], out_pat
     """Load the shard if it is valid for this checkpoint, matrix set and dtype; otherwise recompute it
     (logging why) and return the fresh factors."""
     out_path = Path(out_path)
+    began = time.perf_counter()
     if out_path.exists():
         try:
-            return load_svd_shard(out_path, model_dir, verify=True, sample=sample,
-                                  expected_names=names, expected_dtype=dtype)
+            factors = load_svd_shard(out_path, model_dir, verify=True, sample=sample,
+                                     expected_names=names, expected_dtype=dtype)
+            log.info("SVD shard %s: valid for %s (%d matrices), reused, verified in %.1f s", out_path, model_dir,
+                     len(factors), time.perf_counter() - began)
+            return factors
         except StaleSVDCache as e:
             log.warning("recomputing SVD shard: %s", e)
-    return compute_svd_shard(model_dir, names, out_path, dtype=dtype, device=device)
+    factors = compute_svd_shard(model_dir, names, out_path, dtype=dtype, device=device)
+    log.info("SVD shard %s: %d matrices of %s decomposed in %.1f s", out_path, len(factors), model_dir,
+             time.perf_counter() - began)
+    return factors
 
 
 def group_shards(paths) -> dict:

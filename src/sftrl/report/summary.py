@@ -1,0 +1,219 @@
+"""results/SUMMARY.md: the study's headline table and links to every figure, for a reader in a terminal or on a code
+host (the HTML report, `make report`, holds the same figures with captions and provenance).
+
+Drawn from the tidy evaluation table and the SFT selection only. It states measured numbers, never a verdict: the
+miniature and a 7B run differ, and which way a number goes is for the reader to judge.
+
+Rows are keyed by stage (sftrl.checkpoint): Base, the two SFT selections (Inter_SFT, End_SFT), then the last
+evaluated checkpoint of every later stage the table holds (RL runs, restored models), each with the share of the
+Inter_SFT -> End_SFT OOD drop it recovers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from ..checkpoint import END_SFT, INTER_SFT, SELECTIONS, STAGES, Checkpoint
+from ..io import read_json, write_text
+
+# Figure file stem -> what it plots and its place in the paper (the captions under workflow/report/ say more).
+FIGURES = {
+    "fig1": "ID and OOD accuracy along SFT (paper Figure 1)",
+    "fig2": "ID-train, ID-test and OOD loss along SFT (paper Figure 2)",
+    "base_abilities": "the embedded base model's probed abilities (no paper counterpart)",
+    "fig3": "singular values before / after and Δσ of Q, K, V (paper Figure 3)",
+    "fig4": "principal-angle spectrum of one matrix (paper Figure 4)",
+    "fig4_layers": "mean principal angle per layer and matrix kind (paper Figure 4, all layers)",
+    "embed_lmhead": "embed_tokens vs lm_head principal angles along SFT (paper §4.1, no figure)",
+    "drift": "rotation drift vs base along SFT, against OOD accuracy and loss (beyond the paper)",
+}
+SELECTION_ORDER = (INTER_SFT, END_SFT)
+
+log = logging.getLogger(__name__)
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f} %"
+
+
+def _accuracy(row: pd.Series | None) -> str:
+    if row is None:
+        return "—"
+    return f"{_percent(row['accuracy'])} ({int(row['successes'])}/{int(row['n'])})"
+
+
+def _format_errors(row: pd.Series | None) -> str:
+    return "—" if row is None else _percent(row["format_error_rate"])
+
+
+def headline_rows(table: pd.DataFrame, selection: dict) -> list[dict]:
+    """One row per headline checkpoint: label, concrete checkpoint name, and its ID / OOD evaluation rows."""
+    missing = {"run", "stage", "step", "split", "n", "successes", "accuracy", "format_error_rate"} - set(table.columns)
+    if missing:
+        raise ValueError(f"the evaluation table lacks column(s) {sorted(missing)}")
+    runs = sorted(set(table["run"]))
+    if len(runs) != 1:
+        raise ValueError(f"the evaluation table holds runs {runs}: a summary describes exactly one run")
+    unknown = sorted(set(table["stage"]) - set(STAGES))
+    if unknown:
+        raise ValueError(f"the evaluation table has stage(s) {unknown} that sftrl.checkpoint does not know")
+
+    def evaluated(ckpt: Checkpoint, label: str) -> dict:
+        rows = table[(table["stage"] == ckpt.stage) & (table["step"] == ckpt.step)]
+        if rows.empty:
+            raise ValueError(f"{label} ({ckpt.name}) has no row in the evaluation table")
+        by_split = {row["split"]: row for _, row in rows.iterrows()}
+        return {"label": label, "checkpoint": ckpt.name, "stage": ckpt.stage, "id": by_split.get("id"),
+                "ood": by_split.get("ood")}
+
+    headline = [evaluated(Checkpoint("base"), STAGES["base"])]
+    headline += [evaluated(Checkpoint.resolve(key, selection), SELECTIONS[key]) for key in SELECTION_ORDER]
+    # later stages, in study order: the last checkpoint each one evaluated (its end point)
+    for stage in [s for s in STAGES if s not in ("base", "sft") and s in set(table["stage"])]:
+        last = Checkpoint(stage, int(table.loc[table["stage"] == stage, "step"].max()))
+        headline.append(evaluated(last, last.label))
+    return headline
+
+
+def recovery(ood: float, inter: float, end: float) -> float | None:
+    """Share of the OOD accuracy lost from Inter_SFT to End_SFT that a later checkpoint regains (the paper's
+    "RL recovers 85 % / 99 %"): (OOD - OOD_End) / (OOD_Inter - OOD_End); None when nothing was lost."""
+    drop = inter - end
+    return None if drop <= 0 else (ood - end) / drop
+
+
+def headline_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the headline table (an OOD-recovery column only when a later stage is present)."""
+    later = any(r["stage"] not in ("base", "sft") for r in rows)
+    header = ["checkpoint", "model", "ID accuracy", "OOD accuracy", "ID format errors", "OOD format errors"]
+    if later:
+        header.append("OOD recovery")
+        inter, end = (next(r["ood"]["accuracy"] for r in rows if r["label"] == SELECTIONS[k]) for k in SELECTION_ORDER)
+    cells = []
+    for r in rows:
+        row = [r["label"], r["checkpoint"], _accuracy(r["id"]), _accuracy(r["ood"]), _format_errors(r["id"]),
+               _format_errors(r["ood"])]
+        if later:
+            row.append("" if r["stage"] in ("base", "sft") or r["ood"] is None
+                       else _percent(recovery(r["ood"]["accuracy"], inter, end)))
+        cells.append(row)
+    return header, cells
+
+
+def headline_notes(table: pd.DataFrame, selection: dict, rows: list[dict]) -> list[str]:
+    """What the headline's columns mean, and what the selection could not decide, one paragraph each."""
+    n = {split: int(table.loc[table["split"] == split, "n"].max()) for split in ("id", "ood")
+         if split in set(table["split"])}
+    notes = [
+        "Accuracy: share of problems solved within the episode's attempts (solved / problems"
+        + (", " + ", ".join(f"{n[s]} {s.upper()} problems" for s in n) if n else "") + "). Format errors: share of "
+        "all attempts whose output could not be parsed as a formula or used illegal characters.",
+        f"{SELECTIONS[INTER_SFT]} = the SFT checkpoint with the highest OOD accuracy (ties → earliest step); "
+        f"{SELECTIONS[END_SFT]} = the last SFT checkpoint.",
+    ]
+    inter = selection[INTER_SFT]
+    if inter.get("degenerate"):
+        notes.append(f"Every SFT checkpoint has the same OOD accuracy: {SELECTIONS[INTER_SFT]} is step "
+                     f"{inter['step']} by the tie rule alone, not a measured peak.")
+    if any(r["stage"] not in ("base", "sft") for r in rows):
+        notes.append(f"OOD recovery: (OOD − OOD of {SELECTIONS[END_SFT]}) / (OOD of {SELECTIONS[INTER_SFT]} − OOD "
+                     f"of {SELECTIONS[END_SFT]}); n/a where {SELECTIONS[INTER_SFT]} is not above "
+                     f"{SELECTIONS[END_SFT]}.")
+    return notes
+
+
+def _link(path, out_dir: Path) -> str:
+    return Path(os.path.relpath(path, out_dir)).as_posix()
+
+
+def summary_markdown(table: pd.DataFrame, selection: dict, figures: list[str], tables: list[str], out) -> str:
+    """SUMMARY.md: the headline table and its notes, then relative links to every figure and table."""
+    out_dir = Path(out).parent
+    rows = headline_rows(table, selection)
+    header, cells = headline_cells(rows)
+    lines = [
+        f"# sftrl study summary: run `{table['run'].iloc[0]}`",
+        "",
+        "Generated by the workflow (rule `summary`) from the evaluation table and the SFT selection; the HTML "
+        "report (`make report` → `results/report.html`) has every figure with its caption and the provenance of "
+        "each result.",
+        "",
+        "## Headline",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join([row[0], f"`{row[1]}`", *row[2:]]) + " |" for row in cells),
+        "",
+    ]
+    for note in headline_notes(table, selection, rows):  # one paragraph each
+        lines += [note, ""]
+    lines += ["## Figures", ""]
+    for figure in figures:
+        stem = Path(figure).stem
+        pdf = Path(figure).with_suffix(".pdf")
+        also = f" ([PDF]({_link(pdf, out_dir)}))" if pdf.exists() and pdf != Path(figure) else ""
+        lines.append(f"- [{stem}]({_link(figure, out_dir)}): {FIGURES.get(stem, stem)}{also}")
+    lines += ["", "## Tables", ""]
+    lines += [f"- [{Path(t).name}]({_link(t, out_dir)})" for t in tables]
+    return "\n".join(lines) + "\n"
+
+
+def summary_html(table: pd.DataFrame, selection: dict) -> str:
+    """One self-contained HTML page with the headline table, its notes and the whole evaluation table: what the
+    HTML report shows inline (it renders HTML results in a frame, CSV and Markdown only as downloads)."""
+    import html
+
+    rows = headline_rows(table, selection)
+    header, cells = headline_cells(rows)
+    run = html.escape(str(table["run"].iloc[0]))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+    notes = "".join(f"<p>{html.escape(note)}</p>" for note in headline_notes(table, selection, rows))
+    full = table.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, na_rep="")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>sftrl headline: run {run}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; font-size: 14px; margin: 1.5em; color: #1e293b; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1em; }}
+th, td {{ border: 1px solid #cbd5e1; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }}
+th {{ background: #f1f5f9; }}
+td:first-child, th:first-child {{ text-align: left; }}
+p {{ max-width: 60em; }}
+</style></head><body>
+<h2>Headline: run {run}</h2>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{notes}
+<h2>Evaluation table (results/tables/eval.csv)</h2>
+{full}
+</body></html>
+"""
+
+
+def write_summary(table_path, selection_path, figures: list[str], tables: list[str], out, html_out=None) -> str:
+    table, selection = pd.read_csv(table_path), read_json(selection_path)
+    try:
+        text = summary_markdown(table, selection, figures, [table_path, selection_path, *tables], out)
+        page = summary_html(table, selection) if html_out else None
+    except (ValueError, KeyError) as err:  # name the files the summary was asked to describe
+        raise ValueError(f"{table_path} with {selection_path}: {err}") from err
+    write_text(out, text)
+    if html_out:
+        write_text(html_out, page)
+    log.info("wrote %s%s: headline of %s, %d figure link(s)", out, f" and {html_out}" if html_out else "",
+             table_path, len(figures))
+    return text
+
+
+def command(parser):
+    parser.add_argument("--eval-table", required=True, help="results/tables/eval.csv")
+    parser.add_argument("--selection", required=True, help="results/sft/selection.json")
+    parser.add_argument("--figures", nargs="*", default=[], help="figure files to link (PNG; the PDF beside it too)")
+    parser.add_argument("--tables", nargs="*", default=[], help="further tables to link")
+    parser.add_argument("--out", required=True, help="results/SUMMARY.md")
+    parser.add_argument("--html", help="the headline and the evaluation table as one HTML page (for the report)")
+    return lambda args: write_summary(args.eval_table, args.selection, args.figures, args.tables, args.out,
+                                      html_out=args.html)

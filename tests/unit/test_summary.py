@@ -1,0 +1,115 @@
+"""results/SUMMARY.md (sftrl.report.summary): the headline table from a small synthetic evaluation table and selection,
+exactly; later stages keyed by stage; links relative to the summary's folder."""
+import re
+
+import pandas as pd
+import pytest
+
+from sftrl import checkpoint
+from sftrl.cli import main
+from sftrl.evaluation.select import select_sft
+from sftrl.report.summary import recovery, write_summary
+
+# (stage, step) -> (ID solved, OOD solved, ID format-error rate, OOD format-error rate), 20 problems per split
+MEASURED = {("base", 0): (2, 1, 0.5, 0.6), ("sft", 10): (8, 6, 0.1, 0.2), ("sft", 20): (12, 4, 0.0, 0.25),
+            ("sft", 30): (15, 3, 0.0, 0.125)}
+
+
+def eval_table(path, measured=MEASURED, run="t"):
+    rows = []
+    for (stage, step), (id_ok, ood_ok, id_fmt, ood_fmt) in measured.items():
+        for split, ok, fmt in (("id", id_ok, id_fmt), ("ood", ood_ok, ood_fmt)):
+            rows.append({"run": run, "stage": stage, "step": step, "split": split, "n": 20, "successes": ok,
+                         "accuracy": ok / 20, "first_attempt_accuracy": ok / 40, "format_error_rate": fmt,
+                         "mean_reward": 0.0, "attempts": 40})
+    pd.DataFrame(rows).sample(frac=1, random_state=1).to_csv(path, index=False)  # row order must not matter
+    return path
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A results folder laid out as the workflow's: tables/eval.csv, sft/selection.json, figs/*.{png,pdf}."""
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "figs").mkdir()
+    table = eval_table(tmp_path / "tables" / "eval.csv")
+    select_sft(table, tmp_path / "sft" / "selection.json")
+    for stem in ("fig1", "drift"):
+        for ext in (".png", ".pdf"):
+            (tmp_path / "figs" / f"{stem}{ext}").write_bytes(b"x")
+    return tmp_path
+
+
+HEADLINE = """\
+| checkpoint | model | ID accuracy | OOD accuracy | ID format errors | OOD format errors |
+|---|---|---|---|---|---|
+| Base | `base` | 10.0 % (2/20) | 5.0 % (1/20) | 50.0 % | 60.0 % |
+| Inter_SFT | `sft-10` | 40.0 % (8/20) | 30.0 % (6/20) | 10.0 % | 20.0 % |
+| End_SFT | `sft-30` | 75.0 % (15/20) | 15.0 % (3/20) | 0.0 % | 12.5 % |
+"""
+
+
+def test_headline_table_and_links(results):
+    out = results / "SUMMARY.md"
+    main(["summary", "--eval-table", str(results / "tables" / "eval.csv"),
+          "--selection", str(results / "sft" / "selection.json"),
+          "--figures", str(results / "figs" / "fig1.png"), str(results / "figs" / "drift.png"), "--out", str(out),
+          "--html", str(results / "tables" / "headline.html")])
+    text = out.read_text()
+    assert text.startswith("# sftrl study summary: run `t`\n")
+    assert HEADLINE in text
+    assert "RL" not in text and "recovery" not in text  # no later stage in the table: no such rows or column
+    assert "- [fig1](figs/fig1.png): ID and OOD accuracy along SFT (paper Figure 1) ([PDF](figs/fig1.pdf))" in text
+    assert "- [drift](figs/drift.png): " in text
+    assert "- [eval.csv](tables/eval.csv)" in text and "- [selection.json](sft/selection.json)" in text
+    assert "20 ID problems, 20 OOD problems" in text
+    assert "tie rule" not in text
+    page = (results / "tables" / "headline.html").read_text()
+    assert ("<tr><td>Inter_SFT</td><td>sft-10</td><td>40.0 % (8/20)</td><td>30.0 % (6/20)</td><td>10.0 %</td>"
+            "<td>20.0 %</td></tr>") in page
+    assert len(re.findall(r"<tr[ >]", page)) == 1 + 3 + 1 + 8  # headline header + rows, eval.csv header + rows
+
+
+def test_degenerate_selection_is_said(tmp_path):
+    flat = {("base", 0): (1, 1, 0.0, 0.0), ("sft", 10): (3, 0, 0.0, 0.0), ("sft", 20): (5, 0, 0.0, 0.0)}
+    table = eval_table(tmp_path / "eval.csv", flat)
+    select_sft(table, tmp_path / "selection.json")
+    text = write_summary(table, tmp_path / "selection.json", [], [], tmp_path / "SUMMARY.md")
+    assert "| Inter_SFT | `sft-10` | 15.0 % (3/20) | 0.0 % (0/20) |" in text
+    assert "Inter_SFT is step 10 by the tie rule alone" in text
+
+
+def test_a_later_stage_gets_its_last_checkpoint_and_the_recovery(tmp_path, monkeypatch):
+    # a stage the vocabulary will know (RL): rows appear keyed by stage, without any change to the summary
+    monkeypatch.setitem(checkpoint.STAGES, "rl", "RL")
+    measured = {**MEASURED, ("rl", 50): (10, 4, 0.0, 0.0), ("rl", 100): (13, 5, 0.05, 0.0)}
+    table = eval_table(tmp_path / "eval.csv", measured)
+    select_sft(table, tmp_path / "selection.json")
+    text = write_summary(table, tmp_path / "selection.json", [], [], tmp_path / "SUMMARY.md")
+    # Inter_SFT OOD 30 %, End_SFT 15 %, RL end 25 %: (25 - 15) / (30 - 15) = 2/3 of the drop regained
+    assert ("| checkpoint | model | ID accuracy | OOD accuracy | ID format errors | OOD format errors "
+            "| OOD recovery |\n") in text
+    assert "| End_SFT | `sft-30` | 75.0 % (15/20) | 15.0 % (3/20) | 0.0 % | 12.5 % |  |" in text
+    assert "| RL step 100 | `rl-100` | 65.0 % (13/20) | 25.0 % (5/20) | 5.0 % | 0.0 % | 66.7 % |" in text
+    assert "RL step 50" not in text
+
+
+def test_recovery_definition():
+    assert recovery(0.25, 0.30, 0.15) == pytest.approx(2 / 3)
+    assert recovery(0.10, 0.15, 0.15) is None  # nothing was lost: no fraction to state
+
+
+def test_bad_tables_are_named(tmp_path):
+    table = eval_table(tmp_path / "eval.csv")
+    select_sft(table, tmp_path / "selection.json")
+    two_runs = pd.concat([pd.read_csv(table), pd.read_csv(table).assign(run="other")])
+    two_runs.to_csv(tmp_path / "two.csv", index=False)
+    with pytest.raises(ValueError, match=r"two.csv .*runs \['other', 't'\]"):
+        write_summary(tmp_path / "two.csv", tmp_path / "selection.json", [], [], tmp_path / "S.md")
+    pd.read_csv(table).drop(columns="format_error_rate").to_csv(tmp_path / "old.csv", index=False)
+    with pytest.raises(ValueError, match="format_error_rate"):
+        write_summary(tmp_path / "old.csv", tmp_path / "selection.json", [], [], tmp_path / "S.md")
+    unknown = pd.read_csv(table)
+    unknown.loc[0, "stage"] = "dpo"
+    unknown.to_csv(tmp_path / "unknown.csv", index=False)
+    with pytest.raises(ValueError, match="dpo"):
+        write_summary(tmp_path / "unknown.csv", tmp_path / "selection.json", [], [], tmp_path / "S.md")

@@ -1,0 +1,29 @@
+# The study's report (sftrl.report): results/SUMMARY.md, the headline table with links to every figure, written by
+# the DAG; the HTML report is `snakemake --report results/report.html` (make report), built from the outputs that
+# the stage rules flag with report(...) and the captions under workflow/report/.
+
+
+rule summary:
+    input:
+        table=f"{RESULTS}/tables/eval.csv",
+        selection=f"{RESULTS}/sft/selection.json",
+        # every figure (its PNG) and table the run makes, from all_targets(): the summary comes last, links them all
+        figures=[t.removesuffix(".pdf") + ".png" for t in all_targets() if t.startswith(f"{RESULTS}/figs/")],
+        tables=[t for t in all_targets() if t.endswith((".csv", ".json")) and t != f"{RESULTS}/tables/eval.csv"]
+        + [f"{RESULTS}/tables/sft_loss.csv"],
+        code=code("summary"),
+    output:
+        summary=report(f"{RESULTS}/SUMMARY.md", caption="../report/summary.rst", category="1. Summary",
+                       subcategory="Headline"),
+        # the same headline as a page the HTML report shows inline (it offers Markdown and CSV only as downloads)
+        html=report(f"{RESULTS}/tables/headline.html", caption="../report/headline.rst", category="1. Summary",
+                    subcategory="Headline"),
+    log:
+        "logs/report/summary.log",
+    benchmark:
+        "benchmarks/report/summary.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "sftrl summary --eval-table {input.table} --selection {input.selection} --figures {input.figures}"
+        " --tables {input.tables} --out {output.summary} --html {output.html} > {log} 2>&1"
