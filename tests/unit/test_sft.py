@@ -13,7 +13,7 @@ SFT_SETTINGS = {
     "seed": 0, "max_steps": 6, "save_steps": 3, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
     "lr": 0.001, "schedule": "constant_with_warmup", "warmup_steps": 1, "adam_beta1": 0.9, "adam_beta2": 0.98,
     "adam_epsilon": 1e-7, "weight_decay": 0.0, "max_length": 512, "launcher": "local", "num_processes": 1,
-    "deepspeed": None, "loss_every": None,
+    "deepspeed": None, "loss_every": None, "chat_format": "model",
 }
 
 
@@ -116,3 +116,24 @@ def test_loss_interval_is_independent_of_save_steps(micro_base, sft_data, tmp_pa
     losses = pd.read_csv(tmp_path / "loss.csv")
     assert sorted(losses[losses["split"] == "ood"]["step"]) == [0, 2, 4, 6]
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_authors_llama_headers_format(micro_base, sft_data):
+    """sft.chat_format = authors_llama_headers: the authors' Qwen SFT text, byte for byte (their data_qwen.py:
+    Llama-3 header strings and a literal backslash-n), prompt masked, answer trained."""
+    from sftrl.io import read_jsonl
+    from sftrl.modeling import load_tokenizer
+
+    example = read_jsonl(sft_data / "train.jsonl")[0]
+    prompt, completion = sft.authors_llama_headers(example["prompt"] + example["completion"])
+    user, answer = example["prompt"][0]["content"], example["completion"][0]["content"]
+    assert prompt == ("<|start_header_id|>user<|end_header_id|>\\n\\n" + user +
+                      "<|eot_id|>\\n<|start_header_id|>assistant<|end_header_id|>\\n\\n")
+    assert completion == answer + "<|eot_id|>\\n" and "\\n" in completion and not completion.endswith("\n")
+    tokenizer = load_tokenizer(micro_base)
+    tokenized = sft.tokenize_example(tokenizer, example, "authors_llama_headers")
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert tokenized["completion_mask"] == [0] * n_prompt + [1] * (len(tokenized["input_ids"]) - n_prompt)
+    assert tokenizer.decode(tokenized["input_ids"]) == prompt + completion
+    with pytest.raises(ValueError, match="sft.chat_format = 'chatml'"):
+        sft.tokenize_example(tokenizer, example, "chatml")

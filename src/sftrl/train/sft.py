@@ -107,19 +107,41 @@ def log_warmup_constant(warmup_steps: int):
     return factor
 
 
-def tokenize_example(tokenizer, example: dict) -> dict:
+def authors_llama_headers(messages: list[dict]) -> tuple[str, str]:
+    """(prompt, completion) text of one single-turn example as the authors trained Qwen (their data_qwen.py): Llama-3
+    header strings, which are not special tokens in Qwen's vocabulary, and a literal backslash-n (the two characters
+    `\\` `n`) where Llama's template has newlines — while evaluation and RL use Qwen's own chat template.
+    DEVIATION available by config (sft.chat_format: authors_llama_headers), never the default: training on a
+    format the model is never evaluated in likely weakens what SFT transfers to the evaluation prompt (authors_code_spec
+    §2.2, §8 item 16)."""
+    user, answer = messages
+    nl = "\\n"  # a backslash and an n, as in their f-strings
+    prompt = (f"<|start_header_id|>{user['role']}<|end_header_id|>{nl}{nl}{user['content']}<|eot_id|>{nl}"
+              f"<|start_header_id|>{answer['role']}<|end_header_id|>{nl}{nl}")
+    return prompt, f"{answer['content']}<|eot_id|>{nl}"
+
+
+def tokenize_example(tokenizer, example: dict, chat_format: str = "model") -> dict:
     """Token ids of one prompt/completion example, with the prompt tokenized exactly as generation sees it.
+    chat_format "model": the model's own chat template (the default, and what evaluation uses);
+    "authors_llama_headers": the authors' Qwen SFT text (`authors_llama_headers`).
 
     Why not let TRL tokenize prompt+completion as one text: subword merges can cross the boundary (here the
     chat template's "assistant\n" and the answer's leading "\n" merge), so the prompt tokens in training would
     differ from the prompt tokens at evaluation, and the model would learn to continue a context it never sees.
     Tokenizing the two parts separately keeps train and inference contexts identical for any tokenizer."""
-    prompt_text = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template renders the prompt differently with and without the answer")
+    if chat_format == "authors_llama_headers":
+        prompt_text, completion_text = authors_llama_headers(example["prompt"] + example["completion"])
+    elif chat_format == "model":
+        prompt_text = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError("the chat template renders the prompt differently with and without the answer")
+        completion_text = full_text[len(prompt_text):]
+    else:
+        raise ValueError(f"sft.chat_format = {chat_format!r}; expected model or authors_llama_headers")
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
-    completion_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False).input_ids
+    completion_ids = tokenizer(completion_text, add_special_tokens=False).input_ids
     return {"input_ids": prompt_ids + completion_ids,
             "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
 
@@ -174,7 +196,8 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
                        model_settings["device"])
 
     def dataset(name):
-        return Dataset.from_list([tokenize_example(tokenizer, r) for r in read_jsonl(data_dir / name)])
+        return Dataset.from_list([tokenize_example(tokenizer, r, settings["chat_format"])
+                                  for r in read_jsonl(data_dir / name)])
 
     on_cpu = next(model.parameters()).device.type == "cpu"
     schedule = settings["schedule"]
