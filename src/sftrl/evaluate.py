@@ -26,13 +26,18 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
         if not active:
             break
         prompts = [chat_prompt(backend.tokenizer, e.messages) for e in active]
-        # A different seed per round, so a sampled retry is not a replay of the same random stream.
+        # A different seed per round, so a sampled retry is not a replay of the same random stream. keys name each
+        # episode's conversation, so a backend that keeps KV caches (kv) prefills only the new feedback turn;
+        # after the last round nothing is kept.
         texts = backend.generate(prompts, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
-                                                   sampling.seed + round_index))
+                                                   sampling.seed + round_index),
+                                 keys=[id(e) for e in active], keep=round_index + 1 < verify_iter)
         for episode, text in zip(active, texts):
             episode.submit(text)
         log.info("round %d: %d episodes active, %d solved so far", round_index + 1, len(active),
                  sum(e.success for e in episodes))
+    if hasattr(backend, "release"):
+        backend.release()
     return [episode_record(p, e) for p, e in zip(problems, episodes)]
 
 
