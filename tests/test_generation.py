@@ -142,3 +142,39 @@ def test_sampling_semantics(backends):
 
 def test_generated_lengths():
     assert generated_lengths([[5, 6, 2, 0, 0], [5, 6, 7], [3, 2, 3]], [2, 3]) == [3, 3, 1]
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(micro_base, tmp_path_factory):
+    """A randomly initialised Qwen2 (attention biases, another model class) with the micro tokenizer: the backend
+    must run any HF causal LM the project loads, not only the tiny Llama."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sftrl.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(micro_base)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=1024,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    for module in model.modules():  # visible biases, so a wrong position or mask would change the logits
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.5)
+    out = tmp_path_factory.mktemp("qwen2")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_qwen2_and_eager_agree_with_hf(qwen2_dir, attn):
+    torch.set_num_threads(1)
+    settings = {**MODEL, "attn_implementation": attn}
+    problems = eval_problems("ood", 3, 42, 24)
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
+    reference = run_episodes(HFBackend(qwen2_dir, settings, 64), problems, sampling, verify_iter=2)
+    fast = run_episodes(KVBackend(qwen2_dir, settings, 64), problems, sampling, verify_iter=2)
+    pairs = [(a["output"], b["output"]) for r, f in zip(reference, fast) for a, b in zip(r["attempts"], f["attempts"])]
+    assert len(pairs) == 6 and all(a == b for a, b in pairs) and any(a for a, _ in pairs)
