@@ -1,10 +1,13 @@
-"""Text generation behind one interface, two backends.
+"""Text generation behind one interface, three backends.
 
-* ``hf``   — transformers ``generate``: batched, left padding, KV cache; runs anywhere (the CPU default).
-* ``vllm`` — ``vllm.LLM`` offline generation on a GPU; imported only when chosen (no CPU wheel exists).
+* ``hf``   — transformers ``generate``: batched, left padding, KV cache; runs anywhere (the reference).
+* ``kv``   — the same transformers model behind our own decode loop: each episode's KV cache is kept across its
+             feedback rounds, the shared prompt prefix is prefilled once, the cache is preallocated and finished
+             rows leave the batch (KVBackend; measured numbers in its docstring).
+* ``vllm`` — ``vllm.LLM`` offline generation on a GPU with prefix caching; imported only when chosen.
 
-Both take the same raw prompt strings and the same explicit sampling settings (temperature, top_p,
-max_new_tokens, seed). Nothing is taken implicitly from a checkpoint's generation_config.json: the authors' eval
+All take the same raw prompt strings and the same explicit sampling settings (temperature, top_p,
+max_new_tokens, seed); `keys` name the conversation each prompt continues, for the backends that reuse its cache. Nothing is taken implicitly from a checkpoint's generation_config.json: the authors' eval
 inherited do_sample/top_p from each checkpoint (authors_code_spec.md §8 item 18); we do not.
 """
 from __future__ import annotations
