@@ -118,24 +118,15 @@ def main() -> None:
     problems = {rule: eval_problems(rule, args.n, args.seed, args.target) for rule in ("id", "ood")}
     sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=args.max_new_tokens, seed=0)
 
-    results = []
-    for name in args.variants:
-        cls, kwargs, model_settings, threads = VARIANTS[name]
-        results.append(run(name, cls, kwargs, model_settings, threads or args.threads, args.model, problems,
-                           sampling, args.verify_iter, args.batch_size))
-        print(f"{name}: {results[-1]['wall_s']:.1f} s", flush=True)
-
     probe = HFBackend(args.model, MODEL, 1).model
     flops_per_token = 2 * sum(i * o for i, o in linear_shapes(probe))
     ceilings = {}
-    for threads in sorted({r["threads"] for r in results}):
+    for threads in sorted({VARIANTS[name][3] or args.threads for name in args.variants}):
         torch.set_num_threads(threads)
         ceilings[threads] = {"prefill": ceiling(probe, 4096), "decode": ceiling(probe, args.n),
                              "prefill_bf16": ceiling(probe, 4096, torch.bfloat16),
                              "decode_bf16": ceiling(probe, args.n, torch.bfloat16)}
-
-    base = results[0]
-    print(f"\nmodel {args.model}; {args.n} episodes x {list(problems)}, verify_iter {args.verify_iter}, greedy, "
+    print(f"model {args.model}; {args.n} episodes x {list(problems)}, verify_iter {args.verify_iter}, greedy, "
           f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}; {flops_per_token / 1e6:.2f} MFLOP/token "
           "(linear layers)")
     for threads, c in ceilings.items():
@@ -143,12 +134,17 @@ def main() -> None:
               f"({c['prefill'] * flops_per_token / 1e9:.1f} GFLOP/s), decode batch {args.n} {c['decode']:.0f} tok/s "
               f"({c['decode'] * flops_per_token / 1e9:.1f} GFLOP/s); bf16: prefill {c['prefill_bf16']:.0f}, "
               f"decode {c['decode_bf16']:.0f} tok/s")
-    header = (f"{'backend / lever':<24} {'thr':>3} {'wall s':>7} {'speed-up':>8} {'prefill tok':>11} {'pf tok/s':>9} "
-              f"{'pf ceil':>7} {'decode tok':>10} {'dec tok/s':>9} {'dec ceil':>8} {'other s':>7} {'succ id':>7} "
-              f"{'succ ood':>8} {'identical':>9}")
-    print(header)
-    for r in results:
-        c = ceilings[r["threads"]]
+    print(f"{'backend / lever':<24} {'thr':>3} {'wall s':>7} {'speed-up':>8} {'prefill tok':>11} {'pf tok/s':>9} "
+          f"{'pf ceil':>7} {'decode tok':>10} {'dec tok/s':>9} {'dec ceil':>8} {'other s':>7} {'succ id':>7} "
+          f"{'succ ood':>8} {'identical':>9}", flush=True)
+
+    results = []
+    for name in args.variants:
+        cls, kwargs, model_settings, threads = VARIANTS[name]
+        r = run(name, cls, kwargs, model_settings, threads or args.threads, args.model, problems, sampling,
+                args.verify_iter, args.batch_size)
+        results.append(r)
+        base, c = results[0], ceilings[r["threads"]]
         prefill_rate = r["prefill_tokens"] / r["prefill_fwd_s"] if r["prefill_fwd_s"] else float("nan")
         decode_rate = r["decode_tokens"] / r["decode_fwd_s"] if r["decode_fwd_s"] else float("nan")
         r.update(speed_up=base["wall_s"] / r["wall_s"], prefill_tok_s=prefill_rate, decode_tok_s=decode_rate,
@@ -158,11 +154,11 @@ def main() -> None:
         print(f"{r['name']:<24} {r['threads']:>3} {r['wall_s']:>7.1f} {r['speed_up']:>7.2f}x {r['prefill_tokens']:>11} "
               f"{prefill_rate:>9.0f} {r['prefill_ceiling_ratio']:>7.2f} {r['decode_tokens']:>10} {decode_rate:>9.0f} "
               f"{r['decode_ceiling_ratio']:>8.2f} {r['other_s']:>7.1f} {r['successes']['id']:>7} "
-              f"{r['successes']['ood']:>8} {r['identical']:>9.1%}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"model": args.model, "flops_per_token": flops_per_token, "ceilings": ceilings,
-                       "results": results}, f, indent=1)
+              f"{r['successes']['ood']:>8} {r['identical']:>9.1%}", flush=True)
+        if args.out:  # after every row, so a long run that is stopped keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"model": args.model, "flops_per_token": flops_per_token, "ceilings": ceilings,
+                           "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
