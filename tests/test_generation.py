@@ -178,3 +178,16 @@ def test_qwen2_and_eager_agree_with_hf(qwen2_dir, attn):
     fast = run_episodes(KVBackend(qwen2_dir, settings, 64), problems, sampling, verify_iter=2)
     pairs = [(a["output"], b["output"]) for r, f in zip(reference, fast) for a, b in zip(r["attempts"], f["attempts"])]
     assert len(pairs) == 6 and all(a == b for a, b in pairs) and any(a for a, _ in pairs)
+
+
+def test_prefill_chunks(micro_base):
+    """Prefill in row chunks (each fed only its own longest new block) equals one prefill of the whole batch."""
+    torch.set_num_threads(1)
+    chats = conversation(n=3)
+    one, many = KVBackend(micro_base, MODEL, 64), KVBackend(micro_base, MODEL, 64, prefill_tokens=1)
+    prompts = [chat_prompt(one.tokenizer, c) for c in chats] + ["7*8=", "<|im_start|>user\n1+2+3="]
+    keys = list(range(len(prompts)))
+    assert one.generate(prompts, GREEDY, keys=keys) == many.generate(prompts, GREEDY, keys=keys)
+    for key in keys:
+        assert one.sessions[key][0] == many.sessions[key][0]
+        torch.testing.assert_close(one.sessions[key][1][-1][0], many.sessions[key][1][-1][0], atol=1e-5, rtol=1e-5)

@@ -266,6 +266,10 @@ class KVBackend:
                 for r in fresh:
                     cached[r] = (shared, kv)
         self.stats["reused_tokens"] += sum(a for a, _ in cached)
+        # Buffer rows in order of new (uncached) length; `generated` goes back in the caller's order at the end.
+        order = sorted(range(len(ids)), key=lambda r: len(ids[r]) - cached[r][0])
+        ids, cached = [ids[r] for r in order], [cached[r] for r in order]
+        keys = [keys[r] for r in order] if keys is not None else None
         a_max = max(a for a, _ in cached)
         new = [ids[r][cached[r][0] :] for r in range(len(ids))]
         b_max = max(len(t) for t in new)
@@ -288,18 +292,24 @@ class KVBackend:
             input_ids[r, b_max - b :] = torch.tensor(tokens, device=self.device)
             positions[r, b_max - b :] = torch.arange(a, a + b, device=self.device)
             valid[r, a_max + b_max - b : a_max + b_max] = True
-        # Prefill the new blocks, in row chunks that keep the attention scores small.
-        cache.start = a_max
+        # Prefill the new blocks in row chunks (rows sorted by new length, so a chunk feeds only its own longest
+        # block's columns and little padding), each small enough to keep the attention scores small.
         end = a_max + b_max
         causal = torch.arange(end, device=self.device)[None, :] <= torch.arange(a_max, end, device=self.device)[:, None]
         diagonal = torch.arange(end, device=self.device)[None, :] == torch.arange(a_max, end, device=self.device)[:, None]
-        chunk = max(1, self.prefill_tokens // b_max)
         logits = []
-        for r0 in range(0, rows, chunk):
-            cache.rows = slice(r0, r0 + chunk)
+        r0 = 0
+        while r0 < rows:
+            r1 = r0 + 1
+            while r1 < rows and (r1 + 1 - r0) * len(new[r1]) <= self.prefill_tokens:
+                r1 += 1
+            width = len(new[r1 - 1])  # the chunk's longest new block (rows are sorted by it)
+            cache.rows, cache.start = slice(r0, r1), end - width
             # A padding query attends to itself only: a fully masked row would give NaN (its output is unused).
-            mask = (valid[cache.rows, None, None, :end] & causal) | diagonal
-            logits.append(self._forward(input_ids[cache.rows], positions[cache.rows], mask, cache))
+            mask = (valid[cache.rows, None, None, :end] & causal[b_max - width :]) | diagonal[b_max - width :]
+            logits.append(self._forward(input_ids[cache.rows, b_max - width :], positions[cache.rows, b_max - width :],
+                                        mask, cache))
+            r0 = r1
         cache.rows = slice(None)
         logits = torch.cat(logits)
         self.stats["prefill_tokens"] += sum(len(t) for t in new)
@@ -339,7 +349,10 @@ class KVBackend:
         if keep:
             self._store(cache, valid, torch.arange(len(row_of)), row_of, ids, generated, keys)
         self.stats["decode_s"] += time.perf_counter() - prefill_done
-        return generated
+        in_order: list[list[int]] = [[] for _ in order]
+        for r, tokens in zip(order, generated):
+            in_order[r] = tokens
+        return in_order
 
     def _forward(self, input_ids, positions, mask, cache):
         torch = self._torch
