@@ -22,7 +22,8 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
         for p in problems
     ]
     for round_index in range(verify_iter):
-        active = [e for e in episodes if not e.done]
+        index = [i for i, e in enumerate(episodes) if not e.done]
+        active = [episodes[i] for i in index]
         if not active:
             break
         prompts = [chat_prompt(backend.tokenizer, e.messages) for e in active]
@@ -31,7 +32,7 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
         # after the last round nothing is kept.
         texts = backend.generate(prompts, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
                                                    sampling.seed + round_index),
-                                 keys=[id(e) for e in active], keep=round_index + 1 < verify_iter)
+                                 keys=index, keep=round_index + 1 < verify_iter)
         for episode, text in zip(active, texts):
             episode.submit(text)
         log.info("round %d: %d episodes active, %d solved so far", round_index + 1, len(active),
