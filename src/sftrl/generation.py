@@ -7,7 +7,8 @@
 * ``vllm`` — ``vllm.LLM`` offline generation on a GPU with prefix caching; imported only when chosen.
 
 All take the same raw prompt strings and the same explicit sampling settings (temperature, top_p,
-max_new_tokens, seed); `keys` name the conversation each prompt continues, for the backends that reuse its cache. Nothing is taken implicitly from a checkpoint's generation_config.json: the authors' eval
+max_new_tokens, seed); `keys` name the conversation each prompt continues, for the backends that reuse its cache.
+Nothing is taken implicitly from a checkpoint's generation_config.json: the authors' eval
 inherited do_sample/top_p from each checkpoint (authors_code_spec.md §8 item 18); we do not.
 """
 from __future__ import annotations
@@ -181,6 +182,31 @@ class KVBackend:
     forward does all the arithmetic (any HF causal LM: explicit position_ids, a 4D attention mask, a Cache object),
     so architecture details (RoPE variants, biases, GQA) stay transformers'.
 
+    Measured (bench/bench_eval.py, 2026-11-25): an SFT checkpoint of the default tiny Llama (2.4 M parameters;
+    base pretrained 100 steps, SFT 240), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96, batch 256,
+    1 thread, on a 2-core AVX-512/AMX CPU shared with other jobs (load average 7-9: wall times vary by ~15 % between
+    runs; run 1 gave hf 323 s, kv 58 s = 5.6x). Ceiling (the model's linear layers as bare fp32 matmuls, same run):
+    ~19 k tok/s prefill-sized, ~21 k tok/s at batch 234 (~90 GFLOP/s); the (ceil) ratios below are to these fp32
+    ceilings (2 threads: 7.3 k / 13.3 k tok/s measured under the same load), and decode's ratio is low partly because
+    its batches shrink. "identical": attempts token-for-token equal to hf's. No success in either split for this weak
+    checkpoint (all 5 attempts run), so every round is exercised.
+
+        backend / lever           wall s  speed-up  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  identical
+        hf (baseline)              372.6    1.00x       614774   3236 (0.17)       71760   406 (0.02)     100 %
+        kv: c static cache         212.7    1.75x       614774   5384 (0.28)       71760   780 (0.04)     100 %
+        kv: c + shrink             150.2    2.48x       614774   6037 (0.32)       71760  1902 (0.10)     100 %
+        kv: c + a reuse             87.1    4.28x       174234   4722 (0.25)       71760  1858 (0.10)     100 %
+        kv: c + a + b prefix        57.7    6.46x       144410   6131 (0.32)       71760  2777 (0.15)     100 %
+        kv: all, bf16 (d)           45.2    8.24x       144309   9830 (0.52)       71752  2977 (0.16)    70.5 %
+        kv: all, 2 threads (d)     372.1    1.00x       144410   2252 (0.31)       71760   297 (0.02)     100 %
+
+    Kept: a, b, c (the defaults). Not kept: bf16 (AMX makes its matmuls ~7x faster, but only 70.5 % of attempts stay
+    identical), 2 threads on this shared CPU (6.4x slower than 1 thread: the threads wait on each other while other
+    jobs hold the cores; the DAG runs two 1-thread evaluations side by side anyway). torch.compile was not measured
+    (every step has a new cache length and batch size; compiling on 2 shared cores would cost more than an
+    evaluation). What is left: the model's own per-layer overhead at small batches, the attention over each row's
+    cache, and prefill at ~1/3 of the matmul ceiling.
+
     Sampling keeps the explicit semantics of HFBackend: greedy when temperature == 0, otherwise temperature then
     top-p (as transformers' warpers) and a multinomial draw from a generator seeded with `sampling.seed`; stops at
     `stop_token_ids`; the text is decoded with skip_special_tokens. Greedy outputs equal HFBackend's up to float
@@ -249,7 +275,7 @@ class KVBackend:
 
         torch = self._torch
         start_time = time.perf_counter()
-        # Cached prefix per row: (length a, [(K, V) per layer]) reused from this row's conversation or the shared prefix.
+        # Cached prefix per row: (length a, [(K, V) per layer]) from this row's conversation or the shared prefix.
         cached: list = [(0, None)] * len(ids)
         if self.reuse and keys is not None:
             for r, key in enumerate(keys):
@@ -296,7 +322,8 @@ class KVBackend:
         # block's columns and little padding), each small enough to keep the attention scores small.
         end = a_max + b_max
         causal = torch.arange(end, device=self.device)[None, :] <= torch.arange(a_max, end, device=self.device)[:, None]
-        diagonal = torch.arange(end, device=self.device)[None, :] == torch.arange(a_max, end, device=self.device)[:, None]
+        columns, queries = torch.arange(end, device=self.device), torch.arange(a_max, end, device=self.device)
+        diagonal = columns[None, :] == queries[:, None]
         logits = []
         r0 = 0
         while r0 < rows:
