@@ -5,15 +5,15 @@
 
 Measured numbers: the KVBackend docstring (sftrl/generation.py). Run it under `nice -n 19` on a shared machine.
 
-Rows: the baseline, then the `kv` backend with its levers switched on one after another (c: preallocated cache,
-then shrinking batches; a: KV reuse across feedback rounds; b: shared prompt prefix), then the full `kv` backend
-in bf16 (d); `--variants` adds 2-thread runs (d). Columns: wall seconds for both splits, speed-up vs the baseline,
-real (non-padding) tokens per second in prefill and decode forwards (time inside the model's forward calls with
-more than one / exactly one query token; the rest of the wall time is tokenization, sampling and bookkeeping,
-column `other s`), the ratio of those rates to the machine's ceiling (the model's linear layers as plain matmuls at a
-prefill-sized and at a decode-sized batch, measured in the same run: FLOP/s / FLOPs per token; attention is not in the FLOP count, so a
-ratio can only underestimate), successes per split, and the fraction of attempts token-for-token identical to the
-baseline's. Goal: >= 5x the baseline, successes within one hand, >= 98 % identical attempts.
+Rows: the baseline, then the `kv` backend with its levers switched on one after another (c: preallocated cache, then
+shrinking batches; a: KV reuse across feedback rounds; b: shared prompt prefix), then the full `kv` backend in bf16
+(d); `--variants` adds 2-thread runs (d). Columns: wall seconds for both splits, speed-up vs the baseline, real
+(non-padding) tokens per second in prefill and decode forwards (time inside the model's forward calls with more than
+one / exactly one query token; the rest of the wall time is tokenization, sampling and bookkeeping, column `other
+s`), the ratio of those rates to the machine's ceiling (the model's linear layers as plain matmuls at a prefill-
+sized and at a decode-sized batch, measured in the same run: FLOP/s / FLOPs per token; attention is not in the FLOP
+count, so a ratio can only underestimate), successes per split, and the fraction of attempts token-for-token
+identical to the baseline's. Goal: >= 5x the baseline, successes within one hand, >= 98 % identical attempts.
 """
 from __future__ import annotations
 
