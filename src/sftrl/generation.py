@@ -1,15 +1,20 @@
-"""Text generation behind one interface, two backends.
+"""Text generation behind one interface, three backends.
 
-* ``hf``   — transformers ``generate``: batched, left padding, KV cache; runs anywhere (the CPU default).
-* ``vllm`` — ``vllm.LLM`` offline generation on a GPU; imported only when chosen (no CPU wheel exists).
+* ``hf``   — transformers ``generate``: batched, left padding, KV cache; runs anywhere (the reference).
+* ``kv``   — the same transformers model behind our own decode loop: each episode's KV cache is kept across its
+             feedback rounds, the shared prompt prefix is prefilled once, the cache is preallocated and finished
+             rows leave the batch (KVBackend; measured numbers in its docstring).
+* ``vllm`` — ``vllm.LLM`` offline generation on a GPU with prefix caching; imported only when chosen.
 
-Both take the same raw prompt strings and the same explicit sampling settings (temperature, top_p,
-max_new_tokens, seed). Nothing is taken implicitly from a checkpoint's generation_config.json: the authors' eval
+All take the same raw prompt strings and the same explicit sampling settings (temperature, top_p,
+max_new_tokens, seed); `keys` name the conversation each prompt continues, for the backends that reuse its cache.
+Nothing is taken implicitly from a checkpoint's generation_config.json: the authors' eval
 inherited do_sample/top_p from each checkpoint (authors_code_spec.md §8 item 18); we do not.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from .modeling import EOT, load_model, load_tokenizer
@@ -46,6 +51,17 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def new_stats() -> dict:
+    """Work counters a backend accumulates (bench/bench_eval.py reads them): real tokens through the model."""
+    return {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "reused_tokens": 0}
+
+
+def generated_lengths(rows: list[list[int]], stop_ids) -> list[int]:
+    """Tokens each row generated: up to and including its first stop id (the rest is padding)."""
+    stops = set(stop_ids)
+    return [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in rows]
+
+
 class HFBackend:
     def __init__(self, model_dir, model_settings: dict, batch_size: int):
         self.tokenizer = load_tokenizer(model_dir)
@@ -53,8 +69,11 @@ class HFBackend:
                                 model_settings["device"]).eval()
         self.batch_size = batch_size
         self.stop_ids = stop_token_ids(self.tokenizer)
+        self.stats = new_stats()
 
-    def generate(self, prompts: list[str], sampling: Sampling) -> list[str]:
+    def generate(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[str]:
+        """`keys` and `keep` (conversation ids for KV reuse, see KVBackend) are accepted and ignored: every call
+        prefills its prompts in full."""
         import torch
         from transformers import GenerationConfig
 
@@ -78,9 +97,334 @@ class HFBackend:
             with torch.inference_mode():
                 generated = self.model.generate(**batch, generation_config=config)
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            # Real (non-padding) tokens through the model: the prompts, then each generated token but the last.
+            self.stats["prefill_tokens"] += int(batch["attention_mask"].sum())
+            self.stats["decode_tokens"] += sum(n - 1 for n in generated_lengths(new_tokens.tolist(), self.stop_ids))
             for i, text in zip(index, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 outputs[i] = text
         return outputs
+
+
+class _SlotCache:
+    """Keys/values of one batch in preallocated [rows, kv_heads, capacity, head_dim] buffers, one pair per layer.
+
+    The driver (KVBackend) says where a forward writes (`start`, a column) and on which rows (`rows`, a slice);
+    attention then reads columns [0, start + q) of those rows. Nothing is concatenated per step, and a row's tokens
+    need not be contiguous: holes (left padding of a prefill block) are masked out by the driver's 4D mask."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
+        import torch
+
+        self.k = [torch.zeros(rows, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.start = 0
+        self.rows = slice(None)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        end = self.start + key_states.shape[2]
+        k, v = self.k[layer_idx][self.rows], self.v[layer_idx][self.rows]
+        k[:, :, self.start : end] = key_states
+        v[:, :, self.start : end] = value_states
+        return k[:, :, :end], v[:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start
+
+    def keep_rows(self, index, used: int) -> None:
+        """Shrink the batch to the rows in `index` (a LongTensor), copying only the `used` columns."""
+        for buffers in (self.k, self.v):
+            for layer, old in enumerate(buffers):
+                new = old.new_zeros(len(index), *old.shape[1:])
+                new[:, :, :used] = old[:, :, :used].index_select(0, index)
+                buffers[layer] = new
+
+
+def _cache_class():
+    """_SlotCache as a transformers Cache subclass (models check isinstance); built lazily so that importing this
+    module does not import transformers."""
+    global _SLOT_CACHE
+    if _SLOT_CACHE is None:
+        from transformers import Cache
+
+        class SlotCache(_SlotCache, Cache):
+            def __init__(self, *args, **kwargs):
+                Cache.__init__(self, layers=[])
+                _SlotCache.__init__(self, *args, **kwargs)
+
+        _SLOT_CACHE = SlotCache
+    return _SLOT_CACHE
+
+
+_SLOT_CACHE = None
+
+
+class KVBackend:
+    """The transformers model behind our own batched decode loop, with the KV cache kept across calls.
+
+    Levers (issue 12), each switchable for bench/bench_eval.py:
+    * reuse (a): `generate(..., keys=...)` names each prompt's conversation (the episode). Its KV cache (token ids
+      + keys/values) is kept after the call, and the next call for the same key prefills only what follows the
+      longest common token prefix of the cached ids and the new prompt's ids, i.e. the appended feedback turn and
+      the generation prompt. The common prefix, not "the cached length", because the re-rendered conversation need
+      not extend the cached ids: a BPE re-encoding of the decoded answer may differ from the sampled ids, the
+      template appends text after the assistant message (`<|im_end|>\\n`), and some templates rewrite old turns.
+      Causal attention makes the keys/values of a common prefix identical, so reuse is exact (up to float order).
+      A keyed call drops the caches of keys it does not name (finished episodes); `release()` drops all.
+    * share_prefix (b): the longest prefix that all uncached prompts of a batch share (the rules text of the first
+      turn) is prefilled once and copied into every row.
+    * static cache + shrink (c): keys/values live in buffers preallocated per batch (_SlotCache); rows that hit a
+      stop id leave the batch once they are `shrink` (a fraction) of it, so decode steps are not spent on finished
+      rows or padding. Prefill runs in row chunks of at most `prefill_tokens` query tokens.
+
+    Why not `model.generate`: it cannot start a row from an existing per-row cache of a different length than its
+    neighbours (a batch's cache must be one tensor aligned with one attention mask), cannot drop finished rows
+    mid-generation, and its DynamicCache concatenates every layer's keys/values at every step. Here the model's own
+    forward does all the arithmetic (any HF causal LM: explicit position_ids, a 4D attention mask, a Cache object),
+    so architecture details (RoPE variants, biases, GQA) stay transformers'.
+
+    Measured (bench/bench_eval.py, 2026-11-25): an SFT checkpoint of the default tiny Llama (2.4 M parameters;
+    base pretrained 100 steps, SFT 240), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96, batch 256,
+    1 thread, on a 2-core AVX-512/AMX CPU shared with other jobs (load average 7-9: wall times vary by ~15 % between
+    runs; run 1 gave hf 323 s, kv 58 s = 5.6x). Ceiling (the model's linear layers as bare fp32 matmuls, same run):
+    ~19 k tok/s prefill-sized, ~21 k tok/s at batch 234 (~90 GFLOP/s); the (ceil) ratios below are to these fp32
+    ceilings (2 threads: 7.3 k / 13.3 k tok/s measured under the same load), and decode's ratio is low partly because
+    its batches shrink. "identical": attempts token-for-token equal to hf's. No success in either split for this weak
+    checkpoint (all 5 attempts run), so every round is exercised.
+
+        backend / lever           wall s  speed-up  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  identical
+        hf (baseline)              372.6    1.00x       614774   3236 (0.17)       71760   406 (0.02)     100 %
+        kv: c static cache         212.7    1.75x       614774   5384 (0.28)       71760   780 (0.04)     100 %
+        kv: c + shrink             150.2    2.48x       614774   6037 (0.32)       71760  1902 (0.10)     100 %
+        kv: c + a reuse             87.1    4.28x       174234   4722 (0.25)       71760  1858 (0.10)     100 %
+        kv: c + a + b prefix        57.7    6.46x       144410   6131 (0.32)       71760  2777 (0.15)     100 %
+        kv: all, bf16 (d)           45.2    8.24x       144309   9830 (0.52)       71752  2977 (0.16)    70.5 %
+        kv: all, 2 threads (d)     372.1    1.00x       144410   2252 (0.31)       71760   297 (0.02)     100 %
+
+    Kept: a, b, c (the defaults). Not kept: bf16 (AMX makes its matmuls ~7x faster, but only 70.5 % of attempts stay
+    identical), 2 threads on this shared CPU (6.4x slower than 1 thread: the threads wait on each other while other
+    jobs hold the cores; the DAG runs two 1-thread evaluations side by side anyway). torch.compile was not measured
+    (every step has a new cache length and batch size; compiling on 2 shared cores would cost more than an
+    evaluation). What is left: the model's own per-layer overhead at small batches, the attention over each row's
+    cache, and prefill at ~1/3 of the matmul ceiling.
+
+    Sampling keeps the explicit semantics of HFBackend: greedy when temperature == 0, otherwise temperature then
+    top-p (as transformers' warpers) and a multinomial draw from a generator seeded with `sampling.seed`; stops at
+    `stop_token_ids`; the text is decoded with skip_special_tokens. Greedy outputs equal HFBackend's up to float
+    reordering (tests/test_generation.py).
+    """
+
+    def __init__(self, model_dir, model_settings: dict, batch_size: int, reuse: bool = True,
+                 share_prefix: bool = True, shrink: float = 0.25, prefill_tokens: int = 8192):
+        import inspect
+
+        import torch
+
+        self.tokenizer = load_tokenizer(model_dir)
+        attn = model_settings["attn_implementation"]
+        if attn not in ("sdpa", "eager"):
+            raise ValueError(f"model.attn_implementation = {attn!r}: eval.backend = kv needs sdpa or eager "
+                             "(it passes its own 4D attention mask)")
+        self.model = load_model(model_dir, model_settings["dtype"], attn, model_settings["device"]).eval()
+        self.bool_mask = attn == "sdpa"
+        self.batch_size = batch_size
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.reuse, self.share_prefix, self.shrink, self.prefill_tokens = reuse, share_prefix, shrink, prefill_tokens
+        config = self.model.config.get_text_config()
+        self.layers = config.num_hidden_layers
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.dtype = next(self.model.parameters()).dtype
+        self.device = next(self.model.parameters()).device
+        # transformers 5.24 renamed the forward's past_key_values argument to cache.
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.sessions: dict = {}  # key -> (token ids with cached K/V, [(K, V) per layer], each [kv_heads, n, head_dim])
+        self.stats = new_stats()
+        self._torch = torch
+
+    def release(self, keys=None) -> None:
+        """Drop the cached conversations named in `keys` (all when None)."""
+        for key in list(self.sessions) if keys is None else keys:
+            self.sessions.pop(key, None)
+
+    def generate(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[str]:
+        if keys is not None:
+            if len(keys) != len(prompts):
+                raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
+            self.release(set(self.sessions) - set(keys))
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        if any(not row for row in ids):
+            raise ValueError("an empty prompt has nothing to condition on")
+        generator = None
+        if sampling.temperature > 0:
+            generator = self._torch.Generator(device=self.device).manual_seed(sampling.seed)
+        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+        outputs: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            batch_keys = [keys[i] for i in index] if keys is not None else None
+            with self._torch.inference_mode():
+                generated = self._generate_batch([ids[i] for i in index], batch_keys, keep and keys is not None,
+                                                 sampling, generator)
+            for i, tokens in zip(index, generated):
+                outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return outputs
+
+    # -- one batch -------------------------------------------------------------------------------------------
+    def _generate_batch(self, ids, keys, keep, sampling, generator):
+        import os
+
+        torch = self._torch
+        start_time = time.perf_counter()
+        # Cached prefix per row: (length a, [(K, V) per layer]) from this row's conversation or the shared prefix.
+        cached: list = [(0, None)] * len(ids)
+        if self.reuse and keys is not None:
+            for r, key in enumerate(keys):
+                if key in self.sessions:
+                    old_ids, kv = self.sessions[key]
+                    a = min(len(os.path.commonprefix([old_ids, ids[r]])), len(ids[r]) - 1)
+                    if a > 0:
+                        cached[r] = (a, kv)
+        fresh = [r for r in range(len(ids)) if cached[r][0] == 0]
+        if self.share_prefix and len(fresh) > 1:
+            shared = min(len(os.path.commonprefix([ids[r] for r in fresh])), min(len(ids[r]) for r in fresh) - 1)
+            if shared > 1:
+                kv = self._prefill_prefix(ids[fresh[0]][:shared])
+                for r in fresh:
+                    cached[r] = (shared, kv)
+        self.stats["reused_tokens"] += sum(a for a, _ in cached)
+        # Buffer rows in order of new (uncached) length; `generated` goes back in the caller's order at the end.
+        order = sorted(range(len(ids)), key=lambda r: len(ids[r]) - cached[r][0])
+        ids, cached = [ids[r] for r in order], [cached[r] for r in order]
+        keys = [keys[r] for r in order] if keys is not None else None
+        a_max = max(a for a, _ in cached)
+        new = [ids[r][cached[r][0] :] for r in range(len(ids))]
+        b_max = max(len(t) for t in new)
+        # Layout: row r's cached tokens end at column a_max, its new tokens end at a_max + b_max (left-padded in
+        # the new block), generated tokens follow in lockstep. `valid` marks the columns a row attends to.
+        rows, capacity = len(ids), a_max + b_max + sampling.max_new_tokens
+        cache = _cache_class()(self.layers, rows, self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
+        valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
+        for r, (a, kv) in enumerate(cached):
+            if a:
+                for layer, (k, v) in enumerate(kv):
+                    cache.k[layer][r, :, a_max - a : a_max] = k[:, :a]
+                    cache.v[layer][r, :, a_max - a : a_max] = v[:, :a]
+                valid[r, a_max - a : a_max] = True
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((rows, b_max), pad, dtype=torch.long, device=self.device)
+        positions = torch.zeros(rows, b_max, dtype=torch.long, device=self.device)
+        for r, tokens in enumerate(new):
+            b, a = len(tokens), cached[r][0]
+            input_ids[r, b_max - b :] = torch.tensor(tokens, device=self.device)
+            positions[r, b_max - b :] = torch.arange(a, a + b, device=self.device)
+            valid[r, a_max + b_max - b : a_max + b_max] = True
+        # Prefill the new blocks in row chunks (rows sorted by new length, so a chunk feeds only its own longest
+        # block's columns and little padding), each small enough to keep the attention scores small.
+        end = a_max + b_max
+        causal = torch.arange(end, device=self.device)[None, :] <= torch.arange(a_max, end, device=self.device)[:, None]
+        columns, queries = torch.arange(end, device=self.device), torch.arange(a_max, end, device=self.device)
+        diagonal = columns[None, :] == queries[:, None]
+        logits = []
+        r0 = 0
+        while r0 < rows:
+            r1 = r0 + 1
+            while r1 < rows and (r1 + 1 - r0) * len(new[r1]) <= self.prefill_tokens:
+                r1 += 1
+            width = len(new[r1 - 1])  # the chunk's longest new block (rows are sorted by it)
+            cache.rows, cache.start = slice(r0, r1), end - width
+            # A padding query attends to itself only: a fully masked row would give NaN (its output is unused).
+            mask = (valid[cache.rows, None, None, :end] & causal[b_max - width :]) | diagonal[b_max - width :]
+            logits.append(self._forward(input_ids[cache.rows, b_max - width :], positions[cache.rows, b_max - width :],
+                                        mask, cache))
+            r0 = r1
+        cache.rows = slice(None)
+        logits = torch.cat(logits)
+        self.stats["prefill_tokens"] += sum(len(t) for t in new)
+        prefill_done = time.perf_counter()
+        self.stats["prefill_s"] += prefill_done - start_time
+
+        # Decode. row_of[j] = the caller's row in buffer row j; finished rows stay until they are `shrink` of the batch.
+        row_of = torch.arange(rows, device=self.device)
+        position = torch.tensor([cached[r][0] + len(new[r]) for r in range(rows)], device=self.device)
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        alive = torch.ones(rows, dtype=torch.bool, device=self.device)
+        stops = torch.tensor(self.stop_ids, device=self.device)
+        column = end
+        while True:
+            tokens = self._sample(logits, sampling, generator)
+            for j, r in enumerate(row_of.tolist()):
+                if alive[j]:
+                    generated[r].append(int(tokens[j]))
+            lengths = torch.tensor([len(generated[r]) for r in row_of.tolist()], device=self.device)
+            alive &= ~torch.isin(tokens, stops) & (lengths < sampling.max_new_tokens)
+            if not alive.any():
+                break
+            if self.shrink is not None and (~alive).sum() >= max(1.0, self.shrink * len(alive)):
+                if keep:
+                    self._store(cache, valid, (~alive).nonzero().squeeze(1), row_of, ids, generated, keys)
+                index = alive.nonzero().squeeze(1)
+                cache.keep_rows(index, column)
+                valid, row_of, position, tokens = valid[index], row_of[index], position[index], tokens[index]
+                alive = alive[index]
+            valid[:, column] = alive  # a finished row keeps computing (until the next shrink) but is never attended
+            cache.start = column
+            mask = valid[:, None, None, : column + 1]
+            logits = self._forward(tokens[:, None], position[:, None], mask, cache)
+            self.stats["decode_tokens"] += int(alive.sum())
+            position += 1
+            column += 1
+        if keep:
+            self._store(cache, valid, torch.arange(len(row_of)), row_of, ids, generated, keys)
+        self.stats["decode_s"] += time.perf_counter() - prefill_done
+        in_order: list[list[int]] = [[] for _ in order]
+        for r, tokens in zip(order, generated):
+            in_order[r] = tokens
+        return in_order
+
+    def _forward(self, input_ids, positions, mask, cache):
+        torch = self._torch
+        if not self.bool_mask:  # eager attention adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(self.dtype).min)
+        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                         logits_to_keep=1, **{self.cache_arg: cache})
+        return out.logits[:, -1, :].float()
+
+    def _prefill_prefix(self, tokens: list[int]):
+        """Keys/values of one token sequence, as [(K, V) per layer] of [kv_heads, n, head_dim]."""
+        torch = self._torch
+        n = len(tokens)
+        cache = _cache_class()(self.layers, 1, self.kv_heads, n, self.head_dim, self.dtype, self.device)
+        mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None, None]
+        self._forward(torch.tensor([tokens], device=self.device), torch.arange(n, device=self.device)[None],
+                      mask, cache)
+        self.stats["prefill_tokens"] += n
+        return [(k[0], v[0]) for k, v in zip(cache.k, cache.v)]
+
+    def _store(self, cache, valid, buffer_rows, row_of, ids, generated, keys) -> None:
+        """Keep the K/V of the given buffer rows' conversations: every token fed so far. The last sampled token was
+        never fed, so it has no K/V (the next call prefills it)."""
+        for j in buffer_rows.tolist():
+            r = int(row_of[j])
+            columns = valid[j].nonzero().squeeze(1)
+            tokens = ids[r] + generated[r][:-1]
+            if len(columns) != len(tokens):
+                raise AssertionError(f"cache bookkeeping: {len(columns)} cached columns for {len(tokens)} tokens")
+            kv = [(k[j].index_select(1, columns), v[j].index_select(1, columns)) for k, v in zip(cache.k, cache.v)]
+            self.sessions[keys[r]] = (tokens, kv)
+
+    def _sample(self, logits, sampling: Sampling, generator):
+        torch = self._torch
+        if sampling.temperature == 0:
+            return logits.argmax(-1)
+        scores = logits / sampling.temperature
+        if sampling.top_p < 1.0:  # transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p
+            sorted_scores, sorted_index = torch.sort(scores, descending=False)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            remove = cumulative <= (1 - sampling.top_p)
+            remove[..., -1:] = False
+            scores = scores.masked_fill(remove.scatter(1, sorted_index, remove), float("-inf"))
+        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
 
 
 class VLLMBackend:
@@ -98,10 +442,13 @@ class VLLMBackend:
         check_finite_files(model_dir)
         self.stop_ids = stop_token_ids(self.tokenizer)
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[model_settings["dtype"]]
+        # "vllm": ignore the checkpoint's generation_config defaults. Prefix caching reuses the KV blocks of a
+        # conversation's earlier rounds (and of the shared rules text) across generate calls, as KVBackend does.
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=0, max_num_seqs=batch_size,
-                       generation_config="vllm")  # "vllm": ignore the checkpoint's generation_config defaults
+                       generation_config="vllm", enable_prefix_caching=True)
 
-    def generate(self, prompts: list[str], sampling: Sampling) -> list[str]:
+    def generate(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[str]:
+        """`keys` / `keep` are accepted and ignored: vLLM's prefix cache finds the shared blocks by content."""
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
@@ -111,7 +458,7 @@ class VLLMBackend:
         return [r.outputs[0].text for r in results]
 
 
-BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
+BACKENDS = {"hf": HFBackend, "kv": KVBackend, "vllm": VLLMBackend}
 
 
 def make_backend(name: str, model_dir, model_settings: dict, batch_size: int):

@@ -64,7 +64,7 @@ class ScriptedPolicy:
         assert len(matches) == 1, prompt
         return matches[0], prompt.count(points.FEEDBACK_PREFIX) + 1
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, keys=None, keep=False):  # keys / keep: the backend protocol (kv caching)
         self.calls.append((list(prompts), sampling))
         outputs = []
         for prompt in prompts:

@@ -23,18 +23,6 @@ def _warn_if_no_answer(records: list[dict], model_dir) -> None:
                     model_dir, len(outputs))
 
 
-class _CountingBackend:
-    """A generation backend that advances a progress bar by the attempts each round of episodes generates."""
-
-    def __init__(self, backend, bar):
-        self.backend, self.bar, self.tokenizer = backend, bar, backend.tokenizer
-
-    def generate(self, prompts, sampling):
-        texts = self.backend.generate(prompts, sampling)
-        self.bar.update(len(prompts))
-        return texts
-
-
 def evaluate_checkpoint(model_dir, problems_path, settings: dict, model_settings: dict, out, summary_path,
                         verify_iter: int, labels: dict) -> dict:
     from tqdm import tqdm
@@ -47,7 +35,7 @@ def evaluate_checkpoint(model_dir, problems_path, settings: dict, model_settings
     # (log lines of the episode loop go through the bar, so they do not land in the middle of its line)
     with logging_redirect_tqdm(), tqdm(total=len(problems) * verify_iter, desc="eval", unit="attempt",
                                        mininterval=5) as bar:
-        records = run_episodes(_CountingBackend(backend, bar), problems, Sampling.from_settings(settings), verify_iter)
+        records = run_episodes(backend, problems, Sampling.from_settings(settings), verify_iter, progress=bar)
         bar.total = bar.n
     seconds = time.perf_counter() - start
     _warn_if_no_answer(records, model_dir)

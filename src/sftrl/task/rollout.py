@@ -15,24 +15,34 @@ from .diagnose import STAGES, answer_stages
 log = logging.getLogger(__name__)
 
 
-def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter: int) -> list[dict]:
+def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter: int, progress=None) -> list[dict]:
+    """Play every problem's episode with `backend` (hf / kv / vllm: sftrl.generation) and return their records.
+    `progress`: an optional tqdm-like bar advanced by the attempts of each round."""
     episodes = [
         points.Episode(points.Hand(tuple(p["cards"]), tuple(p["numbers"])), points.RULES[p["rule"]],
                        verify_iter=verify_iter, target=p["target"])
         for p in problems
     ]
     for round_index in range(verify_iter):
-        active = [e for e in episodes if not e.done]
+        index = [i for i, e in enumerate(episodes) if not e.done]
+        active = [episodes[i] for i in index]
         if not active:
             break
         prompts = [chat_prompt(backend.tokenizer, e.messages) for e in active]
-        # A different seed per round, so a sampled retry is not a replay of the same random stream.
+        # A different seed per round, so a sampled retry is not a replay of the same random stream. keys name each
+        # episode's conversation, so a backend that keeps KV caches (kv) prefills only the new feedback turn;
+        # after the last round nothing is kept.
         texts = backend.generate(prompts, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
-                                                   sampling.seed + round_index))
+                                                   sampling.seed + round_index),
+                                 keys=index, keep=round_index + 1 < verify_iter)
         for episode, text in zip(active, texts):
             episode.submit(text)
+        if progress is not None:
+            progress.update(len(active))
         log.info("round %d: %d episodes active, %d solved so far", round_index + 1, len(active),
                  sum(e.success for e in episodes))
+    if hasattr(backend, "release"):
+        backend.release()
     return [episode_record(p, e) for p, e in zip(problems, episodes)]
 
 

@@ -1,0 +1,193 @@
+"""The kv generation backend against the hf reference (greedy agreement over multi-turn episodes, KV reuse equal
+to a fresh prefill) and its cache bookkeeping (common-prefix reuse, rows leaving the batch, dropped sessions)."""
+import pytest
+import torch
+
+from sftrl.task import points
+from sftrl.task.data import eval_problems
+from sftrl.task.rollout import run_episodes
+from sftrl.generation import HFBackend, KVBackend, Sampling, chat_prompt, generated_lengths
+
+MODEL = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
+GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=24, seed=0)
+
+
+@pytest.fixture(scope="module")
+def backends(micro_base):
+    torch.set_num_threads(1)
+    return HFBackend(micro_base, MODEL, 64), KVBackend(micro_base, MODEL, 64)
+
+
+def conversation(rule="ood", n=3):
+    """First-turn chats of n eval hands, and a second turn built the way an episode builds it."""
+    problems = eval_problems(rule, n, 42, 24)
+    return [[{"role": "user", "content": points.render_prompt(p["cards"], points.RULES[p["rule"]])}] for p in problems]
+
+
+def second_turn(first: list[dict], answer: str) -> list[dict]:
+    return first + [{"role": "assistant", "content": answer},
+                    {"role": "user", "content": "You failed this trial because your formula is incorrect."}]
+
+
+def test_episodes_agree_with_hf(backends):
+    hf, kv = backends
+    problems = eval_problems("id", 4, 42, 24) + eval_problems("ood", 4, 42, 24)
+    reference = run_episodes(hf, problems, GREEDY, verify_iter=3)
+    fast = run_episodes(kv, problems, GREEDY, verify_iter=3)
+    pairs = [(a["output"], b["output"]) for r, f in zip(reference, fast) for a, b in zip(r["attempts"], f["attempts"])]
+    assert len(pairs) >= 16  # the micro model solves nothing: every episode runs its rounds
+    assert sum(a == b for a, b in pairs) / len(pairs) >= 0.98
+    assert [r["success"] for r in reference] == [f["success"] for f in fast]
+    assert kv.sessions == {}  # run_episodes releases every cached conversation
+    assert kv.stats["reused_tokens"] > 0
+
+
+def test_reused_round_equals_fresh_prefill(micro_base):
+    torch.set_num_threads(1)
+    reused, fresh = KVBackend(micro_base, MODEL, 64), KVBackend(micro_base, MODEL, 64, reuse=False, share_prefix=False)
+    chats = conversation(n=3)
+    keys = ["a", "b", "c"]
+    first = reused.generate([chat_prompt(reused.tokenizer, c) for c in chats], GREEDY, keys=keys)
+    prompts = [chat_prompt(reused.tokenizer, second_turn(c, a)) for c, a in zip(chats, first)]
+    before = reused.stats["reused_tokens"]
+    out_reused = reused.generate(prompts, GREEDY, keys=keys)
+    assert reused.stats["reused_tokens"] > before
+    out_fresh = fresh.generate(prompts, GREEDY, keys=keys)
+    assert out_reused == out_fresh
+    for key in keys:  # the conversation's keys/values after the reused round equal those of one full prefill
+        ids_r, kv_r = reused.sessions[key]
+        ids_f, kv_f = fresh.sessions[key]
+        assert ids_r == ids_f
+        for (k_r, v_r), (k_f, v_f) in zip(kv_r, kv_f):
+            torch.testing.assert_close(k_r, k_f, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v_r, v_f, atol=1e-5, rtol=1e-5)
+
+
+def test_reuse_stops_at_common_prefix(micro_base):
+    """A cached conversation that the new prompt extends only in part (as when a decoded answer re-tokenizes
+    differently) is reused up to the longest common token prefix, and the rest is prefilled."""
+    torch.set_num_threads(1)
+    kv = KVBackend(micro_base, MODEL, 64, share_prefix=False)
+    tok = kv.tokenizer
+    chat = conversation(n=1)[0]
+    first = kv.generate([chat_prompt(tok, chat)], GREEDY, keys=["e"])[0]
+    cached_ids, _ = kv.sessions["e"]
+    # Edit the answer's text: the cache holds the sampled ids, the new prompt diverges inside the answer.
+    prompt = chat_prompt(tok, second_turn(chat, "X" + first))
+    new_ids = tok(prompt, add_special_tokens=False).input_ids
+    common = next(i for i, (a, b) in enumerate(zip(cached_ids, new_ids)) if a != b)
+    before = kv.stats["reused_tokens"]
+    out = kv.generate([prompt], GREEDY, keys=["e"])
+    assert kv.stats["reused_tokens"] - before == common
+    assert out == KVBackend(micro_base, MODEL, 64, reuse=False, share_prefix=False).generate([prompt], GREEDY)
+    # The same prompt again: everything but the last token comes from the cache.
+    ids, _ = kv.sessions["e"]
+    before = kv.stats["reused_tokens"]
+    kv.generate([tok.decode(ids[: len(new_ids)])], GREEDY, keys=["e"])
+    assert kv.stats["reused_tokens"] - before == len(new_ids) - 1
+
+
+def test_rows_leave_the_batch(micro_base):
+    """Shrinking the batch at every finished row, or never, gives the same tokens and the same stored caches; each
+    stored cache holds exactly the tokens fed (prompt + all generated but the last)."""
+    torch.set_num_threads(1)
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=40, seed=0)
+    prompts = ["<|im_start|>user\n1+1=", "<|im_start|>user\nAnswer:", "12*3=", "<|im_start|>assistant\n"]
+    keys = list(range(len(prompts)))
+    every = KVBackend(micro_base, MODEL, 64, shrink=1e-9)
+    never = KVBackend(micro_base, MODEL, 64, shrink=None)
+    out_every = every.generate(prompts, sampling, keys=keys)
+    out_never = never.generate(prompts, sampling, keys=keys)
+    assert out_every == out_never
+    for key, prompt in zip(keys, prompts):
+        ids_e, kv_e = every.sessions[key]
+        ids_n, kv_n = never.sessions[key]
+        assert ids_e == ids_n
+        assert ids_e[: len(every.tokenizer(prompt, add_special_tokens=False).input_ids)] == \
+            every.tokenizer(prompt, add_special_tokens=False).input_ids
+        assert kv_e[0][0].shape[1] == len(ids_e)
+        torch.testing.assert_close(kv_e[-1][1], kv_n[-1][1])
+    # Decode steps are counted only for live rows: one per generated token but the first.
+    lengths = [len(ids) - len(every.tokenizer(p, add_special_tokens=False).input_ids) + 1
+               for p, (ids, _) in zip(prompts, (every.sessions[k] for k in keys))]
+    assert every.stats["decode_tokens"] == sum(n - 1 for n in lengths)
+    assert never.stats["decode_tokens"] == every.stats["decode_tokens"]
+
+
+def test_sessions_follow_keys(micro_base):
+    torch.set_num_threads(1)
+    kv = KVBackend(micro_base, MODEL, 64)
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=4, seed=0)
+    kv.generate(["a", "b", "c"], sampling, keys=[1, 2, 3])
+    assert set(kv.sessions) == {1, 2, 3}
+    kv.generate(["a", "c"], sampling, keys=[1, 3], keep=False)  # episode 2 finished; last round keeps nothing new
+    assert set(kv.sessions) == {1, 3}
+    kv.generate(["d"], sampling)  # an unkeyed call neither reads nor drops sessions
+    assert set(kv.sessions) == {1, 3}
+    kv.release()
+    assert kv.sessions == {}
+    with pytest.raises(ValueError, match="keys"):
+        kv.generate(["a"], sampling, keys=[1, 2])
+
+
+def test_sampling_semantics(backends):
+    _, kv = backends
+    prompts = ["<|im_start|>user\n1+1=", "7*8="]
+    hot = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=16, seed=3)
+    assert kv.generate(prompts, hot) == kv.generate(prompts, hot)  # the seed fixes the draw
+    # top_p that keeps only the most likely token is greedy decoding.
+    narrow = Sampling(temperature=1.0, top_p=1e-9, max_new_tokens=16, seed=3)
+    assert kv.generate(prompts, narrow) == kv.generate(prompts, Sampling(0.0, 1.0, 16, 3))
+
+
+def test_generated_lengths():
+    assert generated_lengths([[5, 6, 2, 0, 0], [5, 6, 7], [3, 2, 3]], [2, 3]) == [3, 3, 1]
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(micro_base, tmp_path_factory):
+    """A randomly initialised Qwen2 (attention biases, another model class) with the micro tokenizer: the backend
+    must run any HF causal LM the project loads, not only the tiny Llama."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sftrl.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(micro_base)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=1024,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    for module in model.modules():  # visible biases, so a wrong position or mask would change the logits
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.5)
+    out = tmp_path_factory.mktemp("qwen2")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_qwen2_and_eager_agree_with_hf(qwen2_dir, attn):
+    torch.set_num_threads(1)
+    settings = {**MODEL, "attn_implementation": attn}
+    problems = eval_problems("ood", 3, 42, 24)
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
+    reference = run_episodes(HFBackend(qwen2_dir, settings, 64), problems, sampling, verify_iter=2)
+    fast = run_episodes(KVBackend(qwen2_dir, settings, 64), problems, sampling, verify_iter=2)
+    pairs = [(a["output"], b["output"]) for r, f in zip(reference, fast) for a, b in zip(r["attempts"], f["attempts"])]
+    assert len(pairs) == 6 and all(a == b for a, b in pairs) and any(a for a, _ in pairs)
+
+
+def test_prefill_chunks(micro_base):
+    """Prefill in row chunks (each fed only its own longest new block) equals one prefill of the whole batch."""
+    torch.set_num_threads(1)
+    chats = conversation(n=3)
+    one, many = KVBackend(micro_base, MODEL, 64), KVBackend(micro_base, MODEL, 64, prefill_tokens=1)
+    prompts = [chat_prompt(one.tokenizer, c) for c in chats] + ["7*8=", "<|im_start|>user\n1+2+3="]
+    keys = list(range(len(prompts)))
+    assert one.generate(prompts, GREEDY, keys=keys) == many.generate(prompts, GREEDY, keys=keys)
+    for key in keys:
+        assert one.sessions[key][0] == many.sessions[key][0]
+        torch.testing.assert_close(one.sessions[key][1][-1][0], many.sessions[key][1][-1][0], atol=1e-5, rtol=1e-5)
