@@ -109,3 +109,34 @@ def test_missing_model_dir_names_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelDirError, match="config.json"):
         check_model_dir(tmp_path / "empty")
+
+
+def test_snapshots_are_points_of_the_same_run(tmp_path, micro_base, micro_base_settings):
+    """snapshot_steps saves probe-able model dirs along the run without changing it; the last-step snapshot is the
+    final model."""
+    pretrain.pretrain(micro_base_settings, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv",
+                      snapshot_steps=[4, 12], snapshot_dir=tmp_path / "snap")
+    final = (micro_base / "model.safetensors").read_bytes()
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == final
+    assert (tmp_path / "snap" / "step-12" / "model.safetensors").read_bytes() == final
+    assert (tmp_path / "snap" / "step-4" / "model.safetensors").read_bytes() != final
+    assert load_model(tmp_path / "snap" / "step-4", device="cpu").config.model_type == "llama"
+    with pytest.raises(ValueError, match="snapshot_dir"):
+        pretrain.pretrain(micro_base_settings, tmp_path / "m2", tmp_path / "s2", tmp_path / "l2.csv", snapshot_steps=[4])
+
+
+def test_probe_reports_every_ability_with_an_interval(tmp_path, micro_base):
+    from sftrl.probe import probe
+
+    report = probe(micro_base, {"n": 4, "seed": 7, "max_new_tokens": 8}, {"batch_size": 8, "max_new_tokens": 8},
+                   tmp_path / "abilities.json", tmp_path / "abilities", verify_iter=1)
+    expected = {"arithmetic", "target", "cards_rule_10", "cards_rule_11_12_13", "rule_random", "rule_10",
+                "rule_11_12_13", "puzzle24_rule_10", "puzzle24_rule_11_12_13", "generalpoints_id", "generalpoints_ood"}
+    assert set(report["abilities"]) == expected
+    for name, value in report["abilities"].items():
+        lo, hi = value["ci95"]
+        assert value["n"] == 4 and 0 <= lo <= value["accuracy"] <= hi <= 1, name
+    assert (tmp_path / "abilities.png").exists() and (tmp_path / "abilities.pdf").exists()
+    # the OOD rule-application probe states the OOD rule and shows a face card in every prompt
+    for prompt, _ in report["abilities"]["rule_11_12_13"]["examples"]:
+        assert prompt.startswith(f"Note that {points.OOD_RULE.face_card_msg} Cards: ") and prompt.endswith("Numbers:")
