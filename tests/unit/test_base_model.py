@@ -118,7 +118,8 @@ def test_missing_model_dir_names_the_path(tmp_path):
 
 
 PROBE_MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
-ABILITIES = {"arithmetic", "target", "cards_rule_10", "cards_rule_11_12_13", "generalpoints_id", "generalpoints_ood"}
+ABILITIES = {"arithmetic", "target", "rule_10", "rule_11_12_13", "rule_random", "cards_rule_10", "cards_rule_11_12_13",
+             "puzzle24_rule_10", "puzzle24_rule_11_12_13", "generalpoints_id", "generalpoints_ood"}
 
 
 def test_probe_reports_every_ability(tmp_path, micro_base, micro_base_settings):
@@ -130,6 +131,7 @@ def test_probe_reports_every_ability(tmp_path, micro_base, micro_base_settings):
     assert report["model"] == str(micro_base) and set(report["abilities"]) == ABILITIES
     for name, value in report["abilities"].items():
         assert 0.0 <= value["accuracy"] <= 1.0 and value["n"] == settings["n"], name
+        assert value["ci95"][0] <= value["accuracy"] <= value["ci95"][1], name  # the 95 % Wilson interval
         assert value["examples"], name
     for split in ("id", "ood"):
         task = report["abilities"][f"generalpoints_{split}"]
@@ -157,3 +159,31 @@ def test_abilities_figure(tmp_path):
     assert (tmp_path / "cli.pdf").exists() and (tmp_path / "cli.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["abilities.json", "cli.pdf", "cli.png", "direct.pdf",
                                                           "direct.png"]  # no temporary files left behind
+
+
+def test_snapshots_are_points_of_the_same_run(tmp_path, micro_base, micro_base_settings):
+    """snapshot_steps saves probe-able model dirs along the run without changing it; the last-step snapshot is the
+    final model."""
+    pretrain.pretrain(micro_base_settings, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv",
+                      snapshot_steps=[4, 12], snapshot_dir=tmp_path / "snap")
+    final = (micro_base / "model.safetensors").read_bytes()
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == final
+    assert (tmp_path / "snap" / "step-12" / "model.safetensors").read_bytes() == final
+    assert (tmp_path / "snap" / "step-4" / "model.safetensors").read_bytes() != final
+    assert load_model(tmp_path / "snap" / "step-4", device="cpu").config.model_type == "llama"
+    with pytest.raises(ValueError, match="snapshot_dir"):
+        pretrain.pretrain(micro_base_settings, tmp_path / "m2", tmp_path / "s2", tmp_path / "l2.csv", snapshot_steps=[4])
+
+
+def test_probe_reports_every_ability_with_an_interval(tmp_path, micro_base):
+    report = probe(micro_base, {"n": 4, "seed": 7, "max_new_tokens": 8}, {"batch_size": 8, "max_new_tokens": 8},
+                   PROBE_MODEL_SETTINGS, tmp_path / "abilities.json", verify_iter=1)
+    expected = {"arithmetic", "target", "cards_rule_10", "cards_rule_11_12_13", "rule_random", "rule_10",
+                "rule_11_12_13", "puzzle24_rule_10", "puzzle24_rule_11_12_13", "generalpoints_id", "generalpoints_ood"}
+    assert set(report["abilities"]) == expected
+    for name, value in report["abilities"].items():
+        lo, hi = value["ci95"]
+        assert value["n"] == 4 and 0 <= lo <= value["accuracy"] <= hi <= 1, name
+    # the OOD rule-application probe states the OOD rule and shows a face card in every prompt
+    for prompt, _ in report["abilities"]["rule_11_12_13"]["examples"]:
+        assert prompt.startswith(f"Note that {points.OOD_RULE.face_card_msg} Cards: ") and prompt.endswith("Numbers:")

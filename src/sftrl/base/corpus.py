@@ -13,22 +13,29 @@ all written as plain text lines, none of them the GeneralPoints prompt or its JS
   values), so 10 and 11/12/13 are two mappings among hundreds.
 * ``cards``       — the three combined: cards + a stated rule + a target, answered with a formula over the mapped
   values.
+* ``puzzle24``    — 24-game puzzles with a solution, as puzzle sites write them (several phrasings): cards under a
+  random face-card rule, answered with a formula over the mapped values that makes exactly 24 (``points.solve``).
+  The value multiset is drawn uniformly from the solvable multisets the rule can show, so every one of the 1,362
+  solvable multisets over 1..13 is reachable (those with an 11, 12 or 13 need a rule mapping a face card there).
+  Off in the default mix (weight 0); appended last so a mix without it gives the same corpus as before it existed.
 
 Why generate expressions forward (numbers → random expression → value = target) instead of solving for a
 target: it is O(1) per document and every answer is correct by construction (exact `Fraction` arithmetic).
 """
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
+from itertools import combinations_with_replacement
 
 import numpy as np
 
-from ..task.points import apply_operator
+from ..task.points import apply_operator, is_solvable, solve
 
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
 OPS = "+-*/"
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
-FAMILIES = ("arithmetic", "target", "rule", "cards")
+FAMILIES = ("arithmetic", "target", "rule", "cards", "puzzle24")
 
 
 def random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[str, Fraction] | None:
@@ -82,6 +89,87 @@ def _draw_cards(rng, k: int) -> list[str]:
     return [RANKS[int(i)] for i in rng.integers(0, 13, size=k)]
 
 
+def rule_document(rng: np.random.Generator, face_values, msg: str) -> str:
+    """One `rule` document under the given rule: 2-4 cards, at least one of them a face card, and their values."""
+    cards = _draw_cards(rng, int(rng.integers(2, 5)))
+    if not any(c in "JQK" for c in cards):
+        cards[int(rng.integers(len(cards)))] = "JQK"[int(rng.integers(3))]
+    numbers = [card_value(c, face_values) for c in cards]
+    return f"Note that {msg} Cards: {cards} Numbers: {numbers}"
+
+
+# Phrasings of the puzzle24 family ({cards}: the ranks as words, {msg}: the rule statement, {numbers}: their
+# values). None is the GeneralPoints prompt (points.PROMPT_TEMPLATE) or its JSON answer.
+PUZZLE24_PHRASINGS = (
+    "24 game. Cards: {cards}. Note that {msg} Solution: {formula}=24",
+    "Puzzle: make 24 from the cards {cards}, each used once. {msg} Answer: {formula}=24",
+    "Cards {cards}, where {msg} The numbers are {numbers}. 24 = {formula}",
+    "Q: Use + - * / and brackets on {cards} to get 24 ({msg}) A: {formula}=24",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def solvable_multisets(target: int = 24) -> tuple[tuple[int, ...], ...]:
+    """Every sorted 4-multiset of values 1..13 that reaches `target` (1,362 for 24)."""
+    return tuple(m for m in combinations_with_replacement(range(1, 14), 4) if is_solvable(m, target))
+
+
+@functools.lru_cache(maxsize=None)
+def showable_multisets(face_values: tuple[int, int, int], target: int = 24) -> tuple[tuple[int, ...], ...]:
+    """The solvable multisets whose every value some card shows under the rule: 1..10 always (A..10), 11..13 only
+    where a face card is mapped there."""
+    shown = set(range(1, 11)) | set(face_values)
+    return tuple(m for m in solvable_multisets(target) if shown.issuperset(m))
+
+
+def puzzle24_hand(rng: np.random.Generator, face_values, multisets=None) -> tuple[list[str], list[int]]:
+    """Cards and their values: a multiset drawn uniformly from `multisets` (default: all the rule can show), each
+    value shown by a card drawn uniformly from the ranks worth it under the rule, in random order."""
+    multisets = showable_multisets(tuple(face_values)) if multisets is None else multisets
+    values = list(multisets[int(rng.integers(len(multisets)))])
+    cards = []
+    for v in values:
+        ranks = [r for r in RANKS if card_value(r, face_values) == v]
+        cards.append(ranks[int(rng.integers(len(ranks)))])
+    order = rng.permutation(4)
+    return [cards[i] for i in order], [values[i] for i in order]
+
+
+def puzzle24_render(rng: np.random.Generator, cards, numbers, msg: str) -> str:
+    """A puzzle24 document for the given hand: a solution drawn from `points.solve`, in a drawn phrasing."""
+    solutions = solve(numbers)
+    formula = solutions[int(rng.integers(len(solutions)))]
+    phrasing = PUZZLE24_PHRASINGS[int(rng.integers(len(PUZZLE24_PHRASINGS)))]
+    return phrasing.format(cards=", ".join(cards), msg=msg, numbers=", ".join(map(str, numbers)), formula=formula)
+
+
+def puzzle24_document(rng: np.random.Generator, face_values, msg: str, multisets=None) -> str:
+    """One puzzle24 document under the given rule (see module docstring)."""
+    cards, numbers = puzzle24_hand(rng, face_values, multisets)
+    return puzzle24_render(rng, cards, numbers, msg)
+
+
+# Where a puzzle24 document's answer begins: the first cue found. The phrasing that lists the numbers is cut before
+# them, so its answer includes applying the rule.
+PUZZLE24_CUES = ("The numbers are ", "Solution: ", "Answer: ", "A: ")
+
+
+def puzzle24_prompt(document: str) -> str:
+    """The puzzle part of a puzzle24 document (up to and including the answer cue); the rest is the answer."""
+    for cue in PUZZLE24_CUES:
+        if cue in document:
+            return document[: document.index(cue) + len(cue)]
+    raise ValueError(f"not a puzzle24 document: {document!r}")
+
+
+def puzzle24_formula(answer: str) -> str:
+    """The formula of a generated puzzle24 answer: after '24 = ' where the phrasing puts it there, else before '='."""
+    answer = answer.strip().split("\n")[0]
+    if "24 = " in answer:
+        return answer.split("24 = ", 1)[1].strip()
+    return answer.split("=")[0].strip()
+
+
 MAX_DRAWS = 10_000  # valid draws are common in every family; the limit only stops a loop that a bug made endless
 
 
@@ -103,11 +191,7 @@ def make_document(rng: np.random.Generator, family: str, max_abs: int = 999, max
                 return f"Use {shown} to make {found[1]}: {found[0]}={found[1]}"
         elif family == "rule":
             face_values, msg = random_face_rule(rng)
-            cards = _draw_cards(rng, int(rng.integers(2, 5)))
-            if not any(c in "JQK" for c in cards):
-                cards[int(rng.integers(len(cards)))] = "JQK"[int(rng.integers(3))]
-            numbers = [card_value(c, face_values) for c in cards]
-            return f"Note that {msg} Cards: {cards} Numbers: {numbers}"
+            return rule_document(rng, face_values, msg)
         elif family == "cards":
             face_values, msg = random_face_rule(rng)
             cards = _draw_cards(rng, 4)
@@ -116,6 +200,9 @@ def make_document(rng: np.random.Generator, family: str, max_abs: int = 999, max
             found = _integer_expression(rng, [numbers[i] for i in order], max_target)
             if found and found[1] > 0:
                 return f"Cards: {cards}. Note that {msg} Make {found[1]}: {found[0]}={found[1]}"
+        elif family == "puzzle24":
+            face_values, msg = random_face_rule(rng)
+            return puzzle24_document(rng, face_values, msg)
     raise RuntimeError(f"no valid {family} document in {MAX_DRAWS} draws (max_abs {max_abs}, max_target {max_target})")
 
 

@@ -67,7 +67,13 @@ def pack(tokenizer, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.int64), starts
 
 
-def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_log: str | Path, threads: int = 1) -> None:
+def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_log: str | Path, threads: int = 1,
+             snapshot_steps=(), snapshot_dir: str | Path | None = None) -> None:
+    """Pretrain for `settings["train"]["steps"]` steps and save the model to `out_dir`.
+
+    `snapshot_steps` (off by default; research use, not the DAG): also save a probe-able model dir
+    `snapshot_dir/step-<N>` after each listed step N. These are points along ONE cosine schedule (the learning rate
+    at step N is still that of the full run), not the models separate N-step runs would give."""
     import torch
     from tqdm import tqdm
 
@@ -111,6 +117,9 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
             state_path.unlink()
 
     n_params = sum(p.numel() for p in model.parameters())
+    snapshot_steps = {int(s) for s in snapshot_steps}
+    if snapshot_steps and snapshot_dir is None:
+        raise ValueError("pretrain: snapshot_steps given without snapshot_dir")
     log.info("model: %.2f M parameters", n_params / 1e6)
     batch_size, seq_len = train["batch_size"], train["seq_len"]
     # The loss log is written beside the resumable state and published to `loss_log` at the end: Snakemake deletes
@@ -142,6 +151,11 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
                 writer.writerow([step + 1, f"{lr_at(step, train):.6g}", f"{loss.item():.5f}"])
                 f.flush()
                 progress.set_postfix(loss=f"{loss.item():.3f}")
+            if step + 1 in snapshot_steps:
+                with atomic_dir(Path(snapshot_dir) / f"step-{step + 1}") as tmp:
+                    save_model(model, tokenizer, tmp)
+                    write_json(Path(tmp) / "sftrl_base.json",
+                               {"settings": settings, "parameters": n_params, "snapshot_step": step + 1})
             if (step + 1) % train["save_every"] == 0 and step + 1 < train["steps"]:
                 f.flush()
                 state_path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,12 +6,20 @@ Probes, each on problems the model did not train on (documents held out of the c
 * target              — ``Use a, b, c, d to make T:`` → a formula that scores +5 for those numbers and T;
 * cards_rule_10       — pretraining format, J/Q/K = 10, target 24;
 * cards_rule_11_12_13 — pretraining format, J/Q/K = 11/12/13, target 24;
+* rule_random / rule_10 / rule_11_12_13 — rule application: ``Note that <rule> Cards: [...] Numbers:`` → the
+  cards' values, exactly, under random mappings / J/Q/K = 10 / J/Q/K = 11/12/13 (held-out `rule` documents);
+* puzzle24_rule_10 / puzzle24_rule_11_12_13 — the puzzle24 family's own phrasings at target 24 (held-out
+  documents): rule 10 on the 566 multisets of values 1..10, rule 11/12/13 on the other 796 (each has an 11..13).
+  Held out means the document text, not the multiset: with puzzle24 in the mix every multiset is in training
+  under other phrasings and rules, as a 24-game hand is on the web;
 * generalpoints_id / generalpoints_ood — the real task (chat template, multi-turn), expected near 0 before SFT.
-Greedy decoding throughout (temperature from the probe is always 0: it measures ability, not luck).
+Greedy decoding throughout (temperature from the probe is always 0: it measures ability, not luck). Every ability
+has a 95 % Wilson score interval (`ci95`) on its n problems.
 """
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -44,12 +52,47 @@ def held_out_documents(family: str, n: int, seed: int, held_out_per_mille: int) 
                      f"{family} documents in {max_draws} draws")
 
 
+def held_out_rule_documents(make, n: int, seed: int, held_out_per_mille: int) -> list:
+    """`n` results of `make(rng)` (a (document, ...) tuple) whose document the corpus hash holds out."""
+    rng = np.random.default_rng(seed)
+    found = []
+    max_draws = 100 * n * 1000 // max(1, held_out_per_mille)  # as held_out_documents: cannot fail by chance
+    for _ in range(max_draws):
+        item = make(rng)
+        if is_held_out(item[0], held_out_per_mille):
+            found.append(item)
+            if len(found) == n:
+                return found
+    raise ValueError(f"base.corpus.held_out_per_mille = {held_out_per_mille}: only {len(found)} of {n} held-out "
+                     f"documents in {max_draws} draws")
+
+
 def _formula_of(text: str) -> str:
     return text.strip().split("=")[0].strip()
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion (sensible at 0 and at n, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # At 0 and n the bound is exact (rounding would leave it a hair inside, e.g. 0.9999999999999999 for n of n).
+    return (0.0 if successes == 0 else centre - half), (1.0 if successes == n else centre + half)
+
+
+def _ability(correct, prompts, outputs, **extra) -> dict:
+    n = len(correct)
+    k = int(sum(bool(c) for c in correct))
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": k / n, "n": n, "ci95": [lo, hi], **extra, "examples": list(zip(prompts, outputs))[:5]}
+
+
 def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, out, target: int = 24,
-          verify_iter: int = 5) -> dict:
+          verify_iter: int = 5, generalpoints: bool = True) -> dict:
+    """Write the abilities report `out` (its figure is drawn by the figures rule). `generalpoints=False` skips the
+    GeneralPoints episodes, the slowest part (research probes of pretraining snapshots; the DAG always runs them)."""
     base_settings = read_json(f"{model_dir}/sftrl_base.json")["settings"]
     held_out = base_settings["corpus"]["held_out_per_mille"]
     n, seed = settings["n"], settings["seed"]
@@ -61,7 +104,7 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
     prompts = [d[: d.rindex("=") + 1] for d in docs]
     outputs = backend.generate(prompts, greedy)
     correct = [o.strip() == d[d.rindex("=") + 1 :] for o, d in zip(outputs, docs)]
-    abilities["arithmetic"] = {"accuracy": float(np.mean(correct)), "n": n, "examples": list(zip(prompts, outputs))[:5]}
+    abilities["arithmetic"] = _ability(correct, prompts, outputs)
 
     docs = held_out_documents("target", n, seed + 1, held_out)
     # Prompts end where the corpus puts a token boundary (after ": "), so tokenization matches pretraining.
@@ -72,8 +115,7 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
         numbers = [int(x) for x in d[len("Use ") : d.index(" to make")].split(", ")]
         goal = int(d[d.index("to make ") + len("to make ") : d.index(":")])
         rewards.append(points.score(_formula_of(o), numbers, goal).reward)
-    abilities["target"] = {"accuracy": float(np.mean([r == 5 for r in rewards])), "n": n,
-                           "examples": list(zip(prompts, outputs))[:5]}
+    abilities["target"] = _ability([r == 5 for r in rewards], prompts, outputs)
 
     rng = np.random.default_rng(seed + 2)
     for name, rule in (("cards_rule_10", points.ID_RULE), ("cards_rule_11_12_13", points.OOD_RULE)):
@@ -81,20 +123,52 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
         prompts = [f"Cards: {list(h.cards)}. Note that {rule.face_card_msg} Make {target}: " for h in hands]
         outputs = backend.generate(prompts, greedy)
         rewards = [points.score(_formula_of(o), h.numbers, target).reward for o, h in zip(outputs, hands)]
-        abilities[name] = {"accuracy": float(np.mean([r == 5 for r in rewards])), "n": n,
-                           "examples": list(zip(prompts, outputs))[:5]}
+        abilities[name] = _ability([r == 5 for r in rewards], prompts, outputs)
+
+    rule_draws = {
+        "rule_random": corpus.random_face_rule,
+        "rule_10": lambda rng: (points.ID_RULE.face_values, points.ID_RULE.face_card_msg),
+        "rule_11_12_13": lambda rng: (points.OOD_RULE.face_values, points.OOD_RULE.face_card_msg),
+    }
+    for i, (name, draw) in enumerate(rule_draws.items()):
+        docs = [d for (d,) in held_out_rule_documents(lambda rng: (corpus.rule_document(rng, *draw(rng)),), n,
+                                                      seed + 4 + i, held_out)]
+        # Cut after ':' (an isolated token): ' [' is one BPE piece in training, so a prompt ending in ': ' would not be.
+        prompts = [d[: d.rindex("Numbers:") + len("Numbers:")] for d in docs]
+        outputs = backend.generate(prompts, greedy)
+        # The values list, exactly; anything the model adds after its closing bracket is ignored.
+        correct = [o.strip()[: o.strip().find("]") + 1] == d[len(p):].strip() for o, d, p in zip(outputs, docs, prompts)]
+        abilities[name] = _ability(correct, prompts, outputs)
+
+    # The puzzle24 family is the 24 game whatever env.target is.
+    multisets = corpus.solvable_multisets(24)
+    for i, (name, rule) in enumerate((("puzzle24_rule_10", points.ID_RULE), ("puzzle24_rule_11_12_13", points.OOD_RULE))):
+        split = tuple(m for m in multisets if (max(m) > 10) == rule.ood_hands)
+
+        def make(rng, rule=rule, split=split):
+            cards, numbers = corpus.puzzle24_hand(rng, rule.face_values, split)
+            return corpus.puzzle24_render(rng, cards, numbers, rule.face_card_msg), numbers
+
+        items = held_out_rule_documents(make, n, seed + 7 + i, held_out)
+        prompts = [corpus.puzzle24_prompt(d) for d, _ in items]
+        outputs = backend.generate(prompts, greedy)
+        rewards = [points.score(corpus.puzzle24_formula(o), numbers, 24).reward
+                   for o, (_, numbers) in zip(outputs, items)]
+        abilities[name] = _ability([r == 5 for r in rewards], prompts, outputs)
 
     task_sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=eval_settings["max_new_tokens"], seed=seed)
-    for split in ("id", "ood"):
+    for split in ("id", "ood") if generalpoints else ():
         problems = eval_problems(split, n, seed + 3, target)
         records = run_episodes(backend, problems, task_sampling, verify_iter)
         summary = summarize(records)
+        k = summary["successes"]
         abilities[f"generalpoints_{split}"] = {"accuracy": summary["accuracy"], "n": n,
+                                               "ci95": list(wilson_interval(k, len(records))),
                                                "format_error_rate": summary["format_error_rate"],
                                                "examples": [r["attempts"][0]["output"] for r in records[:3]]}
     report = {"model": str(model_dir), "abilities": abilities}
     for name, value in abilities.items():
-        log.info("%-22s accuracy %.3f", name, value["accuracy"])
+        log.info("%-22s accuracy %.3f  [%.3f, %.3f]", name, value["accuracy"], *value["ci95"])
     write_json(out, report)
     return report
 

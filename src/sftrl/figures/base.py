@@ -1,21 +1,29 @@
 """The base model's probed abilities (results/base/abilities.json)."""
 from __future__ import annotations
 
-import pandas as pd
+import numpy as np
 
 from ..io import read_json
 from .style import save, style
 
 
 def abilities(report: dict, stem) -> None:
-    """Bar chart of the base model's probe accuracies."""
-    sns, plt = style()
+    """Bar chart of the base model's probe accuracies, with their 95 % Wilson intervals as error bars."""
+    _, plt = style()
 
-    rows = [{"ability": name, "accuracy (%)": 100 * value["accuracy"]} for name, value in report["abilities"].items()]
-    fig, ax = plt.subplots(figsize=(5.5, 3.0))
-    sns.barplot(data=pd.DataFrame(rows), y="ability", x="accuracy (%)", color="tab:blue", ax=ax)
+    names = list(report["abilities"])
+    values = [report["abilities"][name] for name in names]
+    accuracy = np.array([100 * v["accuracy"] for v in values])
+    # Reports written before intervals existed have no ci95: draw those bars without error bars.
+    ci = np.array([[100 * x for x in v.get("ci95", (v["accuracy"], v["accuracy"]))] for v in values])
+    fig, ax = plt.subplots(figsize=(5.5, 0.5 + 0.3 * len(names)))
+    y = np.arange(len(names))
+    ax.barh(y, accuracy, color="tab:blue", xerr=[accuracy - ci[:, 0], ci[:, 1] - accuracy], capsize=2,
+            error_kw={"elinewidth": 0.8, "ecolor": "black"})
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_ylabel(None)
+    ax.set_xlabel("accuracy (%), 95 % interval")
     ax.set_title("Base model abilities (held-out probes)")
     save(fig, stem)
 

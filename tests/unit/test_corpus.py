@@ -1,0 +1,126 @@
+"""The pretraining corpus: the puzzle24 family (correct, reachable, not the task format) and the default corpus's
+stability (a mix without puzzle24 gives exactly the documents it gave before the family existed)."""
+import hashlib
+import re
+from itertools import product
+
+import numpy as np
+import pytest
+
+from sftrl.base import corpus
+from sftrl.task import points
+from sftrl.base.probe import wilson_interval
+
+DEFAULT_MIX = {"arithmetic": 3.0, "target": 1.0, "rule": 0.5, "cards": 1.5}  # config/config.yaml's base.corpus.mix
+# sha256 of "\n".join(generate_corpus(0, 3000, DEFAULT_MIX)), computed with corpus.py BEFORE puzzle24 was added
+# (commit 1b5306e): the default corpus must not change with the new family at weight 0.
+DEFAULT_CORPUS_SHA256 = "bfac6ee8fb8ca9f2b04c23f80c2cf09b4e0e9f196ee82461632b9deaf722935d"
+
+_RULE_RE = re.compile(r"'J', 'Q', and 'K' count as '(\d+)'(?:, '(\d+)', and '(\d+)' respectively)?\.")
+
+
+def _sha256(documents):
+    return hashlib.sha256("\n".join(documents).encode()).hexdigest()
+
+
+def _phrasing_regex(phrasing: str) -> re.Pattern:
+    pattern = re.escape(phrasing)
+    for field in ("cards", "msg", "numbers", "formula"):
+        pattern = pattern.replace(re.escape("{" + field + "}"), f"(?P<{field}>.+?)")
+    return re.compile(pattern + "$")
+
+
+PHRASING_RES = [_phrasing_regex(p) for p in corpus.PUZZLE24_PHRASINGS]
+
+
+def parse_puzzle24(document: str) -> tuple[int, dict]:
+    """(phrasing index, its fields) of a puzzle24 document; fails if not exactly one phrasing matches."""
+    matches = [(i, m.groupdict()) for i, r in enumerate(PHRASING_RES) if (m := r.match(document))]
+    assert len(matches) == 1, document
+    return matches[0]
+
+
+def test_default_mix_corpus_is_unchanged_by_the_new_family():
+    assert _sha256(corpus.generate_corpus(0, 3000, DEFAULT_MIX)) == DEFAULT_CORPUS_SHA256
+    # weight 0 is the same as absent: no draw is spent on it
+    assert _sha256(corpus.generate_corpus(0, 3000, {**DEFAULT_MIX, "puzzle24": 0.0})) == DEFAULT_CORPUS_SHA256
+
+
+def test_mix_with_puzzle24_contains_it_and_is_seeded():
+    mix = {**DEFAULT_MIX, "puzzle24": 2.0}
+    documents = corpus.generate_corpus(3, 400, mix)
+    assert documents == corpus.generate_corpus(3, 400, mix)
+    share = sum(any(r.match(d) for r in PHRASING_RES) for d in documents) / len(documents)
+    assert 0.15 < share < 0.4  # 2 / 8 of the weight
+
+
+def test_every_puzzle24_document_is_a_correct_solution_under_its_rule():
+    rng = np.random.default_rng(0)
+    seen_phrasings, seen_face_cards = set(), 0
+    for _ in range(3000):
+        document = corpus.make_document(rng, "puzzle24")
+        index, fields = parse_puzzle24(document)
+        seen_phrasings.add(index)
+        rule = _RULE_RE.fullmatch(fields["msg"])
+        assert rule, document
+        face_values = tuple(int(rule[1]) for _ in range(3)) if rule[2] is None else tuple(int(x) for x in rule.groups())
+        cards = fields["cards"].split(", ")
+        assert len(cards) == 4 and all(c in corpus.RANKS for c in cards), document
+        seen_face_cards += any(c in "JQK" for c in cards)
+        numbers = [corpus.card_value(c, face_values) for c in cards]
+        if fields.get("numbers") is not None:
+            assert fields["numbers"] == ", ".join(map(str, numbers)), document
+        # the formula uses exactly the mapped values, each once, and is exactly 24 (points.score evaluates fractions)
+        verdict = points.score(fields["formula"], numbers, 24)
+        assert verdict.reward == 5, (document, verdict)
+        # what the probe cuts off as the answer parses back to the same formula
+        prompt = corpus.puzzle24_prompt(document)
+        assert corpus.puzzle24_formula(document[len(prompt):]) == fields["formula"], document
+    assert seen_phrasings == set(range(len(corpus.PUZZLE24_PHRASINGS)))
+    assert seen_face_cards > 300  # face cards under random rules are common, not a corner case
+
+
+def test_puzzle24_is_not_the_generalpoints_format():
+    task_lines = {line.strip() for line in points.PROMPT_TEMPLATE.splitlines() if line.strip()}
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        document = corpus.make_document(rng, "puzzle24")
+        assert "[Task Description]" not in document and "You are an expert" not in document
+        assert '"formula"' not in document and '"cards"' not in document and "{" not in document
+        assert not any(line in document for line in task_lines if len(line) > 12)
+    for phrasing in corpus.PUZZLE24_PHRASINGS:
+        assert phrasing not in points.PROMPT_TEMPLATE and "[Input]" not in phrasing
+
+
+def test_all_1362_solvable_multisets_are_reachable():
+    solvable = corpus.solvable_multisets()
+    assert len(solvable) == 1362 and sum(max(m) <= 10 for m in solvable) == 566
+    # random_face_rule draws every (J, Q, K) in 1..13^3 with positive probability (uniform or three i.i.d. values)
+    reachable = set()
+    for face_values in product(range(1, 14), repeat=3):
+        reachable.update(corpus.showable_multisets(face_values))
+    assert reachable == set(solvable)
+    # the sampler itself covers every multiset its rule can show (under 11/12/13: all 1,362) ...
+    rng = np.random.default_rng(0)
+    drawn = {tuple(sorted(corpus.puzzle24_hand(rng, (11, 12, 13))[1])) for _ in range(25000)}
+    assert drawn == set(corpus.showable_multisets((11, 12, 13))) == set(solvable)
+    # ... and never one it cannot show: under J/Q/K = 10 only the 566 multisets of values 1..10
+    assert set(corpus.showable_multisets((10, 10, 10))) == {m for m in solvable if max(m) <= 10}
+    cards, numbers = corpus.puzzle24_hand(rng, (10, 10, 10))
+    assert [corpus.card_value(c, (10, 10, 10)) for c in cards] == numbers
+
+
+def test_rule_document_under_a_given_rule():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        document = corpus.rule_document(rng, points.OOD_RULE.face_values, points.OOD_RULE.face_card_msg)
+        cards = re.search(r"Cards: (\[.*?\])", document)[1]
+        values = [points.OOD_RULE.value(c) for c in eval(cards)]
+        assert document.endswith(f"Numbers: {values}") and any(c in cards for c in "JQK")
+
+
+@pytest.mark.parametrize("k, n, lo, hi", [(0, 200, 0.0, 0.0188), (200, 200, 0.9812, 1.0), (41, 200, 0.1549, 0.2663)])
+def test_wilson_interval(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got[0] == pytest.approx(lo, abs=1e-3) and got[1] == pytest.approx(hi, abs=1e-3)
+    assert got[0] <= k / n <= got[1]
