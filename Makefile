@@ -32,6 +32,7 @@ results: $(STAMP)
 	@flock -n -E 75 .snakemake/make-results.lock sh -c '$(BIN)/snakemake --unlock > /dev/null 2>&1; \
 		$(BIN)/snakemake --cores $(CORES) --rerun-incomplete all && $(BIN)/snakemake --cores $(CORES) --report $(REPORT) --report-stylesheet workflow/report/style.css' \
 		|| { rc=$$?; [ $$rc = 75 ] && echo "make results: another one is running in this directory"; exit $$rc; }
+	@$(BIN)/python scripts/stage_timings.py
 	@echo "make results: done. Report: $(abspath $(REPORT))  Summary: $(abspath results/SUMMARY.md)"
 
 ## The HTML report of the finished run (every figure captioned, the tables, the configuration, each result's
