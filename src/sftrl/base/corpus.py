@@ -1,7 +1,7 @@
 """Seeded generator of the embedded base model's pretraining corpus.
 
 The tiny base model must leave pretraining with the *general* abilities that the paper's OOD test relies on,
-and without the GeneralPoints task format (SFT has to teach that, as in the paper). Four document families,
+and without the GeneralPoints task format (SFT has to teach that, as in the paper). Five document families,
 all written as plain text lines, none of them the GeneralPoints prompt or its JSON answer:
 
 * ``arithmetic``  — ``13*(5+9)+12=194``: expressions of 2–4 operands in 1..13 and their exact value.
