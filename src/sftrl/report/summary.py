@@ -113,7 +113,10 @@ def headline_notes(table: pd.DataFrame, selection: dict, rows: list[dict]) -> li
         + (", " + ", ".join(f"{n[s]} {s.upper()} problems" for s in n) if n else "") + "). Format errors: share of "
         "all attempts whose output could not be parsed as a formula or used illegal characters.",
         f"{SELECTIONS[INTER_SFT]} = the SFT checkpoint with the highest OOD accuracy (ties → earliest step); "
-        f"{SELECTIONS[END_SFT]} = the last SFT checkpoint.",
+        f"{SELECTIONS[END_SFT]} = the last SFT checkpoint."
+        if "selection.end_sft" not in selection.get("rule", "") else
+        f"{SELECTIONS[END_SFT]} = SFT step {selection[END_SFT]['step']} (config selection.end_sft); "
+        f"{SELECTIONS[INTER_SFT]} = the checkpoint up to it with the highest OOD accuracy (ties → earliest step).",
     ]
     inter = selection[INTER_SFT]
     if inter.get("degenerate"):
