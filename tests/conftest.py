@@ -37,6 +37,17 @@ def micro_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sft_data(tmp_path_factory):
+    """Small SFT data sets (train / loss sets) built by the real data code, shared by the SFT tests."""
+    from sftrl.task.data import build_sft_data
+
+    out = tmp_path_factory.mktemp("sft_data")
+    build_sft_data({"seed": 0, "n_train": 32, "id_test_fraction": 0.15, "n_id_test": 8, "n_ood_loss": 8,
+                    "n_train_loss": 8}, 24, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def micro_run(tmp_path_factory):
     """A work directory holding one uninterrupted, completed micro run (the reference of several workflow tests)."""
     from helpers import make_workdir, snakemake

@@ -135,23 +135,10 @@ def test_huge_numbers_keep_the_authors_messages():
 # on disk. The rerun must resume from the previous complete checkpoint, move the broken one aside, and end with the
 # weights of an uninterrupted run.
 
-from test_sft import MODEL_SETTINGS, SFT_SETTINGS  # noqa: E402  (same settings as the SFT unit tests)
+from test_sft import SFT_SETTINGS, run  # noqa: E402  (same settings as the SFT unit tests)
 
 
-@pytest.fixture(scope="module")
-def sft_data(tmp_path_factory):
-    from sftrl.task.data import build_sft_data
-
-    out = tmp_path_factory.mktemp("sft_data")
-    build_sft_data({"seed": 0, "n_train": 32, "id_test_fraction": 0.15, "n_id_test": 8, "n_ood_loss": 8,
-                    "n_train_loss": 8}, 24, out)
-    return out
-
-
-def _run_sft(micro_base, sft_data, root, settings=SFT_SETTINGS):
-    from sftrl.train import sft
-
-    sft.run_sft(micro_base, sft_data, settings, MODEL_SETTINGS, root / "work", root / "export", root / "loss.csv")
+_run_sft = run  # the SFT unit tests' runner, on the shared `sft_data` fixture (conftest)
 
 
 @pytest.fixture(scope="module")

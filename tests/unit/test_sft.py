@@ -6,7 +6,6 @@ import torch
 from safetensors.torch import load_file
 
 from sftrl.train import sft
-from sftrl.task.data import build_sft_data
 
 MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 SFT_SETTINGS = {
@@ -15,14 +14,6 @@ SFT_SETTINGS = {
     "adam_epsilon": 1e-7, "weight_decay": 0.0, "max_length": 512, "launcher": "local", "num_processes": 1,
     "deepspeed": None, "loss_every": None, "chat_format": "model",
 }
-
-
-@pytest.fixture(scope="module")
-def sft_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft_data")
-    build_sft_data({"seed": 0, "n_train": 32, "id_test_fraction": 0.15, "n_id_test": 8, "n_ood_loss": 8,
-                    "n_train_loss": 8}, 24, out)
-    return out
 
 
 def run(micro_base, sft_data, root, settings=SFT_SETTINGS):
