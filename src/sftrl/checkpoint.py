@@ -1,7 +1,15 @@
 """The one vocabulary for the models the study produces and compares: "checkpoints".
 
-A checkpoint is named by its stage and step — `base` (the pretrained model, step 0) and `sft-<step>` (an SFT save)
-— and the two SFT checkpoints the paper singles out are *selections*: `inter_sft` (best OOD accuracy) and `end_sft`
+A checkpoint is named by its stage, the run that made it and its step:
+
+| stage | name | run | model directory |
+|---|---|---|---|
+| `base` | `base` | – | the embedded or configured base model |
+| `sft` | `sft-<step>` | – (one SFT run) | `results/sft/checkpoint-<step>` |
+| `rl` | `<algo>-from-<start>-u<update>`, e.g. `ppo-from-sft-160-u8` | `<algo>-from-<start>` (`start`: base or sft-N) | `results/rl/<run>/checkpoint-<update>` |
+| `restored` | `restored-<sweep>-<point>`, e.g. `restored-rank-direction-k0.2` | `<sweep>-<point>` | `results/restore/<run>` |
+
+The two SFT checkpoints the paper singles out are *selections*: `inter_sft` (best OOD accuracy) and `end_sft`
 (the end of SFT), resolved to a concrete `sft-<step>` by the selection rule. This module alone knows that grammar:
 how a name is parsed and printed, where a checkpoint's model and per-checkpoint results live, how checkpoints sort
 and how figures label them. Rules, tables and figures all go through it, so a new stage (RL runs, restored models)
@@ -16,14 +24,23 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 # Stages in study order (the sort order of every table and figure) and how figures name them.
-STAGES = {"base": "Base", "sft": "SFT"}
+STAGES = {"base": "Base", "sft": "SFT", "rl": "RL", "restored": "Restored"}
+# RL algorithms (sftrl rl --algo) and how figures name them.
+ALGORITHMS = {"ppo": "PPO", "grpo": "GRPO"}
 # Checkpoints chosen from the evaluation table (rule select_sft), by the paper's names.
 INTER_SFT, END_SFT = "inter_sft", "end_sft"
 SELECTIONS = {INTER_SFT: "Inter_SFT", END_SFT: "End_SFT"}
 
-_NAME = re.compile(r"^(?:(?P<base>base)|(?P<stage>sft)-(?P<step>\d+))$")
+_START = r"base|sft-\d+"  # what an RL run may start from (a concrete name)
+_SWEEP, _POINT = r"[a-z0-9_]+", r"[A-Za-z0-9_.]+(?:-[A-Za-z0-9_.]+)*"
+_NAME = re.compile(
+    r"^(?:(?P<base>base)|sft-(?P<sft_step>\d+)"
+    rf"|(?P<rl_run>(?P<algo>{'|'.join(ALGORITHMS)})-from-(?P<start>{_START}))-u(?P<rl_step>\d+)"
+    rf"|restored-(?P<restored_run>{_SWEEP}-{_POINT}))$"
+)
 # Snakemake wildcard constraint for a concrete checkpoint name (selections are resolved before they reach a path).
-NAME_PATTERN = r"base|sft-\d+"
+# (named groups become plain ones: Snakemake wraps the pattern in a group of its own).
+NAME_PATTERN = re.sub(r"\(\?P<\w+>", "(?:", _NAME.pattern.removeprefix("^(?:").removesuffix(")$"))
 # Where an SFT run exports checkpoint `step` below its export directory (the trainer's own naming).
 SFT_EXPORT = "checkpoint-{step}"
 # Per-checkpoint results of one kind (eval, svd, ...): `name` is a checkpoint name, or a wildcard in a rule.
@@ -34,24 +51,49 @@ RESULTS_DIR = "{results}/{kind}/{name}"
 class Checkpoint:
     stage: str
     step: int = 0
+    # The run of its stage that made it: "" for base and sft (one run each), `<algo>-from-<start>` for rl,
+    # `<sweep>-<point>` for restored.
+    run: str = ""
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; expected one of {list(STAGES)}")
-        if self.stage == "base" and self.step != 0:
-            raise ValueError("the base model has step 0")
+        if self.stage in ("base", "restored") and self.step != 0:
+            raise ValueError(f"a {self.stage} model has step 0")
         if int(self.step) != self.step or self.step < 0:
             raise ValueError(f"checkpoint step must be a non-negative integer, got {self.step!r}")
         object.__setattr__(self, "step", int(self.step))
+        needs_run = self.stage in ("rl", "restored")
+        if needs_run != bool(self.run):
+            raise ValueError(f"a {self.stage} checkpoint {'needs' if needs_run else 'has no'} run name, got {self.run!r}")
+        if needs_run and _NAME.match(self.name) is None:
+            raise ValueError(f"{self.run!r} is not a valid {self.stage} run name (checkpoint {self.name!r})")
 
     @classmethod
     def parse(cls, name: str) -> "Checkpoint":
-        """`base` or `sft-<step>`; selections (inter_sft, end_sft) must be resolved first (`resolve`)."""
+        """A concrete name (see the module's table); selections (inter_sft, end_sft) must be resolved first."""
         match = _NAME.match(str(name))
         if match is None:
             hint = " (a selection: resolve it from selection.json first)" if name in SELECTIONS else ""
-            raise ValueError(f"{name!r} is not a checkpoint name: expected base or sft-<step>{hint}")
-        return cls("base") if match["base"] else cls(match["stage"], int(match["step"]))
+            raise ValueError(f"{name!r} is not a checkpoint name: expected base, sft-<step>, "
+                             f"<algo>-from-<start>-u<update> or restored-<sweep>-<point>{hint}")
+        if match["base"]:
+            return cls("base")
+        if match["sft_step"] is not None:
+            return cls("sft", int(match["sft_step"]))
+        if match["rl_run"]:
+            return cls("rl", int(match["rl_step"]), match["rl_run"])
+        return cls("restored", 0, match["restored_run"])
+
+    @classmethod
+    def rl(cls, algo: str, start: "Checkpoint | str", update: int) -> "Checkpoint":
+        """Update `update` of the `algo` run started from the concrete checkpoint `start`."""
+        if algo not in ALGORITHMS:
+            raise ValueError(f"unknown RL algorithm {algo!r}; expected one of {list(ALGORITHMS)}")
+        start = start if isinstance(start, Checkpoint) else cls.parse(start)
+        if start.stage not in ("base", "sft"):
+            raise ValueError(f"an RL run starts from base or an SFT checkpoint, not {start.name!r}")
+        return cls("rl", update, f"{algo}-from-{start.name}")
 
     @classmethod
     def resolve(cls, name: str, selection: dict | None = None) -> "Checkpoint":
@@ -64,23 +106,45 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return "base" if self.stage == "base" else f"{self.stage}-{self.step}"
+        return {"base": "base", "sft": f"sft-{self.step}", "rl": f"{self.run}-u{self.step}",
+                "restored": f"restored-{self.run}"}[self.stage]
 
     def __str__(self) -> str:
         return self.name
 
     @property
+    def algo(self) -> str | None:
+        """The RL algorithm of an rl checkpoint (None otherwise)."""
+        return self.run.split("-from-")[0] if self.stage == "rl" else None
+
+    @property
+    def start(self) -> "Checkpoint | None":
+        """The checkpoint an rl run started from (None otherwise)."""
+        return Checkpoint.parse(self.run.split("-from-")[1]) if self.stage == "rl" else None
+
+    @property
     def sort_key(self) -> tuple:
-        return (list(STAGES).index(self.stage), self.step)
+        start = self.start.sort_key if self.stage == "rl" else ()
+        return (list(STAGES).index(self.stage), start, self.run, self.step)
 
     @property
     def label(self) -> str:
-        return STAGES[self.stage] if self.stage == "base" else f"{STAGES[self.stage]} step {self.step}"
+        if self.stage == "base":
+            return STAGES["base"]
+        if self.stage == "rl":
+            return f"{ALGORITHMS[self.algo]} from {self.start.label}, update {self.step}"
+        if self.stage == "restored":
+            return f"Restored {self.run}"
+        return f"{STAGES[self.stage]} step {self.step}"
 
     def model_dir(self, results: str, base_dir: str) -> str:
         """The Hugging Face directory of this checkpoint (the base's is the embedded or configured model)."""
         if self.stage == "base":
             return str(base_dir)
+        if self.stage == "rl":
+            return f"{results}/rl/{self.run}/{SFT_EXPORT.format(step=self.step)}"
+        if self.stage == "restored":
+            return f"{results}/restore/{self.run}"
         return f"{results}/sft/{SFT_EXPORT.format(step=self.step)}"
 
     def results_dir(self, results: str, kind: str) -> str:
@@ -96,7 +160,13 @@ class Checkpoint:
         return cls.parse(parts[-2])
 
     def to_json(self) -> dict:
-        return {"checkpoint": self.name, "stage": self.stage, "step": self.step}
+        """Table columns: every checkpoint has checkpoint/stage/step; rl adds algorithm and start, restored its run."""
+        record = {"checkpoint": self.name, "stage": self.stage, "step": self.step}
+        if self.stage == "rl":
+            record.update(algorithm=self.algo, start=self.start.name)
+        if self.stage == "restored":
+            record.update(run=self.run)
+        return record
 
 
 def label(name: str) -> str:
@@ -104,6 +174,6 @@ def label(name: str) -> str:
     return SELECTIONS.get(name) or Checkpoint.parse(name).label
 
 
-def sort_key(stage: str, step: int) -> tuple:
-    """Sort key of table rows carrying `stage` and `step` columns."""
-    return Checkpoint(stage, int(step)).sort_key
+def sort_key(stage: str, step: int, run: str = "") -> tuple:
+    """Sort key of table rows carrying `stage` and `step` (and, for rl / restored rows, `run`) columns."""
+    return Checkpoint(stage, int(step), run or "").sort_key

@@ -26,7 +26,7 @@ def test_parse_fields():
     assert Checkpoint.parse("sft-40").to_json() == {"checkpoint": "sft-40", "stage": "sft", "step": 40}
 
 
-@pytest.mark.parametrize("name", ["Base", "sft", "sft-", "sft--4", "sft-4.0", "sft-x", "rl-10", "base-0", " base",
+@pytest.mark.parametrize("name", ["Base", "sft", "sft-", "sft--4", "sft-4.0", "sft-x", "rl-10", "ppo-from-sft-4", "ppo-from-sft-4-u", "sac-from-sft-4-u1", "ppo-from-inter_sft-u1", "restored-", "restored-Rank-x", "base-0", " base",
                                   "sft-4/", "step-40", ""])
 def test_invalid_names_name_themselves(name):
     with pytest.raises(ValueError, match="is not a checkpoint name") as error:
@@ -35,8 +35,8 @@ def test_invalid_names_name_themselves(name):
 
 
 def test_invalid_checkpoints():
-    with pytest.raises(ValueError, match="unknown stage 'rl'"):
-        Checkpoint("rl", 10)
+    with pytest.raises(ValueError, match="unknown stage .dpo."):
+        Checkpoint("dpo", 10)
     with pytest.raises(ValueError, match="base model has step 0"):
         Checkpoint("base", 3)
     with pytest.raises(ValueError, match="non-negative integer"):
@@ -115,3 +115,60 @@ def test_name_pattern_matches_exactly_the_concrete_names():
         assert pattern.match(name) and Checkpoint.parse(name)
     for name in (INTER_SFT, END_SFT, "sft-", "rl-4", "sft-4a"):
         assert not pattern.match(name)
+
+
+@pytest.mark.parametrize("name", ["ppo-from-sft-160-u8", "grpo-from-base-u0", "ppo-from-sft-0-u12",
+                                  "restored-rank-direction-k0.2", "restored-layer_first-reset-l0_1",
+                                  "restored-reverse-triplet-top-k10"])
+def test_rl_and_restored_names_round_trip(name):
+    checkpoint = Checkpoint.parse(name)
+    assert checkpoint.name == name and Checkpoint.parse(checkpoint.name) == checkpoint
+    assert Checkpoint(checkpoint.stage, checkpoint.step, checkpoint.run) == checkpoint
+
+
+def test_rl_checkpoint_fields_and_paths():
+    checkpoint = Checkpoint.rl("ppo", "sft-160", 8)
+    assert checkpoint == Checkpoint.parse("ppo-from-sft-160-u8") == Checkpoint("rl", 8, "ppo-from-sft-160")
+    assert (checkpoint.algo, checkpoint.start, checkpoint.step) == ("ppo", Checkpoint("sft", 160), 8)
+    assert checkpoint.model_dir("results", "b") == "results/rl/ppo-from-sft-160/checkpoint-8"
+    assert checkpoint.to_json() == {"checkpoint": "ppo-from-sft-160-u8", "stage": "rl", "step": 8,
+                                    "algorithm": "ppo", "start": "sft-160"}
+    assert checkpoint.label == "PPO from SFT step 160, update 8"
+    assert Checkpoint.rl("grpo", Checkpoint("base"), 0).name == "grpo-from-base-u0"
+    with pytest.raises(ValueError, match="unknown RL algorithm 'sac'"):
+        Checkpoint.rl("sac", "sft-4", 1)
+    with pytest.raises(ValueError, match="starts from base or an SFT checkpoint"):
+        Checkpoint.rl("ppo", "ppo-from-sft-4-u2", 1)
+    with pytest.raises(ValueError, match="needs run name"):
+        Checkpoint("rl", 3)
+    with pytest.raises(ValueError, match="has no run name"):
+        Checkpoint("sft", 3, "x")
+    with pytest.raises(ValueError, match="not a valid rl run name"):
+        Checkpoint("rl", 3, "ppo-sft-4")
+
+
+def test_restored_checkpoint_fields_and_paths():
+    checkpoint = Checkpoint.parse("restored-rank-direction-k0.2")
+    assert (checkpoint.stage, checkpoint.step, checkpoint.run) == ("restored", 0, "rank-direction-k0.2")
+    assert checkpoint.model_dir("results", "b") == "results/restore/rank-direction-k0.2"
+    assert checkpoint.results_dir("results", "eval") == "results/eval/restored-rank-direction-k0.2"
+    assert checkpoint.to_json()["run"] == "rank-direction-k0.2"
+    with pytest.raises(ValueError, match="restored model has step 0"):
+        Checkpoint("restored", 2, "rank-x")
+
+
+def test_study_order_across_stages():
+    names = ["restored-rank-reset-k1", "ppo-from-sft-80-u2", "sft-40", "grpo-from-sft-40-u4", "base",
+             "ppo-from-sft-40-u4", "ppo-from-sft-40-u2", "sft-80"]
+    ordered = [c.name for c in sorted(map(Checkpoint.parse, names), key=lambda c: c.sort_key)]
+    assert ordered == ["base", "sft-40", "sft-80", "grpo-from-sft-40-u4", "ppo-from-sft-40-u2", "ppo-from-sft-40-u4",
+                       "ppo-from-sft-80-u2", "restored-rank-reset-k1"]
+    assert sort_key("rl", 2, "ppo-from-sft-40") == Checkpoint.parse("ppo-from-sft-40-u2").sort_key
+
+
+def test_name_pattern_matches_every_stage():
+    import re
+    for name in ["base", "sft-40", "ppo-from-sft-160-u8", "restored-rank-direction-k0.2"]:
+        assert re.fullmatch(NAME_PATTERN, name)
+    for name in ["sft-40/x", "inter_sft", "ppo-from-sft-1"]:
+        assert not re.fullmatch(NAME_PATTERN, name)
