@@ -112,16 +112,19 @@ def headline_notes(table: pd.DataFrame, selection: dict, rows: list[dict]) -> li
         "Accuracy: share of problems solved within the episode's attempts (solved / problems"
         + (", " + ", ".join(f"{n[s]} {s.upper()} problems" for s in n) if n else "") + "). Format errors: share of "
         "all attempts whose output could not be parsed as a formula or used illegal characters.",
-        f"{SELECTIONS[INTER_SFT]} = the SFT checkpoint with the highest OOD accuracy (ties → earliest step); "
+        f"{SELECTIONS[INTER_SFT]} = the SFT checkpoint with the highest OOD accuracy (ties → highest OOD "
+        "rule-following, then lowest OOD loss, then earliest); "
         f"{SELECTIONS[END_SFT]} = the last SFT checkpoint."
         if "selection.end_sft" not in selection.get("rule", "") else
         f"{SELECTIONS[END_SFT]} = SFT step {selection[END_SFT]['step']} (config selection.end_sft); "
-        f"{SELECTIONS[INTER_SFT]} = the checkpoint up to it with the highest OOD accuracy (ties → earliest step).",
+        f"{SELECTIONS[INTER_SFT]} = the checkpoint up to it with the highest OOD accuracy (ties → highest OOD rule-following, "
+        "then lowest OOD loss, then earliest).",
     ]
     inter = selection[INTER_SFT]
     if inter.get("degenerate"):
         notes.append(f"Every SFT checkpoint has the same OOD accuracy: {SELECTIONS[INTER_SFT]} is step "
-                     f"{inter['step']} by the tie rule alone, not a measured peak.")
+                     f"{inter['step']} by the tie rule alone (OOD rule-following, then OOD loss), not a measured "
+                     "accuracy peak.")
     if any(r["stage"] not in ("base", "sft") for r in rows):
         notes.append(f"OOD recovery: (OOD − OOD of {SELECTIONS[END_SFT]}) / (OOD of {SELECTIONS[INTER_SFT]} − OOD "
                      f"of {SELECTIONS[END_SFT]}); n/a where {SELECTIONS[INTER_SFT]} is not above "
