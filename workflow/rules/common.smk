@@ -213,6 +213,16 @@ def svd_shards():
     return _SVD_SHARDS
 
 
+def cross_attention_layers():
+    """The model's Mllama cross-attention decoder layers (none for Qwen, Llama and the embedded model), from the
+    base's tensor names at parse time: the spectral tables flag them, the per-kind means leave them out."""
+    if not config["model"]["path"]:
+        return []
+    from sftrl.weights.names import checkpoint_parameter_names, cross_attention_layers as layers
+
+    return sorted(layers(checkpoint_parameter_names(real_model_dir())))
+
+
 def svd_files(ckpt, shards=None):
     """The SVD cache files of one checkpoint (all shards, or the named ones)."""
     return [f"{results_dir('svd', ckpt)}/{shard}.safetensors" for shard in (shards or svd_shards())]
