@@ -12,7 +12,8 @@ import time
 
 import pandas as pd
 import pytest
-from helpers import make_workdir, snakemake
+import yaml
+from helpers import REPO, make_workdir, snakemake
 from tiny_models import BUILDERS
 
 from sftrl.checkpoint import Checkpoint
@@ -21,8 +22,13 @@ from sftrl.weights.names import canonical_name
 pytestmark = pytest.mark.workflow
 
 
-def real_model_config(model_dir):
-    """The micro config pointed at a real-architecture checkpoint, made smaller still."""
+PAPER = {"qwen2": "qwen2.5-7b", "mllama": "llama-3.2-11b"}
+
+
+def real_model_config(arch, model_dir):
+    """The micro config pointed at a real-architecture checkpoint, made smaller still, with the paper config's
+    evaluation sampling (stop tokens, top-k, repetition penalty), hands and spectral matrix names."""
+    paper = yaml.safe_load((REPO / "config" / "paper" / f"{PAPER[arch]}.yaml").read_text())
 
     def edit(config):
         config["run"] = "micro-real"
@@ -31,8 +37,12 @@ def real_model_config(model_dir):
         config["data"]["eval"]["n"] = 4
         config["data"]["sft"].update(n_train=32, n_id_test=4, n_ood_loss=4, n_train_loss=4)
         config["sft"].update(max_steps=4, save_steps=2, per_device_batch_size=4, warmup_steps=1)
+        config["data"]["eval"]["hands"] = paper["data"]["eval"]["hands"]
+        config["eval"].update({key: paper["eval"][key] for key in
+                               ("temperature", "top_p", "top_k", "repetition_penalty", "stop_tokens", "seed")})
         config["eval"].update(backend="kv", max_new_tokens=16, batch_size=8)
-        config["spectral"].update(top_r=8, drift_top_k=4, angle_matrix="model.layers.0.mlp.up_proj.weight")
+        config["spectral"].update(top_r=8, drift_top_k=4, layers_per_shard=4, angle_matrix=paper["spectral"]["angle_matrix"],
+                                  sigma_layer=paper["spectral"]["sigma_layer"])
         config["spectral"]["exclude"] = ["(^|\\.)vision_model\\.", "multi_modal_projector"]
 
     return edit
@@ -43,7 +53,7 @@ def real_run(request, tmp_path_factory):
     """One completed `all` run per architecture; yields (architecture, model dir, work dir, seconds)."""
     root = tmp_path_factory.mktemp(request.param)
     model_dir = BUILDERS[request.param](root / "model")
-    workdir = make_workdir(root / "work", edit=real_model_config(model_dir))
+    workdir = make_workdir(root / "work", edit=real_model_config(request.param, model_dir))
     start = time.perf_counter()
     snakemake(workdir, "--cores", "2", "all", timeout=600)
     return request.param, model_dir, workdir, time.perf_counter() - start
@@ -67,6 +77,25 @@ def test_real_model_dag(real_run):
     # every analysed matrix of the base was paired with its SFT counterpart, whatever names each stored it under
     assert set(sigma["kind"]) >= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "embed_tokens", "lm_head"}
     assert all(name == canonical_name(name) for name in sigma["matrix"])
+    # Mllama's cross-attention layer (1): flagged, never changed by text-only SFT, left out of the drift means
+    cross = {"qwen2": set(), "mllama": {1}}[arch]
+    assert set(angles.loc[angles["cross_attention"], "layer"]) == cross
+    assert (angles.loc[angles["cross_attention"], "angle_deg"] < 1e-2).all()
+    drift = pd.read_csv(results / "tables" / "drift.csv")
+    layers = {"qwen2": 2, "mllama": 4}[arch]
+    assert (drift.loc[drift["kind"] == "up_proj", "n_matrices"] == layers - len(cross)).all()
     for name in ("fig1", "fig2", "fig3", "fig4", "drift"):
         assert (results / "figs" / f"{name}.png").stat().st_size > 1000
     assert (results / "SUMMARY.md").exists()
+
+
+def test_stop_token_not_in_the_vocabulary_fails_at_parse_time(tmp_path):
+    model_dir = BUILDERS["qwen2"](tmp_path / "model")
+    edit = real_model_config("qwen2", model_dir)
+
+    def bad(config):
+        edit(config)
+        config["eval"]["stop_tokens"] = ["<|eot_id|>"]  # Llama-3's, not Qwen's
+
+    result = snakemake(make_workdir(tmp_path / "work", edit=bad), "-n", "all", check=False)
+    assert result.returncode != 0 and "eval.stop_tokens" in result.stdout + result.stderr
