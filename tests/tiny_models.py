@@ -98,7 +98,8 @@ def save_mllama(out: Path, layers: int = 4, hidden: int = 64, cross_attention_la
                                 chat_template("llama3_2"), add_bos=True, extra=(LLAMA_IMAGE,))
     ids = tokenizer.convert_tokens_to_ids
     text = dict(vocab_size=len(tokenizer) - 1, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                num_key_value_heads=2, intermediate_size=2 * hidden, cross_attention_layers=list(cross_attention_layers),
+                num_key_value_heads=2, intermediate_size=2 * hidden,
+                cross_attention_layers=list(cross_attention_layers),
                 max_position_embeddings=2048, rope_theta=500000.0, tie_word_embeddings=False,
                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 1024},

@@ -37,10 +37,11 @@ def mllama_text(mllama, tmp_path_factory):
 
 
 def test_canonical_names():
+    up = "model.layers.3.mlp.up_proj.weight"
     layouts = {  # one matrix as each layout stores it
-        "language_model.model.layers.3.mlp.up_proj.weight": "model.layers.3.mlp.up_proj.weight",   # Hub, 4.46 / 5.x save
-        "model.language_model.layers.3.mlp.up_proj.weight": "model.layers.3.mlp.up_proj.weight",   # 4.50+ in memory
-        "model.layers.3.mlp.up_proj.weight": "model.layers.3.mlp.up_proj.weight",                  # Qwen, Llama, CausalLM
+        "language_model.model.layers.3.mlp.up_proj.weight": up,  # the Hub's; 4.46 and 5.x save_pretrained
+        "model.language_model.layers.3.mlp.up_proj.weight": up,  # 4.50+ in memory
+        up: up,  # Qwen, Llama, an Mllama SFT checkpoint (MllamaForCausalLM)
         "language_model.lm_head.weight": "lm_head.weight",
         "lm_head.weight": "lm_head.weight",
         "model.vision_model.transformer.layers.0.self_attn.q_proj.weight":
@@ -72,7 +73,8 @@ def test_mllama_base_and_sft_layouts_pair(mllama, mllama_text):
     plan = shard_plan(dict.fromkeys(base, 2) | {n: 1 for n in base if n.endswith("norm.weight")}, settings)
     names = [n for members in plan.values() for n in members]
     assert "model.layers.1.mlp.up_proj.weight" in names and "model.layers.1.self_attn.q_proj.weight" not in names
-    for (a, w_base), (b, w_sft) in zip(iter_checkpoint_tensors(mllama, names), iter_checkpoint_tensors(mllama_text, names)):
+    pairs = zip(iter_checkpoint_tensors(mllama, names), iter_checkpoint_tensors(mllama_text, names))
+    for (a, w_base), (b, w_sft) in pairs:
         assert a == b and torch.equal(w_base, w_sft)
 
 

@@ -41,7 +41,8 @@ def real_model_config(arch, model_dir):
         config["eval"].update({key: paper["eval"][key] for key in
                                ("temperature", "top_p", "top_k", "repetition_penalty", "stop_tokens", "seed")})
         config["eval"].update(backend="kv", max_new_tokens=16, batch_size=8)
-        config["spectral"].update(top_r=8, drift_top_k=4, layers_per_shard=4, angle_matrix=paper["spectral"]["angle_matrix"],
+        config["spectral"].update(top_r=8, drift_top_k=4, layers_per_shard=4,
+                                  angle_matrix=paper["spectral"]["angle_matrix"],
                                   sigma_layer=paper["spectral"]["sigma_layer"])
         config["spectral"]["exclude"] = ["(^|\\.)vision_model\\.", "multi_modal_projector"]
 

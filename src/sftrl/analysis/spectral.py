@@ -68,7 +68,8 @@ def energy_table(metrics: Mapping[str, dict], cross_attention: Collection[int] =
     outside_frac."""
     rows = []
     for name, mt in metrics.items():
-        rows.append({**_identity(name, cross_attention), "rows": mt["shape"][0], "cols": mt["shape"][1], "ref_fro": mt["ref_fro"],
+        rows.append({**_identity(name, cross_attention), "rows": mt["shape"][0], "cols": mt["shape"][1],
+                     "ref_fro": mt["ref_fro"],
                      "delta_fro": mt["delta_fro"], "rel_delta_fro": mt["rel_delta_fro"], "diag_frac": mt["energy_diag"],
                      "rot_frac": mt["energy_rot"], "outside_frac": mt["energy_outside"]})
     columns = IDENTITY + ["rows", "cols", "ref_fro", "delta_fro", "rel_delta_fro",
