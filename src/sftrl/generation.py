@@ -6,16 +6,23 @@
              rows leave the batch (KVBackend; measured numbers in its docstring).
 * ``vllm`` — ``vllm.LLM`` offline generation on a GPU with prefix caching; imported only when chosen.
 
-All take the same raw prompt strings and the same explicit sampling settings (temperature, top_p,
-max_new_tokens, seed); `keys` name the conversation each prompt continues, for the backends that reuse its cache.
-Nothing is taken implicitly from a checkpoint's generation_config.json: the authors' eval
-inherited do_sample/top_p from each checkpoint (authors_code_spec.md §8 item 18); we do not.
+All take the same raw prompt strings and the same explicit sampling settings (`Sampling`: temperature, top_p,
+top_k, repetition_penalty, stop tokens, max_new_tokens, seed); `keys` name the conversation each prompt continues,
+for the backends that reuse its cache. Nothing is taken implicitly from a checkpoint's generation_config.json: the
+authors' eval inherited do_sample/top_p/top_k/repetition_penalty from each checkpoint (authors_code_spec.md §8 item
+18); we do not (the paper configs write their effective values out instead).
+
+One sampling pipeline, transformers' own: repetition penalty (also when greedy), then temperature, top-k, top-p
+(`logits_processors`, the classes and order of `GenerationMixin._get_logits_processor`), then argmax or a
+multinomial draw. The repetition penalty sees the conversation's tokens: the whole rendered prompt (every earlier
+turn, as re-tokenized from the chat template) plus what this attempt generated so far, never the batch's padding.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 from .modeling import EOT, load_model, load_tokenizer
 
@@ -24,26 +31,62 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sampling:
+    """Every knob of one generate call (config `eval`). temperature 0 = greedy; top_k 0 and top_p 1 = off;
+    repetition_penalty 1 = off (transformers' multiplicative penalty on every token already in the conversation);
+    stop_tokens: token strings that end an attempt besides the tokenizer's EOS (each must be one token of the
+    model's vocabulary: strings, not ids, because an id means another token in another vocabulary)."""
     temperature: float
     top_p: float
     max_new_tokens: int
     seed: int
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop_tokens: tuple[str, ...] = ()
+
+    FIELDS = ("temperature", "top_p", "max_new_tokens", "seed", "top_k", "repetition_penalty", "stop_tokens")
 
     @classmethod
     def from_settings(cls, settings: dict, **overrides) -> "Sampling":
-        values = {k: settings[k] for k in ("temperature", "top_p", "max_new_tokens", "seed")}
+        values = {k: settings[k] for k in cls.FIELDS if k in settings}
         values.update(overrides)
+        values["stop_tokens"] = tuple(values.get("stop_tokens", ()))
         return cls(**values)
 
+    def with_seed(self, seed: int) -> "Sampling":
+        return replace(self, seed=seed)
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """End-of-turn ids: the tokenizer's EOS, plus <|endoftext|> where the vocabulary has it (the tiny base ends
-    pretraining documents with it)."""
-    ids = {tokenizer.eos_token_id}
-    eot = tokenizer.convert_tokens_to_ids(EOT) if EOT in tokenizer.get_vocab() else None
-    if eot is not None:
-        ids.add(eot)
+
+def stop_token_ids(tokenizer, stop_tokens: Sequence[str] = ()) -> list[int]:
+    """End-of-turn ids: the tokenizer's EOS, <|endoftext|> where the vocabulary has it (the tiny base ends
+    pretraining documents with it), and the configured `stop_tokens` (eval.stop_tokens), each a single token."""
+    vocab = tokenizer.get_vocab()
+    ids = {tokenizer.eos_token_id, vocab.get(EOT)}
+    for token in stop_tokens:
+        if token not in vocab:
+            raise ValueError(f"eval.stop_tokens: {token!r} is not a token of the vocabulary of "
+                             f"{tokenizer.name_or_path!r} (a stop token must be one token, e.g. '<|eot_id|>')")
+        ids.add(vocab[token])
     return sorted(i for i in ids if i is not None)
+
+
+def logits_processors(sampling: Sampling):
+    """transformers' logits processors for `sampling`, in the classes and order its generate() builds them
+    (GenerationMixin._get_logits_processor, 5.24): the repetition penalty always, the warpers only when sampling.
+    The kv backend runs these on its own logits, so both backends apply the same arithmetic."""
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if sampling.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(float(sampling.repetition_penalty)))
+    if sampling.temperature > 0:
+        if sampling.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(float(sampling.temperature)))
+        if sampling.top_k:
+            processors.append(TopKLogitsWarper(top_k=int(sampling.top_k)))
+        if sampling.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=float(sampling.top_p)))
+    return processors
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
@@ -67,8 +110,13 @@ class HFBackend:
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_model(model_dir, model_settings["dtype"], model_settings["attn_implementation"],
                                 model_settings["device"]).eval()
+        # transformers >= 4.50 fills every field a generate() call leaves unset from the checkpoint's
+        # generation_config.json (a Qwen checkpoint's repetition_penalty 1.05 and top_k 20 would apply silently):
+        # the model's own defaults are replaced by transformers' neutral ones, and every field we use is set.
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig()
         self.batch_size = batch_size
-        self.stop_ids = stop_token_ids(self.tokenizer)
         self.stats = new_stats()
 
     def generate(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[str]:
@@ -77,13 +125,17 @@ class HFBackend:
         import torch
         from transformers import GenerationConfig
 
+        stop_ids = stop_token_ids(self.tokenizer, sampling.stop_tokens)
+        sample = sampling.temperature > 0
+        # Unused fields get neutral values, not None (None would be filled in from a generation_config.json).
         config = GenerationConfig(
-            do_sample=sampling.temperature > 0,
-            temperature=sampling.temperature if sampling.temperature > 0 else None,
-            top_p=sampling.top_p if sampling.temperature > 0 else None,
-            top_k=None,
+            do_sample=sample,
+            temperature=sampling.temperature if sample else 1.0,
+            top_p=sampling.top_p if sample else 1.0,
+            top_k=sampling.top_k if sample else 0,
+            repetition_penalty=float(sampling.repetition_penalty),
             max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=self.stop_ids,
+            eos_token_id=stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         torch.manual_seed(sampling.seed)
@@ -99,7 +151,7 @@ class HFBackend:
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             # Real (non-padding) tokens through the model: the prompts, then each generated token but the last.
             self.stats["prefill_tokens"] += int(batch["attention_mask"].sum())
-            self.stats["decode_tokens"] += sum(n - 1 for n in generated_lengths(new_tokens.tolist(), self.stop_ids))
+            self.stats["decode_tokens"] += sum(n - 1 for n in generated_lengths(new_tokens.tolist(), stop_ids))
             for i, text in zip(index, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 outputs[i] = text
         return outputs
@@ -207,10 +259,12 @@ class KVBackend:
     evaluation). What is left: the model's own per-layer overhead at small batches, the attention over each row's
     cache, and prefill at ~1/3 of the matmul ceiling.
 
-    Sampling keeps the explicit semantics of HFBackend: greedy when temperature == 0, otherwise temperature then
-    top-p (as transformers' warpers) and a multinomial draw from a generator seeded with `sampling.seed`; stops at
-    `stop_token_ids`; the text is decoded with skip_special_tokens. Greedy outputs equal HFBackend's up to float
-    reordering (tests/test_generation.py).
+    Sampling keeps the explicit semantics of HFBackend: transformers' own processors (`logits_processors`: the
+    repetition penalty over the row's whole prompt + generated tokens, then temperature, top-k, top-p), then argmax
+    when temperature == 0, otherwise a multinomial draw from a generator seeded with `sampling.seed`; stops at
+    `stop_token_ids`; the text is decoded with skip_special_tokens. Outputs equal HFBackend's up to float
+    reordering, greedy or seeded with one prompt per call (tests/unit/test_generation.py); with several rows the
+    random streams differ (hf draws for every row of its batch, kv only for the rows still in its batch).
     """
 
     def __init__(self, model_dir, model_settings: dict, batch_size: int, reuse: bool = True,
@@ -227,7 +281,6 @@ class KVBackend:
         self.model = load_model(model_dir, model_settings["dtype"], attn, model_settings["device"]).eval()
         self.bool_mask = attn == "sdpa"
         self.batch_size = batch_size
-        self.stop_ids = stop_token_ids(self.tokenizer)
         self.reuse, self.share_prefix, self.shrink, self.prefill_tokens = reuse, share_prefix, shrink, prefill_tokens
         config = self.model.config.get_text_config()
         self.layers = config.num_hidden_layers
@@ -257,6 +310,8 @@ class KVBackend:
         generator = None
         if sampling.temperature > 0:
             generator = self._torch.Generator(device=self.device).manual_seed(sampling.seed)
+        stop_ids = stop_token_ids(self.tokenizer, sampling.stop_tokens)
+        processors = logits_processors(sampling)
         order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
         outputs: list[str] = [""] * len(prompts)
         for start in range(0, len(order), self.batch_size):
@@ -264,13 +319,13 @@ class KVBackend:
             batch_keys = [keys[i] for i in index] if keys is not None else None
             with self._torch.inference_mode():
                 generated = self._generate_batch([ids[i] for i in index], batch_keys, keep and keys is not None,
-                                                 sampling, generator)
+                                                 sampling, stop_ids, processors, generator)
             for i, tokens in zip(index, generated):
                 outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return outputs
 
     # -- one batch -------------------------------------------------------------------------------------------
-    def _generate_batch(self, ids, keys, keep, sampling, generator):
+    def _generate_batch(self, ids, keys, keep, sampling, stop_ids, processors, generator):
         import os
 
         torch = self._torch
@@ -348,10 +403,20 @@ class KVBackend:
         position = torch.tensor([cached[r][0] + len(new[r]) for r in range(rows)], device=self.device)
         generated: list[list[int]] = [[] for _ in range(rows)]
         alive = torch.ones(rows, dtype=torch.bool, device=self.device)
-        stops = torch.tensor(self.stop_ids, device=self.device)
+        stops = torch.tensor(stop_ids, device=self.device)
+        # What the repetition penalty sees per row: the whole prompt (the conversation so far, as hf gets it) and the
+        # tokens generated since, left-padded with an id past the vocabulary, which the processor ignores.
+        context = None
+        if sampling.repetition_penalty != 1.0:
+            context = torch.full((rows, max(len(t) for t in ids)), logits.shape[-1], dtype=torch.long,
+                                 device=self.device)
+            for r, tokens in enumerate(ids):
+                context[r, context.shape[1] - len(tokens) :] = torch.tensor(tokens, device=self.device)
         column = end
         while True:
-            tokens = self._sample(logits, sampling, generator)
+            tokens = self._sample(logits, context, processors, sampling, generator)
+            if context is not None:
+                context = torch.cat([context, tokens[:, None]], dim=1)
             for j, r in enumerate(row_of.tolist()):
                 if alive[j]:
                     generated[r].append(int(tokens[j]))
@@ -366,6 +431,8 @@ class KVBackend:
                 cache.keep_rows(index, column)
                 valid, row_of, position, tokens = valid[index], row_of[index], position[index], tokens[index]
                 alive = alive[index]
+                if context is not None:
+                    context = context[index]
             valid[:, column] = alive  # a finished row keeps computing (until the next shrink) but is never attended
             cache.start = column
             mask = valid[:, None, None, : column + 1]
@@ -413,18 +480,12 @@ class KVBackend:
             kv = [(k[j].index_select(1, columns), v[j].index_select(1, columns)) for k, v in zip(cache.k, cache.v)]
             self.sessions[keys[r]] = (tokens, kv)
 
-    def _sample(self, logits, sampling: Sampling, generator):
-        torch = self._torch
+    def _sample(self, logits, context, processors, sampling: Sampling, generator):
+        """The next token of every row, as transformers' generate picks it: processors, then argmax or a draw."""
+        scores = processors(context, logits) if processors else logits
         if sampling.temperature == 0:
-            return logits.argmax(-1)
-        scores = logits / sampling.temperature
-        if sampling.top_p < 1.0:  # transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p
-            sorted_scores, sorted_index = torch.sort(scores, descending=False)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
-            remove = cumulative <= (1 - sampling.top_p)
-            remove[..., -1:] = False
-            scores = scores.masked_fill(remove.scatter(1, sorted_index, remove), float("-inf"))
-        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            return scores.argmax(-1)
+        return self._torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
 
 
 class VLLMBackend:
@@ -440,7 +501,6 @@ class VLLMBackend:
 
         self.tokenizer = load_tokenizer(model_dir)
         check_finite_files(model_dir)
-        self.stop_ids = stop_token_ids(self.tokenizer)
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[model_settings["dtype"]]
         # "vllm": ignore the checkpoint's generation_config defaults. Prefix caching reuses the KV blocks of a
         # conversation's earlier rounds (and of the shared rules text) across generate calls, as KVBackend does.
@@ -451,9 +511,12 @@ class VLLMBackend:
         """`keys` / `keep` are accepted and ignored: vLLM's prefix cache finds the shared blocks by content."""
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+        # top_k 0 = off and a multiplicative repetition penalty over prompt + output tokens, as transformers'.
+        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                repetition_penalty=sampling.repetition_penalty,
                                 max_tokens=sampling.max_new_tokens, seed=sampling.seed,
-                                stop_token_ids=self.stop_ids, skip_special_tokens=True)
+                                stop_token_ids=stop_token_ids(self.tokenizer, sampling.stop_tokens),
+                                skip_special_tokens=True)
         results = self.llm.generate(prompts, params, use_tqdm=False)
         return [r.outputs[0].text for r in results]
 

@@ -184,17 +184,41 @@ def check_attn_implementation(attn_implementation: str) -> None:
                            "installed in this environment (use sdpa, or the GPU training environment)")
 
 
+def causal_lm_class(model_dir):
+    """AutoModelForCausalLM, or the checkpoint's own `*ForCausalLM` class where the auto mapping lacks its config:
+    an Mllama SFT checkpoint is saved by MllamaForCausalLM with model_type `mllama_text_model`, which transformers
+    5.24's AutoModelForCausalLM does not map (it maps `mllama`, the base's, to that same class)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM
+    for name in config.architectures or []:
+        if name.endswith("ForCausalLM") and hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise ModelDirError(f"model directory {str(model_dir)!r}: model_type {config.model_type!r} "
+                        f"(architectures {config.architectures}) is not a causal language model transformers can load")
+
+
 def load_model(model_dir, dtype: str = "float32", attn_implementation: str = "sdpa", device: str = "auto"):
     """Load a causal LM for training or inference with dtype / attention / device placement from config.
     Fails before loading on a setting this node cannot honour, and after loading on non-finite weights."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
     check_attn_implementation(attn_implementation)
     model_dir = check_model_dir(model_dir)
     torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=attn_implementation)
+    model = causal_lm_class(model_dir).from_pretrained(model_dir, dtype=torch_dtype,
+                                                       attn_implementation=attn_implementation)
+    # An Mllama (Llama-3.2-Vision) directory loads as MllamaForCausalLM: the text model, without the vision tower.
+    # transformers 5.24 declares its base_model_prefix "language_model" but holds the decoder as `.model`, so
+    # `model.base_model` is the whole model and TRL's fused LM head (SFTTrainer) gets logits where it expects
+    # hidden states. Point the prefix at the decoder (this instance only; saved names do not depend on it).
+    if model.base_model is model and isinstance(getattr(model, "model", None), torch.nn.Module):
+        model.base_model_prefix = "model"
     model = model.to(device)
     check_finite(model, model_dir)
     return model

@@ -285,7 +285,7 @@ def test_spectral_pair_metrics_and_tables():
 
     metrics = {"model.layers.3.self_attn.k_proj.weight": mt, "lm_head.weight": same}
     sig = sigma_table(metrics, ref="base", tgt="sft")
-    assert list(sig.columns[:8]) == ["matrix", "layer", "kind", "index", "sigma_ref", "sigma_tgt", "delta", "rel_delta"]
+    assert list(sig.columns[:8]) == ["matrix", "layer", "kind", "cross_attention", "index", "sigma_ref", "sigma_tgt", "delta"]
     assert len(sig) == 20 and set(sig["tgt"]) == {"sft"}
     assert sig["layer"].isna().sum() == 10 and set(sig["kind"]) == {"k_proj", "lm_head"}
     ang = angle_table(metrics)

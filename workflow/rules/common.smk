@@ -117,6 +117,21 @@ def real_model_dir():
     return path
 
 
+def check_stop_tokens():
+    """eval.stop_tokens must each be one token of a real model's vocabulary: checked at parse time from its
+    tokenizer.json (the embedded model's tokenizer does not exist yet; its first eval job checks)."""
+    path = os.path.join(real_model_dir(), "tokenizer.json") if config["model"]["path"] else None
+    if not config["eval"]["stop_tokens"] or not path or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        tokenizer = json.load(f)
+    vocabulary = set(tokenizer.get("model", {}).get("vocab", {})) | {t["content"] for t in tokenizer["added_tokens"]}
+    missing = [token for token in config["eval"]["stop_tokens"] if token not in vocabulary]
+    if missing:
+        raise WorkflowError(f"config eval.stop_tokens: {missing} are not tokens of {path} (a stop token must be one "
+                            "token of the model's vocabulary)")
+
+
 def base_model_dir():
     """The base model every stage starts from: the embedded tiny model built by `pretrain_base`, or a real one."""
     if config["model"]["path"]:
@@ -148,6 +163,9 @@ def sft_steps():
     save, last = config["sft"]["save_steps"], config["sft"]["max_steps"]
     steps = list(range(save, last + 1, save))
     return steps if steps and steps[-1] == last else steps + [last]
+
+
+check_stop_tokens()
 
 
 if config["selection"]["end_sft"] != "last" and config["selection"]["end_sft"] not in sft_steps():
@@ -230,6 +248,16 @@ def svd_shards():
         if not any(layer_index(name) == layer and matrix_kind(name) == "q_proj" for name in analysed):
             raise WorkflowError(f"config spectral.sigma_layer = {layer}: no analysed q_proj in that decoder layer")
     return _SVD_SHARDS
+
+
+def cross_attention_layers():
+    """The model's Mllama cross-attention decoder layers (none for Qwen, Llama and the embedded model), from the
+    base's tensor names at parse time: the spectral tables flag them, the per-kind means leave them out."""
+    if not config["model"]["path"]:
+        return []
+    from sftrl.weights.names import checkpoint_parameter_names, cross_attention_layers as layers
+
+    return sorted(layers(checkpoint_parameter_names(real_model_dir())))
 
 
 def svd_files(ckpt, shards=None):

@@ -40,6 +40,7 @@ rule spectral_pair:
     params:
         top_r=lookup(dpath="spectral/top_r", within=config),
         run=config["run"],
+        cross_attention=json.dumps(cross_attention_layers()),
     log:
         "logs/spectral/{ref}/{tgt}.log",
     conda:
@@ -54,6 +55,7 @@ rule spectral_pair:
         "OMP_NUM_THREADS={threads} sftrl spectral --ref {wildcards.ref} --tgt {wildcards.tgt}"
         " --ref-model {input.ref_model} --tgt-model {input.tgt_model}"
         " --ref-svd {input.ref_svd} --tgt-svd {input.tgt_svd} --top-r {params.top_r} --run {params.run}"
+        " --cross-attention {params.cross_attention:q}"
         " --out-sigma {output.sigma} --out-angles {output.angles} --out-energy {output.energy} > {log} 2>&1"
 
 
@@ -116,6 +118,7 @@ rule drift:
     params:
         top_k=lookup(dpath="spectral/drift_top_k", within=config),
         run=config["run"],
+        cross_attention=json.dumps(cross_attention_layers()),
     log:
         "logs/spectral/drift.log",
     conda:
@@ -124,7 +127,7 @@ rule drift:
         "benchmarks/spectral/drift.tsv"
     shell:
         "sftrl drift --svd {input.svd} --eval-table {input.table} --loss-table {input.losses} --top-k {params.top_k} --run {params.run}"
-        " --out {output.table} --correlation {output.correlation} > {log} 2>&1"
+        " --cross-attention {params.cross_attention:q} --out {output.table} --correlation {output.correlation} > {log} 2>&1"
 
 
 rule fig3:

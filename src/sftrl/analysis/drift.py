@@ -2,9 +2,10 @@
 between its singular subspaces and the base's, joined with OOD accuracy and OOD loss, and their rank correlation."""
 from __future__ import annotations
 
+import json
 import math
 import os
-from typing import Sequence
+from typing import Collection, Sequence
 
 import pandas as pd
 
@@ -12,12 +13,14 @@ from ..checkpoint import Checkpoint
 from ..weights.names import kind_order
 
 def drift_series(shards: Sequence[str | os.PathLike], top_k: int, run: str,
-                 reference: Checkpoint = Checkpoint("base"), stage: str = "sft") -> pd.DataFrame:
+                 reference: Checkpoint = Checkpoint("base"), stage: str = "sft",
+                 cross_attention: Collection[int] = ()) -> pd.DataFrame:
     """For every `stage` checkpoint among `shards`: the mean top-k principal angle (deg) between its singular
     subspaces and the reference's, per matrix, averaged per matrix kind (and over all matrices: kind "all").
-    k is capped per matrix at min(m, n) // 2, so no angle is 0 by dimension counting alone.
+    k is capped per matrix at min(m, n) // 2, so no angle is 0 by dimension counting alone. Matrices of the
+    `cross_attention` decoder layers (Mllama; never trained on text, angle 0) are left out of the means.
     Columns: run, stage, step, kind, n_matrices, k_min, k_max, drift_U, drift_V, drift (mean of U and V)."""
-    from ..weights.names import matrix_kind
+    from ..weights.names import layer_index, matrix_kind
     from ..weights.subspace import mean_topk_angle
     from ..weights.svd import group_shards, load_checkpoint_svd
 
@@ -31,7 +34,7 @@ def drift_series(shards: Sequence[str | os.PathLike], top_k: int, run: str,
             continue
         step = checkpoint.step
         tgt = load_checkpoint_svd(paths)
-        for name in [n for n in ref if n in tgt]:
+        for name in [n for n in ref if n in tgt and layer_index(n) not in cross_attention]:
             m, n = ref[name].U.shape[0], ref[name].Vh.shape[1]
             k = max(1, min(int(top_k), min(m, n) // 2))
             angle = mean_topk_angle(ref[name], tgt[name], k)
@@ -103,13 +106,16 @@ def command(parser):
     parser.add_argument("--loss-table", required=True, help="results/tables/sft_loss.csv (OOD loss per SFT step)")
     parser.add_argument("--top-k", type=int, required=True)
     parser.add_argument("--run", required=True)
+    parser.add_argument("--cross-attention", type=json.loads, default=[],
+                        help="JSON list of the model's cross-attention decoder layers (Mllama), left out of the means")
     parser.add_argument("--out", required=True, help="drift table (CSV)")
     parser.add_argument("--correlation", required=True, help="Spearman correlations (JSON)")
 
     def run(args):
         from ..io import write_csv, write_json
 
-        table = with_accuracy(drift_series(args.svd, args.top_k, args.run), pd.read_csv(args.eval_table))
+        series = drift_series(args.svd, args.top_k, args.run, cross_attention=set(args.cross_attention))
+        table = with_accuracy(series, pd.read_csv(args.eval_table))
         table = with_ood_loss(table, pd.read_csv(args.loss_table))
         write_csv(args.out, table)
         write_json(args.correlation, drift_correlation(table))

@@ -5,12 +5,16 @@ tidy tables; and the configured pairs' tables collected for the figures. Numeric
 * Pair names (base, inter_sft, end_sft, sft-40: sftrl.checkpoint) are resolved by the workflow; tables carry both
   the configured names (`ref`, `tgt`, `pair` = "ref->tgt") and the resolved stages and steps.
 * Angles are in degrees. Angles that are 0 by dimension counting alone are flagged (`trivial`), never averaged.
+* Matrices of Mllama cross-attention layers (text layers that attend only to images, so text-only SFT/RL never
+  changes them: their angles are 0 and their ΔW is 0) are kept and flagged (`cross_attention`); per-kind means
+  leave them out unless asked, so they do not dilute the self-attention layers' averages.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import pandas as pd
 
@@ -20,8 +24,9 @@ from ..weights.names import layer_index, matrix_kind
 # -----------------------------------------------------------------------------
 # Tidy tables (one row per value; `labels` become constant columns, e.g. ref="base", tgt="sft_end")
 
-def _identity(name: str) -> dict:
-    return {"matrix": name, "layer": layer_index(name), "kind": matrix_kind(name)}
+def _identity(name: str, cross_attention: Collection[int] = ()) -> dict:
+    layer = layer_index(name)
+    return {"matrix": name, "layer": layer, "kind": matrix_kind(name), "cross_attention": layer in cross_attention}
 
 
 def _frame(rows: list[dict], columns: list[str], labels: Mapping[str, object]) -> pd.DataFrame:
@@ -32,37 +37,42 @@ def _frame(rows: list[dict], columns: list[str], labels: Mapping[str, object]) -
     return frame
 
 
-def sigma_table(metrics: Mapping[str, dict], **labels) -> pd.DataFrame:
-    """matrix, layer, kind, index, sigma_ref, sigma_tgt, delta, rel_delta (+ labels)."""
+IDENTITY = ["matrix", "layer", "kind", "cross_attention"]
+
+
+def sigma_table(metrics: Mapping[str, dict], cross_attention: Collection[int] = (), **labels) -> pd.DataFrame:
+    """matrix, layer, kind, cross_attention, index, sigma_ref, sigma_tgt, delta, rel_delta (+ labels)."""
     rows = []
     for name, mt in metrics.items():
-        ident = _identity(name)
+        ident = _identity(name, cross_attention)
         for i, (a, b, d, rd) in enumerate(zip(mt["sigma_ref"], mt["sigma_tgt"], mt["delta_sigma"], mt["rel_delta_sigma"])):
             rows.append({**ident, "index": i, "sigma_ref": a, "sigma_tgt": b, "delta": d, "rel_delta": rd})
-    return _frame(rows, ["matrix", "layer", "kind", "index", "sigma_ref", "sigma_tgt", "delta", "rel_delta"], labels)
+    return _frame(rows, IDENTITY + ["index", "sigma_ref", "sigma_tgt", "delta", "rel_delta"], labels)
 
 
-def angle_table(metrics: Mapping[str, dict], **labels) -> pd.DataFrame:
-    """matrix, layer, kind, side (U/V), index, angle_deg, trivial (+ labels). Angles are ascending, so the
-    `trivial` rows are the leading indices; filter them out before plotting."""
+def angle_table(metrics: Mapping[str, dict], cross_attention: Collection[int] = (), **labels) -> pd.DataFrame:
+    """matrix, layer, kind, cross_attention, side (U/V), index, angle_deg, trivial (+ labels). Angles are
+    ascending, so the `trivial` rows are the leading indices; filter them out before plotting."""
     rows = []
     for name, mt in metrics.items():
-        ident = _identity(name)
+        ident = _identity(name, cross_attention)
         for side in ("U", "V"):
             n_trivial = mt[f"trivial_{side}"]
             for i, angle in enumerate(mt[f"angles_{side}"]):
                 rows.append({**ident, "side": side, "index": i, "angle_deg": float(angle), "trivial": i < n_trivial})
-    return _frame(rows, ["matrix", "layer", "kind", "side", "index", "angle_deg", "trivial"], labels)
+    return _frame(rows, IDENTITY + ["side", "index", "angle_deg", "trivial"], labels)
 
 
-def energy_table(metrics: Mapping[str, dict], **labels) -> pd.DataFrame:
-    """matrix, layer, kind, rows, cols, ref_fro, delta_fro, rel_delta_fro, diag_frac, rot_frac, outside_frac."""
+def energy_table(metrics: Mapping[str, dict], cross_attention: Collection[int] = (), **labels) -> pd.DataFrame:
+    """matrix, layer, kind, cross_attention, rows, cols, ref_fro, delta_fro, rel_delta_fro, diag_frac, rot_frac,
+    outside_frac."""
     rows = []
     for name, mt in metrics.items():
-        rows.append({**_identity(name), "rows": mt["shape"][0], "cols": mt["shape"][1], "ref_fro": mt["ref_fro"],
+        rows.append({**_identity(name, cross_attention), "rows": mt["shape"][0], "cols": mt["shape"][1],
+                     "ref_fro": mt["ref_fro"],
                      "delta_fro": mt["delta_fro"], "rel_delta_fro": mt["rel_delta_fro"], "diag_frac": mt["energy_diag"],
                      "rot_frac": mt["energy_rot"], "outside_frac": mt["energy_outside"]})
-    columns = ["matrix", "layer", "kind", "rows", "cols", "ref_fro", "delta_fro", "rel_delta_fro",
+    columns = IDENTITY + ["rows", "cols", "ref_fro", "delta_fro", "rel_delta_fro",
                "diag_frac", "rot_frac", "outside_frac"]
     return _frame(rows, columns, labels)
 
@@ -71,9 +81,11 @@ def energy_table(metrics: Mapping[str, dict], **labels) -> pd.DataFrame:
 # Reference vs target: σ, principal angles, energy split
 
 def pair_tables(ref_model, ref_shards: Sequence[str], tgt_model, tgt_shards: Sequence[str], top_r: int,
-                labels: Mapping[str, object]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                labels: Mapping[str, object], cross_attention: Collection[int] = ()
+                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(sigma, angles, energy) tidy tables for every matrix the two checkpoints' caches share, shard by shard
-    (only one shard of each checkpoint in memory at a time). `labels` become constant columns."""
+    (only one shard of each checkpoint in memory at a time). `labels` become constant columns; matrices of the
+    decoder layers in `cross_attention` are flagged."""
     from ..weights.subspace import shard_pair_metrics
     from ..weights.svd import load_svd_shard
 
@@ -87,9 +99,9 @@ def pair_tables(ref_model, ref_shards: Sequence[str], tgt_model, tgt_shards: Seq
         ref = load_svd_shard(ref_by_name[shard], ref_model, verify=True, sample=1)
         tgt = load_svd_shard(tgt_by_name[shard], tgt_model, verify=True, sample=1)
         metrics = shard_pair_metrics(ref, tgt, ref_model, tgt_model, top_r)
-        sigma.append(sigma_table(metrics, **labels))
-        angles.append(angle_table(metrics, **labels))
-        energy.append(energy_table(metrics, **labels))
+        sigma.append(sigma_table(metrics, cross_attention, **labels))
+        angles.append(angle_table(metrics, cross_attention, **labels))
+        energy.append(energy_table(metrics, cross_attention, **labels))
     return tuple(_lead(pd.concat(parts, ignore_index=True), labels) for parts in (sigma, angles, energy))
 
 
@@ -127,8 +139,12 @@ def collect_pair_tables(pairs: Sequence[Sequence[str]], paths: Sequence[str | os
     return tuple(out)
 
 
-def pair_summary(sigma: pd.DataFrame, angles: pd.DataFrame, energy: pd.DataFrame) -> pd.DataFrame:
-    """Per pair × kind: mean |Δσ|/σ, max |Δσ|/σ, mean non-trivial angle (U and V), ΔW rotation energy fraction."""
+def pair_summary(sigma: pd.DataFrame, angles: pd.DataFrame, energy: pd.DataFrame,
+                 include_cross_attention: bool = False) -> pd.DataFrame:
+    """Per pair × kind: mean |Δσ|/σ, max |Δσ|/σ, mean non-trivial angle (U and V), ΔW rotation energy fraction;
+    without the cross-attention layers' matrices unless `include_cross_attention`."""
+    if not include_cross_attention:
+        sigma, angles, energy = (t[~t["cross_attention"].astype(bool)] for t in (sigma, angles, energy))
     sig = sigma.assign(abs_rel=sigma["rel_delta"].abs()).groupby(["pair", "kind"])["abs_rel"]
     ang = angles[~angles["trivial"].astype(bool)].groupby(["pair", "kind"])["angle_deg"]
     en = energy.groupby(["pair", "kind"])
@@ -156,6 +172,8 @@ def pair_command(parser):
     parser.add_argument("--tgt-svd", nargs="+", required=True, help="the target's SVD shards")
     parser.add_argument("--top-r", type=int, required=True)
     parser.add_argument("--run", required=True)
+    parser.add_argument("--cross-attention", type=json.loads, default=[],
+                        help="JSON list of the model's cross-attention decoder layers (Mllama), flagged in the tables")
     parser.add_argument("--out-sigma", required=True)
     parser.add_argument("--out-angles", required=True)
     parser.add_argument("--out-energy", required=True)
@@ -166,7 +184,8 @@ def pair_command(parser):
 
         (ref,), (tgt,) = group_shards(args.ref_svd), group_shards(args.tgt_svd)
         labels = pair_labels(args.run, args.ref, args.tgt, ref, tgt)
-        tables = pair_tables(args.ref_model, args.ref_svd, args.tgt_model, args.tgt_svd, args.top_r, labels)
+        tables = pair_tables(args.ref_model, args.ref_svd, args.tgt_model, args.tgt_svd, args.top_r, labels,
+                             set(args.cross_attention))
         for out, table in zip((args.out_sigma, args.out_angles, args.out_energy), tables):
             write_csv(out, table)
 
@@ -174,8 +193,6 @@ def pair_command(parser):
 
 
 def collect_command(parser):
-    import json
-
     parser.add_argument("--pairs", type=json.loads, required=True, help="JSON list of configured [ref, tgt] names")
     parser.add_argument("--inputs", nargs="+", required=True,
                         help="per-pair sigma/angles/energy CSVs in pair order (other files are ignored)")

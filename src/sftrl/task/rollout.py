@@ -32,8 +32,7 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
         # A different seed per round, so a sampled retry is not a replay of the same random stream. keys name each
         # episode's conversation, so a backend that keeps KV caches (kv) prefills only the new feedback turn;
         # after the last round nothing is kept.
-        texts = backend.generate(prompts, Sampling(sampling.temperature, sampling.top_p, sampling.max_new_tokens,
-                                                   sampling.seed + round_index),
+        texts = backend.generate(prompts, sampling.with_seed(sampling.seed + round_index),
                                  keys=index, keep=round_index + 1 < verify_iter)
         for episode, text in zip(active, texts):
             episode.submit(text)

@@ -13,11 +13,56 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 # -----------------------------------------------------------------------------
+# Canonical names: one name per matrix, whatever layout a checkpoint stores it under
+
+# Llama-3.2-Vision (Mllama) keeps its text model under a prefix that depends on the transformers version and on the
+# class that saved it: the Hub checkpoint and MllamaForConditionalGeneration.save_pretrained (4.46, and 5.x, which
+# writes the legacy layout) store `language_model.model.layers.N...` + `language_model.lm_head.weight`; the in-memory
+# names of 4.50+ are `model.language_model.layers.N...` + `lm_head.weight`; an SFT checkpoint saved by
+# MllamaForCausalLM (what AutoModelForCausalLM loads from an Mllama directory) stores `model.layers.N...` +
+# `lm_head.weight`, like Qwen2 and Llama. Canonical = that causal-LM layout; the vision tower and projector lose
+# the 4.50+ `model.` prefix. Every place that pairs two checkpoints' tensors (SVD cache, spectral pairs, ΔW)
+# works on canonical names, so a base and its SFT checkpoint always find each other's matrices.
+_CANONICAL_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", "model."),
+    ("model.vision_model.", "vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
+def canonical_name(name: str) -> str:
+    """The architecture- and version-independent name of a stored tensor (see _CANONICAL_PREFIXES)."""
+    for stored, canonical in _CANONICAL_PREFIXES:
+        if name.startswith(stored):
+            return canonical + name[len(stored) :]
+    return name
+
+
+def canonical_names(stored: Iterable[str], where: str = "checkpoint") -> dict[str, str]:
+    """Canonical name -> stored name for every tensor of one checkpoint; two stored names that mean the same
+    matrix (a checkpoint mixing layouts) are an error naming both."""
+    mapping: dict[str, str] = {}
+    for name in stored:
+        key = canonical_name(name)
+        if key in mapping:
+            raise ValueError(f"{where}: tensors {mapping[key]!r} and {name!r} both stand for {key!r}")
+        mapping[key] = name
+    return mapping
+
+
+def cross_attention_layers(names: Iterable[str]) -> set[int]:
+    """Decoder layers that are Mllama cross-attention layers (they hold `cross_attn.*` weights): text layers that
+    attend only to image states, so text-only training never changes them (authors_code_spec.md §2.3)."""
+    return {layer_index(n) for n in names if ".cross_attn." in n and layer_index(n) is not None}
+
+
+# -----------------------------------------------------------------------------
 # Matrix selection by parameter name
 
-# Patterns are applied with re.search (not fullmatch), so one pattern covers every naming scheme:
-# Qwen/Llama `model.layers.3.self_attn.q_proj.weight` and Mllama (transformers >= 4.50)
-# `model.language_model.layers.3.self_attn.q_proj.weight` alike. Anchor with `$` / `(^|\.)` as needed.
+# Patterns are applied with re.search (not fullmatch) to canonical names (`model.layers.3.self_attn.q_proj.weight`
+# for Qwen, Llama and Mllama alike). Anchor with `$` / `(^|\.)` as needed.
 DEFAULT_INCLUDE = (
     r"\.self_attn\.(q|k|v|o)_proj\.weight$",
     r"\.mlp\.(gate|up|down)_proj\.weight$",
@@ -51,7 +96,8 @@ def select_matrices(names: Iterable[str], include_patterns: Sequence[str] = DEFA
 
 def matrix_kind(name: str) -> str:
     """The module name in front of `.weight`: "q_proj", ..., "down_proj", "embed_tokens", "lm_head".
-    (Mllama cross-attention `cross_attn.q_proj` also maps to "q_proj"; exclude it at selection time.)"""
+    (Mllama cross-attention `cross_attn.q_proj` also maps to "q_proj"; the default include patterns select
+    `self_attn` only, and the tables flag a cross-attention layer's MLP with `cross_attention`.)"""
     match = _KIND_RE.search(name)
     if match is None:
         raise ValueError(f"not a weight parameter name: {name!r}")
@@ -149,8 +195,8 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def checkpoint_parameter_ndims(model_dir: str | os.PathLike) -> dict[str, int]:
-    """Tensor name -> number of dimensions of a saved Hugging Face checkpoint, from its safetensors headers only
-    (one file, or the shards an index lists)."""
+    """Canonical tensor name -> number of dimensions of a saved Hugging Face checkpoint, from its safetensors
+    headers only (one file, or the shards an index lists)."""
     path = Path(model_dir)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -162,11 +208,13 @@ def checkpoint_parameter_ndims(model_dir: str | os.PathLike) -> dict[str, int]:
     ndims = {}
     for file in files:
         ndims.update({name: len(info["shape"]) for name, info in _safetensors_header(path / file).items()})
-    return dict(sorted(ndims.items(), key=lambda item: _natural_key(item[0])))
+    canonical = canonical_names(ndims, str(path))
+    return dict(sorted(((name, ndims[stored]) for name, stored in canonical.items()),
+                       key=lambda item: _natural_key(item[0])))
 
 
 def checkpoint_parameter_names(model_dir: str | os.PathLike) -> list[str]:
-    """Tensor names of a saved Hugging Face checkpoint, from its safetensors headers only."""
+    """Canonical tensor names of a saved Hugging Face checkpoint, from its safetensors headers only."""
     return list(checkpoint_parameter_ndims(model_dir))
 
 

@@ -1,5 +1,6 @@
 """Streaming tensors out of a Hugging Face checkpoint (one `model.safetensors`, a sharded index, or a single merged
-`*.safetensors` file), one matrix at a time, never the whole model; and the content hash the SVD cache keys on."""
+`*.safetensors` file), one matrix at a time, never the whole model; and the content hash the SVD cache keys on.
+Tensors are named by their canonical names (names.canonical_name), whatever layout the checkpoint stores."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +13,16 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from .names import _natural_key
+from .names import _natural_key, canonical_names
 
-def _tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
-    """Map every tensor name to the safetensors file that holds it (reads only headers / the index)."""
+def _tensor_files(model_dir: str | os.PathLike) -> dict[str, tuple[Path, str]]:
+    """Map every canonical tensor name to (the safetensors file that holds it, its stored name)."""
+    files = _stored_tensor_files(model_dir)
+    return {name: (files[stored], stored) for name, stored in canonical_names(files, str(model_dir)).items()}
+
+
+def _stored_tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """Map every stored tensor name to the safetensors file that holds it (reads only headers / the index)."""
     path = Path(model_dir)
     if path.is_file() and path.suffix == ".safetensors":  # a single merged file, as in the authors' scripts
         return {k: path for k in _tensor_names(path)}
@@ -64,14 +71,14 @@ def iter_checkpoint_tensors(model_dir: str | os.PathLike, names: Iterable[str]) 
     return _stream_tensors(files, names)
 
 
-def _stream_tensors(files: Mapping[str, Path], names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream_tensors(files: Mapping[str, tuple[Path, str]], names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     with ExitStack() as stack:
         handles = {}
         for name in names:
-            file = files[name]
+            file, stored = files[name]
             if file not in handles:  # safe_open only maps the file; keeping every shard open is cheap
                 handles[file] = stack.enter_context(_open_safetensors(file))
-            yield name, handles[file].get_tensor(name)
+            yield name, handles[file].get_tensor(stored)
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
