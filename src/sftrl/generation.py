@@ -485,7 +485,8 @@ class VLLMBackend:
 BACKENDS = {"hf": HFBackend, "kv": KVBackend, "vllm": VLLMBackend}
 
 
-def make_backend(name: str, model_dir, model_settings: dict, batch_size: int):
+def make_backend(name: str, model_dir, model_settings: dict, batch_size: int, **options):
+    """`options`: e.g. model= (an already loaded model: hf and kv)."""
     if name not in BACKENDS:
         raise ValueError(f"eval.backend = {name!r}; expected one of {sorted(BACKENDS)}")
-    return BACKENDS[name](model_dir, model_settings, batch_size)
+    return BACKENDS[name](model_dir, model_settings, batch_size, **options)
