@@ -16,10 +16,14 @@ MEASURED = {("base", 0): (2, 1, 0.5, 0.6), ("sft", 10): (8, 6, 0.1, 0.2), ("sft"
 
 
 def eval_table(path, measured=MEASURED, run="t"):
+    """measured keys: (stage, step) of base / sft rows, or a checkpoint name (a later stage's run)."""
     rows = []
-    for (stage, step), (id_ok, ood_ok, id_fmt, ood_fmt) in measured.items():
+    for key, (id_ok, ood_ok, id_fmt, ood_fmt) in measured.items():
+        ckpt = checkpoint.Checkpoint.parse(key) if isinstance(key, str) else checkpoint.Checkpoint(*key)
+        stage, step = ckpt.stage, ckpt.step
         for split, ok, fmt in (("id", id_ok, id_fmt), ("ood", ood_ok, ood_fmt)):
-            rows.append({"run": run, "stage": stage, "step": step, "split": split, "n": 20, "successes": ok,
+            rows.append({"run": run, "checkpoint": ckpt.name, "stage": stage, "step": step, "split": split, "n": 20,
+                         "successes": ok,
                          "accuracy": ok / 20, "first_attempt_accuracy": ok / 40, "format_error_rate": fmt,
                          "mean_reward": 0.0, "attempts": 40})
     pd.DataFrame(rows).sample(frac=1, random_state=1).to_csv(path, index=False)  # row order must not matter
@@ -78,10 +82,10 @@ def test_degenerate_selection_is_said(tmp_path):
     assert "Inter_SFT is step 10 by the tie rule alone" in text
 
 
-def test_a_later_stage_gets_its_last_checkpoint_and_the_recovery(tmp_path, monkeypatch):
-    # a stage the vocabulary will know (RL): rows appear keyed by stage, without any change to the summary
-    monkeypatch.setitem(checkpoint.STAGES, "rl", "RL")
-    measured = {**MEASURED, ("rl", 50): (10, 4, 0.0, 0.0), ("rl", 100): (13, 5, 0.05, 0.0)}
+def test_a_later_stage_gets_its_last_checkpoint_and_the_recovery(tmp_path):
+    # two RL runs: each gets the row of its last evaluated checkpoint
+    measured = {**MEASURED, "ppo-from-sft-30-u50": (10, 4, 0.0, 0.0), "ppo-from-sft-30-u100": (13, 5, 0.05, 0.0),
+                "grpo-from-sft-10-u100": (9, 6, 0.0, 0.0)}
     table = eval_table(tmp_path / "eval.csv", measured)
     select_sft(table, tmp_path / "selection.json")
     text = write_summary(table, tmp_path / "selection.json", [], [], tmp_path / "SUMMARY.md")
@@ -89,8 +93,10 @@ def test_a_later_stage_gets_its_last_checkpoint_and_the_recovery(tmp_path, monke
     assert ("| checkpoint | model | ID accuracy | OOD accuracy | ID format errors | OOD format errors "
             "| OOD recovery |\n") in text
     assert "| End_SFT | `sft-30` | 75.0 % (15/20) | 15.0 % (3/20) | 0.0 % | 12.5 % |  |" in text
-    assert "| RL step 100 | `rl-100` | 65.0 % (13/20) | 25.0 % (5/20) | 5.0 % | 0.0 % | 66.7 % |" in text
-    assert "RL step 50" not in text
+    assert ("| PPO from SFT step 30, update 100 | `ppo-from-sft-30-u100` | 65.0 % (13/20) | 25.0 % (5/20) | 5.0 % "
+            "| 0.0 % | 66.7 % |") in text
+    assert "| GRPO from SFT step 10, update 100 | `grpo-from-sft-10-u100` |" in text
+    assert "update 50" not in text
 
 
 def test_recovery_definition():

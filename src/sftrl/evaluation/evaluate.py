@@ -62,12 +62,14 @@ def command(parser):
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
     parser.add_argument("--verify-iter", type=int, default=5)
     parser.add_argument("--run", required=True)
-    parser.add_argument("--checkpoint", type=Checkpoint.parse, required=True, help="base or sft-<step>")
+    parser.add_argument("--checkpoint", type=Checkpoint.parse, required=True,
+                        help="a checkpoint name: base, sft-<step>, <algo>-from-<start>-u<update>, ...")
     parser.add_argument("--out", required=True, help="per-episode JSONL")
     parser.add_argument("--summary", required=True, help="one-row JSON summary")
 
     def run(args):
-        labels = {"run": args.run, "stage": args.checkpoint.stage, "step": args.checkpoint.step}
+        # the checkpoint's table columns (checkpoint, stage, step; rl: algorithm, start); `run` is the study's
+        labels = {**{k: v for k, v in args.checkpoint.to_json().items() if k != "run"}, "run": args.run}
         evaluate_checkpoint(args.model, args.problems, args.settings, args.model_settings, args.out, args.summary,
                             verify_iter=args.verify_iter, labels=labels)
 

@@ -1,22 +1,31 @@
 """The tidy evaluation table every figure reads: one row per run x checkpoint x split, from the summaries."""
 from __future__ import annotations
 
-from ..checkpoint import sort_key
+from ..checkpoint import Checkpoint, sort_key
 from ..io import read_json, write_csv
 
-LEADING = ["run", "stage", "step", "split", "n", "successes", "accuracy", "first_attempt_accuracy",
+LEADING = ["run", "checkpoint", "stage", "algorithm", "start", "step", "split", "n", "successes", "accuracy", "first_attempt_accuracy",
            "format_error_rate", "mean_reward", "attempts", "first_cards_ok", "first_numbers_ok",
            "first_formula_numbers_ok"]
 
 
-def collect_summaries(paths: list[str], out) -> None:
+def summary_table(paths: list[str]):
+    """The summaries as one tidy DataFrame in study order (sftrl.checkpoint): by the `checkpoint` column where the
+    summaries carry it (RL and restored rows need their run to sort), else by stage and step."""
     import pandas as pd
 
     table = pd.DataFrame([read_json(p) for p in paths])
-    order = [sort_key(stage, step) for stage, step in zip(table["stage"], table["step"])]
+    if "checkpoint" in table.columns:
+        order = [Checkpoint.parse(name).sort_key for name in table["checkpoint"]]
+    else:
+        order = [sort_key(stage, step) for stage, step in zip(table["stage"], table["step"])]
     table = table.assign(_order=order).sort_values(["run", "_order", "split"]).drop(columns="_order")
     leading = [c for c in LEADING if c in table.columns]
-    write_csv(out, table[leading + [c for c in table.columns if c not in leading]])
+    return table[leading + [c for c in table.columns if c not in leading]].reset_index(drop=True)
+
+
+def collect_summaries(paths: list[str], out) -> None:
+    write_csv(out, summary_table(paths))
 
 
 def command(parser):

@@ -4,9 +4,9 @@ host (the HTML report, `make report`, holds the same figures with captions and p
 Drawn from the tidy evaluation table and the SFT selection only. It states measured numbers, never a verdict: the
 miniature and a 7B run differ, and which way a number goes is for the reader to judge.
 
-Rows are keyed by stage (sftrl.checkpoint): Base, the two SFT selections (Inter_SFT, End_SFT), then the last
-evaluated checkpoint of every later stage the table holds (RL runs, restored models), each with the share of the
-Inter_SFT -> End_SFT OOD drop it recovers.
+Rows are keyed by checkpoint (sftrl.checkpoint): Base, the two SFT selections (Inter_SFT, End_SFT), then the last
+evaluated checkpoint of every later run the table holds (each RL run, each restored model; from its `checkpoint`
+column), each with the share of the Inter_SFT -> End_SFT OOD drop it recovers.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from ..io import read_json, write_text
 
 # Figure file stem -> what it plots and its place in the paper (the captions under workflow/report/ say more).
 FIGURES = {
-    "fig1": "ID and OOD accuracy along SFT (paper Figure 1)",
+    "fig1": "ID and OOD accuracy along SFT, with the end of each RL run (paper Figure 1)",
+    "fig1b": "ID and OOD accuracy of Base, Inter_SFT, End_SFT and after RL from each (paper Figure 1b)",
+    "recovery_window": "OOD accuracy of each SFT start and after PPO from it, and the recovered fraction (paper §3)",
     "fig2": "ID-train, ID-test and OOD loss along SFT (paper Figure 2)",
     "base_abilities": "the embedded base model's probed abilities (no paper counterpart)",
     "fig3": "singular values before / after and Δσ of Q, K, V (paper Figure 3)",
@@ -63,7 +65,10 @@ def headline_rows(table: pd.DataFrame, selection: dict) -> list[dict]:
         raise ValueError(f"the evaluation table has stage(s) {unknown} that sftrl.checkpoint does not know")
 
     def evaluated(ckpt: Checkpoint, label: str) -> dict:
-        rows = table[(table["stage"] == ckpt.stage) & (table["step"] == ckpt.step)]
+        if "checkpoint" in table.columns:  # by name: RL runs share stage and step
+            rows = table[table["checkpoint"] == ckpt.name]
+        else:
+            rows = table[(table["stage"] == ckpt.stage) & (table["step"] == ckpt.step)]
         if rows.empty:
             raise ValueError(f"{label} ({ckpt.name}) has no row in the evaluation table")
         by_split = {row["split"]: row for _, row in rows.iterrows()}
@@ -72,9 +77,12 @@ def headline_rows(table: pd.DataFrame, selection: dict) -> list[dict]:
 
     headline = [evaluated(Checkpoint("base"), STAGES["base"])]
     headline += [evaluated(Checkpoint.resolve(key, selection), SELECTIONS[key]) for key in SELECTION_ORDER]
-    # later stages, in study order: the last checkpoint each one evaluated (its end point)
-    for stage in [s for s in STAGES if s not in ("base", "sft") and s in set(table["stage"])]:
-        last = Checkpoint(stage, int(table.loc[table["stage"] == stage, "step"].max()))
+    # later stages, in study order: the last checkpoint each run of them evaluated (its end point)
+    later = [Checkpoint.parse(name) for name in set(table.get("checkpoint", pd.Series(dtype=str)).dropna())]
+    later = [c for c in later if c.stage not in ("base", "sft")]
+    lasts = [max((c for c in later if (c.stage, c.run) == run), key=lambda c: c.step)
+             for run in {(c.stage, c.run) for c in later}]
+    for last in sorted(lasts, key=lambda c: c.sort_key):
         headline.append(evaluated(last, last.label))
     return headline
 

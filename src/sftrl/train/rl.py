@@ -180,6 +180,30 @@ def nan() -> float:
     return math.nan
 
 
+def collect_logs(paths: list[str], out) -> None:
+    """results/tables/rl_log.csv: every run's per-update log, with its run, algorithm and start (from the path
+    results/rl/<run>/log.csv, through sftrl.checkpoint)."""
+    import pandas as pd
+
+    frames = []
+    for path in paths:
+        run = Path(path).parent.name
+        ckpt = Checkpoint.parse(f"{run}-u0")
+        frame = pd.read_csv(path)
+        missing = set(LOG_COLUMNS) - set(frame.columns)
+        if missing:
+            raise ValueError(f"{path}: not an RL log (missing column(s) {sorted(missing)})")
+        frames.append(frame.assign(run=run, algorithm=ckpt.algo, start=ckpt.start.name))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LOG_COLUMNS)
+    write_csv(out, table[["run", "algorithm", "start", *LOG_COLUMNS]])
+
+
+def log_command(parser):
+    parser.add_argument("logs", nargs="+", help="results/rl/<run>/log.csv files")
+    parser.add_argument("--out", required=True)
+    return lambda args: collect_logs(args.logs, args.out)
+
+
 # -----------------------------------------------------------------------------
 # command line (sftrl rl)
 
