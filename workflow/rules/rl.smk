@@ -77,46 +77,42 @@ def rl_launcher(algo):
     return f"accelerate launch --num_processes {arm['num_processes']}{deepspeed} -m sftrl.cli"
 
 
-for _algo in [a for a in ALGORITHMS if a in config["rl"]]:
-
-    rule:
-        name:
-            f"rl_{_algo}"
-        input:
-            model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
-            code=code("rl") + [str(p) for p in codegraph.files([TRAINERS[_algo].split(":")[0]])],
-        output:
-            checkpoints=[directory(f"{RESULTS}/rl/{_algo}-from-{{start}}/checkpoint-{u}") for u in rl_updates(_algo)],
-            log=f"{RESULTS}/rl/{_algo}-from-{{start}}/log.csv",
-        params:
-            algo=_algo,
-            settings=rl_settings(_algo),
-            model_settings=settings("model"),
-            env_settings=settings("env"),
-            data_settings=settings("data", "sft"),
-            launcher=rl_launcher(_algo),
-            out_dir=lambda wc, output: os.path.dirname(output.log),
-            # resumable state (optimizer, value head, log rows); outside the outputs, which Snakemake deletes first
-            work_dir=lambda wc, output: os.path.dirname(output.log).replace(f"{RESULTS}/rl/", f"{RESULTS}/work/rl/", 1),
-        wildcard_constraints:
-            start=r"base|sft-\d+",
-        log:
-            f"logs/rl/{_algo}-from-{{start}}.log",
-        conda:
-            "../envs/train.yaml"
-        benchmark:
-            f"benchmarks/rl/{_algo}-from-{{start}}.tsv"
-        # one thread on CPU: two runs side by side use the machine better than one with two threads (cpu_notes.md)
-        threads: 1
-        resources:
-            mem_mb=8000,
-            runtime=240,
-        shell:
-            "OMP_NUM_THREADS={threads} {params.launcher} rl --algo {params.algo} --model {input.model}"
-            " --start {wildcards.start} --settings {params.settings:q} --model-settings {params.model_settings:q}"
-            " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
-            " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads}"
-            " > {log} 2>&1"
+# One rule per arm, written out (outputs differ by the arm's update count); rl_grpo is rl_ppo with "grpo" for
+# "ppo". The arm's module is in code("rl"): `sftrl rl` imports both arms.
+rule rl_ppo:
+    input:
+        model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
+        code=code("rl"),
+    output:
+        checkpoints=[directory(f"{RESULTS}/rl/ppo-from-{{start}}/checkpoint-{u}") for u in rl_updates("ppo")],
+        log=f"{RESULTS}/rl/ppo-from-{{start}}/log.csv",
+    params:
+        settings=rl_settings("ppo"),
+        model_settings=settings("model"),
+        env_settings=settings("env"),
+        data_settings=settings("data", "sft"),
+        launcher=rl_launcher("ppo"),
+        out_dir=lambda wc, output: os.path.dirname(output.log),
+        # resumable state (weights, value head, optimizer, log rows): outside the outputs, which Snakemake deletes
+        work_dir=lambda wc: f"{RESULTS}/work/rl/ppo-from-{wc.start}",
+    wildcard_constraints:
+        start=r"base|sft-\d+",
+    log:
+        "logs/rl/ppo-from-{start}.log",
+    conda:
+        "../envs/train.yaml"
+    benchmark:
+        "benchmarks/rl/ppo-from-{start}.tsv"
+    # one thread on CPU: two runs side by side use 2 cores better than one run with two threads (cpu_notes.md)
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launcher} rl --algo ppo --model {input.model} --start {wildcards.start}"
+        " --settings {params.settings:q} --model-settings {params.model_settings:q}"
+        " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
+        " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads} > {log} 2>&1"
 
 
 def rl_log_inputs(wildcards):

@@ -21,7 +21,6 @@ Both arms are called with one signature (`TRAINERS`):
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -214,10 +213,15 @@ def run_rl(algo: str, start_model_dir, start: Checkpoint, out_dir, work_dir, set
         raise ValueError(f"--algo {algo!r}; expected one of {sorted(TRAINERS)}")
     if algo not in ALGORITHMS:
         raise ValueError(f"--algo {algo!r} is not a checkpoint algorithm (sftrl.checkpoint.ALGORITHMS)")
-    module, function = TRAINERS[algo].split(":")
+    # Both arms imported here by name (not through TRAINERS' strings), so that sftrl.codegraph sees them as code
+    # the `rl` command runs: an edit to either reruns the RL rules.
     try:
-        trainer = getattr(importlib.import_module(module), function)
+        if algo == "ppo":
+            from .ppo import train_ppo as trainer
+        else:
+            from .grpo import train_grpo as trainer
     except ModuleNotFoundError as err:
+        module = TRAINERS[algo].split(":")[0]
         if err.name != module:
             raise
         raise RuntimeError(f"sftrl rl --algo {algo}: {module} is not available in this checkout") from err
