@@ -20,7 +20,8 @@ def test_micro_dag_end_to_end(micro_run):
     results = micro_run / "results"
     table = pd.read_csv(results / "tables" / "eval.csv")
     n_checkpoints = config["sft"]["max_steps"] // config["sft"]["save_steps"]
-    assert len(table) == 2 * (1 + n_checkpoints)  # base + every SFT checkpoint, ID and OOD
+    # base + every SFT checkpoint, ID and OOD (RL rows: test_rl_outputs)
+    assert (table["stage"].isin(["base", "sft"])).sum() == 2 * (1 + n_checkpoints)
     assert set(table["split"]) == {"id", "ood"}
     assert (table["n"] == config["data"]["eval"]["n"]).all()
     assert table["accuracy"].between(0, 1).all()
@@ -37,6 +38,30 @@ def test_micro_dag_end_to_end(micro_run):
         assert not (results / "sft" / f"checkpoint-{step}" / "optimizer.pt").exists()
     # every rule wrote its log
     assert (micro_run / "logs" / "sft" / "sft.log").stat().st_size > 0
+
+
+def test_rl_outputs(micro_run):
+    """PPO from inter_sft, end_sft and the recovery window [4]: with SFT saving steps 4 and 8, the runs are exactly
+    ppo-from-sft-4 and ppo-from-sft-8 (a start named twice runs once), each evaluated at its saved update."""
+    config = yaml.safe_load(MICRO.read_text())
+    results = micro_run / "results"
+    table = pd.read_csv(results / "tables" / "eval.csv")
+    rl = table[table["stage"] == "rl"]
+    updates = config["rl"]["ppo"]["updates"]
+    assert sorted(set(rl["checkpoint"])) == [f"ppo-from-sft-{s}-u{updates}" for s in (4, 8)]
+    assert set(rl["algorithm"]) == {"ppo"} and set(rl["start"]) == {"sft-4", "sft-8"}
+    assert rl.groupby("checkpoint")["split"].apply(sorted).tolist() == [["id", "ood"]] * 2
+    for start in (4, 8):
+        ckpt = results / "rl" / f"ppo-from-sft-{start}" / f"checkpoint-{updates}"
+        assert (ckpt / "model.safetensors").exists() and (ckpt / "value_head.safetensors").exists()
+        assert not (ckpt / "optimizer.pt").exists()
+    log = pd.read_csv(results / "tables" / "rl_log.csv")
+    assert sorted(set(log["run"])) == ["ppo-from-sft-4", "ppo-from-sft-8"]
+    assert log.groupby("run")["update"].max().tolist() == [updates, updates]
+    assert log["tokens"].gt(0).all()
+    for name in ("fig1b", "recovery_window"):
+        for ext in (".pdf", ".png"):
+            assert (results / "figs" / f"{name}{ext}").stat().st_size > 1000
 
 
 def test_finished_dag_has_nothing_to_do(micro_run):

@@ -124,7 +124,7 @@ rule rl_log:
         logs=rl_log_inputs,
         code=code("rl-log"),
     output:
-        report(f"{RESULTS}/tables/rl_log.csv", caption="../report/table_rl_log.rst", category="4. RL",
+        report(f"{RESULTS}/tables/rl_log.csv", caption="../report/table_rl_log.rst", category="3b. RL",
                subcategory="Tables"),
     log:
         "logs/rl/rl_log.log",
@@ -154,7 +154,7 @@ rule fig_recovery_window:
         code=code("figure recovery_window"),
     output:
         pdf=f"{RESULTS}/figs/recovery_window.pdf",
-        png=report(f"{RESULTS}/figs/recovery_window.png", caption="../report/recovery_window.rst", category="4. RL",
+        png=report(f"{RESULTS}/figs/recovery_window.png", caption="../report/recovery_window.rst", category="3b. RL",
                    subcategory="Figures"),
     params:
         stem=stem,
@@ -176,7 +176,7 @@ rule fig1b:
         code=code("figure fig1b"),
     output:
         pdf=f"{RESULTS}/figs/fig1b.pdf",
-        png=report(f"{RESULTS}/figs/fig1b.png", caption="../report/fig1b.rst", category="4. RL",
+        png=report(f"{RESULTS}/figs/fig1b.png", caption="../report/fig1b.rst", category="3b. RL",
                    subcategory="Figures"),
     params:
         stem=stem,
