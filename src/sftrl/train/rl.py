@@ -22,7 +22,6 @@ Both arms are called with one signature (`TRAINERS`):
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -173,10 +172,6 @@ def write_log(log_path, rows: list[dict]) -> None:
 
     frame = pd.DataFrame(rows, columns=LOG_COLUMNS)
     write_csv(log_path, frame)
-
-
-def nan() -> float:
-    return math.nan
 
 
 def collect_logs(paths: list[str], out) -> None:
