@@ -90,6 +90,8 @@ def recovery_window(table: pd.DataFrame, selection: dict, stem) -> None:
     else:
         bx.text(0.5, 0.5, f"n/a: {SELECTIONS[INTER_SFT]}'s OOD accuracy is not above {SELECTIONS[END_SFT]}'s\n"
                 "(0/0 — no OOD drop to recover)", ha="center", va="center", transform=bx.transAxes, fontsize=8)
+        bx.set_xticks([])
+        bx.set_yticks([])
     bx.set_xlabel("SFT step PPO starts from")
     bx.set_ylabel("recovered OOD drop (%)")
     bx.set_title("(OOD_RL − OOD_End) / (OOD_Inter − OOD_End)", fontsize=9)
