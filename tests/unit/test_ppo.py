@@ -217,3 +217,16 @@ def test_resume_after_interruption_equals_uninterrupted(micro_base, tmp_path, mo
     assert any(not torch.equal(changed[k], start[k]) for k in start)  # training moved the weights
     pd.testing.assert_frame_equal(pd.read_csv(log_b).drop(columns="seconds"),
                                   log_table.drop(columns="seconds"))
+
+
+def test_kl_and_entropy_terms_train_with_a_reference(micro_base, tmp_path):
+    """kl_coef > 0 loads the start model as a frozen reference; entropy_coef > 0 adds the bonus. One update runs
+    and moves the weights."""
+    from safetensors.torch import load_file
+
+    settings = copy.deepcopy(SETTINGS)
+    settings["rl"]["ppo"].update(updates=1, kl_coef=0.1, entropy_coef=0.01)
+    out = tmp_path / "rl" / "ppo-from-sft-4"
+    ppo.train_ppo(micro_base, Checkpoint("sft", 4), out, tmp_path / "work", settings, tmp_path / "log.csv")
+    trained, start = load_file(out / "checkpoint-1" / "model.safetensors"), load_file(micro_base / "model.safetensors")
+    assert any(not torch.equal(trained[k], start[k]) for k in start)

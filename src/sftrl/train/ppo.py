@@ -269,8 +269,9 @@ def train_ppo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: d
     accelerator = Accelerator(cpu=model_settings["device"] == "cpu")
     model_dir = resume_from or start_model_dir
     tokenizer = load_tokenizer(model_dir)
-    policy = load_model(model_dir, model_settings["dtype"], model_settings["attn_implementation"],
-                        model_settings["device"])
+    # each process's own device (cuda:<local rank> under accelerate launch; cpu when configured)
+    device = "cpu" if model_settings["device"] == "cpu" else str(accelerator.device)
+    policy = load_model(model_dir, model_settings["dtype"], model_settings["attn_implementation"], device)
     torch.manual_seed(rl_settings["seed"])  # the value head's init (default PyTorch init, as the authors')
     head = value_head(policy.config.get_text_config().hidden_size, ppo["value_head"]).to(
         device=policy.device, dtype=policy.dtype)
@@ -286,10 +287,10 @@ def train_ppo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: d
     reference = None
     if ppo["kl_coef"] > 0:  # KL to the start model: a frozen copy, loaded only when it is used
         reference = load_model(start_model_dir, model_settings["dtype"], model_settings["attn_implementation"],
-                               model_settings["device"]).eval().requires_grad_(False)
+                               device).eval().requires_grad_(False)
     backend = make_backend(rl_settings["backend"], model_dir, model_settings, rl_settings["batch_size"],
                            model=unwrapped.policy)
-    temperature, device = rl_settings["temperature"], accelerator.device
+    temperature, device = rl_settings["temperature"], accelerator.device  # (the same device, as a torch.device)
     verify_iter = settings["env"]["verify_iter"]
 
     def save_extra(directory: Path) -> None:
