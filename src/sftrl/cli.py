@@ -22,7 +22,9 @@ COMMANDS = {
     "pretrain": ("sftrl.base.pretrain:command", "pretrain the embedded tiny base model"),
     "probe": ("sftrl.base.probe:command", "ability probe of a base model"),
     "sft": ("sftrl.train.sft:command", "supervised fine-tuning with a checkpoint every save_steps"),
-    "rl": ("sftrl.train.rl:command", "RL (PPO or GRPO) from one checkpoint, a checkpoint every rl.save_every updates"),
+    "rl": ("sftrl.train.rl:command", "RL (--algo ppo|grpo) from one checkpoint, a checkpoint every rl.save_every updates"),
+    # one command per arm, as the rules run them: a rule's code inputs are then its own arm (train/rl.py)
+    "rl ppo": ("sftrl.train.ppo:command", "turn-level PPO from one checkpoint (sftrl rl --algo ppo)"),
     "eval": ("sftrl.evaluation.evaluate:command", "multi-turn rollout evaluation of one checkpoint on one problem set"),
     "table": ("sftrl.evaluation.table:command", "collect evaluation summaries into one tidy CSV"),
     "select": ("sftrl.evaluation.select:command", "pick Inter_SFT and End_SFT from the evaluation table"),

@@ -78,11 +78,11 @@ def rl_launcher(algo):
 
 
 # One rule per arm, written out (outputs differ by the arm's update count); rl_grpo is rl_ppo with "grpo" for
-# "ppo". The arm's module is in code("rl"): `sftrl rl` imports both arms.
+# "ppo" (and COMMANDS "rl grpo" -> sftrl.train.grpo:command). Each runs `sftrl rl <algo>`, whose code is its arm only.
 rule rl_ppo:
     input:
         model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
-        code=code("rl"),
+        code=code("rl ppo"),
     output:
         checkpoints=[directory(f"{RESULTS}/rl/ppo-from-{{start}}/checkpoint-{u}") for u in rl_updates("ppo")],
         log=f"{RESULTS}/rl/ppo-from-{{start}}/log.csv",
@@ -109,7 +109,7 @@ rule rl_ppo:
         mem_mb=8000,
         runtime=240,
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} rl --algo ppo --model {input.model} --start {wildcards.start}"
+        "OMP_NUM_THREADS={threads} {params.launcher} rl ppo --model {input.model} --start {wildcards.start}"
         " --settings {params.settings:q} --model-settings {params.model_settings:q}"
         " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
         " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads} > {log} 2>&1"

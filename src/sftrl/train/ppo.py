@@ -390,3 +390,8 @@ def train_ppo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: d
         rl.write_log(log_path, log_rows)
     log.info("PPO from %s: %d updates, checkpoints %s -> %s, log -> %s, in %.0f s", start.name, ppo["updates"],
              saves, out_dir, log_path, time.perf_counter() - began)
+
+
+def command(parser):
+    """`sftrl rl ppo`: what rule rl_ppo runs (train/rl.py arm_command)."""
+    return rl.arm_command(parser, train_ppo)
