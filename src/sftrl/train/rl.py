@@ -1,5 +1,5 @@
-"""RL from a chosen SFT checkpoint (`sftrl rl --algo ppo|grpo`): the entry point both arms share, and what they
-share besides it — the training hands, the rollout sampling, per-update seeds, checkpoints and resume, the
+"""RL from a chosen SFT checkpoint (`sftrl rl --algo ppo|grpo`, or per arm `sftrl rl ppo` as the rules run it): the
+entry point both arms share, and what they share besides it — the training hands, the rollout sampling, per-update seeds, checkpoints and resume, the
 per-update log.
 
 Both arms are called with one signature (`TRAINERS`):
