@@ -55,13 +55,6 @@ rule eval_table_sft:
         "sftrl table {input.summaries} --out {output} > {log} 2>&1"
 
 
-def eval_table_summaries(wildcards):
-    """Base and SFT, then every RL checkpoint (rl.smk; known once select_sft has run when RL starts from a
-    selection)."""
-    ckpts = evaluated_checkpoints() + rl_checkpoints()
-    return [f"{results_dir('eval', ckpt)}/{split}.summary.json" for ckpt in ckpts for split in SPLITS]
-
-
 rule eval_table:
     input:
         summaries=eval_table_summaries,

@@ -2,79 +2,7 @@
 # checkpoint every rl.save_every updates; each checkpoint is evaluated by eval_checkpoint into results/tables/eval.csv.
 # Runs: every algorithm in rl.algorithms from every rl.start_from checkpoint, and PPO from every rl.recovery_window
 # step; inter_sft / end_sft resolve through the select_sft checkpoint, and a run named twice runs once.
-import importlib.util
-
-from sftrl.checkpoint import ALGORITHMS
-from sftrl.train.rl import TRAINERS, save_updates
-
-# the keys of config rl that are not one run's knobs (which runs exist), and the arms' own subsections
-RL_PLAN_KEYS = ("start_from", "algorithms", "recovery_window", *ALGORITHMS)
-
-
-def _check_rl_config():
-    rl = config["rl"]
-    for algo in rl["algorithms"] + (["ppo"] if rl["recovery_window"] else []):
-        trainer_module = TRAINERS[algo].split(":")[0]
-        if importlib.util.find_spec(trainer_module) is None:
-            raise WorkflowError(f"config rl.algorithms names {algo}, but {trainer_module} is not in this checkout")
-        if algo not in rl:
-            raise WorkflowError(f"config rl.algorithms names {algo}, but config rl has no {algo} subsection")
-    for name in rl["start_from"]:
-        if name not in SELECTIONS and Checkpoint.parse(name).step not in sft_steps():
-            raise WorkflowError(f"config rl.start_from: {name} is not a saved SFT step {sft_steps()}")
-    for step in rl["recovery_window"]:
-        if step not in sft_steps():
-            raise WorkflowError(f"config rl.recovery_window: {step} is not a saved SFT step {sft_steps()}")
-
-
-_check_rl_config()
-
-
-def rl_settings(algo):
-    """A run's knobs as one JSON string: config rl without the run plan and the other arms' subsections, so adding a
-    start or a recovery step does not rerun the existing runs."""
-    section = {k: v for k, v in config["rl"].items() if k not in RL_PLAN_KEYS or k == algo}
-    return json.dumps(section, sort_keys=True)
-
-
-def rl_updates(algo):
-    """Updates at which a run of `algo` saves (and which are evaluated)."""
-    return save_updates(config["rl"][algo]["updates"], config["rl"]["save_every"])
-
-
-def rl_runs(ppo_only_window=False):
-    """(algo, concrete start Checkpoint) of every configured run, in config order, without repeats. Resolving
-    inter_sft / end_sft waits for the select_sft checkpoint. ppo_only_window: only the PPO runs (the window's and
-    those from rl.start_from), as the recovery-window figure needs."""
-    rl = config["rl"]
-    named = [(algo, name) for name in rl["start_from"] for algo in rl["algorithms"]]
-    named += [("ppo", f"sft-{step}") for step in rl["recovery_window"]]
-    if ppo_only_window:
-        named = [(algo, name) for algo, name in named if algo == "ppo"]
-    selection = None
-    if any(name in SELECTIONS for _, name in named):
-        with checkpoints.select_sft.get().output[0].open() as f:
-            selection = json.load(f)
-    runs = []
-    for algo, name in named:
-        run = (algo, Checkpoint.resolve(name, selection))
-        if run not in runs:
-            runs.append(run)
-    return runs
-
-
-def rl_checkpoints(runs=None):
-    """Every evaluated RL checkpoint: each saved update of each run."""
-    return [Checkpoint.rl(algo, start, u) for algo, start in (runs or rl_runs()) for u in rl_updates(algo)]
-
-
-def rl_launcher(algo):
-    """`sftrl` in-process (CPU or one GPU), or `accelerate launch` for multi-GPU / DeepSpeed (config rl.<algo>)."""
-    arm = config["rl"][algo]
-    if arm.get("launcher", "local") != "accelerate":
-        return "sftrl"
-    deepspeed = f" --use_deepspeed --deepspeed_config_file {arm['deepspeed']}" if arm.get("deepspeed") else ""
-    return f"accelerate launch --num_processes {arm['num_processes']}{deepspeed} -m sftrl.cli"
+# (the helpers that plan the runs live in common.smk, section RL)
 
 
 # One rule per arm, written out (outputs differ by the arm's update count); rl_grpo is rl_ppo with "grpo" for
@@ -115,10 +43,6 @@ rule rl_ppo:
         " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads} > {log} 2>&1"
 
 
-def rl_log_inputs(wildcards):
-    return [f"{RESULTS}/rl/{algo}-from-{start.name}/log.csv" for algo, start in rl_runs()]
-
-
 rule rl_log:
     input:
         logs=rl_log_inputs,
@@ -134,17 +58,6 @@ rule rl_log:
         "../envs/analysis.yaml"
     shell:
         "sftrl rl-log {input.logs} --out {output} > {log} 2>&1"
-
-
-def recovery_window_summaries(wildcards):
-    """Only what the figure draws: the summaries of Inter_SFT, End_SFT, every PPO run's start and checkpoints."""
-    with checkpoints.select_sft.get().output[0].open() as f:
-        selection = json.load(f)
-    runs = rl_runs(ppo_only_window=True)
-    ckpts = [Checkpoint.resolve(key, selection) for key in SELECTIONS] + [start for _, start in runs]
-    ckpts += rl_checkpoints(runs)
-    names = list(dict.fromkeys(c.name for c in ckpts))
-    return [f"{RESULTS}/eval/{name}/{split}.summary.json" for name in names for split in SPLITS]
 
 
 rule fig_recovery_window:
@@ -188,13 +101,3 @@ rule fig1b:
         "../envs/analysis.yaml"
     shell:
         "sftrl figure fig1b --eval-table {input.table} --selection {input.selection} --out {params.stem} > {log} 2>&1"
-
-
-def rl_targets():
-    rl = config["rl"]
-    if not (rl["algorithms"] and rl["start_from"]) and not rl["recovery_window"]:
-        return []
-    targets = [f"{RESULTS}/tables/rl_log.csv", f"{RESULTS}/figs/fig1b.pdf"]
-    if rl["recovery_window"] or ("ppo" in rl["algorithms"] and rl["start_from"]):
-        targets.append(f"{RESULTS}/figs/recovery_window.pdf")
-    return targets
