@@ -321,6 +321,9 @@ def _check_rl_config():
             raise WorkflowError(f"config rl.algorithms names {algo}, but {trainer_module} is not in this checkout")
         if algo not in rl:
             raise WorkflowError(f"config rl.algorithms names {algo}, but config rl has no {algo} subsection")
+        deepspeed = rl[algo].get("deepspeed")
+        if deepspeed and not os.path.isfile(deepspeed):
+            raise WorkflowError(f"config rl.{algo}.deepspeed = {deepspeed!r}: no such DeepSpeed JSON file")
     for name in rl["start_from"]:
         if name not in SELECTIONS and Checkpoint.parse(name).step not in sft_steps():
             raise WorkflowError(f"config rl.start_from: {name} is not a saved SFT step {sft_steps()}")
