@@ -228,6 +228,7 @@ def grpo_config(settings: dict, work_dir, verify_iter: int, on_cpu: bool, bf16: 
         scale_rewards=settings["scale_rewards"],
         beta=settings["beta"],
         epsilon=settings["epsilon"],
+        entropy_coef=settings["entropy_coef"],
         # the log-probabilities of the loss use the sampling temperature; top_p is applied by our sampler only
         temperature=settings["temperature"],
         top_p=settings["top_p"],
@@ -281,9 +282,10 @@ def log_table(log_history: list[dict], start: Checkpoint):
 
 
 def train_grpo(start_model_dir, start: Checkpoint, out_dir, settings: dict, log_path, threads: int = 1,
-               work_dir=None, env_settings: dict | None = None, model_settings: dict | None = None) -> None:
+               work_dir=None, env_settings: dict | None = None, model_settings: dict | None = None):
     """GRPO from `start` (its model in `start_model_dir`): checkpoints `<out_dir>/checkpoint-<update>`, the
-    per-update log at `log_path`. `work_dir` (default `<out_dir>.trainer`) holds the resumable trainer state."""
+    per-update log at `log_path`. `work_dir` (default `<out_dir>.trainer`) holds the resumable trainer state.
+    Returns the trainer (its state and logs, for tests)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -360,3 +362,4 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, settings: dict, log_
     write_csv(log_path, log_table(trainer.state.log_history, start))
     log.info("GRPO from %s: %d updates in %.0f s -> %s", start.name, settings["max_steps"],
              time.perf_counter() - began, out_dir)
+    return trainer
