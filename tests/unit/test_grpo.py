@@ -16,18 +16,23 @@ from sftrl.checkpoint import Checkpoint
 from sftrl.generation import Sampling, chat_prompt, stop_token_ids
 from sftrl.modeling import IM_END, IM_START, load_model, load_tokenizer
 from sftrl.task import points
-from sftrl.train import grpo
+from sftrl.train import grpo, rl
 
-SETTINGS = {
-    "seed": 0, "max_steps": 2, "save_steps": 1, "per_device_batch_size": 4, "num_generations": 2, "num_iterations": 1,
-    "lr": 0.01, "loss_type": "grpo", "scale_rewards": "group", "beta": 0.04, "epsilon": 0.2, "max_grad_norm": 1.0,
+MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
+GRPO = {
+    "updates": 2, "hands_per_update": 2, "num_generations": 2, "num_iterations": 1, "lr": 0.01, "loss_type": "grpo",
+    "scale_rewards": "group", "beta": 0.04, "epsilon": 0.2, "max_grad_norm": 1.0,
     # an entropy bonus moves the weights even when every episode of a group gets the same reward (the micro base
     # never writes a formula: every attempt scores -3)
     "entropy_coef": 0.1,
-    "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8,
 }
-ENV = {"verify_iter": 3, "target": 24}
-MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
+SETTINGS = {
+    "rl": {"seed": 0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "save_every": 1, "batch_size": 64,
+           "backend": "kv", "multisets": "all", "grpo": GRPO},
+    "model": MODEL_SETTINGS,
+    "env": {"verify_iter": 3, "target": 24},
+    "sft_data": {"seed": 0, "id_test_fraction": 0.15},
+}
 START = Checkpoint("sft", 4)
 RUN = "rl/grpo-from-sft-4"  # the run's directory below results (sftrl.checkpoint)
 
@@ -41,14 +46,18 @@ def stopping_base(micro_base, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("stopping") / "model"
     shutil.copytree(micro_base, model_dir)
     tokenizer = load_tokenizer(model_dir)
-    played = grpo.play(load_model(model_dir, device="cpu"), tokenizer, grpo.train_problems(4, 1, 24),
-                       Sampling(1.0, 1.0, 8, 0), verify_iter=1)
+    played = grpo.play(load_model(model_dir, device="cpu"), model_dir, MODEL_SETTINGS, problems(4, 1),
+                       Sampling(1.0, 1.0, 8, 0), verify_iter=1, batch_size=64)
     sampled = Counter(t for ids in played["completion_ids"] for t in ids)
     frequent = next(t for t, _ in sampled.most_common() if t not in tokenizer.all_special_ids)
     weights = load_file(model_dir / "model.safetensors")
     weights["lm_head.weight"][tokenizer.convert_tokens_to_ids(IM_END)] = weights["lm_head.weight"][frequent]
     save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
     return model_dir
+
+
+def problems(n, update):
+    return rl.training_problems(SETTINGS, update, n)
 
 
 def runs(mask):
@@ -60,11 +69,11 @@ def runs(mask):
 def test_episode_masks_exactly_the_feedback_turns(stopping_base):
     tokenizer = load_tokenizer(stopping_base)
     stops = stop_token_ids(tokenizer)
-    problems = grpo.train_problems(6, 0, 24)
-    played = grpo.play(load_model(stopping_base, device="cpu"), tokenizer, problems, Sampling(1.0, 1.0, 8, 3),
-                       verify_iter=3)
+    hands = problems(6, 0)
+    played = grpo.play(load_model(stopping_base, device="cpu"), stopping_base, MODEL_SETTINGS, hands,
+                       Sampling(1.0, 1.0, 8, 3), verify_iter=3, batch_size=4)
     endings = Counter()
-    for i, problem in enumerate(problems):
+    for i, problem in enumerate(hands):
         first = [{"role": "user", "content": points.render_prompt(problem["cards"], points.ID_RULE, 24)}]
         assert played["prompt_ids"][i] == tokenizer(chat_prompt(tokenizer, first), add_special_tokens=False).input_ids
         completion, mask = played["completion_ids"][i], played["env_mask"][i]
@@ -114,8 +123,7 @@ def train(model_dir, root, monkeypatch, settings=SETTINGS):
     monkeypatch.setattr(grpo, "make_rollout", recording_rollout)
     monkeypatch.setattr(grpo, "grpo_config", lambda *a, **k: configs.append(grpo_config(*a, **k)) or configs[-1])
     out_dir = Path(Checkpoint.rl("grpo", START, 0).model_dir(str(root), "")).parent  # root/rl/grpo-from-sft-4
-    trainer = grpo.train_grpo(model_dir, START, out_dir, settings, root / "log.csv", work_dir=root / "work",
-                              env_settings=ENV, model_settings=MODEL_SETTINGS)
+    trainer = grpo.train_grpo(model_dir, START, out_dir, root / "work", settings, root / "log.csv")
     return trainer, rollouts, configs
 
 
@@ -123,15 +131,18 @@ def test_grpo_trains_with_the_episode_rewards_and_saves(stopping_base, tmp_path,
     trainer, rollouts, configs = train(stopping_base, tmp_path, monkeypatch)
     config = configs[0]
     for key, value in [("loss_type", "grpo"), ("beta", 0.04), ("scale_rewards", "group"), ("num_generations", 2),
-                       ("epsilon", 0.2), ("entropy_coef", 0.1), ("num_iterations", 1), ("learning_rate", 0.01), ("temperature", 1.0),
-                       ("per_device_train_batch_size", 4), ("max_steps", 2), ("use_vllm", False), ("bf16", False)]:
+                       ("epsilon", 0.2), ("entropy_coef", 0.1), ("num_iterations", 1), ("learning_rate", 0.01),
+                       ("temperature", 1.0), ("top_p", 1.0), ("per_device_train_batch_size", 4), ("max_steps", 2),
+                       ("max_grad_norm", 1.0), ("seed", 0), ("use_vllm", False), ("bf16", False)]:
         assert getattr(config, key) == value, key
     assert (trainer.loss_type, trainer.beta, trainer.scale_rewards, trainer.num_generations) == ("grpo", 0.04, "group", 2)
 
     assert len(rollouts) == 2  # one rollout batch per update
+    for update, rollout in enumerate(rollouts, start=1):
+        # update u plays the hands rl.training_problems deals for u (as PPO's update u), each num_generations times
+        hands = [grpo.prompt_text(p) for p in problems(2, update)]
+        assert rollout["prompts"] == [h for h in hands for _ in range(2)]
     last = rollouts[-1]
-    groups = np.array(last["prompts"]).reshape(-1, 2)
-    assert (groups == groups[:, :1]).all()  # each group plays one hand num_generations times
     # the rewards the trainer scored are the episode returns, unchanged, and its advantages are relative to the group
     rewards = np.array(last["episode_reward"])
     assert list(trainer._logs["rewards"]["episode_reward"]) == list(rewards)
@@ -151,8 +162,7 @@ def test_grpo_trains_with_the_episode_rewards_and_saves(stopping_base, tmp_path,
     assert not torch.equal(final["lm_head.weight"], start_weights["lm_head.weight"])
 
     table = pd.read_csv(tmp_path / "log.csv")
-    assert list(table["update"]) == [1, 2]
-    assert set(table["algorithm"]) == {"grpo"} and set(table["start"]) == {"sft-4"}
+    assert list(table.columns) == rl.LOG_COLUMNS and list(table["update"]) == [1, 2]
     for (_, row), rollout in zip(table.iterrows(), rollouts):
         assert row["reward"] == pytest.approx(np.mean(rollout["episode_reward"]))
         assert row["success_rate"] == pytest.approx(np.mean(rollout["success"]))
@@ -182,19 +192,17 @@ def test_interrupted_grpo_resumes_to_the_same_weights(stopping_base, tmp_path, m
     final = load_file(tmp_path / "interrupted" / RUN / "checkpoint-2" / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    reference_log, resumed_log = pd.read_csv(tmp_path / "reference" / "log.csv"), pd.read_csv(tmp_path / "interrupted" / "log.csv")
-    pd.testing.assert_frame_equal(reference_log.drop(columns="seconds"), resumed_log.drop(columns="seconds"))
+    logs = [pd.read_csv(tmp_path / run / "log.csv").drop(columns="seconds") for run in ("reference", "interrupted")]
+    pd.testing.assert_frame_equal(*logs)  # the resumed run's log holds the updates before the interruption too
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("per_device_batch_size", 5, "multiple of rl.grpo.num_generations"),
+    ("hands_per_update", 0, "rl.grpo.hands_per_update = 0"),
     ("num_generations", 1, "rl.grpo.num_generations = 1"),
-    ("save_steps", 3, "rl.grpo.save_steps"),
+    ("updates", 2.0, "rl.grpo.updates"),
     ("loss_type", "ppo", "rl.grpo.loss_type"),
     ("scale_rewards", True, "rl.grpo.scale_rewards"),
-    ("max_steps", 2.0, "rl.grpo.max_steps"),
-    ("temperature", 0.0, "rl.grpo.temperature"),
 ])
 def test_bad_settings_name_their_key(key, value, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        grpo.check_settings({**SETTINGS, key: value})
+        grpo.check_settings({**GRPO, key: value})

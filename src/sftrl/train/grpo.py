@@ -1,22 +1,25 @@
 """The GRPO arm of RL (`sftrl rl --algo grpo`): TRL's GRPOTrainer over whole multi-turn GeneralPoints episodes.
 
 One GRPO sample is one episode, played by the same loop as evaluation (sftrl.task.rollout.run_episodes) with the
-live policy: up to `verify_iter` attempts, each failed one answered by a feedback user turn. TRL's `rollout_func`
-hands the trainer the episode as one completion (every attempt and feedback turn after the first prompt) with
-`env_mask` = 0 on the feedback turns, so the loss covers only tokens the policy sampled. The reward is the episode's
-return: the sum of its attempts' rewards from `points.score` (the authors' reward table), as the evaluation records
-them; each prompt (a dealt ID hand) is played `num_generations` times and GRPO's advantage is the reward relative
-to that group.
+live policy: up to `env.verify_iter` attempts, each failed one answered by a feedback user turn. TRL's
+`rollout_func` hands the trainer the episode as one completion (every attempt and feedback turn after the first
+prompt) with `env_mask` = 0 on the feedback turns, so the loss covers only tokens the policy sampled. The reward is
+the episode's return: the sum of its attempts' rewards from `points.score` (the authors' reward table), as the
+evaluation records them. Each update deals `hands_per_update` hands (train/rl.py: the same hands, seeds and
+sampling settings as PPO's update of that number) and plays each `num_generations` times; GRPO's advantage is an
+episode's reward relative to its hand's group.
 
 Token-exact episodes (why PolicyBackend): the loss must score the ids that were sampled, in the context they were
-sampled in. Evaluation re-tokenizes the whole re-rendered conversation every round; a BPE re-encoding of a decoded
-answer need not equal the sampled ids. Here each round's context is the episode's ids so far plus the tokenized
-new text of the conversation (the feedback turn and the next generation prompt), so generation and training see
-the same sequence for any tokenizer and chat template that only appends.
+sampled in. Evaluation re-tokenizes the whole re-rendered conversation every round, and that need not reproduce
+the sampled ids: a BPE re-encoding of a decoded answer may differ, and an answer that stopped with <|endoftext|>
+loses that token in the re-rendered text. Here each round's context is the episode's ids so far plus the tokenized
+text the chat template appended (the feedback turn and the next generation prompt), so generation and training see
+one and the same sequence, for any tokenizer and any chat template that only appends.
 
-Checkpoints: the trainer's resumable state (weights + optimizer + RNG) lives in `work_dir`; each saved update is
-exported at once to `<out_dir>/checkpoint-<update>` (sftrl.checkpoint's naming, model files hard-linked, written
-atomically), as SFT does (sftrl.train.sft). A rerun resumes from the newest complete trainer checkpoint.
+Checkpoints and resume: the trainer's own `checkpoint-<update>` folders (weights, optimizer, scheduler, RNG, the log
+history) live in `work_dir` and are resumed by TRL's resume_from_checkpoint; each is exported to
+`<out_dir>/checkpoint-<update>` (sftrl.checkpoint's naming, model files hard-linked, written atomically) at once.
+Saved: every rl.save_every updates and the last (rl.save_updates).
 """
 from __future__ import annotations
 
@@ -27,32 +30,26 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .. import codegraph
 from ..checkpoint import SFT_EXPORT, Checkpoint
-from ..generation import KVBackend, Sampling
-from ..io import atomic_dir, fingerprint, write_csv, write_json
+from ..generation import KVBackend
+from ..io import atomic_dir, write_json
 from ..modeling import load_model, load_tokenizer
 from ..task import points
 from ..task.rollout import run_episodes
+from . import rl
 from .sft import MODEL_FILE_SUFFIXES, TRAINER_ONLY_FILES, drop_old_optimizer_states, resume_checkpoint, trainer_step
 
 log = logging.getLogger(__name__)
 
 ALGO = "grpo"
-# Per-update log columns shared with the PPO arm (results/tables/rl_log.csv); GRPO has no critic, so the
-# critic's columns are NaN. kl: TRL's KL to the reference (= the start model; logged only when beta > 0).
-LOG_COLUMNS = ("update", "reward", "reward_std", "success_rate", "clip_fraction", "approx_kl", "value_loss",
-               "explained_variance", "entropy", "frac_reward_zero_std", "tokens", "seconds")
-# TRL's logged metric -> our column (TRL logs the mean over the update's batch)
-TRL_COLUMNS = {"reward": "reward", "reward_std": "reward_std", "success_rate": "success_rate",
-               "clip_ratio/region_mean": "clip_fraction", "kl": "approx_kl", "entropy": "entropy",
-               "frac_reward_zero_std": "frac_reward_zero_std", "tokens": "tokens", "seconds": "seconds"}
+# TRL's logged metric (the mean over the update's batch) -> our column of rl.LOG_COLUMNS. approx_kl: TRL's KL to
+# the reference model, which is the start model (logged only when beta > 0); GRPO has no critic, so value_loss
+# and explained_variance stay NaN.
+TRL_COLUMNS = {"reward": "reward", "success_rate": "success_rate", "clip_ratio/region_mean": "clip_fraction",
+               "kl": "approx_kl", "entropy": "entropy", "tokens": "tokens", "seconds": "seconds"}
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
-INTEGER_SETTINGS = ("seed", "max_steps", "save_steps", "per_device_batch_size", "num_generations", "num_iterations",
-                    "max_new_tokens")
+INTEGER_SETTINGS = ("updates", "hands_per_update", "num_generations", "num_iterations")
 
 
 # -----------------------------------------------------------------------------
@@ -60,51 +57,57 @@ INTEGER_SETTINGS = ("seed", "max_steps", "save_steps", "per_device_batch_size", 
 
 
 class PolicyBackend(KVBackend):
-    """KVBackend on the trainer's live model that builds each conversation's token ids itself and records them:
-    the first prompt's ids, then per round the sampled ids (mask 1) and the ids of the text the chat template
-    appended after them (mask 0: the feedback turn and the next generation prompt). `keys` name the episodes."""
+    """KVBackend on the policy being trained that builds each episode's token ids itself and records them: the
+    first prompt's ids, then per round the sampled ids (mask 1) and the ids of the text the chat template appended
+    after them (mask 0). `keys` (run_episodes passes them) name the episodes."""
 
-    def __init__(self, model, tokenizer, batch_size: int):
-        super().__init__(None, {}, batch_size, model=model, tokenizer=tokenizer)
+    def __init__(self, model_dir, model_settings: dict, batch_size: int, model):
+        super().__init__(model_dir, model_settings, batch_size, model=model)
         self.episodes: dict = {}  # key -> {"text", "ids", "mask", "prompt_length", "stop_text"}
+        self._prompts: dict = {}
 
-    def _prompt_ids(self, prompts: list[str], keys) -> list[list[int]]:
+    def generate_ids(self, prompts: list[str], sampling, keys=None, keep: bool = True) -> list[list[int]]:
         if keys is None:
             raise ValueError("PolicyBackend needs keys: each prompt continues a named episode")
-        rows = []
-        for prompt, key in zip(prompts, keys):
-            episode = self.episodes.get(key)
-            if episode is None:
-                ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-                episode = self.episodes[key] = {"text": "", "ids": [], "mask": [], "prompt_length": len(ids),
-                                                "stop_text": None}
-                new = ids
-            else:
-                if not prompt.startswith(episode["text"]):
-                    raise ValueError("the chat template rendered an episode's earlier turns differently in a later "
-                                     "round; GRPO episodes need a template that only appends")
-                suffix = prompt[len(episode["text"]):]
-                # The template closes the answer with its end-of-turn text; the sampled stop token already is it.
-                if episode["stop_text"] and suffix.startswith(episode["stop_text"]):
-                    suffix = suffix[len(episode["stop_text"]):]
-                new = self.tokenizer(suffix, add_special_tokens=False).input_ids
-            episode["ids"] += new
-            episode["mask"] += [0] * len(new)
-            episode["text"] = prompt
-            rows.append(list(episode["ids"]))
-        return rows
+        self._prompts = dict(zip(keys, prompts))
+        return super().generate_ids(prompts, sampling, keys, keep)
 
     def _generate_batch(self, ids, keys, keep, sampling, generator):
+        # KVBackend tokenized each prompt afresh (as evaluation does); generate from the episode's own ids instead.
+        ids = [self._extend(key, self._prompts[key]) for key in keys]
         generated = super()._generate_batch(ids, keys, keep, sampling, generator)
         for key, tokens in zip(keys, generated):
             episode = self.episodes[key]
             episode["ids"] += tokens
             episode["mask"] += [1] * len(tokens)
-            # the same decoding KVBackend.generate returns, hence what the episode's next prompt renders
+            # the text run_episodes gets back (skip_special_tokens), hence what the next prompt renders
             episode["text"] += self.tokenizer.decode(tokens, skip_special_tokens=True)
             stopped = bool(tokens) and tokens[-1] in self.stop_ids
             episode["stop_text"] = self.tokenizer.convert_ids_to_tokens(tokens[-1]) if stopped else None
         return generated
+
+    def _extend(self, key, prompt: str) -> list[int]:
+        """The episode's ids with `prompt`'s new text (all of it in the first round) appended as context."""
+        episode = self.episodes.get(key)
+        if episode is None:
+            episode = self.episodes[key] = {"text": "", "ids": [], "mask": [], "prompt_length": None,
+                                            "stop_text": None}
+            suffix = prompt
+        else:
+            if not prompt.startswith(episode["text"]):
+                raise ValueError("the chat template rendered an episode's earlier turns differently in a later round; "
+                                 "GRPO episodes need a template that only appends")
+            suffix = prompt[len(episode["text"]):]
+            # The template closes the answer with its end-of-turn text; a sampled stop token that is that text
+            # already closed it.
+            if episode["stop_text"] and suffix.startswith(episode["stop_text"]):
+                suffix = suffix[len(episode["stop_text"]):]
+        new = self.tokenizer(suffix, add_special_tokens=False).input_ids
+        episode["ids"] += new
+        episode["mask"] += [0] * len(new)
+        episode["prompt_length"] = episode["prompt_length"] or len(new)
+        episode["text"] = prompt
+        return list(episode["ids"])
 
 
 def episode_return(record: dict) -> float:
@@ -112,14 +115,15 @@ def episode_return(record: dict) -> float:
     return float(sum(attempt["reward"] for attempt in record["attempts"]))
 
 
-def play(model, tokenizer, problems: list[dict], sampling: Sampling, verify_iter: int) -> dict:
-    """Play one episode per problem with `model` and return them in rollout_func's format: prompt ids, completion
-    ids (the rest of the episode), env_mask (1 = sampled by the policy), and per episode its reward and success."""
+def play(model, model_dir, model_settings: dict, problems: list[dict], sampling, verify_iter: int,
+         batch_size: int) -> dict:
+    """Play one episode per problem with `model` (tokenizer from `model_dir`) and return them in rollout_func's
+    format: prompt ids, completion ids (the rest of the episode), env_mask (1 = sampled by the policy), and per
+    episode its reward, success and number of policy-sampled tokens."""
     import torch
 
-    backend = PolicyBackend(model, tokenizer, batch_size=len(problems))
     was_training = model.training
-    model.eval()
+    backend = PolicyBackend(model_dir, model_settings, batch_size, model)  # sets eval mode
     try:
         with torch.no_grad():
             records = run_episodes(backend, problems, sampling, verify_iter)
@@ -137,37 +141,30 @@ def play(model, tokenizer, problems: list[dict], sampling: Sampling, verify_iter
     }
 
 
-def train_problems(n: int, seed: int, target: int) -> list[dict]:
-    """The hands RL trains on: dealt under the ID rule as the authors' environment deals every reset (any solvable
-    ID hand; the evaluation hands are not excluded, as in their code)."""
-    rng = np.random.default_rng(seed)
-    hands = [points.deal(rng, points.ID_RULE, target) for _ in range(n)]
-    return [{"id": f"rl-{i:05d}", "rule": "id", "cards": list(h.cards), "numbers": list(h.numbers), "target": target}
-            for i, h in enumerate(hands)]
+def prompt_text(problem: dict) -> str:
+    return points.render_prompt(problem["cards"], points.RULES[problem["rule"]], problem["target"])
 
 
-def make_rollout(problems: list[dict], settings: dict, verify_iter: int):
+def make_rollout(problems: list[dict], model_dir, settings: dict):
     """TRL's rollout_func: `prompts` are the dataset's conversational prompts (each repeated num_generations times
     by TRL's sampler); each is looked up by its text and played as a whole episode."""
-    by_prompt = {points.render_prompt(p["cards"], points.RULES[p["rule"]], p["target"]): p for p in problems}
+    by_prompt = {prompt_text(p): p for p in problems}
 
     def rollout(prompts: list, trainer) -> dict:
-        batch = [by_prompt[prompt[-1]["content"]] for prompt in prompts]
-        # A new seed per update (run_episodes adds the round), so no two updates replay one random stream and a
-        # resumed run samples what the uninterrupted run sampled.
-        sampling = Sampling(settings["temperature"], settings["top_p"], settings["max_new_tokens"],
-                            settings["seed"] + trainer.state.global_step * verify_iter)
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        return play(model, trainer.processing_class, batch, sampling, verify_iter)
+        update = trainer.state.global_step + 1  # the update these episodes are for
+        return play(trainer.accelerator.unwrap_model(trainer.model), model_dir, settings["model"],
+                    [by_prompt[prompt[-1]["content"]] for prompt in prompts],
+                    rl.rollout_sampling(settings["rl"], update), settings["env"]["verify_iter"],
+                    settings["rl"]["batch_size"])
 
     return rollout
 
 
 def episode_reward(prompts, completions, episode_reward, success, policy_tokens, log_metric=None, **kwargs):
     """The reward function TRL calls: the episode returns computed in the rollout, unchanged. Also logs the
-    update's success rate and policy-sampled tokens (TRL averages metrics over a logging step: one update)."""
+    update's success rate and policy-sampled tokens (TRL averages a metric over a logging step: one update)."""
     if log_metric is not None:
-        log_metric("success_rate", float(np.mean(success)))
+        log_metric("success_rate", sum(success) / len(success))
         log_metric("tokens", float(sum(policy_tokens)))
     return [float(r) for r in episode_reward]
 
@@ -176,71 +173,71 @@ def episode_reward(prompts, completions, episode_reward, success, policy_tokens,
 # training
 
 
-def check_settings(settings: dict) -> None:
+def check_settings(grpo: dict) -> None:
     """What the schema cannot see, checked before a model is loaded; errors name the config key (rl.grpo.*)."""
     for key in INTEGER_SETTINGS:
-        value = settings[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
-            raise ValueError(f"rl.grpo.{key} = {value!r}: must be a {'non-negative' if key == 'seed' else 'positive'} "
-                             "integer")
-    if settings["num_generations"] < 2:
-        raise ValueError(f"rl.grpo.num_generations = {settings['num_generations']}: GRPO needs >= 2 episodes per "
-                         "hand (the group its advantage is relative to)")
-    if settings["per_device_batch_size"] % settings["num_generations"]:
-        raise ValueError(f"rl.grpo.per_device_batch_size = {settings['per_device_batch_size']} must be a multiple "
-                         f"of rl.grpo.num_generations = {settings['num_generations']} (whole groups per update)")
-    if settings["max_steps"] % settings["save_steps"]:
-        raise ValueError(f"rl.grpo.max_steps = {settings['max_steps']} must be a multiple of rl.grpo.save_steps = "
-                         f"{settings['save_steps']}, so the last update is saved")
-    if settings["loss_type"] not in LOSS_TYPES:
-        raise ValueError(f"rl.grpo.loss_type = {settings['loss_type']!r}; expected one of {list(LOSS_TYPES)}")
-    if settings["scale_rewards"] not in SCALE_REWARDS:
-        raise ValueError(f"rl.grpo.scale_rewards = {settings['scale_rewards']!r}; expected one of {list(SCALE_REWARDS)}")
-    if not settings["temperature"] > 0:
-        raise ValueError(f"rl.grpo.temperature = {settings['temperature']!r}: GRPO samples (must be > 0)")
+        value = grpo[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"rl.grpo.{key} = {value!r}: must be an integer >= 1")
+    if grpo["num_generations"] < 2:
+        raise ValueError(f"rl.grpo.num_generations = {grpo['num_generations']}: GRPO needs >= 2 episodes per hand "
+                         "(the group its advantage is relative to)")
+    if grpo["loss_type"] not in LOSS_TYPES:
+        raise ValueError(f"rl.grpo.loss_type = {grpo['loss_type']!r}; expected one of {list(LOSS_TYPES)}")
+    if grpo["scale_rewards"] not in SCALE_REWARDS:
+        raise ValueError(f"rl.grpo.scale_rewards = {grpo['scale_rewards']!r}; expected one of {list(SCALE_REWARDS)}")
 
 
-def grpo_config(settings: dict, work_dir, verify_iter: int, on_cpu: bool, bf16: bool):
-    """GRPOConfig with every setting that shapes the algorithm taken from `settings` (never TRL's defaults
-    implicitly): one update = one rollout batch of `per_device_batch_size` episodes and one optimizer step."""
+def training_dataset(settings: dict):
+    """The hands of every rollout batch, in order: batch b serves updates b·μ+1 .. (b+1)·μ (μ = num_iterations)
+    and holds rl.training_problems of its first update, so PPO and GRPO see the same hands at the same update."""
+    grpo = settings["rl"]["grpo"]
+    batches = math.ceil(grpo["updates"] / grpo["num_iterations"])
+    return [p for b in range(batches)
+            for p in rl.training_problems(settings, b * grpo["num_iterations"] + 1, grpo["hands_per_update"])]
+
+
+def grpo_config(settings: dict, work_dir, on_cpu: bool):
+    """GRPOConfig with every setting that shapes the algorithm taken from config (never TRL's defaults
+    implicitly): one update = one optimizer step on hands_per_update × num_generations episodes."""
     from trl import GRPOConfig
 
+    rl_settings, grpo = settings["rl"], settings["rl"]["grpo"]
     return GRPOConfig(
         output_dir=str(work_dir),
-        seed=settings["seed"],
-        data_seed=settings["seed"],
-        max_steps=settings["max_steps"],
-        save_strategy="steps",
-        save_steps=settings["save_steps"],
+        seed=rl_settings["seed"],
+        max_steps=grpo["updates"],
+        save_strategy="no",  # saved by SaveAndExport at rl.save_updates (every save_every and the last update)
         save_only_model=False,  # optimizer state is needed to resume exactly
         logging_steps=1,  # one log row per update
-        per_device_train_batch_size=settings["per_device_batch_size"],
+        per_device_train_batch_size=grpo["hands_per_update"] * grpo["num_generations"],
         gradient_accumulation_steps=1,
         steps_per_generation=1,
-        num_generations=settings["num_generations"],
-        num_iterations=settings["num_iterations"],
-        learning_rate=settings["lr"],
-        lr_scheduler_type="constant",  # the authors' RL decays from 1e-6 over 100+ updates; a few updates: constant
+        num_generations=grpo["num_generations"],
+        num_iterations=grpo["num_iterations"],
+        shuffle_dataset=False,  # the dataset is already in update order (training_dataset)
+        learning_rate=grpo["lr"],
+        lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
-        max_grad_norm=settings["max_grad_norm"],
-        loss_type=settings["loss_type"],
-        scale_rewards=settings["scale_rewards"],
-        beta=settings["beta"],
-        epsilon=settings["epsilon"],
-        entropy_coef=settings["entropy_coef"],
-        # the log-probabilities of the loss use the sampling temperature; top_p is applied by our sampler only
-        temperature=settings["temperature"],
-        top_p=settings["top_p"],
-        # only dr_grpo's normaliser reads it: the most tokens the policy can sample in one episode
-        max_completion_length=verify_iter * settings["max_new_tokens"],
-        mask_truncated_completions=False,  # a truncated attempt is scored (and penalised) like any other
+        max_grad_norm=grpo["max_grad_norm"],
+        loss_type=grpo["loss_type"],
+        scale_rewards=grpo["scale_rewards"],
+        beta=grpo["beta"],
+        epsilon=grpo["epsilon"],
+        entropy_coef=grpo["entropy_coef"],
+        # The loss's log-probabilities use the rollouts' temperature. DEVIATION when rl.top_p < 1: our sampler
+        # truncates the distribution, TRL's log-probabilities do not.
+        temperature=rl_settings["temperature"],
+        top_p=rl_settings["top_p"],
+        # read only by dr_grpo's normaliser: the most tokens the policy can sample in one episode
+        max_completion_length=settings["env"]["verify_iter"] * rl_settings["max_new_tokens"],
+        mask_truncated_completions=False,  # an attempt cut at max_new_tokens is scored (penalised) like any other
         disable_dropout=True,
-        shuffle_dataset=True,
         use_vllm=False,
-        # Plain fp32 on CPU (TRL defaults to bf16; cpu_notes.md pitfall 2); no activation checkpointing there.
+        # Plain fp32 on CPU (TRL defaults to bf16; cpu_notes.md pitfall 2), no activation checkpointing there.
         use_cpu=on_cpu,
-        bf16=bf16,
+        bf16=settings["model"]["dtype"] == "bfloat16" and not on_cpu,
         fp16=False,
         gradient_checkpointing=not on_cpu,
         dataloader_num_workers=0,
@@ -250,9 +247,10 @@ def grpo_config(settings: dict, work_dir, verify_iter: int, on_cpu: bool, bf16: 
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path, start: Checkpoint) -> Path:
-    """Expose a trainer checkpoint as the plain model directory sftrl.checkpoint names (hard links)."""
+    """A trainer checkpoint as the plain model directory sftrl.checkpoint names (hard links; rl.export_checkpoint
+    would carry the trainer's scheduler / RNG / state files along)."""
     update = trainer_step(checkpoint_dir)
-    target = out_dir / SFT_EXPORT.format(step=update)
+    target = Path(out_dir) / SFT_EXPORT.format(step=update)
     with atomic_dir(target) as tmp:
         for source in sorted(checkpoint_dir.iterdir()):
             if source.suffix in MODEL_FILE_SUFFIXES and source.name not in TRAINER_ONLY_FILES:
@@ -264,102 +262,85 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, start: Checkpoint) ->
     return target
 
 
-def log_table(log_history: list[dict], start: Checkpoint):
-    """One row per update from the trainer's log history (kept in trainer_state.json, so it survives a resume)."""
-    import pandas as pd
-
-    rows = []
+def log_rows(log_history: list[dict]) -> list[dict]:
+    """One row per update (rl.LOG_COLUMNS) from the trainer's log history, which trainer_state.json keeps, so the
+    rows of updates before a resume are there too."""
+    rows = {}
     for entry in log_history:
-        if "reward" not in entry:
-            continue
-        row = {column: math.nan for column in LOG_COLUMNS}
-        row.update({ours: entry[theirs] for theirs, ours in TRL_COLUMNS.items() if entry.get(theirs) is not None})
-        row["update"] = int(entry["step"])
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=list(LOG_COLUMNS)).drop_duplicates("update", keep="last")
-    ids = Checkpoint.rl(ALGO, start, 0).to_json()
-    return frame.assign(algorithm=ids["algorithm"], start=ids["start"])[["algorithm", "start", *LOG_COLUMNS]]
+        if "reward" in entry:
+            row = {column: math.nan for column in rl.LOG_COLUMNS}
+            row.update({ours: entry[theirs] for theirs, ours in TRL_COLUMNS.items() if entry.get(theirs) is not None})
+            row["update"] = int(entry["step"])
+            rows[row["update"]] = row
+    return [rows[u] for u in sorted(rows)]
 
 
-def train_grpo(start_model_dir, start: Checkpoint, out_dir, settings: dict, log_path, threads: int = 1,
-               work_dir=None, env_settings: dict | None = None, model_settings: dict | None = None):
-    """GRPO from `start` (its model in `start_model_dir`): checkpoints `<out_dir>/checkpoint-<update>`, the
-    per-update log at `log_path`. `work_dir` (default `<out_dir>.trainer`) holds the resumable trainer state.
-    Returns the trainer (its state and logs, for tests)."""
+def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: dict, log_path, threads: int = 1):
+    """GRPO from `start` (its model in `start_model_dir`); see the module docstring and train/rl.py for the
+    arguments. Returns the trainer (its state and logs, for tests)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import GRPOTrainer
 
     began = time.perf_counter()
-    check_settings(settings)
-    env_settings = env_settings or {"verify_iter": 5, "target": points.TARGET}
-    model_settings = model_settings or {"dtype": "float32", "attn_implementation": "sdpa", "device": "auto"}
-    verify_iter, target = env_settings["verify_iter"], env_settings["target"]
+    rl_settings, grpo = settings["rl"], settings["rl"]["grpo"]
+    check_settings(grpo)
+    rl.rollout_sampling(rl_settings, 1)  # checks rl.temperature before any work
     torch.set_num_threads(threads)
     out_dir = Path(out_dir)
-    work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".trainer")
+    work_dir = rl.prepare_work_dir(work_dir, settings, start_model_dir, ALGO)
+    saves = set(rl.save_updates(grpo["updates"], rl_settings["save_every"]))
+    model_settings = settings["model"]
     tokenizer = load_tokenizer(start_model_dir)
     model = load_model(start_model_dir, model_settings["dtype"], model_settings["attn_implementation"],
                        model_settings["device"])
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    problems = training_dataset(settings)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": prompt_text(p)}]} for p in problems])
 
-    # One hand per prompt slot of the run: no hand repeats across updates.
-    problems = train_problems(settings["max_steps"] * settings["per_device_batch_size"] // settings["num_generations"],
-                              settings["seed"], target)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": points.render_prompt(
-        p["cards"], points.RULES[p["rule"]], p["target"])}]} for p in problems])
-
-    class Export(TrainerCallback):
-        """Export each saved update at once; time each update for its log row."""
+    class SaveAndExport(TrainerCallback):
+        """Save at rl.save_updates and export each save at once; time each update for its log row."""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.last = time.perf_counter()
+            self.tick = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = state.global_step in saves
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.log_history and "reward" in state.log_history[-1]:
                 now = time.perf_counter()
-                state.log_history[-1]["seconds"] = now - self.last
-                self.last = now
+                state.log_history[-1]["seconds"] = now - self.tick  # kept in trainer_state.json with the rest
+                self.tick = now
 
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                checkpoint = work_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+                checkpoint = work_dir / f"checkpoint-{state.global_step}"
                 export_checkpoint(checkpoint, out_dir, start)
                 drop_old_optimizer_states(work_dir, keep=checkpoint)
+                rl.write_log(log_path, log_rows(state.log_history))
                 log.info("exported %s", Checkpoint.rl(ALGO, start, state.global_step).name)
 
-    made_from = fingerprint(
-        {"settings": settings, "env": env_settings, "model_settings": model_settings, "start": start.name},
-        *sorted(Path(start_model_dir).glob("*.safetensors")), *codegraph.files([__name__]),
-    )
-    stamp = work_dir / "fingerprint.txt"
-    if work_dir.exists() and (not stamp.exists() or stamp.read_text() != made_from):
-        log.warning("discarding trainer state in %s: made from other settings, model or code", work_dir)
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(made_from)
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental: trl is pinned, smoke-tested
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental: trl is pinned and smoke-tested
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[episode_reward],
-        args=grpo_config(settings, work_dir, verify_iter, on_cpu,
-                         bf16=model_settings["dtype"] == "bfloat16" and not on_cpu),
+        args=grpo_config(settings, work_dir, on_cpu=next(model.parameters()).device.type == "cpu"),
         train_dataset=dataset,
         processing_class=tokenizer,
-        rollout_func=make_rollout(problems, settings, verify_iter),
-        callbacks=[Export()],
+        rollout_func=make_rollout(problems, start_model_dir, settings),
+        callbacks=[SaveAndExport()],
     )
     resume = resume_checkpoint(work_dir)
     if resume:
         log.info("resuming GRPO from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    for checkpoint in sorted(work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
-        if checkpoint.name.split("-")[-1].isdigit() and not (out_dir / checkpoint.name).exists():
+    # Re-export what the work dir holds (idempotent), so a rerun after Snakemake removed the outputs restores them.
+    for update in sorted(saves):
+        checkpoint = work_dir / f"checkpoint-{update}"
+        if checkpoint.is_dir() and not (out_dir / checkpoint.name).exists():
             export_checkpoint(checkpoint, out_dir, start)
-    write_csv(log_path, log_table(trainer.state.log_history, start))
-    log.info("GRPO from %s: %d updates in %.0f s -> %s", start.name, settings["max_steps"],
-             time.perf_counter() - began, out_dir)
+    rl.write_log(log_path, log_rows(trainer.state.log_history))
+    log.info("GRPO from %s: %d updates in %.0f s -> %s, log -> %s", start.name, grpo["updates"],
+             time.perf_counter() - began, out_dir, log_path)
     return trainer
