@@ -24,7 +24,7 @@ GRPO = {
     "scale_rewards": "group", "beta": 0.04, "epsilon": 0.2, "max_grad_norm": 1.0,
     # an entropy bonus moves the weights even when every episode of a group gets the same reward (the micro base
     # never writes a formula: every attempt scores -3)
-    "entropy_coef": 0.1,
+    "entropy_coef": 0.1, "launcher": "local", "num_processes": 1, "deepspeed": None,
 }
 SETTINGS = {
     "rl": {"seed": 0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "save_every": 1, "batch_size": 64,
@@ -202,7 +202,8 @@ def test_interrupted_grpo_resumes_to_the_same_weights(stopping_base, tmp_path, m
     ("updates", 2.0, "rl.grpo.updates"),
     ("loss_type", "ppo", "rl.grpo.loss_type"),
     ("scale_rewards", True, "rl.grpo.scale_rewards"),
+    ("deepspeed", "no/such/ds.json", "rl.grpo.deepspeed"),
 ])
 def test_bad_settings_name_their_key(key, value, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace(".", r"\.")):
         grpo.check_settings({**GRPO, key: value})

@@ -23,6 +23,7 @@ Saved: every rl.save_every updates and the last (rl.save_updates).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -151,11 +152,15 @@ def make_rollout(problems: list[dict], model_dir, settings: dict):
     by_prompt = {prompt_text(p): p for p in problems}
 
     def rollout(prompts: list, trainer) -> dict:
+        from trl.models import unwrap_model_for_generation
+
         update = trainer.state.global_step + 1  # the update these episodes are for
-        return play(trainer.accelerator.unwrap_model(trainer.model), model_dir, settings["model"],
-                    [by_prompt[prompt[-1]["content"]] for prompt in prompts],
-                    rl.rollout_sampling(settings["rl"], update), settings["env"]["verify_iter"],
-                    settings["rl"]["batch_size"])
+        sampling = rl.rollout_sampling(settings["rl"], update, trainer.accelerator.process_index)
+        # whole weights to generate with, also under DeepSpeed ZeRO-3 (as TRL's own generation does)
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                         gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as model:
+            return play(model, model_dir, settings["model"], [by_prompt[prompt[-1]["content"]] for prompt in prompts],
+                        sampling, settings["env"]["verify_iter"], settings["rl"]["batch_size"])
 
     return rollout
 
@@ -186,6 +191,12 @@ def check_settings(grpo: dict) -> None:
         raise ValueError(f"rl.grpo.loss_type = {grpo['loss_type']!r}; expected one of {list(LOSS_TYPES)}")
     if grpo["scale_rewards"] not in SCALE_REWARDS:
         raise ValueError(f"rl.grpo.scale_rewards = {grpo['scale_rewards']!r}; expected one of {list(SCALE_REWARDS)}")
+    if grpo["deepspeed"] and not Path(grpo["deepspeed"]).is_file():
+        raise FileNotFoundError(f"rl.grpo.deepspeed = {grpo['deepspeed']!r}: no such DeepSpeed JSON file "
+                                f"(relative paths start at {Path.cwd()})")
+    if grpo["deepspeed"] and importlib.util.find_spec("deepspeed") is None:  # on the GPU nodes, not everywhere
+        raise ModuleNotFoundError(f"rl.grpo.deepspeed = {grpo['deepspeed']!r} needs the deepspeed package "
+                                  "(workflow/envs/train.yaml), which is not installed here")
 
 
 def training_dataset(settings: dict):
@@ -240,6 +251,7 @@ def grpo_config(settings: dict, work_dir, on_cpu: bool):
         bf16=settings["model"]["dtype"] == "bfloat16" and not on_cpu,
         fp16=False,
         gradient_checkpointing=not on_cpu,
+        deepspeed=grpo["deepspeed"],  # multi-GPU (rl.grpo.launcher accelerate, workflow/rules/rl.smk)
         dataloader_num_workers=0,
         report_to="none",
         log_completions=False,
