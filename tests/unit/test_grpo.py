@@ -20,7 +20,7 @@ from sftrl.train import grpo, rl
 
 MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 GRPO = {
-    "updates": 2, "hands_per_update": 2, "num_generations": 2, "num_iterations": 1, "lr": 0.01, "loss_type": "grpo",
+    "updates": 2, "hands_per_update": 2, "num_generations": 2, "micro_batch_size": 2, "num_iterations": 1, "lr": 0.01, "loss_type": "grpo",
     "scale_rewards": "group", "beta": 0.04, "epsilon": 0.2, "max_grad_norm": 1.0,
     # an entropy bonus moves the weights even when every episode of a group gets the same reward (the micro base
     # never writes a formula: every attempt scores -3)
@@ -132,7 +132,8 @@ def test_grpo_trains_with_the_episode_rewards_and_saves(stopping_base, tmp_path,
     config = configs[0]
     for key, value in [("loss_type", "grpo"), ("beta", 0.04), ("scale_rewards", "group"), ("num_generations", 2),
                        ("epsilon", 0.2), ("entropy_coef", 0.1), ("num_iterations", 1), ("learning_rate", 0.01),
-                       ("temperature", 1.0), ("top_p", 1.0), ("per_device_train_batch_size", 4), ("max_steps", 2),
+                       ("temperature", 1.0), ("top_p", 1.0), ("per_device_train_batch_size", 2),
+                       ("gradient_accumulation_steps", 2), ("steps_per_generation", 2), ("max_steps", 2),
                        ("max_grad_norm", 1.0), ("seed", 0), ("use_vllm", False), ("bf16", False)]:
         assert getattr(config, key) == value, key
     assert (trainer.loss_type, trainer.beta, trainer.scale_rewards, trainer.num_generations) == ("grpo", 0.04, "group", 2)
@@ -198,6 +199,7 @@ def test_interrupted_grpo_resumes_to_the_same_weights(stopping_base, tmp_path, m
 
 @pytest.mark.parametrize("key, value, message", [
     ("hands_per_update", 0, "rl.grpo.hands_per_update = 0"),
+    ("micro_batch_size", 3, "rl.grpo.micro_batch_size = 3 must divide"),
     ("num_generations", 1, "rl.grpo.num_generations = 1"),
     ("updates", 2.0, "rl.grpo.updates"),
     ("loss_type", "ppo", "rl.grpo.loss_type"),

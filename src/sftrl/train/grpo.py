@@ -5,9 +5,9 @@ live policy: up to `env.verify_iter` attempts, each failed one answered by a fee
 `rollout_func` hands the trainer the episode as one completion (every attempt and feedback turn after the first
 prompt) with `env_mask` = 0 on the feedback turns, so the loss covers only tokens the policy sampled. The reward is
 the episode's return: the sum of its attempts' rewards from `points.score` (the authors' reward table), as the
-evaluation records them. Each update deals `hands_per_update` hands (train/rl.py: the same hands, seeds and
-sampling settings as PPO's update of that number) and plays each `num_generations` times; GRPO's advantage is an
-episode's reward relative to its hand's group.
+evaluation records them. Each update deals `hands_per_update` hands per process (train/rl.py: the same hands, seeds
+and sampling settings as PPO's update of that number) and plays each `num_generations` times; GRPO's advantage is
+an episode's reward relative to its hand's group.
 
 Token-exact episodes (why PolicyBackend): the loss must score the ids that were sampled, in the context they were
 sampled in. Evaluation re-tokenizes the whole re-rendered conversation every round, and that need not reproduce
@@ -50,7 +50,7 @@ TRL_COLUMNS = {"reward": "reward", "success_rate": "success_rate", "clip_ratio/r
                "kl": "approx_kl", "entropy": "entropy", "tokens": "tokens", "seconds": "seconds"}
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
-INTEGER_SETTINGS = ("updates", "hands_per_update", "num_generations", "num_iterations")
+INTEGER_SETTINGS = ("updates", "hands_per_update", "num_generations", "micro_batch_size", "num_iterations")
 
 
 # -----------------------------------------------------------------------------
@@ -184,6 +184,10 @@ def check_settings(grpo: dict) -> None:
         value = grpo[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"rl.grpo.{key} = {value!r}: must be an integer >= 1")
+    episodes = grpo["hands_per_update"] * grpo["num_generations"]
+    if episodes % grpo["micro_batch_size"]:
+        raise ValueError(f"rl.grpo.micro_batch_size = {grpo['micro_batch_size']} must divide an update's episodes "
+                         f"(rl.grpo.hands_per_update x num_generations = {episodes})")
     if grpo["num_generations"] < 2:
         raise ValueError(f"rl.grpo.num_generations = {grpo['num_generations']}: GRPO needs >= 2 episodes per hand "
                          "(the group its advantage is relative to)")
@@ -199,21 +203,24 @@ def check_settings(grpo: dict) -> None:
                                   "(workflow/envs/train.yaml), which is not installed here")
 
 
-def training_dataset(settings: dict):
+def training_dataset(settings: dict, num_processes: int = 1):
     """The hands of every rollout batch, in order: batch b serves updates b·μ+1 .. (b+1)·μ (μ = num_iterations)
-    and holds rl.training_problems of its first update, so PPO and GRPO see the same hands at the same update."""
+    and holds, process after process, rl.training_problems of its first update, so PPO and GRPO see the same hands
+    at the same update (TRL's sampler, unshuffled, hands process p the p-th block of each batch)."""
     grpo = settings["rl"]["grpo"]
     batches = math.ceil(grpo["updates"] / grpo["num_iterations"])
-    return [p for b in range(batches)
-            for p in rl.training_problems(settings, b * grpo["num_iterations"] + 1, grpo["hands_per_update"])]
+    return [p for b in range(batches) for process in range(num_processes)
+            for p in rl.training_problems(settings, b * grpo["num_iterations"] + 1, grpo["hands_per_update"], process)]
 
 
 def grpo_config(settings: dict, work_dir, on_cpu: bool):
     """GRPOConfig with every setting that shapes the algorithm taken from config (never TRL's defaults
-    implicitly): one update = one optimizer step on hands_per_update × num_generations episodes."""
+    implicitly): one update = one rollout batch of hands_per_update × num_generations episodes per process and
+    one optimizer step on it, its gradient accumulated over micro-batches of micro_batch_size episodes."""
     from trl import GRPOConfig
 
     rl_settings, grpo = settings["rl"], settings["rl"]["grpo"]
+    micro_batches = grpo["hands_per_update"] * grpo["num_generations"] // grpo["micro_batch_size"]
     return GRPOConfig(
         output_dir=str(work_dir),
         seed=rl_settings["seed"],
@@ -221,9 +228,9 @@ def grpo_config(settings: dict, work_dir, on_cpu: bool):
         save_strategy="no",  # saved by SaveAndExport at rl.save_updates (every save_every and the last update)
         save_only_model=False,  # optimizer state is needed to resume exactly
         logging_steps=1,  # one log row per update
-        per_device_train_batch_size=grpo["hands_per_update"] * grpo["num_generations"],
-        gradient_accumulation_steps=1,
-        steps_per_generation=1,
+        per_device_train_batch_size=grpo["micro_batch_size"],
+        gradient_accumulation_steps=micro_batches,
+        steps_per_generation=micro_batches,  # one rollout batch per optimizer step
         num_generations=grpo["num_generations"],
         num_iterations=grpo["num_iterations"],
         shuffle_dataset=False,  # the dataset is already in update order (training_dataset)
@@ -291,6 +298,7 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: 
     """GRPO from `start` (its model in `start_model_dir`); see the module docstring and train/rl.py for the
     arguments. Returns the trainer (its state and logs, for tests)."""
     import torch
+    from accelerate import PartialState
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOTrainer
@@ -307,7 +315,7 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: 
     tokenizer = load_tokenizer(start_model_dir)
     model = load_model(start_model_dir, model_settings["dtype"], model_settings["attn_implementation"],
                        model_settings["device"])
-    problems = training_dataset(settings)
+    problems = training_dataset(settings, PartialState().num_processes)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": prompt_text(p)}]} for p in problems])
 
     class SaveAndExport(TrainerCallback):
