@@ -20,8 +20,8 @@ from sftrl.train import grpo, rl
 
 MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 GRPO = {
-    "updates": 2, "hands_per_update": 2, "num_generations": 2, "micro_batch_size": 2, "num_iterations": 1, "lr": 0.01, "loss_type": "grpo",
-    "scale_rewards": "group", "beta": 0.04, "epsilon": 0.2, "max_grad_norm": 1.0,
+    "updates": 2, "hands_per_update": 2, "num_generations": 2, "micro_batch_size": 2, "num_iterations": 1,
+    "lr": 0.01, "loss_type": "grpo", "scale_rewards": "group", "beta": 0.04, "epsilon": 0.2, "max_grad_norm": 1.0,
     # an entropy bonus moves the weights even when every episode of a group gets the same reward (the micro base
     # never writes a formula: every attempt scores -3)
     "entropy_coef": 0.1, "launcher": "local", "num_processes": 1, "deepspeed": None,
