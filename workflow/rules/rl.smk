@@ -43,6 +43,42 @@ rule rl_ppo:
         " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads} > {log} 2>&1"
 
 
+rule rl_grpo:
+    input:
+        model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
+        code=code("rl"),
+    output:
+        checkpoints=[directory(f"{RESULTS}/rl/grpo-from-{{start}}/checkpoint-{u}") for u in rl_updates("grpo")],
+        log=f"{RESULTS}/rl/grpo-from-{{start}}/log.csv",
+    params:
+        settings=rl_settings("grpo"),
+        model_settings=settings("model"),
+        env_settings=settings("env"),
+        data_settings=settings("data", "sft"),
+        launcher=rl_launcher("grpo"),
+        out_dir=lambda wc, output: os.path.dirname(output.log),
+        # resumable trainer state (weights, optimizer, RNG, log history): outside the outputs, which Snakemake deletes
+        work_dir=lambda wc: f"{RESULTS}/work/rl/grpo-from-{wc.start}",
+    wildcard_constraints:
+        start=r"base|sft-\d+",
+    log:
+        "logs/rl/grpo-from-{start}.log",
+    conda:
+        "../envs/train.yaml"
+    benchmark:
+        "benchmarks/rl/grpo-from-{start}.tsv"
+    # one thread on CPU: two runs side by side use 2 cores better than one run with two threads (cpu_notes.md)
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launcher} rl --algo grpo --model {input.model} --start {wildcards.start}"
+        " --settings {params.settings:q} --model-settings {params.model_settings:q}"
+        " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
+        " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads} > {log} 2>&1"
+
+
 rule rl_log:
     input:
         logs=rl_log_inputs,
