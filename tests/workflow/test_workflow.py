@@ -41,23 +41,26 @@ def test_micro_dag_end_to_end(micro_run):
 
 
 def test_rl_outputs(micro_run):
-    """PPO from inter_sft, end_sft and the recovery window [4]: with SFT saving steps 4 and 8, the runs are exactly
-    ppo-from-sft-4 and ppo-from-sft-8 (a start named twice runs once), each evaluated at its saved update."""
+    """PPO and GRPO from inter_sft and end_sft, PPO also from the recovery window [4]: with SFT saving steps 4 and
+    8, the runs are exactly {ppo,grpo}-from-sft-{4,8} (a start named twice runs once), each evaluated at its saved
+    update."""
     config = yaml.safe_load(MICRO.read_text())
     results = micro_run / "results"
     table = pd.read_csv(results / "tables" / "eval.csv")
     rl = table[table["stage"] == "rl"]
-    updates = config["rl"]["ppo"]["updates"]
-    assert sorted(set(rl["checkpoint"])) == [f"ppo-from-sft-{s}-u{updates}" for s in (4, 8)]
-    assert set(rl["algorithm"]) == {"ppo"} and set(rl["start"]) == {"sft-4", "sft-8"}
-    assert rl.groupby("checkpoint")["split"].apply(sorted).tolist() == [["id", "ood"]] * 2
-    for start in (4, 8):
-        ckpt = results / "rl" / f"ppo-from-sft-{start}" / f"checkpoint-{updates}"
-        assert (ckpt / "model.safetensors").exists() and (ckpt / "value_head.safetensors").exists()
-        assert not (ckpt / "optimizer.pt").exists()
+    updates = {algo: config["rl"][algo]["updates"] for algo in ("ppo", "grpo")}
+    runs = [f"{algo}-from-sft-{s}" for algo in ("grpo", "ppo") for s in (4, 8)]
+    assert sorted(set(rl["checkpoint"])) == [f"{run}-u{updates[run.split('-')[0]]}" for run in runs]
+    assert set(rl["algorithm"]) == {"ppo", "grpo"} and set(rl["start"]) == {"sft-4", "sft-8"}
+    assert rl.groupby("checkpoint")["split"].apply(sorted).tolist() == [["id", "ood"]] * 4
+    for run in runs:
+        algo = run.split("-")[0]
+        ckpt = results / "rl" / run / f"checkpoint-{updates[algo]}"
+        assert (ckpt / "model.safetensors").exists() and not (ckpt / "optimizer.pt").exists()
+        assert (ckpt / "value_head.safetensors").exists() == (algo == "ppo")  # GRPO has no critic
     log = pd.read_csv(results / "tables" / "rl_log.csv")
-    assert sorted(set(log["run"])) == ["ppo-from-sft-4", "ppo-from-sft-8"]
-    assert log.groupby("run")["update"].max().tolist() == [updates, updates]
+    assert sorted(set(log["run"])) == runs
+    assert log.groupby("run")["update"].max().tolist() == [updates[run.split("-")[0]] for run in runs]
     assert log["tokens"].gt(0).all()
     for name in ("fig1b", "recovery_window"):
         for ext in (".pdf", ".png"):
