@@ -136,7 +136,8 @@ def test_grpo_trains_with_the_episode_rewards_and_saves(stopping_base, tmp_path,
                        ("gradient_accumulation_steps", 2), ("steps_per_generation", 2), ("max_steps", 2),
                        ("max_grad_norm", 1.0), ("seed", 0), ("use_vllm", False), ("bf16", False)]:
         assert getattr(config, key) == value, key
-    assert (trainer.loss_type, trainer.beta, trainer.scale_rewards, trainer.num_generations) == ("grpo", 0.04, "group", 2)
+    trainer_settings = (trainer.loss_type, trainer.beta, trainer.scale_rewards, trainer.num_generations)
+    assert trainer_settings == ("grpo", 0.04, "group", 2)
 
     assert len(rollouts) == 2  # one rollout batch per update
     for update, rollout in enumerate(rollouts, start=1):

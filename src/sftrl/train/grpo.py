@@ -311,11 +311,12 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: 
     out_dir = Path(out_dir)
     work_dir = rl.prepare_work_dir(work_dir, settings, start_model_dir, ALGO)
     saves = set(rl.save_updates(grpo["updates"], rl_settings["save_every"]))
-    model_settings = settings["model"]
+    model_settings, state = settings["model"], PartialState()
     tokenizer = load_tokenizer(start_model_dir)
-    model = load_model(start_model_dir, model_settings["dtype"], model_settings["attn_implementation"],
-                       model_settings["device"])
-    problems = training_dataset(settings, PartialState().num_processes)
+    # each process's own device (cuda:<local rank> under accelerate launch; cpu when configured)
+    device = "cpu" if model_settings["device"] == "cpu" else str(state.device)
+    model = load_model(start_model_dir, model_settings["dtype"], model_settings["attn_implementation"], device)
+    problems = training_dataset(settings, state.num_processes)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": prompt_text(p)}]} for p in problems])
 
     class SaveAndExport(TrainerCallback):
@@ -341,7 +342,8 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: 
                 rl.write_log(log_path, log_rows(state.log_history))
                 log.info("exported %s", Checkpoint.rl(ALGO, start, state.global_step).name)
 
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental: trl is pinned and smoke-tested
+    # rollout_func is experimental: trl is pinned and smoke-tested (tests/unit/test_grpo.py), so no warning
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[episode_reward],
