@@ -106,9 +106,19 @@ def test_episode_masks_exactly_the_feedback_turns(stopping_base):
 
 
 def train(model_dir, root, monkeypatch, settings=SETTINGS):
-    """train_grpo with the rollouts and the GRPOConfig it made recorded."""
-    rollouts, configs = [], []
+    """train_grpo with the rollouts, the GRPOConfig it made and the batches the trainer built from the rollouts
+    (TRL's, with its loss mask) recorded."""
+    from trl import GRPOTrainer
+
+    rollouts, configs, batches = [], [], []
     make_rollout, grpo_config = grpo.make_rollout, grpo.grpo_config
+    score = GRPOTrainer._generate_and_score_completions
+
+    def recording_score(self, inputs):
+        batches.append(score(self, inputs))
+        return batches[-1]
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", recording_score)
 
     def recording_rollout(*args):
         rollout = make_rollout(*args)
@@ -124,11 +134,11 @@ def train(model_dir, root, monkeypatch, settings=SETTINGS):
     monkeypatch.setattr(grpo, "grpo_config", lambda *a, **k: configs.append(grpo_config(*a, **k)) or configs[-1])
     out_dir = Path(Checkpoint.rl("grpo", START, 0).model_dir(str(root), "")).parent  # root/rl/grpo-from-sft-4
     trainer = grpo.train_grpo(model_dir, START, out_dir, root / "work", settings, root / "log.csv")
-    return trainer, rollouts, configs
+    return trainer, rollouts, configs, batches
 
 
 def test_grpo_trains_with_the_episode_rewards_and_saves(stopping_base, tmp_path, monkeypatch):
-    trainer, rollouts, configs = train(stopping_base, tmp_path, monkeypatch)
+    trainer, rollouts, configs, batches = train(stopping_base, tmp_path, monkeypatch)
     config = configs[0]
     for key, value in [("loss_type", "grpo"), ("beta", 0.04), ("scale_rewards", "group"), ("num_generations", 2),
                        ("epsilon", 0.2), ("entropy_coef", 0.1), ("num_iterations", 1), ("learning_rate", 0.01),
@@ -144,6 +154,13 @@ def test_grpo_trains_with_the_episode_rewards_and_saves(stopping_base, tmp_path,
         # update u plays the hands rl.training_problems deals for u (as PPO's update u), each num_generations times
         hands = [grpo.prompt_text(p) for p in problems(2, update)]
         assert rollout["prompts"] == [h for h in hands for _ in range(2)]
+    # the trainer trains on exactly the rollout's completions, with the loss on the policy's tokens only (TRL reads
+    # rollout_func's env_mask: an experimental API, so checked here)
+    for rollout, batch in zip(rollouts, batches):
+        loss_mask = (batch["completion_mask"] * batch["tool_mask"]).tolist()
+        for row, (ids, env_mask) in enumerate(zip(rollout["completion_ids"], rollout["env_mask"])):
+            assert batch["completion_ids"][row, : len(ids)].tolist() == ids
+            assert loss_mask[row] == env_mask + [0] * (len(loss_mask[row]) - len(env_mask))
     last = rollouts[-1]
     # the rewards the trainer scored are the episode returns, unchanged, and its advantages are relative to the group
     rewards = np.array(last["episode_reward"])
