@@ -133,7 +133,8 @@ def train(model_dir, root, monkeypatch, settings=SETTINGS):
     monkeypatch.setattr(grpo, "make_rollout", recording_rollout)
     monkeypatch.setattr(grpo, "grpo_config", lambda *a, **k: configs.append(grpo_config(*a, **k)) or configs[-1])
     out_dir = Path(Checkpoint.rl("grpo", START, 0).model_dir(str(root), "")).parent  # root/rl/grpo-from-sft-4
-    trainer = grpo.train_grpo(model_dir, START, out_dir, root / "work", settings, root / "log.csv")
+    # the log inside the run's directory, as in the workflow (rule rl_grpo)
+    trainer = grpo.train_grpo(model_dir, START, out_dir, root / "work", settings, out_dir / "log.csv")
     return trainer, rollouts, configs, batches
 
 
@@ -180,7 +181,7 @@ def test_grpo_trains_with_the_episode_rewards_and_saves(stopping_base, tmp_path,
     final = load_file(tmp_path / RUN / "checkpoint-2" / "model.safetensors")
     assert not torch.equal(final["lm_head.weight"], start_weights["lm_head.weight"])
 
-    table = pd.read_csv(tmp_path / "log.csv")
+    table = pd.read_csv(tmp_path / RUN / "log.csv")
     assert list(table.columns) == rl.LOG_COLUMNS and list(table["update"]) == [1, 2]
     for (_, row), rollout in zip(table.iterrows(), rollouts):
         assert row["reward"] == pytest.approx(np.mean(rollout["episode_reward"]))
@@ -211,8 +212,22 @@ def test_interrupted_grpo_resumes_to_the_same_weights(stopping_base, tmp_path, m
     final = load_file(tmp_path / "interrupted" / RUN / "checkpoint-2" / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    logs = [pd.read_csv(tmp_path / run / "log.csv").drop(columns="seconds") for run in ("reference", "interrupted")]
+    logs = [pd.read_csv(tmp_path / run / RUN / "log.csv").drop(columns="seconds")
+            for run in ("reference", "interrupted")]
     pd.testing.assert_frame_equal(*logs)  # the resumed run's log holds the updates before the interruption too
+
+    # A rerun of a finished run whose outputs were deleted (as Snakemake does before a job) trains nothing and
+    # restores them from the trainer's state.
+    import shutil
+
+    shutil.rmtree(tmp_path / "interrupted" / RUN)
+    _, rollouts, _, _ = train(stopping_base, tmp_path / "interrupted", monkeypatch)
+    assert rollouts == []
+    restored = load_file(tmp_path / "interrupted" / RUN / "checkpoint-2" / "model.safetensors")
+    for name in expected:
+        assert torch.equal(restored[name], final[name]), name
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "interrupted" / RUN / "log.csv").drop(columns="seconds"),
+                                  logs[0])
 
 
 @pytest.mark.parametrize("key, value, message", [
