@@ -25,6 +25,7 @@ COMMANDS = {
     "rl": ("sftrl.train.rl:command", "RL (--algo ppo|grpo) from one checkpoint, a checkpoint every rl.save_every updates"),
     # one command per arm, as the rules run them: a rule's code inputs are then its own arm (train/rl.py)
     "rl ppo": ("sftrl.train.ppo:command", "turn-level PPO from one checkpoint (sftrl rl --algo ppo)"),
+    "rl grpo": ("sftrl.train.grpo:command", "GRPO (TRL) over whole episodes from one checkpoint (rl --algo grpo)"),
     "eval": ("sftrl.evaluation.evaluate:command", "multi-turn rollout evaluation of one checkpoint on one problem set"),
     "table": ("sftrl.evaluation.table:command", "collect evaluation summaries into one tidy CSV"),
     "select": ("sftrl.evaluation.select:command", "pick Inter_SFT and End_SFT from the evaluation table"),

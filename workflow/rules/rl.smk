@@ -46,7 +46,7 @@ rule rl_ppo:
 rule rl_grpo:
     input:
         model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
-        code=code("rl"),
+        code=code("rl grpo"),
     output:
         checkpoints=[directory(f"{RESULTS}/rl/grpo-from-{{start}}/checkpoint-{u}") for u in rl_updates("grpo")],
         log=f"{RESULTS}/rl/grpo-from-{{start}}/log.csv",
@@ -73,7 +73,7 @@ rule rl_grpo:
         mem_mb=8000,
         runtime=240,
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} rl --algo grpo --model {input.model} --start {wildcards.start}"
+        "OMP_NUM_THREADS={threads} {params.launcher} rl grpo --model {input.model} --start {wildcards.start}"
         " --settings {params.settings:q} --model-settings {params.model_settings:q}"
         " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
         " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads} > {log} 2>&1"

@@ -366,3 +366,12 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: 
     log.info("GRPO from %s: %d updates in %.0f s -> %s, log -> %s", start.name, grpo["updates"],
              time.perf_counter() - began, out_dir, log_path)
     return trainer
+
+
+# -----------------------------------------------------------------------------
+# command line (sftrl rl grpo)
+
+
+def command(parser):
+    """`sftrl rl grpo`: what rule rl_grpo runs (train/rl.py arm_command)."""
+    return rl.arm_command(parser, train_grpo)
