@@ -99,6 +99,11 @@ def new_stats() -> dict:
     return {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "reused_tokens": 0}
 
 
+def decode_all(tokenizer, rows: list[list[int]]) -> list[str]:
+    """Answer texts as every backend returns them: special tokens (the stop id) dropped."""
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+
 def generated_lengths(rows: list[list[int]], stop_ids) -> list[int]:
     """Tokens each row generated: up to and including its first stop id (the rest is padding)."""
     stops = set(stop_ids)
@@ -106,10 +111,12 @@ def generated_lengths(rows: list[list[int]], stop_ids) -> list[int]:
 
 
 class HFBackend:
-    def __init__(self, model_dir, model_settings: dict, batch_size: int):
+    def __init__(self, model_dir, model_settings: dict, batch_size: int, model=None):
+        """`model`: an already loaded model to generate with (the policy RL is training) instead of loading
+        `model_dir`'s weights; the tokenizer still comes from `model_dir`."""
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_model(model_dir, model_settings["dtype"], model_settings["attn_implementation"],
-                                model_settings["device"]).eval()
+        self.model = (model or load_model(model_dir, model_settings["dtype"], model_settings["attn_implementation"],
+                                          model_settings["device"])).eval()
         # transformers >= 4.50 fills every field a generate() call leaves unset from the checkpoint's
         # generation_config.json (a Qwen checkpoint's repetition_penalty 1.05 and top_k 20 would apply silently):
         # the model's own defaults are replaced by transformers' neutral ones, and every field we use is set.
@@ -122,6 +129,11 @@ class HFBackend:
     def generate(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[str]:
         """`keys` and `keep` (conversation ids for KV reuse, see KVBackend) are accepted and ignored: every call
         prefills its prompts in full."""
+        return decode_all(self.tokenizer, self.generate_ids(prompts, sampling, keys, keep))
+
+    def generate_ids(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[list[int]]:
+        """The sampled token ids of each prompt's answer, up to and including its stop id (RL needs the ids it
+        sampled: re-tokenizing the decoded text need not give them back)."""
         import torch
         from transformers import GenerationConfig
 
@@ -141,7 +153,7 @@ class HFBackend:
         torch.manual_seed(sampling.seed)
         # Batches of similar length waste less compute on padding; results go back in the caller's order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        outputs: list[str] = [""] * len(prompts)
+        outputs: list[list[int]] = [[] for _ in prompts]
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             batch = self.tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True,
@@ -151,9 +163,11 @@ class HFBackend:
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             # Real (non-padding) tokens through the model: the prompts, then each generated token but the last.
             self.stats["prefill_tokens"] += int(batch["attention_mask"].sum())
-            self.stats["decode_tokens"] += sum(n - 1 for n in generated_lengths(new_tokens.tolist(), stop_ids))
-            for i, text in zip(index, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                outputs[i] = text
+            rows = new_tokens.tolist()
+            lengths = generated_lengths(rows, stop_ids)
+            self.stats["decode_tokens"] += sum(n - 1 for n in lengths)
+            for i, row, n in zip(index, rows, lengths):
+                outputs[i] = row[:n]
         return outputs
 
 
@@ -268,7 +282,7 @@ class KVBackend:
     """
 
     def __init__(self, model_dir, model_settings: dict, batch_size: int, reuse: bool = True,
-                 share_prefix: bool = True, shrink: float = 0.25, prefill_tokens: int = 8192):
+                 share_prefix: bool = True, shrink: float = 0.25, prefill_tokens: int = 8192, model=None):
         import inspect
 
         import torch
@@ -278,7 +292,8 @@ class KVBackend:
         if attn not in ("sdpa", "eager"):
             raise ValueError(f"model.attn_implementation = {attn!r}: eval.backend = kv needs sdpa or eager "
                              "(it passes its own 4D attention mask)")
-        self.model = load_model(model_dir, model_settings["dtype"], attn, model_settings["device"]).eval()
+        # `model`: an already loaded model (the policy RL is training), as HFBackend
+        self.model = (model or load_model(model_dir, model_settings["dtype"], attn, model_settings["device"])).eval()
         self.bool_mask = attn == "sdpa"
         self.batch_size = batch_size
         self.reuse, self.share_prefix, self.shrink, self.prefill_tokens = reuse, share_prefix, shrink, prefill_tokens
@@ -300,6 +315,10 @@ class KVBackend:
             self.sessions.pop(key, None)
 
     def generate(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[str]:
+        return decode_all(self.tokenizer, self.generate_ids(prompts, sampling, keys, keep))
+
+    def generate_ids(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[list[int]]:
+        """The sampled token ids of each answer, up to and including its stop id (see HFBackend.generate_ids)."""
         if keys is not None:
             if len(keys) != len(prompts):
                 raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
@@ -313,7 +332,7 @@ class KVBackend:
         stop_ids = stop_token_ids(self.tokenizer, sampling.stop_tokens)
         processors = logits_processors(sampling)
         order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-        outputs: list[str] = [""] * len(prompts)
+        outputs: list[list[int]] = [[] for _ in prompts]
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             batch_keys = [keys[i] for i in index] if keys is not None else None
@@ -321,7 +340,7 @@ class KVBackend:
                 generated = self._generate_batch([ids[i] for i in index], batch_keys, keep and keys is not None,
                                                  sampling, stop_ids, processors, generator)
             for i, tokens in zip(index, generated):
-                outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                outputs[i] = tokens
         return outputs
 
     # -- one batch -------------------------------------------------------------------------------------------
@@ -509,6 +528,12 @@ class VLLMBackend:
 
     def generate(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[str]:
         """`keys` / `keep` are accepted and ignored: vLLM's prefix cache finds the shared blocks by content."""
+        return [r.outputs[0].text for r in self._generate(prompts, sampling)]
+
+    def generate_ids(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[list[int]]:
+        return [list(r.outputs[0].token_ids) for r in self._generate(prompts, sampling)]
+
+    def _generate(self, prompts, sampling):
         from vllm import SamplingParams
 
         # top_k 0 = off and a multiplicative repetition penalty over prompt + output tokens, as transformers'.
@@ -517,14 +542,14 @@ class VLLMBackend:
                                 max_tokens=sampling.max_new_tokens, seed=sampling.seed,
                                 stop_token_ids=stop_token_ids(self.tokenizer, sampling.stop_tokens),
                                 skip_special_tokens=True)
-        results = self.llm.generate(prompts, params, use_tqdm=False)
-        return [r.outputs[0].text for r in results]
+        return self.llm.generate(prompts, params, use_tqdm=False)
 
 
 BACKENDS = {"hf": HFBackend, "kv": KVBackend, "vllm": VLLMBackend}
 
 
-def make_backend(name: str, model_dir, model_settings: dict, batch_size: int):
+def make_backend(name: str, model_dir, model_settings: dict, batch_size: int, **options):
+    """`options`: e.g. model= (an already loaded model: hf and kv)."""
     if name not in BACKENDS:
         raise ValueError(f"eval.backend = {name!r}; expected one of {sorted(BACKENDS)}")
-    return BACKENDS[name](model_dir, model_settings, batch_size)
+    return BACKENDS[name](model_dir, model_settings, batch_size, **options)

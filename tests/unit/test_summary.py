@@ -16,6 +16,7 @@ MEASURED = {"base": (2, 1, 0.5, 0.6), "sft-10": (8, 6, 0.1, 0.2), "sft-20": (12,
 
 
 def eval_table(path, measured=MEASURED, run="t"):
+    """measured keys: (stage, step) of base / sft rows, or a checkpoint name (a later stage's run)."""
     rows = []
     for name, (id_ok, ood_ok, id_fmt, ood_fmt) in measured.items():
         for split, ok, fmt in (("id", id_ok, id_fmt), ("ood", ood_ok, ood_fmt)):
@@ -57,8 +58,9 @@ def test_headline_table_and_links(results):
     text = out.read_text()
     assert text.startswith("# sftrl study summary: run `t`\n")
     assert HEADLINE in text
-    assert "RL" not in text and "recovery" not in text  # no later stage in the table: no such rows or column
-    assert "- [fig1](figs/fig1.png): ID and OOD accuracy along SFT (paper Figure 1) ([PDF](figs/fig1.pdf))" in text
+    assert "| PPO" not in text and "OOD recovery" not in text  # no RL run in the table: no such rows or column
+    assert ("- [fig1](figs/fig1.png): ID and OOD accuracy along SFT, with the end of each RL run (paper Figure 1) "
+            "([PDF](figs/fig1.pdf))") in text
     assert "- [drift](figs/drift.png): " in text
     assert "- [eval.csv](tables/eval.csv)" in text and "- [selection.json](sft/selection.json)" in text
     assert "20 ID problems, 20 OOD problems" in text
@@ -79,8 +81,9 @@ def test_degenerate_selection_is_said(tmp_path):
 
 
 def test_a_later_stage_gets_its_last_checkpoint_and_the_recovery(tmp_path):
-    # RL runs: the last checkpoint of each run is a headline row
-    measured = {**MEASURED, "ppo-from-sft-10-u50": (10, 4, 0.0, 0.0), "ppo-from-sft-10-u100": (13, 5, 0.05, 0.0)}
+    # two RL runs: each gets the row of its last evaluated checkpoint
+    measured = {**MEASURED, "ppo-from-sft-30-u50": (10, 4, 0.0, 0.0), "ppo-from-sft-30-u100": (13, 5, 0.05, 0.0),
+                "grpo-from-sft-10-u100": (9, 6, 0.0, 0.0)}
     table = eval_table(tmp_path / "eval.csv", measured)
     select_sft(table, tmp_path / "selection.json")
     text = write_summary(table, tmp_path / "selection.json", [], [], tmp_path / "SUMMARY.md")
@@ -88,8 +91,9 @@ def test_a_later_stage_gets_its_last_checkpoint_and_the_recovery(tmp_path):
     assert ("| checkpoint | model | ID accuracy | OOD accuracy | ID format errors | OOD format errors "
             "| OOD recovery |\n") in text
     assert "| End_SFT | `sft-30` | 75.0 % (15/20) | 15.0 % (3/20) | 0.0 % | 12.5 % |  |" in text
-    assert ("| PPO from SFT step 10, update 100 | `ppo-from-sft-10-u100` | 65.0 % (13/20) | 25.0 % (5/20) | 5.0 % "
+    assert ("| PPO from SFT step 30, update 100 | `ppo-from-sft-30-u100` | 65.0 % (13/20) | 25.0 % (5/20) | 5.0 % "
             "| 0.0 % | 66.7 % |") in text
+    assert "| GRPO from SFT step 10, update 100 | `grpo-from-sft-10-u100` |" in text
     assert "update 50" not in text
 
 

@@ -18,10 +18,12 @@ CAPTIONS = REPO / "workflow" / "report"
 FIGURE_CATEGORIES = {"fig1": "3. SFT and evaluation", "fig2": "3. SFT and evaluation",
                      "base_abilities": "2. Base model", "fig3": "4. Spectral analysis",
                      "fig4": "4. Spectral analysis", "fig4_layers": "4. Spectral analysis",
-                     "embed_lmhead": "4. Spectral analysis", "drift": "5. Rotation drift"}
+                     "embed_lmhead": "4. Spectral analysis", "drift": "5. Rotation drift",
+                     "fig1b": "3b. RL", "recovery_window": "3b. RL"}
 TABLES = ["tables/eval.csv", "sft/selection.json", "tables/sft_loss.csv", "tables/spectral_sigma.csv",
           "tables/spectral_angles.csv", "tables/spectral_energy.csv", "tables/embed_lmhead.csv", "tables/drift.csv",
-          "tables/drift_correlation.json", "base/abilities.json", "SUMMARY.md", "tables/headline.html"]
+          "tables/drift_correlation.json", "base/abilities.json", "SUMMARY.md", "tables/headline.html",
+          "tables/rl_log.csv"]
 
 
 def embedded(report: str, name: str):

@@ -66,6 +66,11 @@ SPECTRAL_AFTER_SFT = {"svd": 4, "spectral_tables": 1, "embed_lmhead": 1, "drift"
 SPECTRAL_ANALYSES = {"spectral_pair": 2, "spectral_tables": 1, "embed_lmhead": 1, "drift": 1, "fig3": 1, "fig4": 1,
                      "fig4_layers": 1, "fig_embed_lmhead": 1, "fig_drift": 1}
 
+# After the evaluation of base / SFT changes: the base + SFT table select_sft reads, and the RL outputs that read
+# the selection or the whole table. The RL runs and their evaluations are not in a dry run's plan: which runs exist
+# is known only once the rescheduled select_sft checkpoint has run.
+AFTER_SFT_TABLE = {"eval_table_sft": 1, "rl_log": 1, "fig1b": 1, "fig_recovery_window": 1}
+
 # What must rerun after editing one sweep's value (dry run, after a completed run): the jobs whose params carry the
 # value, and everything downstream of them.
 SWEEP_EDITS = {
@@ -74,13 +79,14 @@ SWEEP_EDITS = {
     "eval.max_new_tokens": (("eval", "max_new_tokens"), 32,
                             {"eval_checkpoint": 6, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
                              "select_sft": 1, "fig1": 1,
-                             **AFTER_EVAL, **FINAL}),
+                             **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL}),
     "eval.temperature": (("eval", "temperature"), 0.7,
-                         {"eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL, **FINAL}),
+                         {"eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL,
+                          **AFTER_SFT_TABLE, **FINAL}),
     # the evaluation problem sets: regenerated, then every evaluation reads them; the probe does not
     "data.eval.n": (("data", "eval", "n"), 16,
                     {"eval_set": 2, "eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1,
-                     **AFTER_EVAL, **FINAL}),
+                     **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL}),
     # spectral.top_r: the pair tables and what reads them, and the embed/lm_head angles; never an SVD
     "spectral.top_r": (("spectral", "top_r"), 16,
                        {"spectral_pair": 2, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1,
@@ -118,10 +124,10 @@ def test_touching_library_code_schedules_nothing(completed):
 # jobs and everything downstream of them.
 LIBRARY_EDITS = {
     "train/sft.py": {"sft": 1, "eval_checkpoint": 4, "eval_table": 1, "select_sft": 1, "fig1": 1, "fig2": 1,
-                     **SPECTRAL_AFTER_SFT, **FINAL},
+                     **SPECTRAL_AFTER_SFT, **AFTER_SFT_TABLE, **FINAL},
     # the episode loop: every evaluation and the probe (which runs the GeneralPoints task too)
     "task/rollout.py": {"eval_checkpoint": 6, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
-                        "select_sft": 1, "fig1": 1, **AFTER_EVAL, **FINAL},
+                        "select_sft": 1, "fig1": 1, **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL},
     # the SVD numerics: every SVD (3 checkpoints x 2 shards) and every analysis that reads them
     "weights/svd.py": {"svd": 6, **SPECTRAL_ANALYSES, **FINAL},
 }

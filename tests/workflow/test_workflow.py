@@ -20,7 +20,8 @@ def test_micro_dag_end_to_end(micro_run):
     results = micro_run / "results"
     table = pd.read_csv(results / "tables" / "eval.csv")
     n_checkpoints = config["sft"]["max_steps"] // config["sft"]["save_steps"]
-    assert len(table) == 2 * (1 + n_checkpoints)  # base + every SFT checkpoint, ID and OOD
+    # base + every SFT checkpoint, ID and OOD (RL rows: test_rl_outputs)
+    assert (table["stage"].isin(["base", "sft"])).sum() == 2 * (1 + n_checkpoints)
     assert set(table["split"]) == {"id", "ood"}
     assert (table["n"] == config["data"]["eval"]["n"]).all()
     assert table["accuracy"].between(0, 1).all()
@@ -37,6 +38,33 @@ def test_micro_dag_end_to_end(micro_run):
         assert not (results / "sft" / f"checkpoint-{step}" / "optimizer.pt").exists()
     # every rule wrote its log
     assert (micro_run / "logs" / "sft" / "sft.log").stat().st_size > 0
+
+
+def test_rl_outputs(micro_run):
+    """PPO and GRPO from inter_sft and end_sft, PPO also from the recovery window [4]: with SFT saving steps 4 and
+    8, the runs are exactly {ppo,grpo}-from-sft-{4,8} (a start named twice runs once), each evaluated at its saved
+    update."""
+    config = yaml.safe_load(MICRO.read_text())
+    results = micro_run / "results"
+    table = pd.read_csv(results / "tables" / "eval.csv")
+    rl = table[table["stage"] == "rl"]
+    updates = {algo: config["rl"][algo]["updates"] for algo in ("ppo", "grpo")}
+    runs = [f"{algo}-from-sft-{s}" for algo in ("grpo", "ppo") for s in (4, 8)]
+    assert sorted(set(rl["checkpoint"])) == [f"{run}-u{updates[run.split('-')[0]]}" for run in runs]
+    assert set(rl["algorithm"]) == {"ppo", "grpo"} and set(rl["start"]) == {"sft-4", "sft-8"}
+    assert rl.groupby("checkpoint")["split"].apply(sorted).tolist() == [["id", "ood"]] * 4
+    for run in runs:
+        algo = run.split("-")[0]
+        ckpt = results / "rl" / run / f"checkpoint-{updates[algo]}"
+        assert (ckpt / "model.safetensors").exists() and not (ckpt / "optimizer.pt").exists()
+        assert (ckpt / "value_head.safetensors").exists() == (algo == "ppo")  # GRPO has no critic
+    log = pd.read_csv(results / "tables" / "rl_log.csv")
+    assert sorted(set(log["run"])) == runs
+    assert log.groupby("run")["update"].max().tolist() == [updates[run.split("-")[0]] for run in runs]
+    assert log["tokens"].gt(0).all()
+    for name in ("fig1b", "recovery_window"):
+        for ext in (".pdf", ".png"):
+            assert (results / "figs" / f"{name}{ext}").stat().st_size > 1000
 
 
 def test_finished_dag_has_nothing_to_do(micro_run):

@@ -1,5 +1,6 @@
 # Helpers shared by all .smk files: config validation, checkpoints (sftrl.checkpoint), code inputs from the import
 # graph (sftrl.codegraph), params as JSON, the SVD shard plan. Parse time imports no torch (tests check it).
+import importlib.util
 import json
 import os
 import sys
@@ -18,6 +19,8 @@ sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from sftrl import codegraph  # noqa: E402
 from sftrl.checkpoint import NAME_PATTERN, RESULTS_DIR, SELECTIONS, Checkpoint  # noqa: E402
 from sftrl.cli import command_module  # noqa: E402
+from sftrl.checkpoint import ALGORITHMS  # noqa: E402
+from sftrl.train.rl import TRAINERS, save_updates  # noqa: E402  (numpy, no torch: parse-time safe)
 
 RESULTS = "results"
 SPLITS = ["id", "ood"]
@@ -206,7 +209,7 @@ def all_targets():
     ]
     if not config["model"]["path"]:
         targets += [f"{RESULTS}/base/abilities.json", f"{RESULTS}/figs/base_abilities.pdf"]
-    return targets + spectral_targets() + [f"{RESULTS}/SUMMARY.md"]
+    return targets + spectral_targets() + rl_targets() + [f"{RESULTS}/SUMMARY.md"]
 
 
 # -----------------------------------------------------------------------------
@@ -346,6 +349,117 @@ def sft_launcher():
 def stem(wildcards, output):
     """Figure stem (path without extension) of a multiext() output pair."""
     return os.path.splitext(output[0])[0]
+
+
+# -----------------------------------------------------------------------------
+# RL (rl.smk): which runs, their knobs and checkpoints, the RL targets. Runs: every algorithm in rl.algorithms from
+# every rl.start_from checkpoint, and PPO from every rl.recovery_window step; inter_sft / end_sft resolve through
+# the select_sft checkpoint, and a run named twice runs once.
+
+# the keys of config rl that are not one run's knobs (which runs exist), and the arms' own subsections
+RL_PLAN_KEYS = ("start_from", "algorithms", "recovery_window", *ALGORITHMS)
+
+
+def _check_rl_config():
+    rl = config["rl"]
+    for algo in rl["algorithms"] + (["ppo"] if rl["recovery_window"] else []):
+        trainer_module = TRAINERS[algo].split(":")[0]
+        if importlib.util.find_spec(trainer_module) is None:
+            raise WorkflowError(f"config rl.algorithms names {algo}, but {trainer_module} is not in this checkout")
+        if algo not in rl:
+            raise WorkflowError(f"config rl.algorithms names {algo}, but config rl has no {algo} subsection")
+        deepspeed = rl[algo].get("deepspeed")
+        if deepspeed and not os.path.isfile(deepspeed):
+            raise WorkflowError(f"config rl.{algo}.deepspeed = {deepspeed!r}: no such DeepSpeed JSON file")
+    for name in rl["start_from"]:
+        if name not in SELECTIONS and Checkpoint.parse(name).step not in sft_steps():
+            raise WorkflowError(f"config rl.start_from: {name} is not a saved SFT step {sft_steps()}")
+    for step in rl["recovery_window"]:
+        if step not in sft_steps():
+            raise WorkflowError(f"config rl.recovery_window: {step} is not a saved SFT step {sft_steps()}")
+
+
+_check_rl_config()
+
+
+def eval_table_summaries(wildcards):
+    """Base and SFT, then every RL checkpoint (rl.smk; known once select_sft has run when RL starts from a
+    selection)."""
+    ckpts = evaluated_checkpoints() + rl_checkpoints()
+    return [f"{results_dir('eval', ckpt)}/{split}.summary.json" for ckpt in ckpts for split in SPLITS]
+
+
+def rl_settings(algo):
+    """A run's knobs as one JSON string: config rl without the run plan and the other arms' subsections, so adding a
+    start or a recovery step does not rerun the existing runs."""
+    section = {k: v for k, v in config["rl"].items() if k not in RL_PLAN_KEYS or k == algo}
+    return json.dumps(section, sort_keys=True)
+
+
+def rl_updates(algo):
+    """Updates at which a run of `algo` saves (and which are evaluated)."""
+    return save_updates(config["rl"][algo]["updates"], config["rl"]["save_every"])
+
+
+def rl_runs(ppo_only_window=False):
+    """(algo, concrete start Checkpoint) of every configured run, in config order, without repeats. Resolving
+    inter_sft / end_sft waits for the select_sft checkpoint. ppo_only_window: only the PPO runs (the window's and
+    those from rl.start_from), as the recovery-window figure needs."""
+    rl = config["rl"]
+    named = [(algo, name) for name in rl["start_from"] for algo in rl["algorithms"]]
+    named += [("ppo", f"sft-{step}") for step in rl["recovery_window"]]
+    if ppo_only_window:
+        named = [(algo, name) for algo, name in named if algo == "ppo"]
+    selection = None
+    if any(name in SELECTIONS for _, name in named):
+        with checkpoints.select_sft.get().output[0].open() as f:
+            selection = json.load(f)
+    runs = []
+    for algo, name in named:
+        run = (algo, Checkpoint.resolve(name, selection))
+        if run not in runs:
+            runs.append(run)
+    return runs
+
+
+def rl_checkpoints(runs=None):
+    """Every evaluated RL checkpoint: each saved update of each run."""
+    return [Checkpoint.rl(algo, start, u) for algo, start in (rl_runs() if runs is None else runs)
+            for u in rl_updates(algo)]
+
+
+def rl_launcher(algo):
+    """`sftrl` in-process (CPU or one GPU), or `accelerate launch` for multi-GPU / DeepSpeed (config rl.<algo>)."""
+    arm = config["rl"][algo]
+    if arm.get("launcher", "local") != "accelerate":
+        return "sftrl"
+    deepspeed = f" --use_deepspeed --deepspeed_config_file {arm['deepspeed']}" if arm.get("deepspeed") else ""
+    return f"accelerate launch --num_processes {arm['num_processes']}{deepspeed} -m sftrl.cli"
+
+
+def rl_log_inputs(wildcards):
+    return [f"{RESULTS}/rl/{algo}-from-{start.name}/log.csv" for algo, start in rl_runs()]
+
+
+def recovery_window_summaries(wildcards):
+    """Only what the figure draws: the summaries of Inter_SFT, End_SFT, every PPO run's start and checkpoints."""
+    with checkpoints.select_sft.get().output[0].open() as f:
+        selection = json.load(f)
+    runs = rl_runs(ppo_only_window=True)
+    ckpts = [Checkpoint.resolve(key, selection) for key in SELECTIONS] + [start for _, start in runs]
+    ckpts += rl_checkpoints(runs)
+    names = list(dict.fromkeys(c.name for c in ckpts))
+    return [f"{RESULTS}/eval/{name}/{split}.summary.json" for name in names for split in SPLITS]
+
+
+def rl_targets():
+    rl = config["rl"]
+    if not (rl["algorithms"] and rl["start_from"]) and not rl["recovery_window"]:
+        return []
+    targets = [f"{RESULTS}/tables/rl_log.csv", f"{RESULTS}/figs/fig1b.pdf"]
+    if rl["recovery_window"] or ("ppo" in rl["algorithms"] and rl["start_from"]):
+        targets.append(f"{RESULTS}/figs/recovery_window.pdf")
+    return targets
 
 
 # One set of wildcard constraints for every rule.

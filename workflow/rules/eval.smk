@@ -1,5 +1,6 @@
 # Rollout evaluation of every checkpoint on the fixed ID and OOD problem sets (sftrl.evaluation), the tidy results
-# table every figure reads, and the data-dependent Inter_SFT / End_SFT selection.
+# table every figure reads (base, SFT and RL rows), and the data-dependent Inter_SFT / End_SFT selection (from the
+# base + SFT table, since the RL runs depend on it).
 
 
 rule eval_checkpoint:
@@ -33,13 +34,30 @@ rule eval_checkpoint:
         " --out {output.episodes} --summary {output.summary} > {log} 2>&1"
 
 
-rule eval_table:
+rule eval_table_sft:
     input:
         summaries=[
             f"{results_dir('eval', ckpt)}/{split}.summary.json"
             for ckpt in evaluated_checkpoints()
             for split in SPLITS
         ],
+        code=code("table"),
+    output:
+        # base and SFT only: what select_sft reads (the RL runs it starts are evaluated after it)
+        f"{RESULTS}/tables/eval_sft.csv",
+    log:
+        "logs/eval/table_sft.log",
+    benchmark:
+        "benchmarks/eval/table_sft.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "sftrl table {input.summaries} --out {output} > {log} 2>&1"
+
+
+rule eval_table:
+    input:
+        summaries=eval_table_summaries,
         code=code("table"),
     output:
         report(f"{RESULTS}/tables/eval.csv", caption="../report/table_eval.rst", category="3. SFT and evaluation",
@@ -56,7 +74,7 @@ rule eval_table:
 
 checkpoint select_sft:
     input:
-        table=f"{RESULTS}/tables/eval.csv",
+        table=f"{RESULTS}/tables/eval_sft.csv",
         losses=f"{RESULTS}/tables/sft_loss.csv",
         code=code("select"),
     output:

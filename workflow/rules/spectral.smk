@@ -107,7 +107,7 @@ rule embed_lmhead:
 rule drift:
     input:
         svd=[svd_files(ckpt) for ckpt in evaluated_checkpoints()],
-        table=f"{RESULTS}/tables/eval.csv",
+        table=f"{RESULTS}/tables/eval_sft.csv",  # OOD along SFT: the base + SFT rows (no wait for RL)
         losses=f"{RESULTS}/tables/sft_loss.csv",
         code=code("drift"),
     output:

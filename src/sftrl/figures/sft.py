@@ -1,10 +1,10 @@
-"""SFT figures, drawn from the tidy tables only: accuracy along SFT (the paper's Figure 1) and losses along SFT
-(Figure 2)."""
+"""SFT figures, drawn from the tidy tables only: accuracy along SFT with the end of each RL run (the paper's
+Figure 1) and losses along SFT (Figure 2)."""
 from __future__ import annotations
 
 import pandas as pd
 
-from ..checkpoint import END_SFT, INTER_SFT, SELECTIONS
+from ..checkpoint import ALGORITHMS, END_SFT, INTER_SFT, SELECTIONS
 from ..io import read_json
 from .style import save, style
 
@@ -32,9 +32,17 @@ def fig1(eval_table: pd.DataFrame, selection: dict, stem) -> None:
         ax.axvline(step, color=color, linestyle="--", linewidth=1)
         ax.annotate(label, xy=(step, ax.get_ylim()[1]), xytext=(2, -10), textcoords="offset points",
                     color=color, fontsize=8, rotation=90, va="top")
+    ends = rl_endpoints(eval_table)
+    if len(ends):  # the end of each RL run, drawn at the SFT step it started from
+        markers = {"ppo": "*", "grpo": "P"}
+        colors = {SPLIT_NAMES[s]: line.get_color() for s, line in zip(("id", "ood"), ax.get_lines())}
+        for (algo, split), group in ends.groupby(["algorithm", "split"]):
+            ax.scatter(group["start_step"], 100 * group["accuracy"], marker=markers.get(algo, "X"), s=70,
+                       color=colors.get(SPLIT_NAMES[split]), edgecolor="black", linewidth=0.5, zorder=5,
+                       label=f"{SPLIT_NAMES[split]} after {ALGORITHMS[algo]}")
     ax.set_xlabel("SFT step")
-    ax.set_title("GeneralPoints accuracy during SFT")
-    ax.legend(title=None)
+    ax.set_title("GeneralPoints accuracy during SFT" + (" and after RL" if len(ends) else ""))
+    ax.legend(title=None, fontsize=7)
     if stages:
         long = data.melt(id_vars=["step", "split"], value_vars=stages, var_name="stage", value_name="share")
         long["share (%)"] = 100 * long["share"]
@@ -47,6 +55,19 @@ def fig1(eval_table: pd.DataFrame, selection: dict, stem) -> None:
         bx.legend(fontsize=7, title=None)
     fig.tight_layout()
     save(fig, stem)
+
+
+def rl_endpoints(table: pd.DataFrame) -> pd.DataFrame:
+    """The last evaluated checkpoint of every RL run, one row per split, with its start's SFT step
+    (`start_step`; 0 for base). Empty when the table has no RL rows."""
+    from ..checkpoint import Checkpoint
+
+    rl = table[table["stage"] == "rl"].copy() if "algorithm" in table.columns else table.iloc[:0].copy()
+    if rl.empty:
+        return rl.assign(start_step=pd.Series(dtype=int))
+    rl = rl[rl["step"] == rl.groupby(["algorithm", "start"])["step"].transform("max")].copy()
+    rl["start_step"] = [Checkpoint.parse(s).step for s in rl["start"]]
+    return rl
 
 
 def fig2(loss_table: pd.DataFrame, stem) -> None:

@@ -126,14 +126,22 @@ def _deal_from(rng, rule, target, allowed: set[str], split: str) -> points.Hand:
                      f"env.target = {target}) dealt in {points.MAX_DRAWS} draws")
 
 
+def id_split(rng: np.random.Generator, id_test_fraction: float, target: int) -> tuple[set[str], set[str]]:
+    """(train, test) card multisets of the ID rule: a seeded shuffle of the solvable ones, the first
+    `id_test_fraction` held out. Called on a fresh Generator seeded with data.sft.seed it gives SFT's split (RL
+    deals its hands from the same train side: train/rl.py)."""
+    keys = solvable_multisets(points.ID_RULE, target)
+    shuffled = [keys[i] for i in rng.permutation(len(keys))]
+    n_test = max(1, round(id_test_fraction * len(keys)))
+    return set(shuffled[n_test:]), set(shuffled[:n_test])
+
+
 def build_sft_data(settings: dict, target: int, out_dir: str | Path) -> dict:
     """Write train.jsonl, train_loss.jsonl, id_test.jsonl and ood_loss.jsonl; return a summary."""
     check_data_settings(settings, target)  # an empty side of the split would make dealing for it spin forever
     rng = np.random.default_rng(settings["seed"])
     keys = solvable_multisets(points.ID_RULE, target)
-    shuffled = [keys[i] for i in rng.permutation(len(keys))]
-    n_test = max(1, round(settings["id_test_fraction"] * len(keys)))
-    test_keys, train_keys = set(shuffled[:n_test]), set(shuffled[n_test:])
+    train_keys, test_keys = id_split(rng, settings["id_test_fraction"], target)
 
     # Hands are dealt as the environment deals them (i.i.d. ranks), then kept only if their multiset is on the
     # right side of the split, so the training distribution matches the authors' generator.

@@ -1,5 +1,5 @@
 """Multi-turn GeneralPoints episodes run by a generation backend: the loop shared by evaluation, the base probe and
-(soon) RL rollouts, and the per-episode record and summary every evaluation table is built from.
+RL rollouts, and the per-episode record and summary every evaluation table is built from.
 
 All episodes of a problem set advance in lockstep: each round generates the next attempt of every unfinished
 episode in one batched call, so the feedback turns ("You failed this trial because ...") cost no extra passes.
@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import logging
 
-from ..generation import Sampling, chat_prompt
+from ..generation import Sampling, chat_prompt, decode_all
 from . import points
 from .diagnose import STAGES, answer_stages
 
 log = logging.getLogger(__name__)
 
 
-def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter: int, progress=None) -> list[dict]:
+def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter: int, progress=None,
+                 tokens: bool = False) -> list[dict]:
     """Play every problem's episode with `backend` (hf / kv / vllm: sftrl.generation) and return their records.
-    `progress`: an optional tqdm-like bar advanced by the attempts of each round."""
+    `progress`: an optional tqdm-like bar advanced by the attempts of each round. `tokens` (RL rollouts): each
+    attempt also records `prompt_ids` (its prompt as the backend tokenized it) and `response_ids` (the sampled ids,
+    stop id included), from the backend's `generate_ids`; the texts are those ids decoded, as `generate` does."""
     episodes = [
         points.Episode(points.Hand(tuple(p["cards"]), tuple(p["numbers"])), points.RULES[p["rule"]],
                        verify_iter=verify_iter, target=p["target"])
         for p in problems
     ]
+    token_log: list[list[dict]] = [[] for _ in problems]  # per episode, per attempt (tokens=True)
     for round_index in range(verify_iter):
         index = [i for i, e in enumerate(episodes) if not e.done]
         active = [episodes[i] for i in index]
@@ -32,8 +36,16 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
         # A different seed per round, so a sampled retry is not a replay of the same random stream. keys name each
         # episode's conversation, so a backend that keeps KV caches (kv) prefills only the new feedback turn;
         # after the last round nothing is kept.
-        texts = backend.generate(prompts, sampling.with_seed(sampling.seed + round_index),
-                                 keys=index, keep=round_index + 1 < verify_iter)
+        round_sampling = sampling.with_seed(sampling.seed + round_index)
+        keep = round_index + 1 < verify_iter
+        if tokens:
+            ids = backend.generate_ids(prompts, round_sampling, keys=index, keep=keep)
+            texts = decode_all(backend.tokenizer, ids)
+            for i, prompt, response in zip(index, prompts, ids):
+                token_log[i].append({"prompt_ids": backend.tokenizer(prompt, add_special_tokens=False).input_ids,
+                                     "response_ids": response})
+        else:
+            texts = backend.generate(prompts, round_sampling, keys=index, keep=keep)
         for episode, text in zip(active, texts):
             episode.submit(text)
         if progress is not None:
@@ -42,7 +54,12 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
                  sum(e.success for e in episodes))
     if hasattr(backend, "release"):
         backend.release()
-    return [episode_record(p, e) for p, e in zip(problems, episodes)]
+    records = [episode_record(p, e) for p, e in zip(problems, episodes)]
+    if tokens:
+        for record, attempt_tokens in zip(records, token_log):
+            for attempt, ids in zip(record["attempts"], attempt_tokens):
+                attempt.update(ids)
+    return records
 
 
 def episode_record(problem: dict, episode) -> dict:

@@ -1,0 +1,116 @@
+"""RL figures, drawn from the evaluation table (or the summaries it is made of) only: the stages side by side
+(`fig1b`, the paper's Figure 1b) and the recovery window (OOD after PPO from each SFT start)."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from ..checkpoint import ALGORITHMS, END_SFT, INTER_SFT, SELECTIONS, Checkpoint
+from ..io import read_json
+from ..report.summary import recovery
+from .sft import SPLIT_NAMES, rl_endpoints
+from .style import save, style
+
+
+def _ood(table: pd.DataFrame, ckpt: Checkpoint) -> float:
+    rows = table[(table["checkpoint"] == ckpt.name) & (table["split"] == "ood")]
+    return float(rows["accuracy"].iloc[0]) if len(rows) else math.nan
+
+
+def fig1b(eval_table: pd.DataFrame, selection: dict, stem) -> None:
+    """ID and OOD accuracy of Base, Inter_SFT, End_SFT and the end of each RL run from Inter_SFT / End_SFT."""
+    sns, plt = style()
+    picked = {"Base": Checkpoint("base")}
+    for key in (INTER_SFT, END_SFT):
+        picked[SELECTIONS[key]] = Checkpoint.resolve(key, selection)
+    ends = rl_endpoints(eval_table)
+    for key in (INTER_SFT, END_SFT):
+        start = Checkpoint.resolve(key, selection)
+        for algo in ALGORITHMS:
+            run = ends[(ends["algorithm"] == algo) & (ends["start"] == start.name)]
+            if len(run):
+                picked[f"{ALGORITHMS[algo]} from {SELECTIONS[key]}"] = Checkpoint.parse(run["checkpoint"].iloc[0])
+    rows = []
+    for label, ckpt in picked.items():
+        for _, row in eval_table[eval_table["checkpoint"] == ckpt.name].iterrows():
+            rows.append({"model": label, "split": SPLIT_NAMES[row["split"]], "accuracy (%)": 100 * row["accuracy"],
+                         "checkpoint": ckpt.name})
+    data = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(picked), 3.2))
+    sns.barplot(data=data, x="model", y="accuracy (%)", hue="split", ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.1f", fontsize=7)
+    ax.set_xlabel("")
+    ax.set_ylim(0, max(5.0, data["accuracy (%)"].max() * 1.15) if len(data) else 5.0)
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    ax.set_title("GeneralPoints accuracy by stage")
+    ax.legend(title=None)
+    save(fig, stem)
+
+
+def recovery_table(table: pd.DataFrame, selection: dict) -> pd.DataFrame:
+    """Per PPO run from an SFT step: OOD of its start, OOD after PPO, and the recovered fraction
+    (OOD_RL − OOD_End) / (OOD_Inter − OOD_End) (NaN when Inter_SFT's OOD is not above End_SFT's: 0/0 or a gain)."""
+    inter, end = (_ood(table, Checkpoint.resolve(key, selection)) for key in (INTER_SFT, END_SFT))
+    ends = rl_endpoints(table)
+    ends = ends[(ends["algorithm"] == "ppo") & (ends["split"] == "ood")]
+    rows = []
+    for _, row in ends.sort_values("start_step").iterrows():
+        start_ood = _ood(table, Checkpoint.parse(row["start"]))
+        fraction = recovery(row["accuracy"], inter, end)
+        rows.append({"start": row["start"], "start_step": row["start_step"], "checkpoint": row["checkpoint"],
+                     "ood_start": start_ood, "ood_rl": row["accuracy"], "ood_inter": inter, "ood_end": end,
+                     "recovered_fraction": math.nan if fraction is None else fraction})
+    return pd.DataFrame(rows, columns=["start", "start_step", "checkpoint", "ood_start", "ood_rl", "ood_inter",
+                                       "ood_end", "recovered_fraction"])
+
+
+def recovery_window(table: pd.DataFrame, selection: dict, stem) -> None:
+    """Left: OOD accuracy of each SFT start and after PPO from it (x: SFT step). Right: the recovered fraction;
+    where Inter_SFT's OOD is not above End_SFT's (0/0: nothing was lost) the panel says so instead of a bar."""
+    sns, plt = style()
+    data = recovery_table(table, selection)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.6, 3.2))
+    long = data.melt(id_vars=["start_step"], value_vars=["ood_start", "ood_rl"], var_name="model",
+                     value_name="OOD accuracy")
+    long["OOD accuracy (%)"] = 100 * long["OOD accuracy"]
+    long["model"] = long["model"].map({"ood_start": "SFT start", "ood_rl": "after PPO"})
+    sns.lineplot(data=long, x="start_step", y="OOD accuracy (%)", hue="model", style="model", markers=True,
+                 dashes=False, ax=ax)
+    for key, color in ((INTER_SFT, "tab:green"), (END_SFT, "tab:red")):
+        ax.axvline(selection[key]["step"], color=color, linestyle="--", linewidth=1, label=SELECTIONS[key])
+    ax.set_xlabel("SFT step PPO starts from")
+    ax.set_title("OOD accuracy before and after PPO")
+    ax.legend(title=None, fontsize=7)
+    if data["recovered_fraction"].notna().any():
+        sns.barplot(x=data["start_step"].astype(str), y=100 * data["recovered_fraction"], color="tab:blue", ax=bx)
+        bx.axhline(0, color="black", linewidth=0.8)
+        bx.axhline(100, color="gray", linestyle=":", linewidth=0.8)
+    else:
+        bx.text(0.5, 0.5, f"n/a: {SELECTIONS[INTER_SFT]}'s OOD accuracy is not above {SELECTIONS[END_SFT]}'s\n"
+                "(0/0 — no OOD drop to recover)", ha="center", va="center", transform=bx.transAxes, fontsize=8)
+        bx.set_xticks([])
+        bx.set_yticks([])
+    bx.set_xlabel("SFT step PPO starts from")
+    bx.set_ylabel("recovered OOD drop (%)")
+    bx.set_title("(OOD_RL − OOD_End) / (OOD_Inter − OOD_End)", fontsize=9)
+    fig.tight_layout()
+    save(fig, stem)
+
+
+def fig1b_command(parser):
+    parser.add_argument("--eval-table", required=True)
+    parser.add_argument("--selection", required=True)
+    parser.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
+    return lambda args: fig1b(pd.read_csv(args.eval_table), read_json(args.selection), args.out)
+
+
+def recovery_window_command(parser):
+    from ..evaluation.table import summary_table
+
+    parser.add_argument("--summaries", nargs="+", required=True,
+                        help="evaluation summaries of the SFT starts, Inter_SFT, End_SFT and the PPO runs' checkpoints")
+    parser.add_argument("--selection", required=True)
+    parser.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
+    return lambda args: recovery_window(summary_table(args.summaries), read_json(args.selection), args.out)

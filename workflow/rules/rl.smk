@@ -1,0 +1,139 @@
+# RL from chosen SFT checkpoints (sftrl.train: rl, ppo, grpo): one job per run `<algo>-from-<start>`, writing a
+# checkpoint every rl.save_every updates; each checkpoint is evaluated by eval_checkpoint into results/tables/eval.csv.
+# Runs: every algorithm in rl.algorithms from every rl.start_from checkpoint, and PPO from every rl.recovery_window
+# step; inter_sft / end_sft resolve through the select_sft checkpoint, and a run named twice runs once.
+# (the helpers that plan the runs live in common.smk, section RL)
+
+
+# One rule per arm, written out (outputs differ by the arm's update count); rl_grpo is rl_ppo with "grpo" for
+# "ppo" (and COMMANDS "rl grpo" -> sftrl.train.grpo:command). Each runs `sftrl rl <algo>`, whose code is its arm only.
+rule rl_ppo:
+    input:
+        model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
+        code=code("rl ppo"),
+    output:
+        checkpoints=[directory(f"{RESULTS}/rl/ppo-from-{{start}}/checkpoint-{u}") for u in rl_updates("ppo")],
+        log=f"{RESULTS}/rl/ppo-from-{{start}}/log.csv",
+    params:
+        settings=rl_settings("ppo"),
+        model_settings=settings("model"),
+        env_settings=settings("env"),
+        data_settings=settings("data", "sft"),
+        launcher=rl_launcher("ppo"),
+        out_dir=lambda wc, output: os.path.dirname(output.log),
+        # resumable state (weights, value head, optimizer, log rows): outside the outputs, which Snakemake deletes
+        work_dir=lambda wc: f"{RESULTS}/work/rl/ppo-from-{wc.start}",
+    wildcard_constraints:
+        start=r"base|sft-\d+",
+    log:
+        "logs/rl/ppo-from-{start}.log",
+    conda:
+        "../envs/train.yaml"
+    benchmark:
+        "benchmarks/rl/ppo-from-{start}.tsv"
+    # one thread on CPU: two runs side by side use 2 cores better than one run with two threads (cpu_notes.md)
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launcher} rl ppo --model {input.model} --start {wildcards.start}"
+        " --settings {params.settings:q} --model-settings {params.model_settings:q}"
+        " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
+        " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads} > {log} 2>&1"
+
+
+rule rl_grpo:
+    input:
+        model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
+        code=code("rl grpo"),
+    output:
+        checkpoints=[directory(f"{RESULTS}/rl/grpo-from-{{start}}/checkpoint-{u}") for u in rl_updates("grpo")],
+        log=f"{RESULTS}/rl/grpo-from-{{start}}/log.csv",
+    params:
+        settings=rl_settings("grpo"),
+        model_settings=settings("model"),
+        env_settings=settings("env"),
+        data_settings=settings("data", "sft"),
+        launcher=rl_launcher("grpo"),
+        out_dir=lambda wc, output: os.path.dirname(output.log),
+        # resumable trainer state (weights, optimizer, RNG, log history): outside the outputs, which Snakemake deletes
+        work_dir=lambda wc: f"{RESULTS}/work/rl/grpo-from-{wc.start}",
+    wildcard_constraints:
+        start=r"base|sft-\d+",
+    log:
+        "logs/rl/grpo-from-{start}.log",
+    conda:
+        "../envs/train.yaml"
+    benchmark:
+        "benchmarks/rl/grpo-from-{start}.tsv"
+    # one thread on CPU: two runs side by side use 2 cores better than one run with two threads (cpu_notes.md)
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launcher} rl grpo --model {input.model} --start {wildcards.start}"
+        " --settings {params.settings:q} --model-settings {params.model_settings:q}"
+        " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
+        " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads} > {log} 2>&1"
+
+
+rule rl_log:
+    input:
+        logs=rl_log_inputs,
+        code=code("rl-log"),
+    output:
+        report(f"{RESULTS}/tables/rl_log.csv", caption="../report/table_rl_log.rst", category="3b. RL",
+               subcategory="Tables"),
+    log:
+        "logs/rl/rl_log.log",
+    benchmark:
+        "benchmarks/rl/rl_log.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "sftrl rl-log {input.logs} --out {output} > {log} 2>&1"
+
+
+rule fig_recovery_window:
+    input:
+        summaries=recovery_window_summaries,
+        selection=f"{RESULTS}/sft/selection.json",
+        code=code("figure recovery_window"),
+    output:
+        pdf=f"{RESULTS}/figs/recovery_window.pdf",
+        png=report(f"{RESULTS}/figs/recovery_window.png", caption="../report/recovery_window.rst", category="3b. RL",
+                   subcategory="Figures"),
+    params:
+        stem=stem,
+    log:
+        "logs/figs/recovery_window.log",
+    benchmark:
+        "benchmarks/figs/recovery_window.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "sftrl figure recovery_window --summaries {input.summaries} --selection {input.selection}"
+        " --out {params.stem} > {log} 2>&1"
+
+
+rule fig1b:
+    input:
+        table=f"{RESULTS}/tables/eval.csv",
+        selection=f"{RESULTS}/sft/selection.json",
+        code=code("figure fig1b"),
+    output:
+        pdf=f"{RESULTS}/figs/fig1b.pdf",
+        png=report(f"{RESULTS}/figs/fig1b.png", caption="../report/fig1b.rst", category="3b. RL",
+                   subcategory="Figures"),
+    params:
+        stem=stem,
+    log:
+        "logs/figs/fig1b.log",
+    benchmark:
+        "benchmarks/figs/fig1b.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "sftrl figure fig1b --eval-table {input.table} --selection {input.selection} --out {params.stem} > {log} 2>&1"
