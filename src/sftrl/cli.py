@@ -38,6 +38,7 @@ COMMANDS = {
     "figure fig4_layers": ("sftrl.figures.spectral:fig4_layers_command", "mean principal angle per layer and kind"),
     "figure embed_lmhead": ("sftrl.figures.spectral:embed_lmhead_command", "embed_tokens vs lm_head alignment"),
     "figure drift": ("sftrl.figures.drift:drift_command", "rotation drift vs OOD accuracy and OOD loss"),
+    "restore": ("sftrl.restore.surgery:command", "restore a reference checkpoint's singular directions into a target"),
     "summary": ("sftrl.report.summary:command", "results/SUMMARY.md: the headline table and links to every figure"),
 }
 
