@@ -169,7 +169,7 @@ def all_targets():
     ]
     if not config["model"]["path"]:
         targets += [f"{RESULTS}/base/abilities.json", f"{RESULTS}/figs/base_abilities.pdf"]
-    return targets + spectral_targets() + [f"{RESULTS}/SUMMARY.md"]
+    return targets + spectral_targets() + restore_targets() + [f"{RESULTS}/SUMMARY.md"]
 
 
 # -----------------------------------------------------------------------------
