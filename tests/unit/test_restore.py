@@ -295,3 +295,80 @@ def test_layer_selection_leaves_other_layers_bitwise(two_checkpoints, tmp_path):
             torch.testing.assert_close(W, W_B[name], rtol=1e-4, atol=1e-5)
         else:
             assert torch.equal(W, W_T[name]), name
+
+
+# -----------------------------------------------------------------------------
+# the sweep table, its figures and the claims table (arithmetic on given evaluation summaries)
+
+RANK = {"reference": "inter_sft", "target": "end_sft", "arms": ["direction", "reset"], "top": [0.2, 1.0]}
+SELECTION = {"inter_sft": {"step": 4}, "end_sft": {"step": 8}}
+
+
+def _summaries(root, accuracies: dict, n=20):
+    """eval/<checkpoint>/<split>.summary.json as rule eval_checkpoint writes them ({name: (id, ood) successes})."""
+    paths = []
+    for name, successes in accuracies.items():
+        for split, s in zip(("id", "ood"), successes):
+            path = root / "eval" / name / f"{split}.summary.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"n": n, "successes": s, "accuracy": s / n, "format_error_rate": 0.0}))
+            paths.append(str(path))
+    return paths
+
+
+def test_sweep_table_figure_and_claims(tmp_path):
+    import pandas as pd
+
+    from sftrl.figures.restore import fig6
+    from sftrl.report.claims import Claims, markdown
+    from sftrl.restore.table import sweep_table
+
+    paths = _summaries(tmp_path, {"restored-rank-direction-k0.2": (9, 8), "restored-rank-direction-k1.0": (5, 9),
+                                  "restored-rank-reset": (6, 10), "sft-4": (6, 10), "sft-8": (15, 0)})
+    table = sweep_table("rank", RANK, paths, "micro", SELECTION)
+    assert list(table["point"][table["split"] == "ood"]) == ["direction-k0.2", "direction-k1.0", "reset", "", ""]
+    assert list(table["role"][table["split"] == "ood"]) == ["restored"] * 3 + ["reference", "target"]
+    assert table.loc[table["point"] == "direction-k0.2", "top"].tolist() == [0.2, 0.2]
+    with pytest.raises(ValueError, match=r"no evaluation of \['restored-rank-reset'\]"):
+        sweep_table("rank", RANK, [p for p in paths if "reset" not in p], "micro", SELECTION)
+    with pytest.raises(ValueError, match="neither a point of restore.rank"):
+        sweep_table("rank", RANK, paths + _summaries(tmp_path, {"sft-12": (0, 0)}), "micro", SELECTION)
+
+    table.to_csv(tmp_path / "restore_rank.csv", index=False)
+    fig6(pd.read_csv(tmp_path / "restore_rank.csv"), tmp_path / "fig6")
+    assert (tmp_path / "fig6.pdf").stat().st_size > 0 and (tmp_path / "fig6.png").stat().st_size > 0
+
+    eval_table = pd.DataFrame([{"stage": "sft", "step": step, "split": split, "n": 20, "successes": s}
+                               for step, ss in ((4, (6, 10)), (8, (15, 0))) for split, s in zip(("id", "ood"), ss)])
+    claims = Claims(eval_table, SELECTION, {"restore_rank": pd.read_csv(tmp_path / "restore_rank.csv")}).table()
+    claims = claims.set_index("claim")
+    # top-20 % direction: OOD 8 / 20 with B = 10 / 20, T = 0 / 20 -> 80 % of the gap, exactly
+    assert claims.loc["rank_top20_direction", "ours"] == pytest.approx(80.0)
+    assert claims.loc["rank_top20_direction", "low"] < 80 < claims.loc["rank_top20_direction", "high"]
+    assert claims.loc["rank_top20_direction", "verdict"] == "pass"
+    assert claims.loc["ood_peaks_then_falls", "ours"] == pytest.approx(50.0)  # 10/20 -> 0/20: 50 pp
+    assert claims.loc["id_rises", "ours"] == pytest.approx(45.0)
+    for claim in ("rl_recovery", "reverse_drops_ood", "late_sft_unrecoverable", "layer_first25_direction",
+                  "sigma_stable_angles_large"):
+        assert claims.loc[claim, "verdict"] == "no data"
+    assert "**pass**" in markdown(claims.reset_index())
+    # same inputs, same intervals (fixed bootstrap seed)
+    again = Claims(eval_table, SELECTION, {"restore_rank": pd.read_csv(tmp_path / "restore_rank.csv")}).table()
+    pd.testing.assert_frame_equal(again.set_index("claim"), claims)
+
+
+def test_claims_rl_recovery_and_undefined_ratios():
+    import pandas as pd
+
+    from sftrl.report.claims import Claims
+
+    rows = [{"stage": "sft", "step": step, "split": "ood", "n": 40, "successes": s} for step, s in ((4, 20), (8, 4))]
+    rows += [{"stage": "rl", "step": u, "split": "ood", "n": 40, "successes": s, "algorithm": "ppo", "start": start}
+             for u, s, start in ((2, 6, "sft-8"), (4, 16, "sft-8"), (4, 19, "sft-4"))]
+    claims = Claims(pd.DataFrame(rows), SELECTION, {}).table().set_index("claim")
+    assert claims.loc["rl_recovery", "ours"] == pytest.approx(75.0)  # last update: (16 - 4) / (20 - 4)
+    assert claims.loc["late_sft_unrecoverable", "ours"] == pytest.approx(100 * (19 - 16) / 40)
+    flat = [{"stage": "sft", "step": step, "split": "ood", "n": 40, "successes": 0} for step in (4, 8)]
+    flat += [{"stage": "rl", "step": 4, "split": "ood", "n": 40, "successes": 3, "algorithm": "ppo", "start": "sft-8"}]
+    claims = Claims(pd.DataFrame(flat), SELECTION, {}).table().set_index("claim")
+    assert claims.loc["rl_recovery", "verdict"] == "undefined"  # nothing was lost: recovery has no meaning

@@ -96,7 +96,7 @@ class Claims:
     def rl_recovery(self):
         end_name = f"sft-{self.selection['end_sft']['step']}"
         runs = self.rl_runs()
-        runs = runs[runs["start"] == end_name]
+        runs = runs[runs["start"] == end_name] if len(runs) else runs
         inter, end = self.sft("inter_sft", "ood"), self.sft("end_sft", "ood")
         value = None
         if len(runs) and inter and end:
