@@ -162,7 +162,7 @@ RULE_BLOCK = re.compile(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoi
 LIBRARY_MODULES = sorted(p.relative_to(REPO / "src").with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
                          for p in (REPO / "src" / "sftrl").rglob("*.py"))
 # Rules whose jobs a dry run can only list once the select_sft checkpoint has run (their wildcards come from it).
-AFTER_SELECTION = {"spectral_pair"}
+AFTER_SELECTION = {"spectral_pair", "restore"}
 
 
 def rule_commands(repo: Path) -> dict[str, str]:

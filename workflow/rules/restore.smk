@@ -46,6 +46,9 @@ def restore_resolve(sweep, role):
         raise WorkflowError(f"config restore.{sweep}.{role}: {e}")
     if ckpt.stage == "sft" and ckpt.step not in sft_steps():
         raise WorkflowError(f"config restore.{sweep}.{role}: {name} is not a saved SFT step {sft_steps()}")
+    if ckpt.stage == "rl" and not workflow.is_rule("rl") and not os.path.isdir(model_dir(ckpt)):
+        raise WorkflowError(f"config restore.{sweep}.{role} = {name!r}: an RL checkpoint ({model_dir(ckpt)}), but this "
+                            "workflow has no rl rule to make it (issue 13) and it does not exist")
     return ckpt
 
 
@@ -126,28 +129,64 @@ rule restore_table:
         " --run {params.run} --out {output} > {log} 2>&1"
 
 
-for _sweep, _figure in RESTORE_FIGURES.items():
+rule fig5:
+    input:
+        table=f"{RESULTS}/tables/restore_layer.csv",
+        code=code("figure fig5"),
+    output:
+        pdf=f"{RESULTS}/figs/fig5.pdf",
+        png=report(f"{RESULTS}/figs/fig5.png", caption="../report/fig5.rst",
+                   category="6. Restoration", subcategory="Figures"),
+    params:
+        stem=stem,
+    log:
+        "logs/figs/fig5.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/figs/fig5.tsv"
+    shell:
+        "sftrl figure fig5 --table {input.table} --out {params.stem} > {log} 2>&1"
 
-    rule:
-        name:
-            f"{_figure}"
-        input:
-            table=f"{RESULTS}/tables/restore_{_sweep}.csv",
-            code=code(f"figure {_figure}"),
-        output:
-            pdf=f"{RESULTS}/figs/{_figure}.pdf",
-            png=report(f"{RESULTS}/figs/{_figure}.png", caption=f"../report/{_figure}.rst",
-                       category="6. Restoration", subcategory="Figures"),
-        params:
-            stem=stem,
-        log:
-            f"logs/figs/{_figure}.log",
-        conda:
-            "../envs/analysis.yaml"
-        benchmark:
-            f"benchmarks/figs/{_figure}.tsv"
-        shell:
-            f"sftrl figure {_figure} --table {{input.table}} --out {{params.stem}} > {{log}} 2>&1"
+
+rule fig6:
+    input:
+        table=f"{RESULTS}/tables/restore_rank.csv",
+        code=code("figure fig6"),
+    output:
+        pdf=f"{RESULTS}/figs/fig6.pdf",
+        png=report(f"{RESULTS}/figs/fig6.png", caption="../report/fig6.rst",
+                   category="6. Restoration", subcategory="Figures"),
+    params:
+        stem=stem,
+    log:
+        "logs/figs/fig6.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/figs/fig6.tsv"
+    shell:
+        "sftrl figure fig6 --table {input.table} --out {params.stem} > {log} 2>&1"
+
+
+rule fig7:
+    input:
+        table=f"{RESULTS}/tables/restore_reverse.csv",
+        code=code("figure fig7"),
+    output:
+        pdf=f"{RESULTS}/figs/fig7.pdf",
+        png=report(f"{RESULTS}/figs/fig7.png", caption="../report/fig7.rst",
+                   category="6. Restoration", subcategory="Figures"),
+    params:
+        stem=stem,
+    log:
+        "logs/figs/fig7.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/figs/fig7.tsv"
+    shell:
+        "sftrl figure fig7 --table {input.table} --out {params.stem} > {log} 2>&1"
 
 
 rule claims:
