@@ -122,10 +122,10 @@ class Claims:
         row = _claim("sigma_stable_angles_large", "singular values barely change while singular vectors rotate",
                      "Δσ within 0–0.005; top angles 25–30°, rising to 90° in the tail", "° (median over matrices "
                      "of the mean top-r principal angle; interval: 5–95 % across matrices)",
-                     "median |Δσ/σ| < 1 % while the median mean angle > 10°", "spectral_sigma.csv, spectral_angles.csv",
+                     "median abs(Δσ/σ) < 1 % while the median mean angle > 10°", "spectral_sigma.csv, spectral_angles.csv",
                      value, lambda p, lo, hi: self.sigma_detail[1] < 1 and p > 10)
         if value is not None:
-            row["statement"] += f" (pair {self.sigma_detail[0]}: median |Δσ/σ| = {self.sigma_detail[1]:.3g} %)"
+            row["statement"] += f" (pair {self.sigma_detail[0]}: median abs(Δσ/σ) = {self.sigma_detail[1]:.3g} %)"
         return row
 
     def _restore_recovery(self, sweep: str, select: Callable[[pd.DataFrame], pd.Series], claim, statement, paper):
