@@ -165,12 +165,14 @@ class Checkpoint:
         return cls.parse(parts[-2])
 
     def to_json(self) -> dict:
-        """Table columns: every checkpoint has checkpoint/stage/step; rl adds algorithm and start, restored its run."""
+        """Table columns: every checkpoint has checkpoint/stage/step; rl adds algorithm and start, restored its sweep
+        and point (a table's `run` column is the study run's name, config `run`)."""
         record = {"checkpoint": self.name, "stage": self.stage, "step": self.step}
         if self.stage == "rl":
             record.update(algorithm=self.algo, start=self.start.name)
         if self.stage == "restored":
-            record.update(run=self.run)
+            sweep, point = self.run.split("-", 1)
+            record.update(sweep=sweep, point=point)
         return record
 
 

@@ -19,7 +19,8 @@ import sys
 COMMANDS = {
     "data eval-set": ("sftrl.task.data:eval_set_command", "a fixed, seeded evaluation problem set"),
     "data sft": ("sftrl.task.data:sft_data_command", "SFT train / ID-test / OOD-loss sets"),
-    "pretrain": ("sftrl.base.pretrain:command", "pretrain the embedded tiny base model"),
+    "pretrain": ("sftrl.base.pretrain:command", "pretrain the embedded tiny base model (or install the shipped one)"),
+    "ship-base": ("sftrl.base.shipped:command", "ship a pretrained base into the repository with its manifest"),
     "probe": ("sftrl.base.probe:command", "ability probe of a base model"),
     "sft": ("sftrl.train.sft:command", "supervised fine-tuning with a checkpoint every save_steps"),
     "eval": ("sftrl.evaluation.evaluate:command", "multi-turn rollout evaluation of one checkpoint on one problem set"),

@@ -152,7 +152,8 @@ def test_restored_checkpoint_fields_and_paths():
     assert (checkpoint.stage, checkpoint.step, checkpoint.run) == ("restored", 0, "rank-direction-k0.2")
     assert checkpoint.model_dir("results", "b") == "results/restore/rank-direction-k0.2"
     assert checkpoint.results_dir("results", "eval") == "results/eval/restored-rank-direction-k0.2"
-    assert checkpoint.to_json()["run"] == "rank-direction-k0.2"
+    assert checkpoint.to_json() == {"checkpoint": "restored-rank-direction-k0.2", "stage": "restored", "step": 0,
+                                    "sweep": "rank", "point": "direction-k0.2"}
     with pytest.raises(ValueError, match="restored model has step 0"):
         Checkpoint("restored", 2, "rank-x")
 

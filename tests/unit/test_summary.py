@@ -10,17 +10,17 @@ from sftrl.cli import main
 from sftrl.evaluation.select import select_sft
 from sftrl.report.summary import recovery, write_summary
 
-# (stage, step) -> (ID solved, OOD solved, ID format-error rate, OOD format-error rate), 20 problems per split
-MEASURED = {("base", 0): (2, 1, 0.5, 0.6), ("sft", 10): (8, 6, 0.1, 0.2), ("sft", 20): (12, 4, 0.0, 0.25),
-            ("sft", 30): (15, 3, 0.0, 0.125)}
+# checkpoint name -> (ID solved, OOD solved, ID format-error rate, OOD format-error rate), 20 problems per split
+MEASURED = {"base": (2, 1, 0.5, 0.6), "sft-10": (8, 6, 0.1, 0.2), "sft-20": (12, 4, 0.0, 0.25),
+            "sft-30": (15, 3, 0.0, 0.125)}
 
 
 def eval_table(path, measured=MEASURED, run="t"):
     rows = []
-    for (stage, step), (id_ok, ood_ok, id_fmt, ood_fmt) in measured.items():
+    for name, (id_ok, ood_ok, id_fmt, ood_fmt) in measured.items():
         for split, ok, fmt in (("id", id_ok, id_fmt), ("ood", ood_ok, ood_fmt)):
-            rows.append({"run": run, "stage": stage, "step": step, "split": split, "n": 20, "successes": ok,
-                         "accuracy": ok / 20, "first_attempt_accuracy": ok / 40, "format_error_rate": fmt,
+            rows.append({"run": run, **checkpoint.Checkpoint.parse(name).to_json(), "split": split, "n": 20,
+                         "successes": ok, "accuracy": ok / 20, "first_attempt_accuracy": ok / 40, "format_error_rate": fmt,
                          "mean_reward": 0.0, "attempts": 40})
     pd.DataFrame(rows).sample(frac=1, random_state=1).to_csv(path, index=False)  # row order must not matter
     return path
@@ -70,7 +70,7 @@ def test_headline_table_and_links(results):
 
 
 def test_degenerate_selection_is_said(tmp_path):
-    flat = {("base", 0): (1, 1, 0.0, 0.0), ("sft", 10): (3, 0, 0.0, 0.0), ("sft", 20): (5, 0, 0.0, 0.0)}
+    flat = {"base": (1, 1, 0.0, 0.0), "sft-10": (3, 0, 0.0, 0.0), "sft-20": (5, 0, 0.0, 0.0)}
     table = eval_table(tmp_path / "eval.csv", flat)
     select_sft(table, tmp_path / "selection.json")
     text = write_summary(table, tmp_path / "selection.json", [], [], tmp_path / "SUMMARY.md")
@@ -78,10 +78,9 @@ def test_degenerate_selection_is_said(tmp_path):
     assert "Inter_SFT is step 10 by the tie rule alone" in text
 
 
-def test_a_later_stage_gets_its_last_checkpoint_and_the_recovery(tmp_path, monkeypatch):
-    # a stage the vocabulary will know (RL): rows appear keyed by stage, without any change to the summary
-    monkeypatch.setitem(checkpoint.STAGES, "rl", "RL")
-    measured = {**MEASURED, ("rl", 50): (10, 4, 0.0, 0.0), ("rl", 100): (13, 5, 0.05, 0.0)}
+def test_a_later_stage_gets_its_last_checkpoint_and_the_recovery(tmp_path):
+    # RL runs: the last checkpoint of each run is a headline row
+    measured = {**MEASURED, "ppo-from-sft-10-u50": (10, 4, 0.0, 0.0), "ppo-from-sft-10-u100": (13, 5, 0.05, 0.0)}
     table = eval_table(tmp_path / "eval.csv", measured)
     select_sft(table, tmp_path / "selection.json")
     text = write_summary(table, tmp_path / "selection.json", [], [], tmp_path / "SUMMARY.md")
@@ -89,8 +88,9 @@ def test_a_later_stage_gets_its_last_checkpoint_and_the_recovery(tmp_path, monke
     assert ("| checkpoint | model | ID accuracy | OOD accuracy | ID format errors | OOD format errors "
             "| OOD recovery |\n") in text
     assert "| End_SFT | `sft-30` | 75.0 % (15/20) | 15.0 % (3/20) | 0.0 % | 12.5 % |  |" in text
-    assert "| RL step 100 | `rl-100` | 65.0 % (13/20) | 25.0 % (5/20) | 5.0 % | 0.0 % | 66.7 % |" in text
-    assert "RL step 50" not in text
+    assert ("| PPO from SFT step 10, update 100 | `ppo-from-sft-10-u100` | 65.0 % (13/20) | 25.0 % (5/20) | 5.0 % "
+            "| 0.0 % | 66.7 % |") in text
+    assert "update 50" not in text
 
 
 def test_recovery_definition():

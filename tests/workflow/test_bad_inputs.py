@@ -43,6 +43,7 @@ CASES = {
     "angle matrix not analysed": (setter("spectral.angle_matrix", "model.layers.7.mlp.up_proj.weight"),
                                   ["spectral.angle_matrix"]),
     "sigma layer not analysed": (setter("spectral.sigma_layer", 9), ["spectral.sigma_layer"]),
+    "no shipped base there": (setter("base.shipped", "no/such/base"), ["base.shipped", "no/such/base"]),
 }
 
 
@@ -73,3 +74,26 @@ def test_unlock_and_rulegraph_need_no_cores(tmp_path):
     workdir = make_workdir(tmp_path)
     assert "Unlock" in snakemake(workdir, "--unlock").stdout + snakemake(workdir, "--unlock").stderr
     assert "digraph" in snakemake(workdir, "--rulegraph").stdout
+
+
+def test_the_shipped_base_is_installed_and_a_foreign_one_refused(tmp_path, micro_base, micro_base_settings):
+    """base.shipped: rule pretrain_base installs the copy after checking its manifest against the config; a copy made
+    with other settings fails the job with a message naming the differing key (the DAG never trains on it)."""
+    from sftrl.base import shipped
+
+    micro = yaml.safe_load(MICRO.read_text())
+    loss = tmp_path / "loss.csv"
+    loss.write_text("step,lr,loss\n1,0.003,6.9\n")
+    shipped.ship(micro_base, loss, tmp_path / "shipped", micro_base_settings)  # made with the unit-test settings
+    workdir = make_workdir(tmp_path / "work", edit=setter("base", {**micro_base_settings,
+                                                                    "shipped": str(tmp_path / "shipped")}))
+    snakemake(workdir, "--cores", "1", "results/models/base", timeout=120)
+    for path in micro_base.iterdir():
+        assert (workdir / "results" / "models" / "base" / path.name).read_bytes() == path.read_bytes()
+    assert (workdir / "results" / "base" / "pretrain_loss.csv").read_text() == loss.read_text()
+    foreign = make_workdir(tmp_path / "foreign", edit=setter("base.shipped", str(tmp_path / "shipped")))
+    result = snakemake(foreign, "--cores", "1", "results/models/base", check=False, timeout=120)
+    log = (foreign / "logs" / "base" / "pretrain.log").read_text()
+    assert result.returncode != 0 and "but the shipped base at" in log and "base.shipped: null" in log
+    assert not (foreign / "results" / "models" / "base").exists()
+    assert micro["base"]["shipped"] is None  # the micro DAG itself takes the regeneration path

@@ -1,15 +1,20 @@
-# The embedded base model (sftrl.base): a tiny Llama pretrained on a generated corpus, and its ability probe.
+# The embedded base model (sftrl.base): a tiny Llama pretrained on a generated corpus — trained once and shipped in
+# resources/base/ (config base.shipped; installed after its manifest is checked), or pretrained here when
+# base.shipped is null — and its ability probe.
 
 
 rule pretrain_base:
     input:
         code=code("pretrain"),
+        # config base.shipped: the shipped copy's files (replacing one reruns the install)
+        shipped=shipped_base_files(),
     output:
         directory(f"{RESULTS}/models/base"),
     params:
         settings=settings("base"),
         # Resumable state lives outside the declared output, which Snakemake deletes before a job starts.
         state_dir=f"{RESULTS}/work/pretrain",
+        shipped=f"--shipped {shipped_base_dir()}" if shipped_base_dir() else "",
     log:
         loss=f"{RESULTS}/base/pretrain_loss.csv",
         main="logs/base/pretrain.log",
@@ -23,7 +28,7 @@ rule pretrain_base:
         runtime=60,
     shell:
         "sftrl pretrain --settings {params.settings:q} --out {output} --state-dir {params.state_dir}"
-        " --loss-log {log.loss} --threads {threads} > {log.main} 2>&1"
+        " --loss-log {log.loss} --threads {threads} {params.shipped} > {log.main} 2>&1"
 
 
 rule probe_base:

@@ -125,6 +125,25 @@ def base_model_dir():
     return f"{RESULTS}/models/base"
 
 
+def shipped_base_dir():
+    """config base.shipped as an absolute path (it is relative to the repository), or None."""
+    shipped = config["base"].get("shipped")
+    if not shipped or config["model"]["path"]:
+        return None
+    return os.path.normpath(os.path.join(workflow.basedir, shipped))
+
+
+def shipped_base_files():
+    """The shipped base's files (inputs of pretrain_base); a missing copy fails at parse time, naming the key."""
+    shipped = shipped_base_dir()
+    if shipped is None:
+        return []
+    if not os.path.isfile(os.path.join(shipped, "MANIFEST.json")):
+        raise WorkflowError(f"config base.shipped = {config['base']['shipped']!r}: no shipped base there "
+                            f"({shipped}/MANIFEST.json missing); set base.shipped: null to pretrain")
+    return sorted(os.path.join(shipped, name) for name in os.listdir(shipped))
+
+
 def sft_steps():
     """Checkpoint steps SFT writes: every sft.save_steps up to sft.max_steps (the last one always)."""
     save, last = config["sft"]["save_steps"], config["sft"]["max_steps"]

@@ -57,6 +57,7 @@ rule eval_table:
 checkpoint select_sft:
     input:
         table=f"{RESULTS}/tables/eval.csv",
+        losses=f"{RESULTS}/tables/sft_loss.csv",
         code=code("select"),
     output:
         report(f"{RESULTS}/sft/selection.json", caption="../report/table_selection.rst",
@@ -70,4 +71,4 @@ checkpoint select_sft:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl select --table {input.table} --end-sft {params.end_sft} --out {output} > {log} 2>&1"
+        "sftrl select --table {input.table} --losses {input.losses} --end-sft {params.end_sft} --out {output} > {log} 2>&1"

@@ -21,7 +21,7 @@ from .. import codegraph
 from ..io import atomic_dir, atomic_path, fingerprint, write_json
 from ..modeling import EOT, build_tiny_llama, build_tokenizer, save_model
 from ..task import points
-from . import corpus
+from . import corpus, shipped
 
 log = logging.getLogger(__name__)
 
@@ -190,4 +190,14 @@ def command(parser):
     parser.add_argument("--state-dir", required=True, help="resumable state (outside the rule's outputs)")
     parser.add_argument("--loss-log", required=True)
     parser.add_argument("--threads", type=int, default=1)
-    return lambda args: pretrain(args.settings, args.out, args.state_dir, args.loss_log, threads=args.threads)
+    parser.add_argument("--shipped", help="install this shipped base (config base.shipped) instead of pretraining")
+
+    def run(args):
+        if args.shipped:
+            manifest = shipped.install(args.shipped, args.settings, args.out, args.loss_log)
+            log.info("installed the shipped base %s (%d files, made by commit %s) -> %s", args.shipped,
+                     len(manifest["files"]), manifest.get("code_commit"), args.out)
+        else:
+            pretrain(args.settings, args.out, args.state_dir, args.loss_log, threads=args.threads)
+
+    return run

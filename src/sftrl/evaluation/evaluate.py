@@ -62,12 +62,12 @@ def command(parser):
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
     parser.add_argument("--verify-iter", type=int, default=5)
     parser.add_argument("--run", required=True)
-    parser.add_argument("--checkpoint", type=Checkpoint.parse, required=True, help="base or sft-<step>")
+    parser.add_argument("--checkpoint", type=Checkpoint.parse, required=True, help="a concrete checkpoint name (sftrl.checkpoint)")
     parser.add_argument("--out", required=True, help="per-episode JSONL")
     parser.add_argument("--summary", required=True, help="one-row JSON summary")
 
     def run(args):
-        labels = {"run": args.run, "stage": args.checkpoint.stage, "step": args.checkpoint.step}
+        labels = {"run": args.run, **args.checkpoint.to_json()}
         evaluate_checkpoint(args.model, args.problems, args.settings, args.model_settings, args.out, args.summary,
                             verify_iter=args.verify_iter, labels=labels)
 

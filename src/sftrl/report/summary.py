@@ -4,9 +4,9 @@ host (the HTML report, `make report`, holds the same figures with captions and p
 Drawn from the tidy evaluation table and the SFT selection only. It states measured numbers, never a verdict: the
 miniature and a 7B run differ, and which way a number goes is for the reader to judge.
 
-Rows are keyed by stage (sftrl.checkpoint): Base, the two SFT selections (Inter_SFT, End_SFT), then the last
-evaluated checkpoint of every later stage the table holds (RL runs, restored models), each with the share of the
-Inter_SFT -> End_SFT OOD drop it recovers.
+Rows are keyed by checkpoint name (sftrl.checkpoint): Base, the two SFT selections (Inter_SFT, End_SFT), then the
+last evaluated checkpoint of every RL run the table holds, each with the share of the Inter_SFT -> End_SFT OOD drop
+it recovers. Restored models belong to their sweeps' figures, not to the headline.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def _format_errors(row: pd.Series | None) -> str:
 
 def headline_rows(table: pd.DataFrame, selection: dict) -> list[dict]:
     """One row per headline checkpoint: label, concrete checkpoint name, and its ID / OOD evaluation rows."""
-    missing = {"run", "stage", "step", "split", "n", "successes", "accuracy", "format_error_rate"} - set(table.columns)
+    missing = {"run", "checkpoint", "stage", "step", "split", "n", "successes", "accuracy",
+               "format_error_rate"} - set(table.columns)
     if missing:
         raise ValueError(f"the evaluation table lacks column(s) {sorted(missing)}")
     runs = sorted(set(table["run"]))
@@ -66,7 +67,7 @@ def headline_rows(table: pd.DataFrame, selection: dict) -> list[dict]:
         raise ValueError(f"the evaluation table has stage(s) {unknown} that sftrl.checkpoint does not know")
 
     def evaluated(ckpt: Checkpoint, label: str) -> dict:
-        rows = table[(table["stage"] == ckpt.stage) & (table["step"] == ckpt.step)]
+        rows = table[table["checkpoint"] == ckpt.name]
         if rows.empty:
             raise ValueError(f"{label} ({ckpt.name}) has no row in the evaluation table")
         by_split = {row["split"]: row for _, row in rows.iterrows()}
@@ -75,9 +76,10 @@ def headline_rows(table: pd.DataFrame, selection: dict) -> list[dict]:
 
     headline = [evaluated(Checkpoint("base"), STAGES["base"])]
     headline += [evaluated(Checkpoint.resolve(key, selection), SELECTIONS[key]) for key in SELECTION_ORDER]
-    # later stages, in study order: the last checkpoint each one evaluated (its end point)
-    for stage in [s for s in STAGES if s not in ("base", "sft") and s in set(table["stage"])]:
-        last = Checkpoint(stage, int(table.loc[table["stage"] == stage, "step"].max()))
+    # RL runs, in study order: the last checkpoint each one evaluated (its end point)
+    rl = [Checkpoint.parse(name) for name in set(table.loc[table["stage"] == "rl", "checkpoint"])]
+    for run in sorted({c.run for c in rl}, key=lambda run: Checkpoint("rl", 0, run).sort_key):
+        last = max((c for c in rl if c.run == run), key=lambda c: c.step)
         headline.append(evaluated(last, last.label))
     return headline
 
@@ -115,16 +117,19 @@ def headline_notes(table: pd.DataFrame, selection: dict, rows: list[dict]) -> li
         "Accuracy: share of problems solved within the episode's attempts (solved / problems"
         + (", " + ", ".join(f"{n[s]} {s.upper()} problems" for s in n) if n else "") + "). Format errors: share of "
         "all attempts whose output could not be parsed as a formula or used illegal characters.",
-        f"{SELECTIONS[INTER_SFT]} = the SFT checkpoint with the highest OOD accuracy (ties → earliest step); "
+        f"{SELECTIONS[INTER_SFT]} = the SFT checkpoint with the highest OOD accuracy (ties → highest OOD "
+        "rule-following, then lowest OOD loss, then earliest); "
         f"{SELECTIONS[END_SFT]} = the last SFT checkpoint."
         if "selection.end_sft" not in selection.get("rule", "") else
         f"{SELECTIONS[END_SFT]} = SFT step {selection[END_SFT]['step']} (config selection.end_sft); "
-        f"{SELECTIONS[INTER_SFT]} = the checkpoint up to it with the highest OOD accuracy (ties → earliest step).",
+        f"{SELECTIONS[INTER_SFT]} = the checkpoint up to it with the highest OOD accuracy (ties → highest OOD rule-following, "
+        "then lowest OOD loss, then earliest).",
     ]
     inter = selection[INTER_SFT]
     if inter.get("degenerate"):
         notes.append(f"Every SFT checkpoint has the same OOD accuracy: {SELECTIONS[INTER_SFT]} is step "
-                     f"{inter['step']} by the tie rule alone, not a measured peak.")
+                     f"{inter['step']} by the tie rule alone (OOD rule-following, then OOD loss), not a measured "
+                     "accuracy peak.")
     if any(r["stage"] not in ("base", "sft") for r in rows):
         notes.append(f"OOD recovery: (OOD − OOD of {SELECTIONS[END_SFT]}) / (OOD of {SELECTIONS[INTER_SFT]} − OOD "
                      f"of {SELECTIONS[END_SFT]}); n/a where {SELECTIONS[INTER_SFT]} is not above "
