@@ -131,7 +131,7 @@ def restore_model(reference, target, spec: RestoreSpec, out, reference_svd: Sequ
     weight_map, total = {}, 0
     with atomic_dir(out) as tmp:
         progress = tqdm(total=len(shapes), desc="restore", unit="tensor", mininterval=5)
-        for number, (block, names) in enumerate(files.items(), start=1):
+        for number, names in enumerate(files.values(), start=1):
             filename = f"model-{number:05d}-of-{len(files):05d}.safetensors"
             tensors = {}
             for name, W_T in iter_checkpoint_tensors(target, names):
