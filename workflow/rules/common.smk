@@ -333,9 +333,15 @@ for _sweep in SWEEPS:
                 raise WorkflowError(f"config restore.{_sweep}.{_role}: {e}")
 
 
+def has_rl_rule(name):
+    """Whether this workflow has the rule that makes the RL checkpoint `name` (rl_<algo>, issue 13)."""
+    algo = name.split("-from-")[0]
+    return workflow.is_rule(f"rl_{algo}") or workflow.is_rule("rl")
+
+
 def restore_sweeps():
-    """The sweeps the default target builds: reverse needs RL checkpoints, so only with the rl rule (issue 13)."""
-    return [sweep for sweep in SWEEPS if sweep != "reverse" or workflow.is_rule("rl")]
+    """The sweeps the default target builds: reverse needs its RL checkpoint, so only with the RL rules (issue 13)."""
+    return [sweep for sweep in SWEEPS if sweep != "reverse" or has_rl_rule(config["restore"]["reverse"]["target"])]
 
 
 def restore_resolve(sweep, role):
@@ -351,9 +357,9 @@ def restore_resolve(sweep, role):
         raise WorkflowError(f"config restore.{sweep}.{role}: {e}")
     if ckpt.stage == "sft" and ckpt.step not in sft_steps():
         raise WorkflowError(f"config restore.{sweep}.{role}: {name} is not a saved SFT step {sft_steps()}")
-    if ckpt.stage == "rl" and not workflow.is_rule("rl") and not os.path.isdir(model_dir(ckpt)):
+    if ckpt.stage == "rl" and not has_rl_rule(ckpt.name) and not os.path.isdir(model_dir(ckpt)):
         raise WorkflowError(f"config restore.{sweep}.{role} = {name!r}: an RL checkpoint ({model_dir(ckpt)}), but this "
-                            "workflow has no rl rule to make it (issue 13) and it does not exist")
+                            "workflow has no rule to make it (rl_<algo>, issue 13) and it does not exist")
     return ckpt
 
 
