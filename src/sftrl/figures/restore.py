@@ -20,12 +20,13 @@ def _panels(table: pd.DataFrame, width: float = 8.4):
 
 
 def _role_lines(ax, data: pd.DataFrame, split: str) -> None:
-    """B and T (and reset, a whole-matrix point without k) as labelled horizontal lines."""
+    """B and T as labelled horizontal lines; the y axis from 0 to above the largest accuracy (at least 5 %)."""
     for _, row in data[(data["split"] == split) & (data["role"] != "restored")].iterrows():
         color, style = ROLE_LINES[row["role"]]
         name = label(row["reference"] if row["role"] in ("reference", "both") else row["target"])
         text = {"reference": f"B = {name}", "target": f"T = {name}", "both": f"B = T = {name}"}[row["role"]]
         ax.axhline(row["accuracy (%)"], color=color, linestyle=style, linewidth=1, label=text)
+    ax.set_ylim(-1, max(5.0, 1.15 * data.loc[data["split"] == split, "accuracy (%)"].max()))
 
 
 def fig6(table: pd.DataFrame, stem) -> None:
