@@ -21,6 +21,7 @@ include: "workflow/rules/eval.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/spectral.smk"
 include: "workflow/rules/rl.smk"
+include: "workflow/rules/restore.smk"
 include: "workflow/rules/cluster.smk"
 include: "workflow/rules/report.smk"
 

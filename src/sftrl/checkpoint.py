@@ -97,11 +97,16 @@ class Checkpoint:
 
     @classmethod
     def resolve(cls, name: str, selection: dict | None = None) -> "Checkpoint":
-        """A configured name: a concrete checkpoint, or a selection looked up in selection.json's content."""
-        if name in SELECTIONS:
+        """A configured name: a concrete checkpoint, a selection looked up in selection.json's content, or an RL
+        checkpoint whose start is a selection (`ppo-from-end_sft-u8`: update 8 of the PPO run from End_SFT)."""
+        if needs_selection(name):
             if selection is None:
-                raise ValueError(f"{name} is a selection: it needs the SFT selection (results/sft/selection.json)")
-            return cls("sft", int(selection[name]["step"]))
+                what = "is a selection" if name in SELECTIONS else "starts from a selection"
+                raise ValueError(f"{name} {what}: it needs the SFT selection (results/sft/selection.json)")
+            if name in SELECTIONS:
+                return cls("sft", int(selection[name]["step"]))
+            match = _RL_FROM_SELECTION.match(name)
+            return cls.rl(match["algo"], cls("sft", int(selection[match["start"]]["step"])), int(match["update"]))
         return cls.parse(name)
 
     @property
@@ -171,8 +176,19 @@ class Checkpoint:
         return record
 
 
+_RL_FROM_SELECTION = re.compile(
+    rf"^(?P<algo>{'|'.join(ALGORITHMS)})-from-(?P<start>{'|'.join(SELECTIONS)})-u(?P<update>\d+)$")
+
+
+def needs_selection(name: str) -> bool:
+    """Whether a configured name resolves only through the SFT selection (inter_sft, end_sft, <algo>-from-end_sft-uN)."""
+    return name in SELECTIONS or _RL_FROM_SELECTION.match(str(name)) is not None
+
+
 def label(name: str) -> str:
     """Display label of a configured name: a selection's paper name, or the checkpoint's label."""
+    if (match := _RL_FROM_SELECTION.match(str(name))):
+        return f"{ALGORITHMS[match['algo']]} from {SELECTIONS[match['start']]}, update {match['update']}"
     return SELECTIONS.get(name) or Checkpoint.parse(name).label
 
 

@@ -47,6 +47,12 @@ COMMANDS = {
     "figure fig4_layers": ("sftrl.figures.spectral:fig4_layers_command", "mean principal angle per layer and kind"),
     "figure embed_lmhead": ("sftrl.figures.spectral:embed_lmhead_command", "embed_tokens vs lm_head alignment"),
     "figure drift": ("sftrl.figures.drift:drift_command", "rotation drift vs OOD accuracy and OOD loss"),
+    "restore": ("sftrl.restore.surgery:command", "restore a reference checkpoint's singular directions into a target"),
+    "restore-table": ("sftrl.restore.table:command", "one restoration sweep's evaluations, with its reference and target"),
+    "figure fig5": ("sftrl.figures.restore:fig5_command", "layer-wise restoration: ID / OOD per restored layer block"),
+    "figure fig6": ("sftrl.figures.restore:fig6_command", "rank-wise restoration: ID / OOD vs k, one line per arm"),
+    "figure fig7": ("sftrl.figures.restore:fig7_command", "reverse restoration: RL given End_SFT's directions"),
+    "claims": ("sftrl.report.claims:command", "the paper's headline claims against this run's tables"),
     "summary": ("sftrl.report.summary:command", "results/SUMMARY.md: the headline table and links to every figure"),
 }
 

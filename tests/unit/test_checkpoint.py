@@ -173,3 +173,15 @@ def test_name_pattern_matches_every_stage():
         assert re.fullmatch(NAME_PATTERN, name)
     for name in ["sft-40/x", "inter_sft", "ppo-from-sft-1"]:
         assert not re.fullmatch(NAME_PATTERN, name)
+
+
+def test_rl_names_with_a_selection_start_resolve_through_the_selection():
+    from sftrl.checkpoint import needs_selection
+
+    selection = {"inter_sft": {"step": 40}, "end_sft": {"step": 480}}
+    assert needs_selection("ppo-from-end_sft-u8") and needs_selection("end_sft") and not needs_selection("sft-40")
+    assert Checkpoint.resolve("ppo-from-end_sft-u8", selection).name == "ppo-from-sft-480-u8"
+    assert Checkpoint.resolve("grpo-from-inter_sft-u2", selection).model_dir("r", "b") == "r/rl/grpo-from-sft-40/checkpoint-2"
+    assert label("ppo-from-end_sft-u8") == "PPO from End_SFT, update 8"
+    with pytest.raises(ValueError, match="needs the SFT selection"):
+        Checkpoint.resolve("ppo-from-end_sft-u8")

@@ -19,11 +19,13 @@ FIGURE_CATEGORIES = {"fig1": "3. SFT and evaluation", "fig2": "3. SFT and evalua
                      "base_abilities": "2. Base model", "fig3": "4. Spectral analysis",
                      "fig4": "4. Spectral analysis", "fig4_layers": "4. Spectral analysis",
                      "embed_lmhead": "4. Spectral analysis", "drift": "5. Rotation drift",
-                     "fig1b": "3b. RL", "recovery_window": "3b. RL"}
+                     "fig1b": "3b. RL", "recovery_window": "3b. RL",
+                     "fig5": "6. Restoration", "fig6": "6. Restoration", "fig7": "6. Restoration"}
 TABLES = ["tables/eval.csv", "sft/selection.json", "tables/sft_loss.csv", "tables/spectral_sigma.csv",
           "tables/spectral_angles.csv", "tables/spectral_energy.csv", "tables/embed_lmhead.csv", "tables/drift.csv",
           "tables/drift_correlation.json", "base/abilities.json", "SUMMARY.md", "tables/headline.html",
-          "tables/rl_log.csv"]
+          "tables/rl_log.csv", "tables/restore_rank.csv", "tables/restore_layer.csv", "tables/restore_reverse.csv",
+          "tables/claims.csv"]
 
 
 def embedded(report: str, name: str):

@@ -57,7 +57,11 @@ FINAL = {"summary": 1, "all": 1}
 # Spectral jobs downstream of the evaluation table and the Inter/End_SFT selection: the drift (it reads OOD
 # accuracy) and the configured-pair tables (they resolve inter_sft / end_sft); the per-pair numbers and the SVDs
 # depend on the checkpoints alone and are reused.
-AFTER_EVAL = {"drift": 1, "fig_drift": 1, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1}
+# The restoration sweeps' tables read the evaluations of their reference and target (Inter_SFT / End_SFT), so they,
+# their figures and the claims table follow too (the restored models' own jobs are re-planned once select_sft ran).
+RESTORE_AFTER_EVAL = {"restore_table": 2, "fig5": 1, "fig6": 1, "claims": 1}
+AFTER_EVAL = {"drift": 1, "fig_drift": 1, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1,
+              **RESTORE_AFTER_EVAL}
 # Every spectral job after a change of the SFT checkpoints' weights (the base's SVDs are reused). The per-pair jobs
 # (spectral_pair) are not in a dry run's plan here: which concrete pairs spectral_tables needs is known only once
 # the rescheduled select_sft checkpoint has run, and Snakemake re-plans them then.
@@ -90,7 +94,7 @@ SWEEP_EDITS = {
     # spectral.top_r: the pair tables and what reads them, and the embed/lm_head angles; never an SVD
     "spectral.top_r": (("spectral", "top_r"), 16,
                        {"spectral_pair": 2, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1,
-                        "embed_lmhead": 1, "fig_embed_lmhead": 1, **FINAL}),
+                        "embed_lmhead": 1, "fig_embed_lmhead": 1, "claims": 1, **FINAL}),
 }
 UPSTREAM = {"pretrain_base", "sft_data", "sft"}
 
@@ -124,12 +128,14 @@ def test_touching_library_code_schedules_nothing(completed):
 # jobs and everything downstream of them.
 LIBRARY_EDITS = {
     "train/sft.py": {"sft": 1, "eval_checkpoint": 4, "eval_table": 1, "select_sft": 1, "fig1": 1, "fig2": 1,
-                     **SPECTRAL_AFTER_SFT, **AFTER_SFT_TABLE, **FINAL},
+                     **SPECTRAL_AFTER_SFT, **AFTER_SFT_TABLE, **RESTORE_AFTER_EVAL, **FINAL},
     # the episode loop: every evaluation and the probe (which runs the GeneralPoints task too)
     "task/rollout.py": {"eval_checkpoint": 6, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
                         "select_sft": 1, "fig1": 1, **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL},
     # the SVD numerics: every SVD (3 checkpoints x 2 shards) and every analysis that reads them
-    "weights/svd.py": {"svd": 6, **SPECTRAL_ANALYSES, **FINAL},
+    # ... and every restored model (sftrl.restore reads the cache through it): 5 micro points, each evaluated twice
+    "weights/svd.py": {"svd": 6, **SPECTRAL_ANALYSES, "restore": 5, "eval_checkpoint": 10, **RESTORE_AFTER_EVAL,
+                       **FINAL},
 }
 
 
@@ -168,7 +174,7 @@ RULE_BLOCK = re.compile(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoi
 LIBRARY_MODULES = sorted(p.relative_to(REPO / "src").with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
                          for p in (REPO / "src" / "sftrl").rglob("*.py"))
 # Rules whose jobs a dry run can only list once the select_sft checkpoint has run (their wildcards come from it).
-AFTER_SELECTION = {"spectral_pair"}
+AFTER_SELECTION = {"spectral_pair", "restore"}
 
 
 def rule_commands(repo: Path) -> dict[str, str]:

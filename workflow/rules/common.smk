@@ -17,10 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from sftrl import codegraph  # noqa: E402
-from sftrl.checkpoint import NAME_PATTERN, RESULTS_DIR, SELECTIONS, Checkpoint  # noqa: E402
+from sftrl.checkpoint import NAME_PATTERN, RESULTS_DIR, SELECTIONS, Checkpoint, needs_selection  # noqa: E402
 from sftrl.cli import command_module  # noqa: E402
 from sftrl.checkpoint import ALGORITHMS  # noqa: E402
 from sftrl.train.rl import TRAINERS, save_updates  # noqa: E402  (numpy, no torch: parse-time safe)
+from sftrl.restore.spec import SWEEPS, spec_json, sweep_points  # noqa: E402
 
 RESULTS = "results"
 SPLITS = ["id", "ood"]
@@ -209,7 +210,7 @@ def all_targets():
     ]
     if not config["model"]["path"]:
         targets += [f"{RESULTS}/base/abilities.json", f"{RESULTS}/figs/base_abilities.pdf"]
-    return targets + spectral_targets() + rl_targets() + [f"{RESULTS}/SUMMARY.md"]
+    return targets + spectral_targets() + rl_targets() + restore_targets() + [f"{RESULTS}/SUMMARY.md"]
 
 
 # -----------------------------------------------------------------------------
@@ -336,6 +337,101 @@ def spectral_targets():
     if svd_embed_shard():
         targets += [f"{RESULTS}/tables/embed_lmhead.csv", f"{RESULTS}/figs/embed_lmhead.pdf"]
     return targets
+
+
+# -----------------------------------------------------------------------------
+# Restoration sweeps (restore.smk): the points of config restore.<sweep>, their B and T, the default targets
+
+RESTORE_FIGURES = {"layer": "fig5", "rank": "fig6", "reverse": "fig7"}
+
+
+def restore_points(sweep):
+    """Point name -> RestoreSpec of one configured sweep (parse time: a bad value fails before any job runs)."""
+    try:
+        return sweep_points(sweep, config["restore"][sweep])
+    except ValueError as e:
+        raise WorkflowError(f"config {e}" if str(e).startswith("restore.") else f"config restore.{sweep}: {e}")
+
+
+for _sweep in SWEEPS:
+    restore_points(_sweep)
+    for _role in ("reference", "target"):
+        _name = config["restore"][_sweep][_role]
+        if not needs_selection(_name):
+            try:
+                Checkpoint.parse(_name)
+            except ValueError as e:
+                raise WorkflowError(f"config restore.{_sweep}.{_role}: {e}")
+
+
+def has_rl_rule(name):
+    """Whether this workflow has the rule that makes the RL checkpoint `name` (rl_<algo>, issue 13)."""
+    algo = name.split("-from-")[0]
+    return workflow.is_rule(f"rl_{algo}") or workflow.is_rule("rl")
+
+
+def restore_sweeps():
+    """The sweeps the default target builds: reverse needs its RL checkpoint, so only with the RL rules (issue 13)."""
+    return [sweep for sweep in SWEEPS if sweep != "reverse" or has_rl_rule(config["restore"]["reverse"]["target"])]
+
+
+def restore_resolve(sweep, role):
+    """restore.<sweep>.<role> as a concrete checkpoint (selections through the select_sft checkpoint)."""
+    name = config["restore"][sweep][role]
+    selection = None
+    if needs_selection(name):
+        with checkpoints.select_sft.get().output[0].open() as f:
+            selection = json.load(f)
+    try:
+        ckpt = Checkpoint.resolve(name, selection)
+    except ValueError as e:
+        raise WorkflowError(f"config restore.{sweep}.{role}: {e}")
+    if ckpt.stage == "sft" and ckpt.step not in sft_steps():
+        raise WorkflowError(f"config restore.{sweep}.{role}: {name} is not a saved SFT step {sft_steps()}")
+    if ckpt.stage == "rl" and not has_rl_rule(ckpt.name) and not os.path.isdir(model_dir(ckpt)):
+        raise WorkflowError(f"config restore.{sweep}.{role} = {name!r}: an RL checkpoint ({model_dir(ckpt)}), but this "
+                            "workflow has no rule to make it (rl_<algo>, issue 13) and it does not exist")
+    return ckpt
+
+
+def restore_inputs(wildcards):
+    inputs = {"code": code("restore")}
+    for role in ("reference", "target"):
+        ckpt = restore_resolve(wildcards.sweep, role)
+        inputs[role] = model_dir(ckpt)
+        inputs[f"{role}_svd"] = svd_files(ckpt)
+    return inputs
+
+
+def restored_model(path):
+    return directory(path) if config["restore"]["keep_models"] else temp(directory(path))
+
+
+def restore_table_inputs(wildcards):
+    """Eval summaries of the sweep's points, of its reference and of its target (deduplicated: B = T happens)."""
+    sweep = wildcards.sweep
+    ckpts = [Checkpoint("restored", 0, f"{sweep}-{point}") for point in restore_points(sweep)]
+    ckpts += [restore_resolve(sweep, role) for role in ("reference", "target")]
+    summaries = list(dict.fromkeys(f"{results_dir('eval', ckpt)}/{split}.summary.json"
+                                   for ckpt in ckpts for split in SPLITS))
+    inputs = {"summaries": summaries, "code": code("restore-table")}
+    if any(needs_selection(config["restore"][sweep][role]) for role in ("reference", "target")):
+        inputs["selection"] = checkpoints.select_sft.get().output[0]
+    return inputs
+
+
+def claims_inputs(wildcards):
+    """Every table a claim reads; a function, so the sweeps are known once every rule (rl too) is defined."""
+    tables = [f"{RESULTS}/tables/spectral_{table}.csv" for table in ("sigma", "angles")]
+    tables += [f"{RESULTS}/tables/restore_{sweep}.csv" for sweep in restore_sweeps()]
+    return {"eval_table": f"{RESULTS}/tables/eval.csv", "selection": f"{RESULTS}/sft/selection.json",
+            "tables": tables, "code": code("claims")}
+
+
+def restore_targets():
+    sweeps = restore_sweeps()
+    return ([f"{RESULTS}/figs/{RESTORE_FIGURES[sweep]}.pdf" for sweep in sweeps]
+            + [f"{RESULTS}/tables/restore_{sweep}.csv" for sweep in sweeps] + [f"{RESULTS}/tables/claims.csv"])
 
 
 def sft_launcher():

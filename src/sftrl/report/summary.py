@@ -32,6 +32,9 @@ FIGURES = {
     "fig4_layers": "mean principal angle per layer and matrix kind (paper Figure 4, all layers)",
     "embed_lmhead": "embed_tokens vs lm_head principal angles along SFT (paper §4.1, no figure)",
     "drift": "rotation drift vs base along SFT, against OOD accuracy and loss (beyond the paper)",
+    "fig5": "layer-wise restoration of singular directions: ID / OOD per restored layer block (paper Figure 5)",
+    "fig6": "rank-wise restoration: ID / OOD vs the restored top-k directions, one line per arm (paper Figure 6)",
+    "fig7": "reverse restoration: the RL model given End_SFT's directions (paper Figure 7)",
 }
 SELECTION_ORDER = (INTER_SFT, END_SFT)
 
