@@ -22,7 +22,7 @@ from ..io import read_json, write_text
 
 # Figure file stem -> what it plots and its place in the paper (the captions under workflow/report/ say more).
 FIGURES = {
-    "fig1": "ID and OOD accuracy along SFT, with the end of each RL run (paper Figure 1)",
+    "fig1": "ID and OOD accuracy along SFT (paper Figure 1)",
     "fig1b": "ID and OOD accuracy of Base, Inter_SFT, End_SFT and after RL from each (paper Figure 1b)",
     "recovery_window": "OOD accuracy of each SFT start and after PPO from it, and the recovered fraction (paper §3)",
     "fig2": "ID-train, ID-test and OOD loss along SFT (paper Figure 2)",
