@@ -132,10 +132,14 @@ class _SlotCache:
 
     def keep_rows(self, index, used: int) -> None:
         """Shrink the batch to the rows in `index` (a LongTensor), copying only the `used` columns."""
+        import torch
+
         for buffers in (self.k, self.v):
             for layer, old in enumerate(buffers):
-                new = old.new_zeros(len(index), *old.shape[1:])
-                new[:, :, :used] = old[:, :, :used].index_select(0, index)
+                # One gather into a fresh buffer, no zero fill: the columns after `used` are written before they are
+                # read (each decode step writes its column, then attends up to it).
+                new = old.new_empty(len(index), *old.shape[1:])
+                torch.index_select(old[:, :, :used], 0, index, out=new[:, :, :used])
                 buffers[layer] = new
 
 
@@ -344,24 +348,26 @@ class KVBackend:
         self.stats["prefill_s"] += prefill_done - start_time
 
         # Decode. row_of[j] = the caller's row in buffer row j; finished rows stay until they are `shrink` of the batch.
+        # All live rows advance in lockstep, so step t writes column t of `out` (caller rows) for the live rows:
+        # no per-row python work per step.
         row_of = torch.arange(rows, device=self.device)
         position = torch.tensor([cached[r][0] + len(new[r]) for r in range(rows)], device=self.device)
-        generated: list[list[int]] = [[] for _ in range(rows)]
+        out = torch.zeros(rows, sampling.max_new_tokens, dtype=torch.long, device=self.device)
+        length = torch.zeros(rows, dtype=torch.long, device=self.device)
         alive = torch.ones(rows, dtype=torch.bool, device=self.device)
         stops = torch.tensor(self.stop_ids, device=self.device)
         column = end
-        while True:
+        for step in range(sampling.max_new_tokens):
             tokens = self._sample(logits, sampling, generator)
-            for j, r in enumerate(row_of.tolist()):
-                if alive[j]:
-                    generated[r].append(int(tokens[j]))
-            lengths = torch.tensor([len(generated[r]) for r in row_of.tolist()], device=self.device)
-            alive &= ~torch.isin(tokens, stops) & (lengths < sampling.max_new_tokens)
-            if not alive.any():
+            live = row_of[alive]
+            out[live, step] = tokens[alive]
+            length[live] = step + 1
+            alive &= ~torch.isin(tokens, stops)
+            if step + 1 == sampling.max_new_tokens or not alive.any():
                 break
             if self.shrink is not None and (~alive).sum() >= max(1.0, self.shrink * len(alive)):
                 if keep:
-                    self._store(cache, valid, (~alive).nonzero().squeeze(1), row_of, ids, generated, keys)
+                    self._store(cache, valid, (~alive).nonzero().squeeze(1), row_of, ids, out, length, keys)
                 index = alive.nonzero().squeeze(1)
                 cache.keep_rows(index, column)
                 valid, row_of, position, tokens = valid[index], row_of[index], position[index], tokens[index]
@@ -374,8 +380,9 @@ class KVBackend:
             position += 1
             column += 1
         if keep:
-            self._store(cache, valid, torch.arange(len(row_of)), row_of, ids, generated, keys)
+            self._store(cache, valid, torch.arange(len(row_of)), row_of, ids, out, length, keys)
         self.stats["decode_s"] += time.perf_counter() - prefill_done
+        generated = [row[:n] for row, n in zip(out.tolist(), length.tolist())]
         in_order: list[list[int]] = [[] for _ in order]
         for r, tokens in zip(order, generated):
             in_order[r] = tokens
@@ -401,13 +408,13 @@ class KVBackend:
         self.stats["prefill_tokens"] += n
         return [(k[0], v[0]) for k, v in zip(cache.k, cache.v)]
 
-    def _store(self, cache, valid, buffer_rows, row_of, ids, generated, keys) -> None:
+    def _store(self, cache, valid, buffer_rows, row_of, ids, out, length, keys) -> None:
         """Keep the K/V of the given buffer rows' conversations: every token fed so far. The last sampled token was
         never fed, so it has no K/V (the next call prefills it)."""
         for j in buffer_rows.tolist():
             r = int(row_of[j])
             columns = valid[j].nonzero().squeeze(1)
-            tokens = ids[r] + generated[r][:-1]
+            tokens = ids[r] + out[r, : int(length[r]) - 1].tolist()
             if len(columns) != len(tokens):
                 raise AssertionError(f"cache bookkeeping: {len(columns)} cached columns for {len(tokens)} tokens")
             kv = [(k[j].index_select(1, columns), v[j].index_select(1, columns)) for k, v in zip(cache.k, cache.v)]
