@@ -162,6 +162,36 @@ def _cache_class():
 _SLOT_CACHE = None
 
 
+def _gqa_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention, except for prefill blocks (more than one query token) of a grouped-query model:
+    there sdpa broadcasts the key/value heads itself (enable_gqa). Given a 4D mask, transformers would instead copy
+    each key/value head num_key_value_groups times (repeat_kv), i.e. copy the whole cache of every prefill chunk:
+    6 % of KVBackend's CPU time on End_SFT (bench/bench_eval.py). Decode steps keep transformers' path (pack_gqa,
+    no copy)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (query.shape[2] == 1 or getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           scale=kwargs.get("scaling"), enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+KV_SDPA = "sftrl_kv_sdpa"
+
+
+def _use_gqa_sdpa(model) -> None:
+    """Switch a loaded sdpa model to _gqa_sdpa_attention (registered with transformers under KV_SDPA)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(KV_SDPA, _gqa_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(KV_SDPA, sdpa_mask)  # unused (KVBackend passes 4D masks); for lookups
+    model.set_attn_implementation(KV_SDPA)
+
+
 class KVBackend:
     """The transformers model behind our own batched decode loop, with the KV cache kept across calls.
 
@@ -230,6 +260,8 @@ class KVBackend:
                              "(it passes its own 4D attention mask)")
         self.model = load_model(model_dir, model_settings["dtype"], attn, model_settings["device"]).eval()
         self.bool_mask = attn == "sdpa"
+        if self.bool_mask:
+            _use_gqa_sdpa(self.model)
         self.batch_size = batch_size
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.reuse, self.share_prefix, self.shrink, self.prefill_tokens = reuse, share_prefix, shrink, prefill_tokens
@@ -255,7 +287,7 @@ class KVBackend:
             if len(keys) != len(prompts):
                 raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
             self.release(set(self.sessions) - set(keys))
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        ids = self.tokenizer(prompts, add_special_tokens=False).input_ids  # one call for the batch
         if any(not row for row in ids):
             raise ValueError("an empty prompt has nothing to condition on")
         generator = None
@@ -269,8 +301,8 @@ class KVBackend:
             with self._torch.inference_mode():
                 generated = self._generate_batch([ids[i] for i in index], batch_keys, keep and keys is not None,
                                                  sampling, generator)
-            for i, tokens in zip(index, generated):
-                outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            for i, text in zip(index, self.tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                outputs[i] = text
         return outputs
 
     # -- one batch -------------------------------------------------------------------------------------------
