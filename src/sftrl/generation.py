@@ -130,17 +130,23 @@ class _SlotCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
 
-    def keep_rows(self, index, used: int) -> None:
-        """Shrink the batch to the rows in `index` (a LongTensor), copying only the `used` columns."""
+    def keep_rows(self, index, used: int):
+        """Shrink the batch to the rows in `index` (an ascending LongTensor) and return the old row of each new row.
+        Kept rows among the first len(index) stay in place; the others move into the places of finished rows, so
+        a shrink copies (the `used` columns of) at most as many rows as finished, and can be frequent."""
         import torch
 
-        for buffers in (self.k, self.v):
-            for layer, old in enumerate(buffers):
-                # One gather into a fresh buffer, no zero fill: the columns after `used` are written before they are
-                # read (each decode step writes its column, then attends up to it).
-                new = old.new_empty(len(index), *old.shape[1:])
-                torch.index_select(old[:, :, :used], 0, index, out=new[:, :, :used])
-                buffers[layer] = new
+        n = len(index)
+        order = torch.arange(n, device=index.device)
+        free = torch.ones(n, dtype=torch.bool, device=index.device)
+        free[index[index < n]] = False
+        holes, movers = free.nonzero().squeeze(1), index[index >= n]
+        order[holes] = movers
+        for buffer in self.k + self.v:
+            columns = buffer[:, :, :used]
+            columns.index_copy_(0, holes, columns.index_select(0, movers))
+        self.rows = slice(0, n)
+        return order
 
 
 def _cache_class():
@@ -400,8 +406,7 @@ class KVBackend:
             if self.shrink is not None and (~alive).sum() >= max(1.0, self.shrink * len(alive)):
                 if keep:
                     self._store(cache, valid, (~alive).nonzero().squeeze(1), row_of, ids, out, length, keys)
-                index = alive.nonzero().squeeze(1)
-                cache.keep_rows(index, column)
+                index = cache.keep_rows(alive.nonzero().squeeze(1), column)
                 valid, row_of, position, tokens = valid[index], row_of[index], position[index], tokens[index]
                 alive = alive[index]
             valid[:, column] = alive  # a finished row keeps computing (until the next shrink) but is never attended
