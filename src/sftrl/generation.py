@@ -177,8 +177,8 @@ def _gqa_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (query.shape[2] == 1 or getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("position_bias") is not None
-            or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
+    if (query.shape[2] == 1 or getattr(module, "num_key_value_groups", 1) == 1
+            or any(kwargs.get(k) is not None for k in ("position_bias", "softcap")) or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                            scale=kwargs.get("scaling"), enable_gqa=True)
