@@ -141,8 +141,8 @@ def main() -> None:
               f"({c['decode'] * flops_per_token / 1e9:.1f} GFLOP/s); bf16: prefill {c['prefill_bf16']:.0f}, "
               f"decode {c['decode_bf16']:.0f} tok/s")
     print(f"{'backend / lever':<24} {'thr':>3} {'wall s':>7} {'speed-up':>8} {'cpu s':>7} {'cpu x':>6} "
-          f"{'prefill tok':>11} {'pf tok/s':>9} {'pf ceil':>7} {'decode tok':>10} {'dec tok/s':>9} {'dec ceil':>8} {'other s':>7} {'succ id':>7} "
-          f"{'succ ood':>8} {'identical':>9}", flush=True)
+          f"{'prefill tok':>11} {'pf tok/s':>9} {'pf ceil':>7} {'decode tok':>10} {'dec tok/s':>9} {'dec ceil':>8} "
+          f"{'other s':>7} {'succ id':>7} {'succ ood':>8} {'identical':>9}", flush=True)
 
     results = []
     for name in args.variants:
