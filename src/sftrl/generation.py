@@ -214,7 +214,11 @@ class KVBackend:
       turn) is prefilled once and copied into every row.
     * static cache + shrink (c): keys/values live in buffers preallocated per batch (_SlotCache); rows that hit a
       stop id leave the batch once they are `shrink` (a fraction) of it, so decode steps are not spent on finished
-      rows or padding. Prefill runs in row chunks of at most `prefill_tokens` query tokens.
+      rows or padding; a shrink moves only the rows beyond the new batch size into the finished rows' slots
+      (_SlotCache.keep_rows). Prefill runs in row chunks of at most `prefill_tokens` query tokens.
+    Internals that are not levers (End_SFT profile, 2026-11-25): a decode step records the sampled tokens with tensor
+    ops (no python loop over rows), the prompts of a batch are tokenized in one call, and prefill blocks of a
+    grouped-query model let sdpa broadcast the key/value heads (_gqa_sdpa_attention) instead of copying them.
 
     Why not `model.generate`: it cannot start a row from an existing per-row cache of a different length than its
     neighbours (a batch's cache must be one tensor aligned with one attention mask), cannot drop finished rows
@@ -222,14 +226,51 @@ class KVBackend:
     forward does all the arithmetic (any HF causal LM: explicit position_ids, a 4D attention mask, a Cache object),
     so architecture details (RoPE variants, biases, GQA) stay transformers'.
 
-    Measured (bench/bench_eval.py, 2026-11-25): an SFT checkpoint of the default tiny Llama (2.4 M parameters;
-    base pretrained 100 steps, SFT 240), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96, batch 256,
-    1 thread, on a 2-core AVX-512/AMX CPU shared with other jobs (load average 7-9: wall times vary by ~15 % between
-    runs; run 1 gave hf 323 s, kv 58 s = 5.6x). Ceiling (the model's linear layers as bare fp32 matmuls, same run):
-    ~19 k tok/s prefill-sized, ~21 k tok/s at batch 234 (~90 GFLOP/s); the (ceil) ratios below are to these fp32
-    ceilings (2 threads: 7.3 k / 13.3 k tok/s measured under the same load), and decode's ratio is low partly because
-    its batches shrink. "identical": attempts token-for-token equal to hf's. No success in either split for this weak
-    checkpoint (all 5 attempts run), so every round is exercised.
+    Measured on End_SFT (bench/bench_eval.py, 2026-11-25, evening): the default run's SFT checkpoint-480 (solves 37
+    ID hands, no OOD hand; answers ~60 tokens), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96,
+    batch 256, 1 thread, on the 2-core CPU under heavy load from other jobs (load average 10-18 on 2 cores: this
+    process got 8-25 % of a core, so wall times mostly measure the queue). Wall and CPU seconds come from the same
+    run; the CPU ratio is the one to trust (1 thread: CPU time = wall time on a free core); the wall ratio is
+    inflated because the load fell while kv ran. Rates are real tokens per CPU second inside the model's forward
+    calls; (ceil) = their ratio to the model's linear layers as bare fp32 matmuls in the same run (31.1 k tok/s
+    prefill-sized, 24.3 k tok/s at batch 234, i.e. 141 / 111 GFLOP/s).
+
+        backend        wall s  speed-up  cpu s  cpu x  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  identical
+        hf (baseline)   796.6    1.00x   189.2  1.00x      622457   6835 (0.22)      106531  1120 (0.05)     100 %
+        kv (a, b, c)    112.1    7.10x    43.0  4.40x      160956  11780 (0.38)      106531  4088 (0.17)     100 %
+
+    Both: 37 ID and 0 OOD successes. Goal >= 5x: met in wall time in that run, not in CPU time (4.40x). Where kv's
+    time goes on End_SFT (OOD split, profiled with torch.profiler and cProfile): decode ~60 % of the CPU time,
+    prefill ~35 %, the rest (tokenizing, chat templates, episode loop, cache bookkeeping) ~5-8 %. Decode: sdpa ~60 %
+    of a step, matmuls ~20 %, the model's python forward ~4.4 ms CPU per step at any batch (~800 steps for both
+    splits), elementwise ops the rest. Decode attention streams every live row's keys/values per step and runs at
+    ~1.8x the time of merely reading them (batch 234, 400 columns: 9.0 ms CPU vs 4.9 ms to sum the same tensors);
+    21 % of the attended columns are masked (holes of left-padded blocks ~15 %, finished rows waiting for a shrink
+    ~7 %). Prefill: matmuls near the ceiling, 13 % of the fed query tokens padding. Removed after profiling
+    (same-process A/B on the OOD split, CPU seconds, outputs identical): the per-step python loop over rows and a
+    zero fill + temporary copy in every shrink (30.6 -> 27.5 s), transformers' repeat_kv copy of each prefill
+    chunk's cache (-> 25.9 s), a shrink that moves only the rows beyond the new batch (23.3 s in a later process).
+    Measured, not kept: shrink at 5 % instead of 25 % (24.5 vs 23.3 s, noise level); prefill chunks of 2048 / 1024
+    query tokens (padding 13 % -> 3 % / 2 %, 24.5 / 28.0 vs 25.1 s: noise level); prompt-lookup drafts verified in
+    one forward (simulated on End_SFT's eval records: 1.70 tokens per step at n-gram 2 / 4 drafts, so every row
+    feeds 5 query tokens per step: ~2.9x the decode matmuls for ~40 % fewer steps: no gain for a model whose decode
+    is bound by reading the cache); decode attention via enable_gqa (11.8 ms vs 9.0 ms per call) or a hand-written
+    matmul attention (11.5 ms). Not measured: 1 vs 2 threads on a free core (none was free: load 10-18 on 2 cores;
+    the earlier run below measured 2 threads 6.4x slower under load); torch.compile (every decode step has a new
+    cache length and, after a shrink, a new batch size, so graphs would be dynamic or recompiled; compiling on 2
+    shared cores costs minutes against an evaluation of ~20 s CPU per split; the ~4.4 ms per-step python overhead it
+    could remove is ~8 % of kv). bf16 stays out (70.5 % identical below). What would still pay: attention over the
+    shared prompt prefix once for all rows (cascade / shared-prefix attention: 59-69 of the ~340 cached tokens a
+    decode step reads per row) and length-grouped decode batches (the ~15 % holes); neither is in torch's CPU sdpa.
+
+    Earlier measurement (bench/bench_eval.py, 2026-11-25): an SFT checkpoint of the default tiny Llama (2.4 M
+    parameters; base pretrained 100 steps, SFT 240), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96,
+    batch 256, 1 thread, on a 2-core AVX-512/AMX CPU shared with other jobs (load average 7-9: wall times vary by
+    ~15 % between runs; run 1 gave hf 323 s, kv 58 s = 5.6x). Ceiling (the model's linear layers as bare fp32
+    matmuls, same run): ~19 k tok/s prefill-sized, ~21 k tok/s at batch 234 (~90 GFLOP/s); the (ceil) ratios below
+    are to these fp32 ceilings (2 threads: 7.3 k / 13.3 k tok/s measured under the same load), and decode's ratio is
+    low partly because its batches shrink. "identical": attempts token-for-token equal to hf's. No success in either
+    split for this weak checkpoint (all 5 attempts run), so every round is exercised.
 
         backend / lever           wall s  speed-up  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  identical
         hf (baseline)              372.6    1.00x       614774   3236 (0.17)       71760   406 (0.02)     100 %
