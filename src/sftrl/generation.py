@@ -196,13 +196,23 @@ class _SlotCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
 
-    def keep_rows(self, index, used: int) -> None:
-        """Shrink the batch to the rows in `index` (a LongTensor), copying only the `used` columns."""
-        for buffers in (self.k, self.v):
-            for layer, old in enumerate(buffers):
-                new = old.new_zeros(len(index), *old.shape[1:])
-                new[:, :, :used] = old[:, :, :used].index_select(0, index)
-                buffers[layer] = new
+    def keep_rows(self, index, used: int):
+        """Shrink the batch to the rows in `index` (an ascending LongTensor) and return the old row of each new row.
+        Kept rows among the first len(index) stay in place; the others move into the places of finished rows, so
+        a shrink copies (the `used` columns of) at most as many rows as finished, and can be frequent."""
+        import torch
+
+        n = len(index)
+        order = torch.arange(n, device=index.device)
+        free = torch.ones(n, dtype=torch.bool, device=index.device)
+        free[index[index < n]] = False
+        holes, movers = free.nonzero().squeeze(1), index[index >= n]
+        order[holes] = movers
+        for buffer in self.k + self.v:
+            columns = buffer[:, :, :used]
+            columns.index_copy_(0, holes, columns.index_select(0, movers))
+        self.rows = slice(0, n)
+        return order
 
 
 def _cache_class():
@@ -224,6 +234,36 @@ def _cache_class():
 _SLOT_CACHE = None
 
 
+def _gqa_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention, except for prefill blocks (more than one query token) of a grouped-query model:
+    there sdpa broadcasts the key/value heads itself (enable_gqa). Given a 4D mask, transformers would instead copy
+    each key/value head num_key_value_groups times (repeat_kv), i.e. copy the whole cache of every prefill chunk:
+    6 % of KVBackend's CPU time on End_SFT (bench/bench_eval.py). Decode steps keep transformers' path (pack_gqa,
+    no copy)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (query.shape[2] == 1 or getattr(module, "num_key_value_groups", 1) == 1
+            or any(kwargs.get(k) is not None for k in ("position_bias", "softcap")) or kwargs.get("output_attentions")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           scale=kwargs.get("scaling"), enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+KV_SDPA = "sftrl_kv_sdpa"
+
+
+def _use_gqa_sdpa(model) -> None:
+    """Switch a loaded sdpa model to _gqa_sdpa_attention (registered with transformers under KV_SDPA)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(KV_SDPA, _gqa_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(KV_SDPA, sdpa_mask)  # unused (KVBackend passes 4D masks); for lookups
+    model.set_attn_implementation(KV_SDPA)
+
+
 class KVBackend:
     """The transformers model behind our own batched decode loop, with the KV cache kept across calls.
 
@@ -240,7 +280,11 @@ class KVBackend:
       turn) is prefilled once and copied into every row.
     * static cache + shrink (c): keys/values live in buffers preallocated per batch (_SlotCache); rows that hit a
       stop id leave the batch once they are `shrink` (a fraction) of it, so decode steps are not spent on finished
-      rows or padding. Prefill runs in row chunks of at most `prefill_tokens` query tokens.
+      rows or padding; a shrink moves only the rows beyond the new batch size into the finished rows' slots
+      (_SlotCache.keep_rows). Prefill runs in row chunks of at most `prefill_tokens` query tokens.
+    Internals that are not levers (End_SFT profile, 2026-11-25): a decode step records the sampled tokens with tensor
+    ops (no python loop over rows), the prompts of a batch are tokenized in one call, and prefill blocks of a
+    grouped-query model let sdpa broadcast the key/value heads (_gqa_sdpa_attention) instead of copying them.
 
     Why not `model.generate`: it cannot start a row from an existing per-row cache of a different length than its
     neighbours (a batch's cache must be one tensor aligned with one attention mask), cannot drop finished rows
@@ -248,14 +292,56 @@ class KVBackend:
     forward does all the arithmetic (any HF causal LM: explicit position_ids, a 4D attention mask, a Cache object),
     so architecture details (RoPE variants, biases, GQA) stay transformers'.
 
-    Measured (bench/bench_eval.py, 2026-11-25): an SFT checkpoint of the default tiny Llama (2.4 M parameters;
-    base pretrained 100 steps, SFT 240), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96, batch 256,
-    1 thread, on a 2-core AVX-512/AMX CPU shared with other jobs (load average 7-9: wall times vary by ~15 % between
-    runs; run 1 gave hf 323 s, kv 58 s = 5.6x). Ceiling (the model's linear layers as bare fp32 matmuls, same run):
-    ~19 k tok/s prefill-sized, ~21 k tok/s at batch 234 (~90 GFLOP/s); the (ceil) ratios below are to these fp32
-    ceilings (2 threads: 7.3 k / 13.3 k tok/s measured under the same load), and decode's ratio is low partly because
-    its batches shrink. "identical": attempts token-for-token equal to hf's. No success in either split for this weak
-    checkpoint (all 5 attempts run), so every round is exercised.
+    Measured on End_SFT (bench/bench_eval.py, 2026-11-25, evening): the default run's SFT checkpoint-480 (solves 37
+    ID hands, no OOD hand), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96, batch 256, 1 thread, on the
+    2-core CPU under heavy load from other jobs (load average 6-18 on 2 cores: this process got 8-55 % of a core, so
+    wall times mostly measure the queue). Wall and CPU seconds come from the same run; CPU time (= wall time on a
+    free core, 1 thread) is the steadier of the two, but it also moves with the load (shared caches and memory
+    bandwidth): hf took 189 s CPU in run 1 and 170 s in run 2. Rates are real tokens per CPU second inside the
+    model's forward calls; (ceil) = their ratio to the model's linear layers as bare fp32 matmuls in the same run
+    (~31 k tok/s prefill-sized, ~25 k tok/s at batch 234, i.e. ~142 / ~113 GFLOP/s).
+
+        run / backend      wall s  speed-up  cpu s  cpu x  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  ident.
+        1 hf (baseline)     796.6    1.00x   189.2  1.00x      622457   6835 (0.22)      106531  1120 (0.05)   100 %
+        1 kv (a, b, c)      112.1    7.10x    43.0  4.40x      160956  11780 (0.38)      106531  4088 (0.17)   100 %
+        2 hf (baseline)     309.7    1.00x   170.1  1.00x      622457   7537 (0.24)      106531  1256 (0.05)   100 %
+        2 kv (a, b, c)      101.9    3.04x    50.6  3.36x      160956  10345 (0.33)      106531  3414 (0.13)   100 %
+        2 kv: c + a reuse    93.7    3.31x    55.8  3.05x      190780  10425 (0.33)      106531  3158 (0.12)   100 %
+        2 kv: c + shrink    186.7    1.66x   107.9  1.58x      622457   9551 (0.30)      106531  2759 (0.11)   100 %
+        2 kv: c static      222.1    1.39x   127.1  1.34x      622457   9672 (0.31)      106531  1815 (0.07)   100 %
+
+    Every row: 37 ID and 0 OOD successes. Goal >= 5x: not met; kv is 3.4-4.4x hf in CPU time (3.0-7.1x wall). Where
+    kv's time goes on End_SFT (OOD split, profiled with torch.profiler and cProfile): decode ~60 % of the CPU time,
+    prefill ~35 %, the rest (tokenizing, chat templates, episode loop, cache bookkeeping) ~5-8 %. Decode: sdpa ~60 %
+    of a step, matmuls ~20 %, the model's python forward ~4.4 ms CPU per step at any batch (~800 steps for both
+    splits), elementwise ops the rest. Decode attention streams every live row's keys/values per step and runs at
+    ~1.8x the time of merely reading them (batch 234, 400 columns: 9.0 ms CPU vs 4.9 ms to sum the same tensors);
+    21 % of the attended columns are masked (holes of left-padded blocks ~15 %, finished rows waiting for a shrink
+    ~7 %). Prefill: matmuls near the ceiling, 13 % of the fed query tokens padding. Removed after profiling
+    (same-process A/B on the OOD split, CPU seconds, outputs identical): the per-step python loop over rows and a
+    zero fill + temporary copy in every shrink (30.6 -> 27.5 s), transformers' repeat_kv copy of each prefill
+    chunk's cache (-> 25.9 s), a shrink that moves only the rows beyond the new batch (23.3 s in a later process).
+    Measured, not kept: shrink at 5 % instead of 25 % (24.5 vs 23.3 s, noise level); prefill chunks of 2048 / 1024
+    query tokens (padding 13 % -> 3 % / 2 %, 24.5 / 28.0 vs 25.1 s: noise level); prompt-lookup drafts verified in
+    one forward (simulated on End_SFT's eval records: 1.70 tokens per step at n-gram 2 / 4 drafts, so every row
+    feeds 5 query tokens per step: ~2.9x the decode matmuls for ~40 % fewer steps: no gain for a model whose decode
+    is bound by reading the cache); decode attention via enable_gqa (11.8 ms vs 9.0 ms per call) or a hand-written
+    matmul attention (11.5 ms). Not measured: 1 vs 2 threads on a free core (none was free: load 10-18 on 2 cores;
+    the earlier run below measured 2 threads 6.4x slower under load); torch.compile (every decode step has a new
+    cache length and, after a shrink, a new batch size, so graphs would be dynamic or recompiled; compiling on 2
+    shared cores costs minutes against an evaluation of ~20 s CPU per split; the ~4.4 ms per-step python overhead it
+    could remove is ~8 % of kv). bf16 stays out (70.5 % identical below). What would still pay: attention over the
+    shared prompt prefix once for all rows (cascade / shared-prefix attention: 59-69 of the ~340 cached tokens a
+    decode step reads per row) and length-grouped decode batches (the ~15 % holes); neither is in torch's CPU sdpa.
+
+    Earlier measurement (bench/bench_eval.py, 2026-11-25): an SFT checkpoint of the default tiny Llama (2.4 M
+    parameters; base pretrained 100 steps, SFT 240), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96,
+    batch 256, 1 thread, on a 2-core AVX-512/AMX CPU shared with other jobs (load average 7-9: wall times vary by
+    ~15 % between runs; run 1 gave hf 323 s, kv 58 s = 5.6x). Ceiling (the model's linear layers as bare fp32
+    matmuls, same run): ~19 k tok/s prefill-sized, ~21 k tok/s at batch 234 (~90 GFLOP/s); the (ceil) ratios below
+    are to these fp32 ceilings (2 threads: 7.3 k / 13.3 k tok/s measured under the same load), and decode's ratio is
+    low partly because its batches shrink. "identical": attempts token-for-token equal to hf's. No success in either
+    split for this weak checkpoint (all 5 attempts run), so every round is exercised.
 
         backend / lever           wall s  speed-up  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  identical
         hf (baseline)              372.6    1.00x       614774   3236 (0.17)       71760   406 (0.02)     100 %
@@ -295,6 +381,8 @@ class KVBackend:
         # `model`: an already loaded model (the policy RL is training), as HFBackend
         self.model = (model or load_model(model_dir, model_settings["dtype"], attn, model_settings["device"])).eval()
         self.bool_mask = attn == "sdpa"
+        if self.bool_mask:
+            _use_gqa_sdpa(self.model)
         self.batch_size = batch_size
         self.reuse, self.share_prefix, self.shrink, self.prefill_tokens = reuse, share_prefix, shrink, prefill_tokens
         config = self.model.config.get_text_config()
@@ -323,7 +411,7 @@ class KVBackend:
             if len(keys) != len(prompts):
                 raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
             self.release(set(self.sessions) - set(keys))
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        ids = self.tokenizer(prompts, add_special_tokens=False).input_ids  # one call for the batch
         if any(not row for row in ids):
             raise ValueError("an empty prompt has nothing to condition on")
         generator = None
@@ -418,9 +506,12 @@ class KVBackend:
         self.stats["prefill_s"] += prefill_done - start_time
 
         # Decode. row_of[j] = the caller's row in buffer row j; finished rows stay until they are `shrink` of the batch.
+        # All live rows advance in lockstep, so step t writes column t of `out` (caller rows) for the live rows:
+        # no per-row python work per step.
         row_of = torch.arange(rows, device=self.device)
         position = torch.tensor([cached[r][0] + len(new[r]) for r in range(rows)], device=self.device)
-        generated: list[list[int]] = [[] for _ in range(rows)]
+        out = torch.zeros(rows, sampling.max_new_tokens, dtype=torch.long, device=self.device)
+        length = torch.zeros(rows, dtype=torch.long, device=self.device)
         alive = torch.ones(rows, dtype=torch.bool, device=self.device)
         stops = torch.tensor(stop_ids, device=self.device)
         # What the repetition penalty sees per row: the whole prompt (the conversation so far, as hf gets it) and the
@@ -432,22 +523,20 @@ class KVBackend:
             for r, tokens in enumerate(ids):
                 context[r, context.shape[1] - len(tokens) :] = torch.tensor(tokens, device=self.device)
         column = end
-        while True:
+        for step in range(sampling.max_new_tokens):
             tokens = self._sample(logits, context, processors, sampling, generator)
             if context is not None:
                 context = torch.cat([context, tokens[:, None]], dim=1)
-            for j, r in enumerate(row_of.tolist()):
-                if alive[j]:
-                    generated[r].append(int(tokens[j]))
-            lengths = torch.tensor([len(generated[r]) for r in row_of.tolist()], device=self.device)
-            alive &= ~torch.isin(tokens, stops) & (lengths < sampling.max_new_tokens)
-            if not alive.any():
+            live = row_of[alive]
+            out[live, step] = tokens[alive]
+            length[live] = step + 1
+            alive &= ~torch.isin(tokens, stops)
+            if step + 1 == sampling.max_new_tokens or not alive.any():
                 break
             if self.shrink is not None and (~alive).sum() >= max(1.0, self.shrink * len(alive)):
                 if keep:
-                    self._store(cache, valid, (~alive).nonzero().squeeze(1), row_of, ids, generated, keys)
-                index = alive.nonzero().squeeze(1)
-                cache.keep_rows(index, column)
+                    self._store(cache, valid, (~alive).nonzero().squeeze(1), row_of, ids, out, length, keys)
+                index = cache.keep_rows(alive.nonzero().squeeze(1), column)
                 valid, row_of, position, tokens = valid[index], row_of[index], position[index], tokens[index]
                 alive = alive[index]
                 if context is not None:
@@ -460,8 +549,9 @@ class KVBackend:
             position += 1
             column += 1
         if keep:
-            self._store(cache, valid, torch.arange(len(row_of)), row_of, ids, generated, keys)
+            self._store(cache, valid, torch.arange(len(row_of)), row_of, ids, out, length, keys)
         self.stats["decode_s"] += time.perf_counter() - prefill_done
+        generated = [row[:n] for row, n in zip(out.tolist(), length.tolist())]
         in_order: list[list[int]] = [[] for _ in order]
         for r, tokens in zip(order, generated):
             in_order[r] = tokens
@@ -487,13 +577,13 @@ class KVBackend:
         self.stats["prefill_tokens"] += n
         return [(k[0], v[0]) for k, v in zip(cache.k, cache.v)]
 
-    def _store(self, cache, valid, buffer_rows, row_of, ids, generated, keys) -> None:
+    def _store(self, cache, valid, buffer_rows, row_of, ids, out, length, keys) -> None:
         """Keep the K/V of the given buffer rows' conversations: every token fed so far. The last sampled token was
         never fed, so it has no K/V (the next call prefills it)."""
         for j in buffer_rows.tolist():
             r = int(row_of[j])
             columns = valid[j].nonzero().squeeze(1)
-            tokens = ids[r] + generated[r][:-1]
+            tokens = ids[r] + out[r, : int(length[r]) - 1].tolist()
             if len(columns) != len(tokens):
                 raise AssertionError(f"cache bookkeeping: {len(columns)} cached columns for {len(tokens)} tokens")
             kv = [(k[j].index_select(1, columns), v[j].index_select(1, columns)) for k, v in zip(cache.k, cache.v)]

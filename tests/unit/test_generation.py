@@ -8,7 +8,7 @@ import torch
 from sftrl.task import points
 from sftrl.task.data import eval_problems
 from sftrl.task.rollout import run_episodes
-from sftrl.generation import HFBackend, KVBackend, Sampling, chat_prompt, generated_lengths
+from sftrl.generation import KV_SDPA, HFBackend, KVBackend, Sampling, chat_prompt, generated_lengths
 from sftrl.modeling import load_tokenizer as load_tok
 
 MODEL = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
@@ -43,6 +43,7 @@ def test_episodes_agree_with_hf(backends):
     assert [r["success"] for r in reference] == [f["success"] for f in fast]
     assert kv.sessions == {}  # run_episodes releases every cached conversation
     assert kv.stats["reused_tokens"] > 0
+    assert kv.model.config._attn_implementation == KV_SDPA  # prefill blocks take _gqa_sdpa_attention
 
 
 def test_reused_round_equals_fresh_prefill(micro_base):
@@ -273,3 +274,25 @@ def test_sampling_from_settings_keeps_every_field():
     sampling = Sampling.from_settings(settings)
     assert sampling == Sampling(0.7, 0.8, 256, 42, top_k=20, repetition_penalty=1.05, stop_tokens=("<|endoftext|>",))
     assert sampling.with_seed(43) == replace(sampling, seed=43)  # each episode round changes the seed only
+
+
+def test_gqa_prefill_attention_equals_transformers_sdpa():
+    """The kv backend's prefill attention (sdpa broadcasting the key/value heads) equals transformers' sdpa attention
+    (which copies them, repeat_kv) on a grouped-query block with a 4D mask; one query token takes transformers' path."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sftrl.generation import _gqa_sdpa_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    key, value = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    for q in (4, 1):
+        query = torch.randn(2, 6, q, 8)
+        mask = torch.rand(2, 1, q, 9) > 0.3
+        mask[..., -1] = True  # every query attends to at least one column
+        ours, _ = _gqa_sdpa_attention(module, query, key, value, mask, scaling=0.3, dropout=0.0)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3, dropout=0.0)
+        assert ours.shape == theirs.shape == (2, q, 6, 8)
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
