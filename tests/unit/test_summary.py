@@ -59,8 +59,7 @@ def test_headline_table_and_links(results):
     assert text.startswith("# sftrl study summary: run `t`\n")
     assert HEADLINE in text
     assert "| PPO" not in text and "OOD recovery" not in text  # no RL run in the table: no such rows or column
-    assert ("- [fig1](figs/fig1.png): ID and OOD accuracy along SFT, with the end of each RL run (paper Figure 1) "
-            "([PDF](figs/fig1.pdf))") in text
+    assert "- [fig1](figs/fig1.png): ID and OOD accuracy along SFT (paper Figure 1) ([PDF](figs/fig1.pdf))" in text
     assert "- [drift](figs/drift.png): " in text
     assert "- [eval.csv](tables/eval.csv)" in text and "- [selection.json](sft/selection.json)" in text
     assert "20 ID problems, 20 OOD problems" in text

@@ -65,7 +65,12 @@ def test_real_model_dag(real_run):
     print(f"{arch}: micro DAG `all` on the real-model path took {seconds:.1f} s")
     results = workdir / "results"
     table = pd.read_csv(results / "tables" / "eval.csv")
-    assert len(table) == 2 * 3 and (table["n"] == 4).all()  # base + 2 SFT checkpoints, ID and OOD
+    study = table[table["stage"].isin(["base", "sft"])]
+    assert len(study) == 2 * 3 and (table["n"] == 4).all()  # base + 2 SFT checkpoints, ID and OOD
+    # RL and restoration ran on the real architecture too: RL checkpoints evaluated, every sweep's table and figure
+    assert {"ppo", "grpo"} <= set(table.loc[table["stage"] == "rl", "algorithm"])
+    for sweep in ("rank", "layer", "reverse"):
+        assert len(pd.read_csv(results / "tables" / f"restore_{sweep}.csv")) > 0
     for step in (2, 4):  # SFT checkpoints are saved like the base: sharded or not, loadable, with the template
         out = Checkpoint("sft", step).model_dir("results", str(model_dir))
         assert (workdir / out / "config.json").exists()
@@ -85,7 +90,7 @@ def test_real_model_dag(real_run):
     drift = pd.read_csv(results / "tables" / "drift.csv")
     layers = {"qwen2": 2, "mllama": 4}[arch]
     assert (drift.loc[drift["kind"] == "up_proj", "n_matrices"] == layers - len(cross)).all()
-    for name in ("fig1", "fig2", "fig3", "fig4", "drift"):
+    for name in ("fig1", "fig2", "fig3", "fig4", "drift", "fig1b", "recovery_window", "fig5", "fig6", "fig7"):
         assert (results / "figs" / f"{name}.png").stat().st_size > 1000
     assert (results / "SUMMARY.md").exists()
 

@@ -59,7 +59,7 @@ FINAL = {"summary": 1, "all": 1}
 # depend on the checkpoints alone and are reused.
 # The restoration sweeps' tables read the evaluations of their reference and target (Inter_SFT / End_SFT), so they,
 # their figures and the claims table follow too (the restored models' own jobs are re-planned once select_sft ran).
-RESTORE_AFTER_EVAL = {"restore_table": 2, "fig5": 1, "fig6": 1, "claims": 1}
+RESTORE_AFTER_EVAL = {"restore_table": 3, "fig5": 1, "fig6": 1, "fig7": 1, "claims": 1}
 AFTER_EVAL = {"drift": 1, "fig_drift": 1, "spectral_tables": 1, "fig3": 1, "fig4": 1, "fig4_layers": 1,
               **RESTORE_AFTER_EVAL}
 # Every spectral job after a change of the SFT checkpoints' weights (the base's SVDs are reused). The per-pair jobs
@@ -132,9 +132,10 @@ LIBRARY_EDITS = {
     # the episode loop: every evaluation and the probe (which runs the GeneralPoints task too)
     "task/rollout.py": {"eval_checkpoint": 6, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
                         "select_sft": 1, "fig1": 1, **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL},
-    # the SVD numerics: every SVD (3 checkpoints x 2 shards) and every analysis that reads them
-    # ... and every restored model (sftrl.restore reads the cache through it): 5 micro points, each evaluated twice
-    "weights/svd.py": {"svd": 6, **SPECTRAL_ANALYSES, "restore": 5, "eval_checkpoint": 10, **RESTORE_AFTER_EVAL,
+    # the SVD numerics: every SVD (3 checkpoints + the reverse sweep's RL checkpoint, x 2 shards) and every analysis
+    # that reads them ... and every restored model (sftrl.restore reads the cache through it): 6 micro points, each
+    # evaluated twice
+    "weights/svd.py": {"svd": 8, **SPECTRAL_ANALYSES, "restore": 6, "eval_checkpoint": 12, **RESTORE_AFTER_EVAL,
                        **FINAL},
 }
 
@@ -214,6 +215,10 @@ def wiring(completed):
     graph: dict[str, set[str]] = {}
     for parent, child in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M):
         graph.setdefault(labels[parent], set()).add(labels[child])
+    # The RL runs start from the checkpoints select_sft chooses: an edge the rule graph cannot show (it comes from
+    # the checkpoint's output, not from an input file).
+    for rule in AFTER_SELECTION & set(labels.values()):
+        graph.setdefault("select_sft", set()).add(rule)
     commands = rule_commands(snakefile.parent)
     assert {"eval_checkpoint", "sft", "svd", "fig1", "spectral_pair"} <= set(commands), commands
     return graph, commands

@@ -207,8 +207,10 @@ def test_micro_dag_through_slurm(cluster, tmp_path):
                                   local_table.drop(columns=IGNORED_COLUMNS), check_exact=True)
     pd.testing.assert_frame_equal(pd.read_csv(slurm_dir / "results" / "tables" / "sft_loss.csv"),
                                   pd.read_csv(local_dir / "results" / "tables" / "sft_loss.csv"), check_exact=True)
+    # every evaluation's episodes, those in eval.csv (base, SFT, RL) and the restored models' (in the sweep tables)
     episodes = sorted((slurm_dir / "results" / "eval").rglob("*.jsonl"))
-    assert len(episodes) == len(slurm_table)
+    assert {(p.parent.name, p.stem) for p in episodes} >= set(zip(slurm_table["checkpoint"], slurm_table["split"]))
+    assert len(episodes) == len(list((local_dir / "results" / "eval").rglob("*.jsonl")))
     for path in episodes:
         twin = local_dir / path.relative_to(slurm_dir)
         assert path.read_bytes() == twin.read_bytes(), f"{path.relative_to(slurm_dir)} differs from the local run"

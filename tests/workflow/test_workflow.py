@@ -8,6 +8,8 @@ import yaml
 from helpers import MICRO, REPO, make_workdir, planned_jobs
 from helpers import snakemake as run_snakemake
 
+from sftrl.checkpoint import Checkpoint
+
 pytestmark = pytest.mark.workflow
 
 
@@ -41,18 +43,20 @@ def test_micro_dag_end_to_end(micro_run):
 
 
 def test_rl_outputs(micro_run):
-    """PPO and GRPO from inter_sft and end_sft, PPO also from the recovery window [4]: with SFT saving steps 4 and
-    8, the runs are exactly {ppo,grpo}-from-sft-{4,8} (a start named twice runs once), each evaluated at its saved
-    update."""
+    """PPO and GRPO from inter_sft and end_sft (as selection.json resolves them: the tie-break may make them one
+    step), PPO also from the recovery window: a start named twice runs once; each run evaluated at its saved update."""
     config = yaml.safe_load(MICRO.read_text())
     results = micro_run / "results"
     table = pd.read_csv(results / "tables" / "eval.csv")
     rl = table[table["stage"] == "rl"]
     updates = {algo: config["rl"][algo]["updates"] for algo in ("ppo", "grpo")}
-    runs = [f"{algo}-from-sft-{s}" for algo in ("grpo", "ppo") for s in (4, 8)]
+    selection = json.loads((results / "sft" / "selection.json").read_text())
+    starts = {selection[key]["step"] for key in ("inter_sft", "end_sft")}  # the tie-break decides Inter_SFT
+    runs = sorted({f"{algo}-from-sft-{s}" for algo in ("grpo", "ppo") for s in starts}
+                  | {f"ppo-from-sft-{s}" for s in config["rl"]["recovery_window"]})
     assert sorted(set(rl["checkpoint"])) == [f"{run}-u{updates[run.split('-')[0]]}" for run in runs]
-    assert set(rl["algorithm"]) == {"ppo", "grpo"} and set(rl["start"]) == {"sft-4", "sft-8"}
-    assert rl.groupby("checkpoint")["split"].apply(sorted).tolist() == [["id", "ood"]] * 4
+    assert set(rl["algorithm"]) == {"ppo", "grpo"} and set(rl["start"]) == {run.split("-from-")[1] for run in runs}
+    assert rl.groupby("checkpoint")["split"].apply(sorted).tolist() == [["id", "ood"]] * len(runs)
     for run in runs:
         algo = run.split("-")[0]
         ckpt = results / "rl" / run / f"checkpoint-{updates[algo]}"
@@ -77,10 +81,14 @@ def test_spectral_outputs(micro_run):
     for name in ("fig3", "fig4", "fig4_layers", "embed_lmhead", "drift"):
         for ext in (".pdf", ".png"):
             assert (results / "figs" / f"{name}{ext}").stat().st_size > 1000
-    # every selected matrix of every checkpoint decomposed once: base + 2 SFT checkpoints x (layers, embed) shards
-    assert sorted(p.relative_to(results / "svd").as_posix() for p in (results / "svd").rglob("*.safetensors")) == [
-        f"{checkpoint}/{shard}.safetensors" for checkpoint in ("base", "sft-4", "sft-8")
-        for shard in ("embed", "layers000-001")]
+    # every selected matrix of every checkpoint decomposed once: base + 2 SFT checkpoints + the reverse restoration
+    # sweep's RL target (its start resolved through the selection) x (layers, embed) shards
+    config = yaml.safe_load(MICRO.read_text())
+    selection = json.loads((results / "sft" / "selection.json").read_text())
+    reverse = Checkpoint.resolve(config["restore"]["reverse"]["target"], selection).name
+    assert sorted(p.relative_to(results / "svd").as_posix() for p in (results / "svd").rglob("*.safetensors")) == sorted(
+        f"{checkpoint}/{shard}.safetensors" for checkpoint in ("base", "sft-4", "sft-8", reverse)
+        for shard in ("embed", "layers000-001"))
     angles = pd.read_csv(results / "tables" / "spectral_angles.csv")
     assert list(dict.fromkeys(angles["pair"])) == ["base->end_sft", "inter_sft->end_sft"]
     assert angles["angle_deg"].between(0, 90).all()

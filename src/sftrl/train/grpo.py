@@ -23,7 +23,6 @@ Saved: every rl.save_every updates and the last (rl.save_updates).
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -38,7 +37,14 @@ from ..modeling import load_model, load_tokenizer
 from ..task import points
 from ..task.rollout import run_episodes
 from . import rl
-from .sft import MODEL_FILE_SUFFIXES, TRAINER_ONLY_FILES, drop_old_optimizer_states, resume_checkpoint, trainer_step
+from .launch import check_deepspeed
+from .sft import (
+    MODEL_FILE_SUFFIXES,
+    TRAINER_ONLY_FILES,
+    drop_old_optimizer_states,
+    resume_checkpoint,
+    trainer_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +202,7 @@ def check_settings(grpo: dict) -> None:
         raise ValueError(f"rl.grpo.loss_type = {grpo['loss_type']!r}; expected one of {list(LOSS_TYPES)}")
     if grpo["scale_rewards"] not in SCALE_REWARDS:
         raise ValueError(f"rl.grpo.scale_rewards = {grpo['scale_rewards']!r}; expected one of {list(SCALE_REWARDS)}")
-    if grpo["deepspeed"] and not Path(grpo["deepspeed"]).is_file():
-        raise FileNotFoundError(f"rl.grpo.deepspeed = {grpo['deepspeed']!r}: no such DeepSpeed JSON file "
-                                f"(relative paths start at {Path.cwd()})")
-    if grpo["deepspeed"] and importlib.util.find_spec("deepspeed") is None:  # on the GPU nodes, not everywhere
-        raise ModuleNotFoundError(f"rl.grpo.deepspeed = {grpo['deepspeed']!r} needs the deepspeed package "
-                                  "(workflow/envs/train.yaml), which is not installed here")
+    check_deepspeed(grpo["deepspeed"], "rl.grpo.deepspeed")
 
 
 def training_dataset(settings: dict, num_processes: int = 1):

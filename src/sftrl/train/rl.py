@@ -35,6 +35,7 @@ from ..generation import Sampling
 from ..io import atomic_dir, fingerprint, read_json, write_csv, write_json
 from ..task import points
 from ..task.data import id_split, multiset_key
+from .launch import stamped_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +104,7 @@ def prepare_work_dir(work_dir, settings: dict, start_model_dir, algo: str) -> Pa
     made_from = fingerprint({"settings": settings, "start": str(start_model_dir), "algo": algo},
                             *sorted(Path(start_model_dir).glob("*.safetensors")),
                             *codegraph.files([__name__, TRAINERS[algo].split(":")[0]]))
-    stamp = work_dir / "fingerprint.txt"
-    if work_dir.exists() and (not stamp.exists() or stamp.read_text() != made_from):
-        log.warning("discarding RL state in %s: made from other settings, start model or code", work_dir)
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(made_from)
-    return work_dir
+    return stamped_work_dir(work_dir, made_from, "settings, start model or code")
 
 
 def work_checkpoints(work_dir) -> list[Path]:

@@ -10,7 +10,6 @@ moved aside (`resume_checkpoint`).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ from .. import codegraph
 from ..checkpoint import SFT_EXPORT, Checkpoint
 from ..io import atomic_dir, fingerprint, read_json, read_jsonl, write_csv, write_json
 from ..modeling import load_model, load_tokenizer
+from .launch import check_deepspeed, stamped_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +171,7 @@ def check_settings(settings: dict) -> None:
         value = settings[key]
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"sft.{key} = {value!r}: must be an integer")
-    if settings["deepspeed"] and not Path(settings["deepspeed"]).is_file():
-        raise FileNotFoundError(f"sft.deepspeed = {settings['deepspeed']!r}: no such DeepSpeed JSON file "
-                                f"(relative paths start at {Path.cwd()})")
-    if settings["deepspeed"] and importlib.util.find_spec("deepspeed") is None:  # on the GPU nodes, not everywhere
-        raise ModuleNotFoundError(f"sft.deepspeed = {settings['deepspeed']!r} needs the deepspeed package "
-                                  "(workflow/envs/train.yaml), which is not installed here")
+    check_deepspeed(settings["deepspeed"], "sft.deepspeed")
 
 
 def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir, export_dir, loss_table_path,
@@ -249,19 +244,13 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
                 drop_old_optimizer_states(work_dir, keep=checkpoint)
                 log.info("exported %s", checkpoint.name)
 
-    # Resume only from trainer state made by this same job (settings, starting model, data, code); after a config
-    # or code edit Snakemake reruns the job to recompute, so older state is discarded, not resumed.
+    # Resume only from trainer state made by this same job (settings, starting model, data, code).
     made_from = fingerprint(
         {"settings": settings, "model_settings": model_settings, "model": str(model_dir)},
         *sorted(Path(model_dir).glob("*.safetensors")), *(data_dir / name for name in ("train.jsonl", *EVAL_SETS.values())),
         *codegraph.files([__name__]),
     )
-    stamp = work_dir / "fingerprint.txt"
-    if work_dir.exists() and (not stamp.exists() or stamp.read_text() != made_from):
-        log.warning("discarding trainer state in %s: made from other settings, data, model or code", work_dir)
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(made_from)
+    stamped_work_dir(work_dir, made_from, "settings, data, model or code")
 
     trainer = SFTTrainer(
         model=model,
