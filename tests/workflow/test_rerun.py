@@ -175,7 +175,9 @@ RULE_BLOCK = re.compile(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoi
 LIBRARY_MODULES = sorted(p.relative_to(REPO / "src").with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
                          for p in (REPO / "src" / "sftrl").rglob("*.py"))
 # Rules whose jobs a dry run can only list once the select_sft checkpoint has run (their wildcards come from it).
-AFTER_SELECTION = {"spectral_pair", "restore"}
+AFTER_SELECTION = {"spectral_pair", "restore", "rl_ppo", "rl_grpo"}
+# Jobs whose rerun means the select_sft checkpoint reruns too (a dry run need not list it).
+SELECTION_UPSTREAM = {"select_sft", "eval_table_sft", "eval_checkpoint", "eval_set", "sft", "sft_data", "pretrain_base"}
 
 
 def rule_commands(repo: Path) -> dict[str, str]:
@@ -217,7 +219,7 @@ def wiring(completed):
         graph.setdefault(labels[parent], set()).add(labels[child])
     # The RL runs start from the checkpoints select_sft chooses: an edge the rule graph cannot show (it comes from
     # the checkpoint's output, not from an input file).
-    for rule in AFTER_SELECTION & set(labels.values()):
+    for rule in (AFTER_SELECTION | {"rl_log"}) & set(labels.values()):
         graph.setdefault("select_sft", set()).add(rule)
     commands = rule_commands(snakefile.parent)
     assert {"eval_checkpoint", "sft", "svd", "fig1", "spectral_pair"} <= set(commands), commands
@@ -237,7 +239,8 @@ def test_editing_a_module_reruns_exactly_the_rules_that_import_it(completed, wir
     assert direct, f"no rule runs {module}: dead code, or a command missing from the workflow"
     with edited(codegraph.module_file(module, root)):
         jobs = set(planned_jobs(snakemake(snakefile, workdir, "-n", "all")))
-    listable = direct - (AFTER_SELECTION if "select_sft" in jobs else set())
+    # Once anything the selection reads reruns, the RL runs (and pair jobs) it chooses are planned only after it ran.
+    listable = direct - (AFTER_SELECTION if jobs & SELECTION_UPSTREAM else set())
     assert listable <= jobs, f"editing {module} does not rerun {sorted(listable - jobs)}"
     assert jobs <= direct | descendants(graph, direct) | {"all"}, \
         f"editing {module} reruns rules that do not depend on it: {sorted(jobs - direct - descendants(graph, direct))}"
