@@ -26,24 +26,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
-from ..checkpoint import SFT_EXPORT, Checkpoint
+from ..checkpoint import Checkpoint
 from ..generation import KVBackend, stop_token_ids
-from ..io import atomic_dir, write_json
 from ..modeling import load_model, load_tokenizer
 from ..task import points
 from ..task.rollout import run_episodes
-from . import rl
+from . import rl, sft
 from .launch import check_deepspeed
 from .sft import (
-    MODEL_FILE_SUFFIXES,
-    TRAINER_ONLY_FILES,
     drop_old_optimizer_states,
     resume_checkpoint,
-    trainer_step,
 )
 
 log = logging.getLogger(__name__)
@@ -268,19 +263,9 @@ def grpo_config(settings: dict, work_dir, on_cpu: bool):
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path, start: Checkpoint) -> Path:
-    """A trainer checkpoint as the plain model directory sftrl.checkpoint names (hard links; rl.export_checkpoint
-    would carry the trainer's scheduler / RNG / state files along)."""
-    update = trainer_step(checkpoint_dir)
-    target = Path(out_dir) / SFT_EXPORT.format(step=update)
-    with atomic_dir(target) as tmp:
-        for source in sorted(checkpoint_dir.iterdir()):
-            if source.suffix in MODEL_FILE_SUFFIXES and source.name not in TRAINER_ONLY_FILES:
-                try:
-                    os.link(source, tmp / source.name)
-                except OSError:  # another filesystem: fall back to a copy
-                    shutil.copy2(source, tmp / source.name)
-        write_json(tmp / "sftrl_checkpoint.json", Checkpoint.rl(ALGO, start, update).to_json())
-    return target
+    """A trainer checkpoint as the plain model directory sftrl.checkpoint names (SFT's export: hard links, model
+    files only; rl.export_checkpoint would carry the trainer's scheduler / RNG / state files along)."""
+    return sft.export_checkpoint(checkpoint_dir, out_dir, lambda update: Checkpoint.rl(ALGO, start, update))
 
 
 def log_rows(log_history: list[dict]) -> list[dict]:

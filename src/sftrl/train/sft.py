@@ -39,10 +39,11 @@ def trainer_step(checkpoint_dir: Path) -> int:
     return int(checkpoint_dir.name.rsplit("-", 1)[-1])
 
 
-def export_checkpoint(checkpoint_dir: Path, export_dir: Path) -> Path:
-    """Expose a trainer checkpoint as a plain model directory (hard links: no extra disk for 7B weights)."""
+def export_checkpoint(checkpoint_dir: Path, export_dir: Path, label=None) -> Path:
+    """Expose a trainer checkpoint as a plain model directory (hard links: no extra disk for 7B weights), labelled
+    `label(step)` (a Checkpoint; default: the SFT checkpoint of that step)."""
     step = trainer_step(checkpoint_dir)
-    target = export_dir / SFT_EXPORT.format(step=step)
+    target = Path(export_dir) / SFT_EXPORT.format(step=step)
     with atomic_dir(target) as tmp:
         for source in sorted(checkpoint_dir.iterdir()):
             if source.suffix in MODEL_FILE_SUFFIXES and source.name not in TRAINER_ONLY_FILES:
@@ -50,7 +51,7 @@ def export_checkpoint(checkpoint_dir: Path, export_dir: Path) -> Path:
                     os.link(source, tmp / source.name)
                 except OSError:  # another filesystem: fall back to a copy
                     shutil.copy2(source, tmp / source.name)
-        write_json(tmp / "sftrl_checkpoint.json", Checkpoint("sft", step).to_json())
+        write_json(tmp / "sftrl_checkpoint.json", (label or (lambda n: Checkpoint("sft", n)))(step).to_json())
     return target
 
 
