@@ -297,6 +297,27 @@ def test_layer_selection_leaves_other_layers_bitwise(two_checkpoints, tmp_path):
             assert torch.equal(W, W_T[name]), name
 
 
+
+def test_a_sweep_in_one_call_equals_one_call_per_point(two_checkpoints, tmp_path):
+    """restore_models (each cache shard verified once for the whole sweep) writes the same bytes as one
+    restore_model call per point, for points that differ in arm, rank and layers."""
+    from sftrl.restore.surgery import restore_model, restore_models
+
+    B_dir, T_dir, _ = two_checkpoints
+    specs = [RestoreSpec(arm="direction", top=0.5), RestoreSpec(arm="triplet", top=1.0, layers="0%-50%"),
+             RestoreSpec(arm="reset", layers="1"), RestoreSpec(arm="sigma_only", top=0)]
+    cache = tmp_path / "cache"
+    records = restore_models(B_dir, T_dir, [(spec, tmp_path / f"sweep{i}") for i, spec in enumerate(specs)],
+                             cache_dir=cache)
+    for i, spec in enumerate(specs):
+        single = restore_model(B_dir, T_dir, spec, tmp_path / f"one{i}", cache_dir=cache)
+        assert records[i]["restored_indices"] == single["restored_indices"] and records[i]["spec"] == spec.to_json()
+        sweep, one = _weights(tmp_path / f"sweep{i}"), _weights(tmp_path / f"one{i}")
+        assert sweep.keys() == one.keys() and all(torch.equal(sweep[n], one[n]) for n in one), spec
+    assert all(torch.equal(W, W_T) for W, W_T in zip(_weights(tmp_path / "sweep3").values(),
+                                                     _weights(T_dir).values()))  # k = 0 keeps T
+
+
 # -----------------------------------------------------------------------------
 # the sweep table, its figures and the claims table (arithmetic on given evaluation summaries)
 

@@ -10,6 +10,7 @@ of decoder layers, so memory holds one block, not the model.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -110,53 +111,74 @@ class FactorSource:
 def restore_model(reference, target, spec: RestoreSpec, out, reference_svd: Sequence[str] | None = None,
                   target_svd: Sequence[str] | None = None, cache_dir=None, svd_dtype: str = "float32") -> dict:
     """Write the restored model to `out` (atomically) and return its provenance record (also sftrl_restore.json)."""
+    return restore_models(reference, target, [(spec, out)], reference_svd, target_svd, cache_dir, svd_dtype)[0]
+
+
+def restore_models(reference, target, points: Sequence[tuple[RestoreSpec, str | Path]],
+                   reference_svd: Sequence[str] | None = None, target_svd: Sequence[str] | None = None,
+                   cache_dir=None, svd_dtype: str = "float32") -> list[dict]:
+    """Write one restored model per (spec, out) point of a sweep over the same B and T; return their records.
+    Block by block (LAYERS_PER_FILE decoder layers): T's tensors of the block are read once and each cache shard is
+    loaded and verified once for the whole sweep, then every point's block is mixed and written. Each output
+    directory is still written atomically (all of them are published at the end)."""
     from tqdm import tqdm
 
     began = time.perf_counter()
     shapes = check_same_architecture(reference, target)
     num_layers = json.loads((Path(target) / "config.json").read_text())["num_hidden_layers"]
     matrices = [n for n, shape in shapes.items() if len(shape) == 2]
-    chosen = select(spec, matrices, num_layers)
-    max_rank = max(min(shapes[n]) for n in chosen)
-    for key in ("top", "tail"):  # a count no selected matrix can hold is a mistake, not a clamp
-        k = getattr(spec, key)
-        if isinstance(k, int) and k > max_rank:
-            raise ValueError(f"{key} = {k}: k out of range (the selected matrices have rank <= {max_rank})")
-    cache_dir = Path(cache_dir) if cache_dir else Path(out).parent / ".svd-cache"
-    sources = {role: FactorSource(path, chosen, shards, cache_dir, svd_dtype)
+    chosen = [set(select(spec, matrices, num_layers)) for spec, _ in points]
+    for spec, names in zip((spec for spec, _ in points), chosen):
+        max_rank = max(min(shapes[n]) for n in names)
+        for key in ("top", "tail"):  # a count no selected matrix can hold is a mistake, not a clamp
+            k = getattr(spec, key)
+            if isinstance(k, int) and k > max_rank:
+                raise ValueError(f"{key} = {k}: k out of range (the selected matrices have rank <= {max_rank})")
+    wanted = sorted(set().union(*chosen), key=matrices.index)
+    cache_dir = Path(cache_dir) if cache_dir else Path(points[0][1]).parent / ".svd-cache"
+    sources = {role: FactorSource(path, wanted, shards, cache_dir, svd_dtype)
                for role, path, shards in (("reference", reference, reference_svd), ("target", target, target_svd))}
-    wanted = set(chosen)
-    restored_counts = {}
+    restored_counts = [{} for _ in points]
     files = plan_shards(list_checkpoint_tensors(target), LAYERS_PER_FILE)
     weight_map, total = {}, 0
-    with atomic_dir(out) as tmp:
-        progress = tqdm(total=len(shapes), desc="restore", unit="tensor", mininterval=5)
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_dir(out)) for _, out in points]
+        progress = tqdm(total=len(shapes) * len(points), desc="restore", unit="tensor", mininterval=5)
         for number, names in enumerate(files.values(), start=1):
             filename = f"model-{number:05d}-of-{len(files):05d}.safetensors"
-            tensors = {}
+            blocks = [{} for _ in points]
             for name, W_T in iter_checkpoint_tensors(target, names):
-                if name in wanted:
-                    T, B = sources["target"][name], sources["reference"][name]
-                    mask = rank_mask(T.S.shape[0], spec.top, spec.tail)
-                    restored_counts[name] = int(mask.sum()) if spec.arm != "reset" else T.S.shape[0]
-                    if restored_counts[name] or spec.arm == "reset":  # k = 0 keeps T's bits exactly
-                        W_T = ARMS[spec.arm](B, T, mask).to(W_T.dtype)
-                tensors[name] = W_T.contiguous()
                 weight_map[name] = filename
                 total += W_T.numel() * W_T.element_size()
-                progress.update()
-            save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
+                for (spec, _), names_of_point, counts, block in zip(points, chosen, restored_counts, blocks):
+                    W = W_T
+                    if name in names_of_point:
+                        T, B = sources["target"][name], sources["reference"][name]
+                        mask = rank_mask(T.S.shape[0], spec.top, spec.tail)
+                        counts[name] = int(mask.sum()) if spec.arm != "reset" else T.S.shape[0]
+                        if counts[name] or spec.arm == "reset":  # k = 0 keeps T's bits exactly
+                            W = ARMS[spec.arm](B, T, mask).to(W_T.dtype)
+                    block[name] = W.contiguous()
+                    progress.update()
+            for tmp, block in zip(tmps, blocks):
+                save_file(block, str(tmp / filename), metadata={"format": "pt"})
         progress.close()
-        write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _copy_model_files(target, tmp)
-        record = {"reference": str(reference), "target": str(target), "spec": spec.to_json(),
-                  "restored_indices": restored_counts, "svd_cache": {role: sorted({str(p) for p in s.shard_of.values()})
-                                                                     for role, s in sources.items()},
-                  "seconds": round(time.perf_counter() - began, 3)}
-        write_json(tmp / "sftrl_restore.json", record)
-    log.info("restored %d matrices (%s) of %s towards %s into %s in %.1f s", len(chosen), spec.arm, target,
-             reference, out, time.perf_counter() - began)
-    return record
+        seconds = round((time.perf_counter() - began) / len(points), 3)
+        records = []
+        for (spec, _), tmp, counts in zip(points, tmps, restored_counts):
+            write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                              "weight_map": weight_map})
+            _copy_model_files(target, tmp)
+            records.append({"reference": str(reference), "target": str(target), "spec": spec.to_json(),
+                            "restored_indices": counts,
+                            "svd_cache": {role: sorted({str(p) for p in s.shard_of.values()})
+                                          for role, s in sources.items()},
+                            "seconds": seconds})
+            write_json(tmp / "sftrl_restore.json", records[-1])
+    log.info("restored %d model(s) of %s towards %s (%s) in %.1f s", len(points), target, reference,
+             ", ".join(f"{spec.arm} {len(names)} matrices" for (spec, _), names in zip(points, chosen)),
+             time.perf_counter() - began)
+    return records
 
 
 def _copy_model_files(target, out: Path) -> None:
