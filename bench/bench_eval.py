@@ -3,7 +3,7 @@
 
     python bench/bench_eval.py results/sft/checkpoint-240 --threads 1 --out bench_eval.json
 
-Measured numbers: the KVBackend docstring (sftrl/generation.py). Run it under `nice -n 19` on a shared machine.
+Measured numbers: the KVBackend docstring (sftrl/generation/kv.py). Run it under `nice -n 19` on a shared machine.
 
 Rows: the baseline, then the `kv` backend with its levers switched on one after another (c: preallocated cache, then
 shrinking batches; a: KV reuse across feedback rounds; b: shared prompt prefix), then the full `kv` backend in bf16

@@ -283,7 +283,7 @@ def test_gqa_prefill_attention_equals_transformers_sdpa():
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from sftrl.generation import _gqa_sdpa_attention
+    from sftrl.generation.kv import _gqa_sdpa_attention
 
     torch.manual_seed(0)
     module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
