@@ -71,8 +71,8 @@ def test_rl_outputs(micro_run):
             assert (results / "figs" / f"{name}{ext}").stat().st_size > 1000
 
 
-def test_finished_dag_has_nothing_to_do(micro_run):
-    result = snakemake(micro_run, "-n", "all")
+def test_finished_dag_has_nothing_to_do(micro_run, micro_snakefile):
+    result = snakemake(micro_run, "-n", "all", snakefile=micro_snakefile)
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
@@ -106,23 +106,28 @@ def test_spectral_outputs(micro_run):
     assert sorted(set(embed["step"])) == [0, 4, 8]
 
 
-def test_rerunning_an_analysis_recomputes_no_svd(micro_run):
+def test_rerunning_an_analysis_recomputes_no_svd(micro_run, micro_snakefile):
     """The SVD cache is the only thing the analyses read: forcing them again plans no svd job."""
     analyses = ["spectral_pair", "spectral_tables", "embed_lmhead", "drift", "fig3", "fig4"]
-    jobs = planned_jobs(snakemake(micro_run, "-n", "all", "--forcerun", *analyses))
+    jobs = planned_jobs(snakemake(micro_run, "-n", "all", "--forcerun", *analyses, snakefile=micro_snakefile))
     assert "svd" not in jobs
     assert {"spectral_pair", "spectral_tables", "embed_lmhead", "drift", "fig3", "fig4"} <= set(jobs)
     assert jobs["spectral_pair"] == 2
 
 
-def test_rerun_of_sft_resumes_without_recomputing(micro_run):
+def test_rerun_of_sft_resumes_without_recomputing(micro_run, micro_snakefile):
     """Forcing the SFT rule again resumes from the trainer's last checkpoint instead of retraining."""
-    before = (micro_run / "results" / "sft" / "checkpoint-8" / "model.safetensors").read_bytes()
-    snakemake(micro_run, "--cores", "2", "--forcerun", "sft", "--until", "sft")
+    results = micro_run / "results"
+    before = (results / "sft" / "checkpoint-8" / "model.safetensors").read_bytes()
+    losses = (results / "tables" / "sft_loss.csv").read_text()
+    snakemake(micro_run, "--cores", "2", "--forcerun", "sft", "--until", "sft", snakefile=micro_snakefile)
     log = (micro_run / "logs" / "sft" / "sft.log").read_text()
-    assert "resuming SFT" in log
-    assert (micro_run / "results" / "sft" / "checkpoint-8" / "model.safetensors").read_bytes() == before
-    assert (micro_run / "results" / "sft" / "checkpoint-4" / "model.safetensors").exists()
+    assert "resuming SFT" in log and "nothing to train" in log
+    assert (results / "sft" / "checkpoint-8" / "model.safetensors").read_bytes() == before
+    assert (results / "sft" / "checkpoint-4" / "model.safetensors").exists()
+    # not one step more (transformers resumed at max_steps trains one): same checkpoints, same loss table
+    assert sorted(p.name for p in (results / "sft").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert (results / "tables" / "sft_loss.csv").read_text() == losses
 
 
 def test_one_figure_builds_only_what_it_needs(tmp_path):

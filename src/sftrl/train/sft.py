@@ -268,15 +268,22 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     if not step0_path.exists():
         write_json(step0_path, {**trainer.evaluate(), "step": 0})
     resume = resume_checkpoint(work_dir)
-    if resume:
-        log.info("resuming SFT from %s", resume)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume and trainer_step(resume) >= settings["max_steps"]:
+        # Nothing left to train. transformers 5.24's Trainer, resumed from a checkpoint at max_steps, trains and
+        # saves one more step (checkpoint-{max_steps+1}, with its losses in the table): never hand it a finished run.
+        log.info("resuming SFT from %s: already at max_steps, nothing to train", resume)
+        log_history = read_json(resume / "trainer_state.json")["log_history"]
+    else:
+        if resume:
+            log.info("resuming SFT from %s", resume)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        log_history = trainer.state.log_history
     # Re-export everything the trainer dir holds (idempotent), so a rerun after Snakemake removed the exports
     # restores them without retraining.
     for checkpoint in trainer_checkpoints(work_dir):
         if not (export_dir / SFT_EXPORT.format(step=trainer_step(checkpoint))).exists():
             export_checkpoint(checkpoint, export_dir)
-    write_csv(loss_table_path, loss_table([read_json(step0_path), *trainer.state.log_history]))
+    write_csv(loss_table_path, loss_table([read_json(step0_path), *log_history]))
     steps = [trainer_step(checkpoint) for checkpoint in trainer_checkpoints(work_dir)]
     log.info("SFT: %d steps, checkpoints at steps %s -> %s, losses -> %s, in %.0f s", settings["max_steps"], steps,
              export_dir, loss_table_path, time.perf_counter() - began)
