@@ -46,13 +46,13 @@ def caption_fragments(rst: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def report(micro_run, tmp_path_factory):
+def report(micro_run, micro_snakefile, tmp_path_factory):
     """`snakemake --report` of the completed micro run, with the mtime of every result before and after."""
     results = micro_run / "results"
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
     path = tmp_path_factory.mktemp("report") / "report.html"
     log = snakemake(micro_run, "--cores", "2", "--report", str(path), "--report-stylesheet",
-                    str(REPO / "workflow" / "report" / "style.css"), timeout=300)  # as `make report` does
+                    str(REPO / "workflow" / "report" / "style.css"), snakefile=micro_snakefile, timeout=300)  # as `make report` does
     after = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
     return path.read_text(encoding="utf-8"), log.stdout + log.stderr, before, after
 
@@ -127,13 +127,17 @@ def test_long_jobs_log_a_progress_bar_and_end_with_one_summary_line(micro_run):
     expected = {  # log -> (progress bar prefix, the last line's pattern)
         "base/pretrain.log": ("pretrain: 100%", r"pretrained 30 steps .* -> results/models/base, .* in \d+ s$"),
         "sft/sft.log": ("100%|", r"SFT: 8 steps, checkpoints at steps \[4, 8\] -> results/sft, .* in \d+ s$"),
-        **{f"eval/{ckpt}/{split}.log": ("eval: 100%", rf"eval \S+ on {split}: accuracy .* -> "
-                                        rf"results/eval/{ckpt}/{split}.jsonl, .* in [\d.]+ s$")
-           for ckpt in ("base", "sft-4", "sft-8") for split in ("id", "ood")},
+        # one job per checkpoint, both splits: a bar and a summary line each, the OOD one last
+        **{f"eval/{ckpt}.log": ("eval ood: 100%", rf"eval \S+ on ood: accuracy .* -> "
+                                rf"results/eval/{ckpt}/ood.jsonl, .* in [\d.]+ s$")
+           for ckpt in ("base", "sft-4", "sft-8")},
         **{f"svd/{ckpt}/{shard}.log": ("svd: 100%",
                                        rf"SVD shard results/svd/{ckpt}/{shard}.safetensors: .* in [\d.]+ s$")
            for ckpt in ("base", "sft-4", "sft-8") for shard in ("embed", "layers000-001")},
     }
+    for ckpt in ("base", "sft-4", "sft-8"):
+        log = (logs / "eval" / f"{ckpt}.log").read_text()
+        assert "eval id: 100%" in log and re.search(rf"eval \S+ on id: accuracy .* -> results/eval/{ckpt}/id.jsonl", log)
     for name, (bar, last) in expected.items():
         lines = [line for line in re.split(r"[\r\n]", (logs / name).read_text()) if line.strip()]
         assert any(bar in line for line in lines), f"logs/{name}: no progress bar"

@@ -12,15 +12,15 @@ pytestmark = pytest.mark.workflow
 # what reads every sweep table: the claims table; the summary links every figure and table; the default target
 AFTER_SWEEP = {"claims": 1, "summary": 1, "all": 1}
 SWEEP_EDITS = {
-    # one more k: its two arms' models, their ID / OOD evaluations, the rank table and fig6
+    # one more k: its two arms' models, their evaluations (ID and OOD in one job each), the rank table and fig6
     "rank.top": (("restore", "rank", "top"), [0.5, 1.0, 0.25],
-                 {"restore": 2, "eval_checkpoint": 4, "restore_table": 1, "fig6": 1, **AFTER_SWEEP}),
-    # another block of layers (the micro model has 2): one model, two evaluations, the layer table and fig5
+                 {"restore": 2, "eval_checkpoint": 2, "restore_table": 1, "fig6": 1, **AFTER_SWEEP}),
+    # another block of layers (the micro model has 2): one model, its evaluation, the layer table and fig5
     "layer.layers": (("restore", "layer", "layers"), ["0%-50%", "50%-100%"],
-                     {"restore": 1, "eval_checkpoint": 2, "restore_table": 1, "fig5": 1, **AFTER_SWEEP}),
+                     {"restore": 1, "eval_checkpoint": 1, "restore_table": 1, "fig5": 1, **AFTER_SWEEP}),
     # another arm in the rank sweep: sigma_only at both k
     "rank.arms": (("restore", "rank", "arms"), ["direction", "triplet", "sigma_only"],
-                  {"restore": 2, "eval_checkpoint": 4, "restore_table": 1, "fig6": 1, **AFTER_SWEEP}),
+                  {"restore": 2, "eval_checkpoint": 2, "restore_table": 1, "fig6": 1, **AFTER_SWEEP}),
 }
 
 
@@ -50,10 +50,10 @@ def test_completed_run_evaluated_and_deleted_the_restored_models(micro_run):
 
 
 @pytest.mark.parametrize("key", SWEEP_EDITS)
-def test_editing_one_sweep_reruns_only_that_sweep(micro_run, tmp_path, key):
+def test_editing_one_sweep_reruns_only_that_sweep(micro_run, micro_snakefile, tmp_path, key):
     path, value, expected = SWEEP_EDITS[key]
     edited = _edited(micro_run, tmp_path, path, value)
-    jobs = planned_jobs(snakemake(micro_run, "-n", "all", "--configfile", str(edited)))
+    jobs = planned_jobs(snakemake(micro_run, "-n", "all", "--configfile", str(edited), snakefile=micro_snakefile))
     assert jobs == expected
 
 
@@ -63,7 +63,7 @@ def test_editing_one_sweep_reruns_only_that_sweep(micro_run, tmp_path, key):
     (("restore", "rank", "reference"), "inter-sft", "config restore.rank.reference: 'inter-sft' is not a checkpoint"),
     (("restore", "rank", "arms"), ["rotate"], "rotate"),
 ])
-def test_bad_sweep_values_fail_at_parse_time(micro_run, tmp_path, path, value, message):
+def test_bad_sweep_values_fail_at_parse_time(micro_run, micro_snakefile, tmp_path, path, value, message):
     edited = _edited(micro_run, tmp_path, path, value)
-    result = snakemake(micro_run, "-n", "all", "--configfile", str(edited), check=False)
+    result = snakemake(micro_run, "-n", "all", "--configfile", str(edited), check=False, snakefile=micro_snakefile)
     assert result.returncode != 0 and message in result.stdout + result.stderr

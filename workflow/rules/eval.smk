@@ -6,32 +6,33 @@
 rule eval_checkpoint:
     input:
         model=checkpoint_model,
-        problems=f"{RESULTS}/data/eval_{{split}}.jsonl",
+        problems=[f"{RESULTS}/data/eval_{split}.jsonl" for split in SPLITS],
         code=code("eval"),
     output:
-        episodes=f"{results_dir('eval')}/{{split}}.jsonl",
-        summary=f"{results_dir('eval')}/{{split}}.summary.json",
+        # both splits in one job: the model is loaded once (a vLLM engine started once on a GPU node)
+        episodes=[f"{results_dir('eval')}/{split}.jsonl" for split in SPLITS],
+        summaries=[f"{results_dir('eval')}/{split}.summary.json" for split in SPLITS],
     params:
         settings=settings("eval"),
         model_settings=settings("model"),
         verify_iter=lookup(dpath="env/verify_iter", within=config),
         run=config["run"],
     log:
-        "logs/eval/{ckpt}/{split}.log",
+        "logs/eval/{ckpt}.log",
     conda:
         # hf backend: the training env; eval.backend = vllm needs ../envs/vllm.yaml (set per rule on the cluster)
         "../envs/train.yaml"
     benchmark:
-        "benchmarks/eval/{ckpt}/{split}.tsv"
+        "benchmarks/eval/{ckpt}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=120,
+        runtime=240,
     shell:
         "OMP_NUM_THREADS={threads} sftrl eval --model {input.model} --problems {input.problems}"
         " --settings {params.settings:q} --model-settings {params.model_settings:q}"
         " --verify-iter {params.verify_iter} --run {params.run} --checkpoint {wildcards.ckpt}"
-        " --out {output.episodes} --summary {output.summary} > {log} 2>&1"
+        " --out {output.episodes} --summary {output.summaries} > {log} 2>&1"
 
 
 rule eval_table_sft:

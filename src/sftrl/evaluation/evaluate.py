@@ -1,5 +1,6 @@
-"""Rollout evaluation of one checkpoint on one fixed problem set: every episode to a JSONL file, and a one-row
-summary (labelled with the checkpoint) that the evaluation table collects."""
+"""Rollout evaluation of one checkpoint on the fixed problem sets (ID and OOD): every episode to a JSONL file per
+set, and a one-row summary per set (labelled with the checkpoint) that the evaluation table collects. The model is
+loaded once for all sets (one process per checkpoint: on a GPU cluster a vLLM engine starts once, not per split)."""
 from __future__ import annotations
 
 import logging
@@ -23,18 +24,26 @@ def _warn_if_no_answer(records: list[dict], model_dir) -> None:
                     model_dir, len(outputs))
 
 
-def evaluate_checkpoint(model_dir, problems_path, settings: dict, model_settings: dict, out, summary_path,
-                        verify_iter: int, labels: dict) -> dict:
+def evaluate_checkpoint(model_dir, splits: list[tuple[str, str, str]], settings: dict, model_settings: dict,
+                        verify_iter: int, labels: dict) -> list[dict]:
+    """Evaluate one checkpoint on each (problems file, episodes out, summary out) of `splits`, in order; return the
+    summaries. Each split's sampling is seeded by the settings alone (per round, per generate call), so a split's
+    results do not depend on which splits ran before it in the same process."""
+    backend = make_backend(settings["backend"], model_dir, model_settings, settings["batch_size"])
+    return [_evaluate_split(backend, model_dir, problems_path, settings, out, summary_path, verify_iter, labels)
+            for problems_path, out, summary_path in splits]
+
+
+def _evaluate_split(backend, model_dir, problems_path, settings, out, summary_path, verify_iter, labels) -> dict:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     problems = read_problems(problems_path)
-    backend = make_backend(settings["backend"], model_dir, model_settings, settings["batch_size"])
     start = time.perf_counter()
     # at most verify_iter attempts per problem; solved episodes stop early, so the bar's total is an upper bound
     # (log lines of the episode loop go through the bar, so they do not land in the middle of its line)
-    with logging_redirect_tqdm(), tqdm(total=len(problems) * verify_iter, desc="eval", unit="attempt",
-                                       mininterval=5) as bar:
+    with logging_redirect_tqdm(), tqdm(total=len(problems) * verify_iter, desc=f"eval {problems[0]['rule']}",
+                                       unit="attempt", mininterval=5) as bar:
         records = run_episodes(backend, problems, Sampling.from_settings(settings), verify_iter, progress=bar)
         bar.total = bar.n
     seconds = time.perf_counter() - start
@@ -57,18 +66,21 @@ def command(parser):
     from ..cli import settings
 
     parser.add_argument("--model", required=True)
-    parser.add_argument("--problems", required=True)
+    parser.add_argument("--problems", required=True, nargs="+", help="problem sets (JSONL), evaluated in order")
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config eval")
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
     parser.add_argument("--verify-iter", type=int, default=5)
     parser.add_argument("--run", required=True)
     parser.add_argument("--checkpoint", type=Checkpoint.parse, required=True, help="a concrete checkpoint name (sftrl.checkpoint)")
-    parser.add_argument("--out", required=True, help="per-episode JSONL")
-    parser.add_argument("--summary", required=True, help="one-row JSON summary")
+    parser.add_argument("--out", required=True, nargs="+", help="per-episode JSONL, one per problem set")
+    parser.add_argument("--summary", required=True, nargs="+", help="one-row JSON summary, one per problem set")
 
     def run(args):
+        if not len(args.problems) == len(args.out) == len(args.summary):
+            parser.error(f"--problems, --out and --summary name one file per problem set: got {len(args.problems)}, "
+                         f"{len(args.out)} and {len(args.summary)}")
         labels = {"run": args.run, **args.checkpoint.to_json()}
-        evaluate_checkpoint(args.model, args.problems, args.settings, args.model_settings, args.out, args.summary,
-                            verify_iter=args.verify_iter, labels=labels)
+        evaluate_checkpoint(args.model, list(zip(args.problems, args.out, args.summary)), args.settings,
+                            args.model_settings, verify_iter=args.verify_iter, labels=labels)
 
     return run
