@@ -48,10 +48,35 @@ def sft_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def micro_run(tmp_path_factory):
-    """A work directory holding one uninterrupted, completed micro run (the reference of several workflow tests)."""
+def micro_snakefile(tmp_path_factory):
+    """The Snakefile of a temporary copy of the repository's workflow code (Snakefile, workflow/, src/, scripts/).
+    The shared micro run is made with it, so tests/workflow/test_rerun.py can edit library modules in the copy (the
+    rules' recorded code inputs) without touching the real sources; the jobs still run the installed `sftrl`."""
+    import shutil
+
+    from helpers import REPO
+
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copy2(REPO / "Snakefile", repo / "Snakefile")
+    for folder in ("workflow", "src", "scripts"):
+        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return repo / "Snakefile"
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory, micro_snakefile):
+    """A work directory holding one uninterrupted, completed micro run, the one run that the workflow tests share
+    (run Snakemake on it with `snakefile=micro_snakefile`, or every code input would look changed)."""
     from helpers import make_workdir, snakemake
 
     workdir = make_workdir(tmp_path_factory.mktemp("micro"))
-    snakemake(workdir, "--cores", "2", "all")
+    snakemake(workdir, "--cores", "2", "all", snakefile=micro_snakefile)
     return workdir
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the SLURM test last. Once it has installed the SLURM client, every later `snakemake` call (any command,
+    local runs and dry runs too) spends ~9 s at import in the SLURM executor plugin, which asks `scontrol show
+    config` for MinJobAge and waits for the stopped controller to time out (plugin 2.8.0, job_status_query.py);
+    test_rerun alone makes ~70 calls."""
+    items.sort(key=lambda item: item.path.name == "test_slurm.py")  # stable: the rest keep their order

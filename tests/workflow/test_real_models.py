@@ -5,7 +5,7 @@ summary — and whatever rules `all` gains later (RL, restoration) run here too,
 test that catches name mismatches and template errors before a user spends GPU hours.
 
 Budget: `make test` must stay under 15 minutes, so each run is small (2 SFT checkpoints of 2 steps, 4 episodes per
-split, 2 attempts, 16 new tokens) — about a minute each on 2 cores.
+split, 2 attempts, 16 new tokens, one RL start, one restored model per sweep).
 """
 import json
 import time
@@ -45,6 +45,9 @@ def real_model_config(arch, model_dir):
                                   angle_matrix=paper["spectral"]["angle_matrix"],
                                   sigma_layer=paper["spectral"]["sigma_layer"])
         config["spectral"]["exclude"] = ["(^|\\.)vision_model\\.", "multi_modal_projector"]
+        # one RL start and one model per restoration sweep: every RL / restoration rule runs, fewer jobs of each
+        config["rl"]["start_from"] = ["end_sft"]
+        config["restore"]["rank"].update(arms=["direction"], top=[1.0])
 
     return edit
 

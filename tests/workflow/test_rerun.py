@@ -9,20 +9,23 @@ What Snakemake 9.27 does (default --rerun-triggers: mtime params input software-
     files its `sftrl` command runs — the command's module and its import closure (common.smk `code()`,
     sftrl.codegraph) — so a mere touch (or a checkout that rewrites files unchanged) reruns nothing, while a real
     edit of any module reruns exactly the rules whose command imports it, and everything downstream of them.
-The library tests work on a temporary copy of the repository (Snakefile, workflow/, src/; run with
-`-s COPY/Snakefile`), so editing src/sftrl/**.py there never touches the real sources. The jobs themselves still run
-the installed `sftrl` (the real sources); only the recorded paths and checksums point at the copy.
+The tests use the shared completed micro run (conftest `micro_run`), made from a temporary copy of the repository
+(conftest `micro_snakefile`: Snakefile, workflow/, src/; run with `-s COPY/Snakefile`), so editing src/sftrl/**.py
+there never touches the real sources. The jobs themselves still run the installed `sftrl` (the real sources); only
+the recorded paths and checksums point at the copy. Every edit here is a dry run or is undone, so the run stays
+complete for the tests after these.
 """
+import csv
+import io
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MICRO, REPO, planned_jobs
+from helpers import REPO, planned_jobs
 from helpers import snakemake as run_snakemake
 
 pytestmark = pytest.mark.workflow
@@ -33,23 +36,10 @@ def snakemake(snakefile: Path, workdir: Path, *args, check=True, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def completed(tmp_path_factory):
-    """A temporary copy of the repository and a workdir holding a completed micro run made with it."""
-    root = tmp_path_factory.mktemp("rerun")
-    repo = root / "repo"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    repo.mkdir()
-    shutil.copy2(REPO / "Snakefile", repo / "Snakefile")
-    for folder in ("workflow", "src", "scripts"):
-        if (REPO / folder).is_dir():
-            shutil.copytree(REPO / folder, repo / folder, ignore=ignore)
-    workdir = root / "work"
-    (workdir / "config").mkdir(parents=True)
-    shutil.copy(MICRO, workdir / "config" / "config.yaml")
-    snakefile = repo / "Snakefile"
-    snakemake(snakefile, workdir, "--cores", "2", "all")
-    assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == {}
-    return snakefile, workdir
+def completed(micro_snakefile, micro_run):
+    """The shared completed micro run and the Snakefile of the repository copy it was made with."""
+    assert planned_jobs(snakemake(micro_snakefile, micro_run, "-n", "all")) == {}
+    return micro_snakefile, micro_run
 
 
 # Whatever reruns, the summary (it reads every table and figure) and the default target follow.
@@ -81,15 +71,15 @@ SWEEP_EDITS = {
     # eval.* is the eval_checkpoint sweep; probe_base reads eval.batch_size and eval.max_new_tokens (its task probe
     # uses the same generation budget), so it reruns for those and only those.
     "eval.max_new_tokens": (("eval", "max_new_tokens"), 32,
-                            {"eval_checkpoint": 6, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
+                            {"eval_checkpoint": 3, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
                              "select_sft": 1, "fig1": 1,
                              **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL}),
     "eval.temperature": (("eval", "temperature"), 0.7,
-                         {"eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL,
+                         {"eval_checkpoint": 3, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL,
                           **AFTER_SFT_TABLE, **FINAL}),
     # the evaluation problem sets: regenerated, then every evaluation reads them; the probe does not
     "data.eval.n": (("data", "eval", "n"), 16,
-                    {"eval_set": 2, "eval_checkpoint": 6, "eval_table": 1, "select_sft": 1, "fig1": 1,
+                    {"eval_set": 2, "eval_checkpoint": 3, "eval_table": 1, "select_sft": 1, "fig1": 1,
                      **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL}),
     # spectral.top_r: the pair tables and what reads them, and the embed/lm_head angles; never an SVD
     "spectral.top_r": (("spectral", "top_r"), 16,
@@ -127,15 +117,15 @@ def test_touching_library_code_schedules_nothing(completed):
 # A real change to one library module, exact job counts for a few modules whose reach is easy to state: its rules'
 # jobs and everything downstream of them.
 LIBRARY_EDITS = {
-    "train/sft.py": {"sft": 1, "eval_checkpoint": 4, "eval_table": 1, "select_sft": 1, "fig1": 1, "fig2": 1,
+    "train/sft.py": {"sft": 1, "eval_checkpoint": 2, "eval_table": 1, "select_sft": 1, "fig1": 1, "fig2": 1,
                      **SPECTRAL_AFTER_SFT, **AFTER_SFT_TABLE, **RESTORE_AFTER_EVAL, **FINAL},
     # the episode loop: every evaluation and the probe (which runs the GeneralPoints task too)
-    "task/rollout.py": {"eval_checkpoint": 6, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
+    "task/rollout.py": {"eval_checkpoint": 3, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
                         "select_sft": 1, "fig1": 1, **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL},
     # the SVD numerics: every SVD (3 checkpoints + the reverse sweep's RL checkpoint, x 2 shards) and every analysis
     # that reads them ... and every restored model (sftrl.restore reads the cache through it): 6 micro points, each
-    # evaluated twice
-    "weights/svd.py": {"svd": 8, **SPECTRAL_ANALYSES, "restore": 6, "eval_checkpoint": 12, **RESTORE_AFTER_EVAL,
+    # evaluated (ID and OOD in one job)
+    "weights/svd.py": {"svd": 8, **SPECTRAL_ANALYSES, "restore": 6, "eval_checkpoint": 6, **RESTORE_AFTER_EVAL,
                        **FINAL},
 }
 
@@ -166,18 +156,16 @@ def test_editing_library_code_reruns_its_rules_and_downstream(completed, module)
 
 
 # -----------------------------------------------------------------------------
-# Every module: the rules a dry run schedules after editing it are exactly those whose command imports it (directly
-# or transitively), plus what depends on them. The expectation is computed independently of common.smk's code():
-# which command each rule runs is read from its shell command in workflow/rules/*.smk, what a command imports from
-# sftrl.codegraph, and what depends on a rule from `snakemake --rulegraph`.
+# Every module: the jobs of exactly the rules whose command imports it (directly or transitively) have it among their
+# inputs, so an edit reruns those jobs and, by Snakemake's own rule shown above for three modules, everything
+# downstream of them. The expectation is computed independently of common.smk's code(): which command each rule runs
+# is read from its shell command in workflow/rules/*.smk, what a command imports from sftrl.codegraph; the inputs
+# Snakemake recorded come from one `snakemake --detailed-summary` of the completed run (one call, not a dry run per
+# module: ~50 dry runs were two minutes of `make test`).
 
 RULE_BLOCK = re.compile(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoint) \w+:|\Z)", re.S | re.M)
 LIBRARY_MODULES = sorted(p.relative_to(REPO / "src").with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
                          for p in (REPO / "src" / "sftrl").rglob("*.py"))
-# Rules whose jobs a dry run can only list once the select_sft checkpoint has run (their wildcards come from it).
-AFTER_SELECTION = {"spectral_pair", "restore", "rl_ppo", "rl_grpo"}
-# Jobs whose rerun means the select_sft checkpoint reruns too (a dry run need not list it).
-SELECTION_UPSTREAM = {"select_sft", "eval_table_sft", "eval_checkpoint", "eval_set", "sft", "sft_data", "pretrain_base"}
 
 
 def rule_commands(repo: Path) -> dict[str, str]:
@@ -199,48 +187,35 @@ def rule_commands(repo: Path) -> dict[str, str]:
     return found
 
 
-def descendants(graph: dict[str, set[str]], rules: set[str]) -> set[str]:
-    seen, todo = set(), list(rules)
-    while todo:
-        for child in graph.get(todo.pop(), ()):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return seen
-
-
 @pytest.fixture(scope="module")
 def wiring(completed):
+    """(rule -> its sftrl command, rule -> the library files among its jobs' recorded inputs)."""
     snakefile, workdir = completed
-    dot = snakemake(snakefile, workdir, "--cores", "1", "--rulegraph").stdout
-    labels = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", dot, re.M))
-    graph: dict[str, set[str]] = {}
-    for parent, child in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M):
-        graph.setdefault(labels[parent], set()).add(labels[child])
-    # The RL runs start from the checkpoints select_sft chooses: an edge the rule graph cannot show (it comes from
-    # the checkpoint's output, not from an input file).
-    for rule in (AFTER_SELECTION | {"rl_log"}) & set(labels.values()):
-        graph.setdefault("select_sft", set()).add(rule)
+    summary = snakemake(snakefile, workdir, "--detailed-summary").stdout
+    src = (snakefile.parent / "src").resolve()
+    code_inputs: dict[str, set[Path]] = {}
+    for row in csv.DictReader(io.StringIO(summary), delimiter="\t"):
+        files = {Path(p).resolve() for p in row["input-file(s)"].split(",") if p.endswith(".py")}
+        code_inputs.setdefault(row["rule"], set()).update(f for f in files if src in f.parents)
     commands = rule_commands(snakefile.parent)
-    assert {"eval_checkpoint", "sft", "svd", "fig1", "spectral_pair"} <= set(commands), commands
-    return graph, commands
+    assert {"eval_checkpoint", "sft", "svd", "fig1", "spectral_pair", "restore", "rl_ppo"} <= set(commands), commands
+    # every rule of the DAG that runs the library is in the summary (gpu_check runs a script; it is not in `all`)
+    assert set(commands) <= set(code_inputs), sorted(set(commands) - set(code_inputs))
+    return commands, code_inputs
 
 
 @pytest.mark.parametrize("module", LIBRARY_MODULES)
-def test_editing_a_module_reruns_exactly_the_rules_that_import_it(completed, wiring, module):
+def test_a_module_is_an_input_of_exactly_the_rules_that_import_it(completed, wiring, module):
     from sftrl import codegraph
     from sftrl.cli import command_module
 
-    snakefile, workdir = completed
-    graph, commands = wiring
+    snakefile, _ = completed
+    commands, code_inputs = wiring
     root = snakefile.parent / "src" / "sftrl"
     direct = {rule for rule, command in commands.items()
               if module in codegraph.closure(["sftrl.cli", command_module(command)], root=root)}
     assert direct, f"no rule runs {module}: dead code, or a command missing from the workflow"
-    with edited(codegraph.module_file(module, root)):
-        jobs = set(planned_jobs(snakemake(snakefile, workdir, "-n", "all")))
-    # Once anything the selection reads reruns, the RL runs (and pair jobs) it chooses are planned only after it ran.
-    listable = direct - (AFTER_SELECTION if jobs & SELECTION_UPSTREAM else set())
-    assert listable <= jobs, f"editing {module} does not rerun {sorted(listable - jobs)}"
-    assert jobs <= direct | descendants(graph, direct) | {"all"}, \
-        f"editing {module} reruns rules that do not depend on it: {sorted(jobs - direct - descendants(graph, direct))}"
+    file = codegraph.module_file(module, root).resolve()
+    depending = {rule for rule, files in code_inputs.items() if file in files}
+    assert depending == direct, (f"{module}: an input of {sorted(depending - direct)} that do not import it; "
+                                 f"not an input of {sorted(direct - depending)} that do")
