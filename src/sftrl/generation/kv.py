@@ -150,7 +150,13 @@ class KVBackend:
         2 kv: c + shrink    186.7    1.66x   107.9  1.58x      622457   9551 (0.30)      106531  2759 (0.11)   100 %
         2 kv: c static      222.1    1.39x   127.1  1.34x      622457   9672 (0.31)      106531  1815 (0.07)   100 %
 
-    Every row: 37 ID and 0 OOD successes. Goal >= 5x: not met; kv is 3.4-4.4x hf in CPU time (3.0-7.1x wall). Where
+        3 hf (baseline)     140.0    1.00x   139.3  1.00x      622457   9093 (0.31)      106531  1549 (0.04)   100 %
+        3 kv (a, b, c)       35.4    3.95x    35.5  3.92x      160956  13619 (0.47)      106531  5058 (0.13)   100 %
+
+    Run 3 (2026-11-25, night) is the one on a nearly free core (the other core ran one 1-thread pretraining job):
+    ceiling 29.0 k tok/s prefill-sized, 39.6 k tok/s at batch 234 (132 / 180 GFLOP/s); kv's 35.5 s = prefill 11.8 s
+    + decode 21.1 s + other 2.7 s. Every row: 37 ID and 0 OOD successes. Goal >= 5x: not met; kv is 3.4-4.4x hf in
+    CPU time (3.0-7.1x wall under load; 3.95x on the free core). Where
     kv's time goes on End_SFT (OOD split, profiled with torch.profiler and cProfile): decode ~60 % of the CPU time,
     prefill ~35 %, the rest (tokenizing, chat templates, episode loop, cache bookkeeping) ~5-8 %. Decode: sdpa ~60 %
     of a step, matmuls ~20 %, the model's python forward ~4.4 ms CPU per step at any batch (~800 steps for both
