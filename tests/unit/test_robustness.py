@@ -575,3 +575,17 @@ def test_cache_of_the_previous_format_is_recomputed(micro_base, tmp_path, caplog
         ensure_svd_shard(micro_base, names, out)
     assert "recomputing" in caplog.text
     load_svd_shard(out, micro_base, sample=None)
+
+
+def test_eval_cli_needs_one_output_pair_per_problem_set(tmp_path, capsys):
+    """`sftrl eval` evaluates several problem sets with one model load; a count mismatch between --problems, --out
+    and --summary fails before anything is loaded or written, naming the three counts."""
+    from sftrl.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["eval", "--model", str(tmp_path / "model"), "--problems", "id.jsonl", "ood.jsonl",
+              "--settings", "{}", "--model-settings", "{}", "--run", "tiny", "--checkpoint", "sft-40",
+              "--out", str(tmp_path / "id.jsonl"), "--summary", str(tmp_path / "id.json"), str(tmp_path / "ood.json")])
+    assert err.value.code == 2
+    assert "--problems, --out and --summary name one file per problem set: got 2, 1 and 2" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
