@@ -192,9 +192,12 @@ class KVBackend:
     run below measured 2 threads 6.4x slower). Not measured: torch.compile (every decode step has a new
     cache length and, after a shrink, a new batch size, so graphs would be dynamic or recompiled; compiling on 2
     shared cores costs minutes against an evaluation of ~20 s CPU per split; the ~4.4 ms per-step python overhead it
-    could remove is ~8 % of kv). bf16 stays out (70.5 % identical below). What would still pay: attention over the
-    shared prompt prefix once for all rows (cascade / shared-prefix attention: 59-69 of the ~340 cached tokens a
-    decode step reads per row) and length-grouped decode batches (the ~15 % holes); neither is in torch's CPU sdpa.
+    could remove is ~8 % of kv). bf16 stays out (70.5 % identical below). Cascade (shared-prefix) attention, measured in
+    isolation (bench/bench_cascade_attention.py, 2026-11-26, free machine, 1 thread, one layer's decode call at
+    End_SFT's shapes: 234 rows, 340-400 columns, 65 shared): 1.02-1.13x the whole-cache sdpa call (3.1-3.9 ms), with
+    the partial results merged exactly (max difference 4e-7) -- at most ~5 % of kv, so it was not built. The sdpa call
+    itself is ~1.8x the time of reading the cache once. Length-grouped decode batches (the ~15 % holes) would save
+    at most that share of the attention, i.e. a few % of kv. Neither closes the gap to 5x.
 
     Earlier measurement (bench/bench_eval.py, 2026-11-25): an SFT checkpoint of the default tiny Llama (2.4 M
     parameters; base pretrained 100 steps, SFT 240), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96,
