@@ -197,7 +197,10 @@ class KVBackend:
     End_SFT's shapes: 234 rows, 340-400 columns, 65 shared): 1.02-1.13x the whole-cache sdpa call (3.1-3.9 ms), with
     the partial results merged exactly (max difference 4e-7) -- at most ~5 % of kv, so it was not built. The sdpa call
     itself is ~1.8x the time of reading the cache once. Length-grouped decode batches (the ~15 % holes) would save
-    at most that share of the attention, i.e. a few % of kv. Neither closes the gap to 5x.
+    at most that share of the attention, i.e. a few % of kv. Neither closes the gap to 5x. A bf16 KV cache with
+    bf16 attention and everything else fp32 (a one-off experiment on End_SFT's OOD split, same day, not kept): 1.25x
+    (22.2 -> 17.8 CPU s) but 82.4 % of attempts identical, below the 98 % bar; out, like all-bf16. Profile of kv on
+    that split (torch.profiler, 24.1 CPU s): the CPU flash-attention kernel 56 %, matmuls 24 %, elementwise the rest.
 
     Earlier measurement (bench/bench_eval.py, 2026-11-25): an SFT checkpoint of the default tiny Llama (2.4 M
     parameters; base pretrained 100 steps, SFT 240), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96,
