@@ -155,8 +155,8 @@ class KVBackend:
 
     Run 4 (2026-11-26) is on a free machine (load < 1 on both cores) and on the End_SFT of the shipped base
     (resources/base; checkpoint-480 of a fresh-clone `make results`: solves 212 ID hands, no OOD hand), so most ID
-    episodes end after one attempt. Ceiling 29.6 k / 35.6 k tok/s prefill-sized at 1 / 2 threads; "thr" = torch
-    threads; speed-ups are to the 1-thread baseline, cpu x to its CPU time:
+    episodes end after one attempt. Ceiling (same run) 37.0 k / 35.6 k tok/s prefill-sized and 33.5 k / 62.8 k
+    at decode batch 234, at 1 / 2 threads; "thr" = torch threads; speed-ups are to the 1-thread baseline, cpu x to its CPU time:
 
         run / backend  thr  wall s  speed-up  cpu s  cpu x  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  ident.
         4 hf (base.)    1    94.6    1.00x    94.7  1.00x      424385   9257 (0.25)       98305  2086 (0.06)   100 %
