@@ -7,7 +7,8 @@ Measured numbers: the KVBackend docstring (sftrl/generation/kv.py). Run it under
 
 Rows: the baseline, then the `kv` backend with its levers switched on one after another (c: preallocated cache, then
 shrinking batches; a: KV reuse across feedback rounds; b: shared prompt prefix), then the full `kv` backend in bf16
-(d); `--variants` adds 2-thread runs (d). Columns: wall seconds for both splits and the speed-up vs the baseline;
+(d); `--variants` adds 2-thread runs (d) and the levers (d) that were measured and not kept: a KV cache in fp16 or
+bf16 with everything else fp32, int8 linear layers, torch.compile (their classes below say what each changes). Columns: wall seconds for both splits and the speed-up vs the baseline;
 the process's CPU seconds and their ratio (`cpu s`, `cpu x`: on a machine shared with other jobs the wall clock also
 counts the time the process waits for a core, CPU time does not; with 1 thread, CPU time is the wall time on a free
 core, with 2 threads it counts both); real (non-padding) tokens per CPU second in prefill and decode forwards (CPU
@@ -29,8 +30,64 @@ import torch
 from sftrl.task.data import eval_problems
 from sftrl.task.rollout import run_episodes
 from sftrl.generation import HFBackend, KVBackend, Sampling
+from sftrl.generation import kv
 
 MODEL = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
+
+
+class HalfCacheKV(KVBackend):
+    """Lever (d), not kept: the full `kv` backend with its keys/values stored and attended in fp16; every other tensor
+    stays fp32. The query is cast to the cache's dtype for sdpa, the attention output back to fp32. Halves the bytes
+    a decode step reads from the cache, which bounds its attention (see bench_decode_attention.py)."""
+
+    cache_dtype = torch.float16
+
+    def __init__(self, *args, **kwargs):
+        from transformers import AttentionInterface
+
+        super().__init__(*args, **kwargs)
+        self.dtype = self.cache_dtype  # KVBackend allocates its cache buffers (and the stored sessions) in self.dtype
+        name = f"{kv.KV_SDPA}_{self.cache_dtype}".replace("torch.", "")
+        AttentionInterface.register(name, _attention_in_cache_dtype)
+        self.model.set_attn_implementation(name)
+
+
+class BF16CacheKV(HalfCacheKV):
+    """Lever (d), not kept: as HalfCacheKV, with the keys/values in bf16 (8 significant bits instead of fp16's 11)."""
+
+    cache_dtype = torch.bfloat16
+
+
+def _attention_in_cache_dtype(module, query, key, value, attention_mask, **kwargs):
+    out, weights = kv._gqa_sdpa_attention(module, query.to(key.dtype), key, value, attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+class Int8LinearKV(KVBackend):
+    """Lever (d), not kept: the full `kv` backend with the decoder layers' linear layers dynamically quantized to int8
+    (torch.ao quantize_dynamic: int8 weights, activations quantized per call); embeddings, lm_head and attention fp32."""
+
+    def __init__(self, *args, **kwargs):
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        super().__init__(*args, **kwargs)
+        with warnings.catch_warnings():  # torch 2.13 deprecates the quantized tensor API behind quantize_dynamic
+            warnings.simplefilter("ignore")
+            for layer in self.model.model.layers:
+                quantize_dynamic(layer, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+class CompiledKV(KVBackend):
+    """Lever (d), not kept: the full `kv` backend with the model's forward under torch.compile(dynamic=True) (inductor,
+    CPU, default settings). Compiling happens inside the measured time: every new cache length or batch size the
+    graphs were not generalised to triggers a recompile."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model.forward = torch.compile(self.model.forward, dynamic=True)
+
 
 # name -> (backend class, keyword arguments, model settings, threads or None for --threads)
 VARIANTS = {
@@ -42,6 +99,10 @@ VARIANTS = {
     "kv: all, bf16 (d)": (KVBackend, {}, {**MODEL, "dtype": "bfloat16"}, None),
     "kv: all, 2 threads (d)": (KVBackend, {}, MODEL, 2),
     "hf, 2 threads (d)": (HFBackend, {}, MODEL, 2),
+    "kv: fp16 KV cache (d)": (HalfCacheKV, {}, MODEL, None),
+    "kv: bf16 KV cache (d)": (BF16CacheKV, {}, MODEL, None),
+    "kv: int8 linears (d)": (Int8LinearKV, {}, MODEL, None),
+    "kv: torch.compile (d)": (CompiledKV, {}, MODEL, None),
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:6]
 
@@ -86,7 +147,7 @@ def run(name, cls, kwargs, model_settings, threads, model_dir, problems, samplin
     torch.set_num_threads(threads)
     backend = cls(model_dir, model_settings, batch_size, **kwargs)
     backend.generate(["warm-up"], Sampling(0.0, 1.0, 4, 0))
-    timer = ForwardTimer(backend.model)
+    timer = ForwardTimer(backend.model) if isinstance(getattr(backend, "model", None), torch.nn.Module) else None
     for key in backend.stats:
         backend.stats[key] = 0
     records, start, cpu_start = {}, time.perf_counter(), time.process_time()
@@ -94,7 +155,8 @@ def run(name, cls, kwargs, model_settings, threads, model_dir, problems, samplin
         records[split] = run_episodes(backend, split_problems, sampling, verify_iter)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"name": name, "threads": threads, "wall_s": wall, "cpu_s": cpu, **backend.stats,
-            "prefill_fwd_s": timer.seconds["prefill"], "decode_fwd_s": timer.seconds["decode"],
+            "prefill_fwd_s": timer.seconds["prefill"] if timer else float("nan"),
+            "decode_fwd_s": timer.seconds["decode"] if timer else float("nan"),
             "successes": {s: sum(r["success"] for r in recs) for s, recs in records.items()},
             "outputs": {s: [[a["output"] for a in r["attempts"]] for r in recs] for s, recs in records.items()}}
 
@@ -108,9 +170,8 @@ def identical_fraction(base: dict, other: dict) -> float:
     return same / total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="an SFT checkpoint directory")
+def add_workload_arguments(parser) -> None:
+    """The evaluation every backend runs in these benchmarks: problems, sampling, batch size and threads."""
     parser.add_argument("--n", type=int, default=234, help="episodes per split")
     parser.add_argument("--seed", type=int, default=42, help="eval problem seed (config data.eval.seed)")
     parser.add_argument("--target", type=int, default=24)
@@ -118,11 +179,22 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the DAG evaluates with 1)")
+
+
+def workload(args) -> tuple[dict, Sampling]:
+    """Both eval splits' problems and greedy sampling, from add_workload_arguments' arguments."""
+    problems = {rule: eval_problems(rule, args.n, args.seed, args.target) for rule in ("id", "ood")}
+    return problems, Sampling(temperature=0.0, top_p=1.0, max_new_tokens=args.max_new_tokens, seed=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="an SFT checkpoint directory")
+    add_workload_arguments(parser)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--out", help="write every number (and the outputs) as JSON here")
     args = parser.parse_args()
-    problems = {rule: eval_problems(rule, args.n, args.seed, args.target) for rule in ("id", "ood")}
-    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=args.max_new_tokens, seed=0)
+    problems, sampling = workload(args)
 
     probe = HFBackend(args.model, MODEL, 1).model
     flops_per_token = 2 * sum(i * o for i, o in linear_shapes(probe))
