@@ -132,100 +132,49 @@ class KVBackend:
     forward does all the arithmetic (any HF causal LM: explicit position_ids, a 4D attention mask, a Cache object),
     so architecture details (RoPE variants, biases, GQA) stay transformers'.
 
-    Measured on End_SFT (bench/bench_eval.py, 2026-11-25, evening): the default run's SFT checkpoint-480 (solves 37
-    ID hands, no OOD hand), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96, batch 256, 1 thread, on the
-    2-core CPU under heavy load from other jobs (load average 6-18 on 2 cores: this process got 8-55 % of a core, so
-    wall times mostly measure the queue). Wall and CPU seconds come from the same run; CPU time (= wall time on a
-    free core, 1 thread) is the steadier of the two, but it also moves with the load (shared caches and memory
-    bandwidth): hf took 189 s CPU in run 1 and 170 s in run 2. Rates are real tokens per CPU second inside the
-    model's forward calls; (ceil) = their ratio to the model's linear layers as bare fp32 matmuls in the same run
-    (~31 k tok/s prefill-sized, ~25 k tok/s at batch 234, i.e. ~142 / ~113 GFLOP/s).
+    Measured (bench/bench_eval.py; earlier runs, on other checkpoints and loaded machines: bench/README.md). Run 5
+    (2026-11-26, free machine, load < 1, 1 thread): the End_SFT of the shipped base (checkpoint-480 of a fresh-clone
+    `make results`: solves 212 ID hands, no OOD hand), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96,
+    batch 256. Ceiling (same run): the model's linear layers as bare fp32 matmuls, 37.6 k tok/s prefill-sized and
+    35.4 k tok/s at decode batch 234 (177 / 167 GFLOP/s); (ceil) = real tokens per CPU second inside the forward
+    calls over it; CPU seconds = wall seconds on a free core; "ident." = attempts token-for-token equal to hf's.
 
-        run / backend      wall s  speed-up  cpu s  cpu x  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  ident.
-        1 hf (baseline)     796.6    1.00x   189.2  1.00x      622457   6835 (0.22)      106531  1120 (0.05)   100 %
-        1 kv (a, b, c)      112.1    7.10x    43.0  4.40x      160956  11780 (0.38)      106531  4088 (0.17)   100 %
-        2 hf (baseline)     309.7    1.00x   170.1  1.00x      622457   7537 (0.24)      106531  1256 (0.05)   100 %
-        2 kv (a, b, c)      101.9    3.04x    50.6  3.36x      160956  10345 (0.33)      106531  3414 (0.13)   100 %
-        2 kv: c + a reuse    93.7    3.31x    55.8  3.05x      190780  10425 (0.33)      106531  3158 (0.12)   100 %
-        2 kv: c + shrink    186.7    1.66x   107.9  1.58x      622457   9551 (0.30)      106531  2759 (0.11)   100 %
-        2 kv: c static      222.1    1.39x   127.1  1.34x      622457   9672 (0.31)      106531  1815 (0.07)   100 %
+        backend / lever        wall s  speed-up  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  succ id/ood  ident.
+        hf (baseline)           97.7    1.00x       424385   8471 (0.23)       98305  2137 (0.06)     212 / 0   100 %
+        kv (a, b, c)            24.3    4.02x        78347  15544 (0.41)       98305  5616 (0.16)     212 / 0   100 %
+        kv, fp16 KV cache (d)   20.8    4.70x        78246  16680 (0.44)       98154  6559 (0.19)     212 / 0   97.99 %
+        kv, bf16 KV cache (d)   19.8    4.93x        78102  18557 (0.49)       97920  6793 (0.19)     213 / 0   84.3 %
+        kv, int8 linears (d)    24.3    4.02x        80493  19936 (0.53)       99053  5346 (0.15)     206 / 0   21.3 %
+        kv, torch.compile (d)  110.2    0.89x        78347   6158 (0.16)       98305  1028 (0.03)     212 / 0   100 %
 
-        3 hf (baseline)     140.0    1.00x   139.3  1.00x      622457   9093 (0.31)      106531  1549 (0.04)   100 %
-        3 kv (a, b, c)       35.4    3.95x    35.5  3.92x      160956  13619 (0.47)      106531  5058 (0.13)   100 %
+    bench/bench_openvino.py, same machine and checkpoint, right after (hf 91.6 s, kv 25.3 s = 3.62x in that run):
+    OpenVINO GenAI 2026.4.1 (continuous batching, prefix caching, fp32) 21.6 s = 4.25x hf, 1.17x kv, 100 %
+    identical; with an fp16 KV cache 19.9 s = 4.60x, 97.7 %. Run 4 (same machine and checkpoint, the night before),
+    1 / 2 threads: hf 94.6 / 52.3 s, kv 25.6 / 13.7 s, i.e. kv 3.70x at 1 thread and 3.82x at 2 (both backends
+    scale ~1.85x to 2 threads on a free machine; the DAG runs two 1-thread evaluations side by side instead).
 
-    Run 4 (2026-11-26) is on a free machine (load < 1 on both cores) and on the End_SFT of the shipped base
-    (resources/base; checkpoint-480 of a fresh-clone `make results`: solves 212 ID hands, no OOD hand), so most ID
-    episodes end after one attempt. Ceiling (same run) 37.0 k / 35.6 k tok/s prefill-sized and 33.5 k / 62.8 k
-    at decode batch 234, at 1 / 2 threads; "thr" = torch threads; speed-ups are to the 1-thread baseline, cpu x to its CPU time:
-
-        run / backend  thr  wall s  speed-up  cpu s  cpu x  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  ident.
-        4 hf (base.)    1    94.6    1.00x    94.7  1.00x      424385   9257 (0.25)       98305  2086 (0.06)   100 %
-        4 kv (a, b, c)  1    25.6    3.70x    25.7  3.69x       78347  14953 (0.40)       98305  5322 (0.16)   100 %
-        4 hf            2    52.3    1.81x   101.4  0.93x      424385   7839 (0.22)       98305  2176 (0.03)   100 %
-        4 kv (a, b, c)  2    13.7    6.89x    26.9  3.52x       78347  16388 (0.46)       98305  4885 (0.08)   100 %
-
-    At equal threads kv is 3.70x (1 thread) and 3.82x (2 threads: 52.3 / 13.7 s) the baseline: the goal of 5x is
-    not met. On a free machine both backends scale to 2 threads (kv 1.87x, hf 1.81x wall), unlike the shared runs
-    below; the DAG runs two 1-thread evaluations side by side, which uses both cores as well. kv's 25.7 CPU s:
-    decode 18.5 s (72 %), prefill 5.2 s, other 2.0 s.
-
-    Run 3 (2026-11-25, night) is the one on a nearly free core (the other core ran one 1-thread pretraining job):
-    ceiling 29.0 k tok/s prefill-sized, 39.6 k tok/s at batch 234 (132 / 180 GFLOP/s); kv's 35.5 s = prefill 11.8 s
-    + decode 21.1 s + other 2.7 s. Every row: 37 ID and 0 OOD successes. Goal >= 5x: not met; kv is 3.4-4.4x hf in
-    CPU time (3.0-7.1x wall under load; 3.95x on the free core). Where
-    kv's time goes on End_SFT (OOD split, profiled with torch.profiler and cProfile): decode ~60 % of the CPU time,
-    prefill ~35 %, the rest (tokenizing, chat templates, episode loop, cache bookkeeping) ~5-8 %. Decode: sdpa ~60 %
-    of a step, matmuls ~20 %, the model's python forward ~4.4 ms CPU per step at any batch (~800 steps for both
-    splits), elementwise ops the rest. Decode attention streams every live row's keys/values per step and runs at
-    ~1.8x the time of merely reading them (batch 234, 400 columns: 9.0 ms CPU vs 4.9 ms to sum the same tensors);
-    21 % of the attended columns are masked (holes of left-padded blocks ~15 %, finished rows waiting for a shrink
-    ~7 %). Prefill: matmuls near the ceiling, 13 % of the fed query tokens padding. Removed after profiling
-    (same-process A/B on the OOD split, CPU seconds, outputs identical): the per-step python loop over rows and a
-    zero fill + temporary copy in every shrink (30.6 -> 27.5 s), transformers' repeat_kv copy of each prefill
-    chunk's cache (-> 25.9 s), a shrink that moves only the rows beyond the new batch (23.3 s in a later process).
-    Measured, not kept: shrink at 5 % instead of 25 % (24.5 vs 23.3 s, noise level); prefill chunks of 2048 / 1024
-    query tokens (padding 13 % -> 3 % / 2 %, 24.5 / 28.0 vs 25.1 s: noise level); prompt-lookup drafts verified in
-    one forward (simulated on End_SFT's eval records: 1.70 tokens per step at n-gram 2 / 4 drafts, so every row
-    feeds 5 query tokens per step: ~2.9x the decode matmuls for ~40 % fewer steps: no gain for a model whose decode
-    is bound by reading the cache); decode attention via enable_gqa (11.8 ms vs 9.0 ms per call) or a hand-written
-    matmul attention (11.5 ms). 1 vs 2 threads on a free core: run 4 above (both scale; under load 10-18 the earlier
-    run below measured 2 threads 6.4x slower). Not measured: torch.compile (every decode step has a new
-    cache length and, after a shrink, a new batch size, so graphs would be dynamic or recompiled; compiling on 2
-    shared cores costs minutes against an evaluation of ~20 s CPU per split; the ~4.4 ms per-step python overhead it
-    could remove is ~8 % of kv). bf16 stays out (70.5 % identical below). Cascade (shared-prefix) attention, measured in
-    isolation (bench/bench_cascade_attention.py, 2026-11-26, free machine, 1 thread, one layer's decode call at
-    End_SFT's shapes: 234 rows, 340-400 columns, 65 shared): 1.02-1.13x the whole-cache sdpa call (3.1-3.9 ms), with
-    the partial results merged exactly (max difference 4e-7) -- at most ~5 % of kv, so it was not built. The sdpa call
-    itself is ~1.8x the time of reading the cache once. Length-grouped decode batches (the ~15 % holes) would save
-    at most that share of the attention, i.e. a few % of kv. Neither closes the gap to 5x. A bf16 KV cache with
-    bf16 attention and everything else fp32 (a one-off experiment on End_SFT's OOD split, same day, not kept): 1.25x
-    (22.2 -> 17.8 CPU s) but 82.4 % of attempts identical, below the 98 % bar; out, like all-bf16. Profile of kv on
-    that split (torch.profiler, 24.1 CPU s): the CPU flash-attention kernel 56 %, matmuls 24 %, elementwise the rest.
-
-    Earlier measurement (bench/bench_eval.py, 2026-11-25): an SFT checkpoint of the default tiny Llama (2.4 M
-    parameters; base pretrained 100 steps, SFT 240), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96,
-    batch 256, 1 thread, on a 2-core AVX-512/AMX CPU shared with other jobs (load average 7-9: wall times vary by
-    ~15 % between runs; run 1 gave hf 323 s, kv 58 s = 5.6x). Ceiling (the model's linear layers as bare fp32
-    matmuls, same run): ~19 k tok/s prefill-sized, ~21 k tok/s at batch 234 (~90 GFLOP/s); the (ceil) ratios below
-    are to these fp32 ceilings (2 threads: 7.3 k / 13.3 k tok/s measured under the same load), and decode's ratio is
-    low partly because its batches shrink. "identical": attempts token-for-token equal to hf's. No success in either
-    split for this weak checkpoint (all 5 attempts run), so every round is exercised.
-
-        backend / lever           wall s  speed-up  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  identical
-        hf (baseline)              372.6    1.00x       614774   3236 (0.17)       71760   406 (0.02)     100 %
-        kv: c static cache         212.7    1.75x       614774   5384 (0.28)       71760   780 (0.04)     100 %
-        kv: c + shrink             150.2    2.48x       614774   6037 (0.32)       71760  1902 (0.10)     100 %
-        kv: c + a reuse             87.1    4.28x       174234   4722 (0.25)       71760  1858 (0.10)     100 %
-        kv: c + a + b prefix        57.7    6.46x       144410   6131 (0.32)       71760  2777 (0.15)     100 %
-        kv: all, bf16 (d)           45.2    8.24x       144309   9830 (0.52)       71752  2977 (0.16)    70.5 %
-        kv: all, 2 threads (d)     372.1    1.00x       144410   2252 (0.31)       71760   297 (0.02)     100 %
-
-    Kept: a, b, c (the defaults). Not kept: bf16 (AMX makes its matmuls ~7x faster, but only 70.5 % of attempts stay
-    identical), 2 threads on this shared CPU (6.4x slower than 1 thread: the threads wait on each other while other
-    jobs hold the cores; the DAG runs two 1-thread evaluations side by side anyway). torch.compile was not measured
-    (every step has a new cache length and batch size; compiling on 2 shared cores would cost more than an
-    evaluation). What is left: the model's own per-layer overhead at small batches, the attention over each row's
-    cache, and prefill at ~1/3 of the matmul ceiling.
+    Kept: a, b, c (the defaults), all in fp32. The goal of >= 5x at >= 98 % identical attempts is not met: kv is
+    3.6-4.0x hf at equal threads (the spread of runs on the same free machine). Measured and not kept:
+    * a KV cache in fp16 (everything else fp32): 97.99 % identical, below the bar, for 1.17x; in bf16 84.3 %;
+      all-bf16 70.5 % (bench/README.md); int8 linear layers 21.3 % identical and no faster.
+    * torch.compile(dynamic=True), inductor's defaults: 4.5x slower than eager kv. Every step has a new cache length
+      and, after a shrink, a new batch size; it recompiles, reaches its recompile limit (8) and runs the model with
+      guards on top. A warm rerun of the OOD split with a limit of 64 was still 4.4x slower; compiling only the MLPs
+      and norms: 0.97x (2026-11-26, one-off runs).
+    * OpenVINO GenAI (above): 1.17x kv and exact, but its exporter (optimum-intel 2.2) requires transformers <= 5.5
+      (the project pins 5.24): a second environment and an export per checkpoint (~8 s, ~30 checkpoints per
+      `make results`) to save ~4 s per checkpoint. CTranslate2 4.8.5 was slower than hf (issue 12).
+    * decode attention (bench/bench_decode_attention.py, one layer's decode call at End_SFT's shapes, 1 thread):
+      PyTorch's CPU flash kernel on the cache view (3.2 ms, what kv runs) is the fastest exact way found: contiguous
+      cache 1.02x, no mask 1.04x, matmul attention 0.68x (compiled 0.57x), flex_attention compiled 0.48x, cascade
+      (the shared 65-column prefix once, merged by log-sum-exp) 0.98-1.13x. Reading the cache once takes 1.8 ms.
+    * shrink at 5 %, prefill chunks of 2048 / 1024 tokens, prompt-lookup drafts, enable_gqa decode: noise or slower
+      (bench/README.md).
+    Why 5x is out of reach here: kv's CPU time (torch.profiler, both splits) is the flash kernel ~12.7 s, matmuls
+    ~6.4 s (prefill at 0.41 of the matmul ceiling), elementwise ops and python the rest. 5x needs ~19.5 s. Attention
+    reads every live row's keys/values at every step; a kernel at that memory floor (1.78x faster than flash, which
+    no library kernel reaches) would save ~5.6 s, i.e. 4.7-5.2x depending on the run. What is faster reads fewer
+    bytes (fp16 / bf16 keys and values), and that changes more than 2 % of the attempts.
 
     Sampling keeps the explicit semantics of HFBackend: transformers' own processors (`logits_processors`: the
     repetition penalty over the row's whole prompt + generated tokens, then temperature, top-k, top-p), then argmax
