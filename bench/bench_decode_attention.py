@@ -92,7 +92,8 @@ def main() -> None:
         block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: row_valid[b, kv_idx], R, None, 1, C, device="cpu")
         q_heads = q.reshape(R, H * G, 1, D)  # flex_attention's GQA layout: query heads, one query position
         variants["flex_attention, compiled"] = lambda: compiled_flex(
-            q_heads, k_contiguous, v_contiguous, block_mask=block_mask, enable_gqa=True, scale=scale).reshape(R, H, G, D)
+            q_heads, k_contiguous, v_contiguous, block_mask=block_mask, enable_gqa=True, scale=scale
+        ).reshape(R, H, G, D)
 
     additive = torch.zeros(valid.shape).masked_fill(~valid, float("-inf"))  # the flash kernel takes a float mask
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

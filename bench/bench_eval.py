@@ -8,16 +8,17 @@ Measured numbers: the KVBackend docstring (sftrl/generation/kv.py). Run it under
 Rows: the baseline, then the `kv` backend with its levers switched on one after another (c: preallocated cache, then
 shrinking batches; a: KV reuse across feedback rounds; b: shared prompt prefix), then the full `kv` backend in bf16
 (d); `--variants` adds 2-thread runs (d) and the levers (d) that were measured and not kept: a KV cache in fp16 or
-bf16 with everything else fp32, int8 linear layers, torch.compile (their classes below say what each changes). Columns: wall seconds for both splits and the speed-up vs the baseline;
-the process's CPU seconds and their ratio (`cpu s`, `cpu x`: on a machine shared with other jobs the wall clock also
-counts the time the process waits for a core, CPU time does not; with 1 thread, CPU time is the wall time on a free
-core, with 2 threads it counts both); real (non-padding) tokens per CPU second in prefill and decode forwards (CPU
-time inside the model's forward calls with more than one / exactly one query token; the rest of the CPU time is
-tokenization, sampling, cache bookkeeping and the episode loop, column `other s`) and their ratio to the machine's
-ceiling (the model's linear layers as plain matmuls at a prefill-sized and at a decode-sized batch, measured in CPU
-time in the same run: FLOP/s / FLOPs per token; attention is not in the FLOP count, so a ratio can only
-underestimate); successes per split; and the fraction of attempts token-for-token identical to the baseline's.
-Goal: >= 5x the baseline, successes within one hand, >= 98 % identical attempts.
+bf16 with everything else fp32, int8 linear layers, torch.compile (their classes below say what each changes).
+Columns: wall seconds for both splits and the speed-up vs the baseline; the process's CPU seconds and their ratio
+(`cpu s`, `cpu x`: on a machine shared with other jobs the wall clock also counts the time the process waits for a
+core, CPU time does not; with 1 thread, CPU time is the wall time on a free core, with 2 threads it counts both);
+real (non-padding) tokens per CPU second in prefill and decode forwards (CPU time inside the model's forward calls
+with more than one / exactly one query token; the rest of the CPU time is tokenization, sampling, cache bookkeeping
+and the episode loop, column `other s`) and their ratio to the machine's ceiling (the model's linear layers as plain
+matmuls at a prefill-sized and at a decode-sized batch, measured in CPU time in the same run: FLOP/s / FLOPs per
+token; attention is not in the FLOP count, so a ratio can only underestimate); successes per split; and the fraction
+of attempts token-for-token identical to the baseline's. Goal: >= 5x the baseline, successes within one hand,
+>= 98 % identical attempts.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def _attention_in_cache_dtype(module, query, key, value, attention_mask, **kwarg
 
 class Int8LinearKV(KVBackend):
     """Lever (d), not kept: the full `kv` backend with the decoder layers' linear layers dynamically quantized to int8
-    (torch.ao quantize_dynamic: int8 weights, activations quantized per call); embeddings, lm_head and attention fp32."""
+    (torch.ao quantize_dynamic: int8 weights, activations quantized per call); embeddings, lm_head and attention
+    fp32."""
 
     def __init__(self, *args, **kwargs):
         import warnings

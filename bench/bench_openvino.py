@@ -9,14 +9,15 @@ pipeline with prefix caching, against the `kv` backend and the `hf` baseline, me
     pip install openvino-genai==2026.4.1.0
     python bench/bench_openvino.py results/sft/checkpoint-480 /tmp/end_sft_openvino --threads 1
 
-Same problems, sampling and columns as bench_eval.py (wall and CPU seconds for both splits, successes, the fraction of
-attempts token-for-token identical to the baseline's); speed-ups are to the `hf` baseline and to `kv`. The engine gets
-token ids (our tokenizer, our chat template), greedy decoding, the same stop ids, fp32 weights and activations
+Same problems, sampling and columns as bench_eval.py (wall and CPU seconds for both splits, successes, the fraction
+of attempts token-for-token identical to the baseline's); speed-ups are to the `hf` baseline and to `kv`. The engine
+gets token ids (our tokenizer, our chat template), greedy decoding, the same stop ids, fp32 weights and activations
 (INFERENCE_PRECISION_HINT) and a KV cache in fp32 or, with --kv-precision f16, in fp16. Prefix caching is what makes
 it comparable with `kv`: each feedback round's prompt extends the previous round's conversation, so the engine finds
 that prefix's KV blocks and prefills only the new turn (KVBackend's lever a), and the rules text all episodes share
 is one set of blocks (lever b). `prefill tok` counts the prompt tokens handed to each backend: for openvino that is
-every prompt in full, and its prefix cache decides how many it computes. Measured numbers: the KVBackend docstring (sftrl/generation/kv.py).
+every prompt in full, and its prefix cache decides how many it computes. Measured numbers: the KVBackend docstring
+(sftrl/generation/kv.py).
 """
 from __future__ import annotations
 
@@ -34,24 +35,23 @@ class OpenVINOBackend:
     """OpenVINO GenAI's ContinuousBatchingPipeline behind `generate` / `generate_ids` (greedy only: this is a
     benchmark of its speed, not a backend of the workflow)."""
 
-    kv_precision = "f32"
-    prefix_caching = True
-
-    def __init__(self, openvino_dir, tokenizer_dir, threads: int, batch_size: int):
+    def __init__(self, model_dir, model_settings, batch_size: int, openvino_dir, threads: int, kv_precision: str):
+        """`model_dir`: the checkpoint the engine's model was exported from (its tokenizer and chat template are
+        ours); `model_settings` is unused (the engine runs fp32, as the export was made)."""
         import openvino
         import openvino_genai
 
         self._openvino, self._genai = openvino, openvino_genai
         scheduler = openvino_genai.SchedulerConfig()
-        scheduler.enable_prefix_caching = self.prefix_caching
+        scheduler.enable_prefix_caching = True
         scheduler.cache_size = 1  # GB of KV blocks: every episode's conversation fits
         scheduler.max_num_seqs = batch_size
-        precision = {"f32": openvino.Type.f32, "f16": openvino.Type.f16}[self.kv_precision]
+        precision = {"f32": openvino.Type.f32, "f16": openvino.Type.f16}[kv_precision]
         self.pipeline = openvino_genai.ContinuousBatchingPipeline(
             str(openvino_dir), scheduler, "CPU",
             {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": openvino.Type.f32,
              "KV_CACHE_PRECISION": precision})
-        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         self.stats = new_stats()
 
     def generate(self, prompts, sampling: Sampling, keys=None, keep: bool = True) -> list[str]:
@@ -82,24 +82,19 @@ def main() -> None:
     args = parser.parse_args()
     problems, sampling = workload(args)
 
-    def openvino_backend(precision):
-        class Backend(OpenVINOBackend):
-            kv_precision = precision
-
-            def __init__(self, model_dir, model_settings, batch_size):
-                super().__init__(args.openvino_model, model_dir, args.threads, batch_size)
-        return Backend
-
-    rows = [("hf (baseline)", HFBackend), ("kv", KVBackend)]
-    rows += [(f"openvino, {p} KV cache", openvino_backend(p)) for p in args.kv_precision]
+    rows = [("hf (baseline)", HFBackend, {}), ("kv", KVBackend, {})]
+    rows += [(f"openvino, {p} KV cache", OpenVINOBackend,
+              {"openvino_dir": args.openvino_model, "threads": args.threads, "kv_precision": p})
+             for p in args.kv_precision]
     print(f"model {args.model} / {args.openvino_model}; {args.n} episodes x {list(problems)}, verify_iter "
           f"{args.verify_iter}, greedy, max_new_tokens {args.max_new_tokens}, batch {args.batch_size}, "
           f"{args.threads} thread(s)")
     print(f"{'backend':<26} {'wall s':>7} {'cpu s':>7} {'vs hf':>6} {'vs kv':>6} {'prefill tok':>11} "
           f"{'succ id':>7} {'succ ood':>8} {'identical':>9}", flush=True)
     results = []
-    for name, cls in rows:
-        r = run(name, cls, {}, MODEL, args.threads, args.model, problems, sampling, args.verify_iter, args.batch_size)
+    for name, cls, kwargs in rows:
+        r = run(name, cls, kwargs, MODEL, args.threads, args.model, problems, sampling, args.verify_iter,
+                args.batch_size)
         results.append(r)
         vs_kv = f"{results[1]['wall_s'] / r['wall_s']:>5.2f}x" if len(results) > 1 else f"{'-':>6}"
         print(f"{name:<26} {r['wall_s']:>7.1f} {r['cpu_s']:>7.1f} {results[0]['wall_s'] / r['wall_s']:>5.2f}x "

@@ -139,13 +139,13 @@ class KVBackend:
     35.4 k tok/s at decode batch 234 (177 / 167 GFLOP/s); (ceil) = real tokens per CPU second inside the forward
     calls over it; CPU seconds = wall seconds on a free core; "ident." = attempts token-for-token equal to hf's.
 
-        backend / lever        wall s  speed-up  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  succ id/ood  ident.
-        hf (baseline)           97.7    1.00x       424385   8471 (0.23)       98305  2137 (0.06)     212 / 0   100 %
-        kv (a, b, c)            24.3    4.02x        78347  15544 (0.41)       98305  5616 (0.16)     212 / 0   100 %
-        kv, fp16 KV cache (d)   20.8    4.70x        78246  16680 (0.44)       98154  6559 (0.19)     212 / 0   97.99 %
-        kv, bf16 KV cache (d)   19.8    4.93x        78102  18557 (0.49)       97920  6793 (0.19)     213 / 0   84.3 %
-        kv, int8 linears (d)    24.3    4.02x        80493  19936 (0.53)       99053  5346 (0.15)     206 / 0   21.3 %
-        kv, torch.compile (d)  110.2    0.89x        78347   6158 (0.16)       98305  1028 (0.03)     212 / 0   100 %
+        backend / lever        wall s  speed-up  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  succ id/ood ident.
+        hf (baseline)           97.7    1.00x       424385   8471 (0.23)       98305  2137 (0.06)     212 / 0  100 %
+        kv (a, b, c)            24.3    4.02x        78347  15544 (0.41)       98305  5616 (0.16)     212 / 0  100 %
+        kv, fp16 KV cache (d)   20.8    4.70x        78246  16680 (0.44)       98154  6559 (0.19)     212 / 0  97.99 %
+        kv, bf16 KV cache (d)   19.8    4.93x        78102  18557 (0.49)       97920  6793 (0.19)     213 / 0  84.3 %
+        kv, int8 linears (d)    24.3    4.02x        80493  19936 (0.53)       99053  5346 (0.15)     206 / 0  21.3 %
+        kv, torch.compile (d)  110.2    0.89x        78347   6158 (0.16)       98305  1028 (0.03)     212 / 0  100 %
 
     bench/bench_openvino.py, same machine and checkpoint, right after (hf 91.6 s, kv 25.3 s = 3.62x in that run):
     OpenVINO GenAI 2026.4.1 (continuous batching, prefix caching, fp32) 21.6 s = 4.25x hf, 1.17x kv, 100 %
