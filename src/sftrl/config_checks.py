@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime
 import re
 from pathlib import Path
 from typing import Mapping
@@ -91,38 +92,72 @@ def check_stop_tokens(tokenizer, stop_tokens, where: str) -> None:
                          "must be one token of the model's vocabulary)")
 
 
-def episode_floor(verify_iter: int, max_new_tokens: int, prompt_tokens: int = 0, feedback_tokens: int = 1) -> int:
-    """Tokens an episode reaches when every attempt uses its whole max_new_tokens budget and fails: the prompt,
-    verify_iter answers and verify_iter - 1 feedback turns (no feedback follows the last attempt). A floor of the
-    worst case: chat-template tokens and feedback that echoes the answer only add to it."""
-    return prompt_tokens + verify_iter * max_new_tokens + (verify_iter - 1) * feedback_tokens
+def chat_template(model_dir) -> str | None:
+    """A model directory's chat template: chat_template.jinja, or the string in tokenizer_config.json; or None."""
+    path = Path(model_dir)
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "tokenizer_config.json").is_file():
+        template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
 
 
-def episode_text_tokens(tokenizer, target: int) -> tuple[int, int]:
-    """(prompt tokens, feedback tokens) of one episode's fixed texts: the shortest prompt of any rule and the
-    feedback of an unparseable answer (what a truncated attempt gets), tokenized without the chat template."""
+def _render(template: str, messages: list[dict], special: Mapping) -> str:
+    """A chat template rendered as transformers renders it (a sandboxed jinja2 environment, trim_blocks,
+    lstrip_blocks); jinja2 directly, because transformers' apply_chat_template would import torch at parse time."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+
+
+def episode_fixed_tokens(tokenizer, target: int, verify_iter: int, model_dir=None) -> int:
+    """Tokens of an episode that are not answers: the prompt (the shortest of any rule), verify_iter - 1 feedback
+    turns of an unparseable answer (what a truncated attempt gets; feedback that echoes the answer is longer), the
+    chat template around them (the model directory's, when it has one that renders) and the generation prompt."""
     from .task import points
 
-    def count(text):
-        return len(tokenizer.encode(text, add_special_tokens=False).ids)
-
-    prompt = min(count(points.render_prompt(("A", "2", "3", "4"), rule, target)) for rule in points.RULES.values())
-    feedback = count(points.feedback_turn(points.score(None, (1, 2, 3, 4), target)))
-    return prompt, feedback
+    prompt = min((points.render_prompt(("A", "2", "3", "4"), rule, target) for rule in points.RULES.values()),
+                 key=lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids))
+    feedback = points.feedback_turn(points.score(None, (1, 2, 3, 4), target))
+    messages = [{"role": "user", "content": prompt}]
+    for _ in range(verify_iter - 1):
+        messages += [{"role": "assistant", "content": ""}, {"role": "user", "content": feedback}]
+    template = chat_template(model_dir) if model_dir else None
+    text = None
+    if template:
+        settings = json.loads((Path(model_dir) / "tokenizer_config.json").read_text()) \
+            if (Path(model_dir) / "tokenizer_config.json").is_file() else {}
+        special = {key: (value or {}).get("content") if isinstance(value, dict) else value
+                   for key, value in settings.items() if key.endswith("_token")}
+        try:
+            text = _render(template, messages, special)
+        except Exception:  # a template this plain rendering cannot serve: count the texts alone (still a floor)
+            text = None
+    texts = [text] if text is not None else [m["content"] for m in messages]
+    return sum(len(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts)
 
 
 def check_episode_length(verify_iter: int, budgets: Mapping[str, int], context: int, context_key: str,
-                         prompt_tokens: int = 0, feedback_tokens: int = 1) -> None:
-    """An episode whose attempts use their max_new_tokens must fit the model's context (positions beyond it are
-    untrained: the model would go on silently degraded). budgets: config key -> max_new_tokens."""
+                         fixed_tokens: int | None = None) -> None:
+    """An episode whose attempts use their whole max_new_tokens budget must fit the model's context (positions
+    beyond it are untrained: the model would go on silently degraded). budgets: config key -> max_new_tokens;
+    fixed_tokens: episode_fixed_tokens, or (no tokenizer at hand) one token per feedback turn."""
+    fixed = verify_iter - 1 if fixed_tokens is None else fixed_tokens
     for key, max_new_tokens in budgets.items():
-        floor = episode_floor(verify_iter, max_new_tokens, prompt_tokens, feedback_tokens)
+        floor = fixed + verify_iter * max_new_tokens
         if floor > context:
             raise ValueError(
                 f"config env.verify_iter = {verify_iter} with {key} = {max_new_tokens}: an episode whose attempts use "
-                f"their whole budget reaches at least {floor} tokens (prompt {prompt_tokens} + {verify_iter} x "
-                f"{max_new_tokens} + {verify_iter - 1} feedback turns x {feedback_tokens}) > the model's context "
-                f"{context_key} = {context}; lower env.verify_iter or {key}")
+                f"their whole budget reaches at least {floor} tokens ({verify_iter} x {max_new_tokens} answer tokens "
+                f"+ {fixed} of prompt, feedback and chat template) > the model's context {context_key} = {context}; "
+                f"lower env.verify_iter or {key}")
 
 
 # -----------------------------------------------------------------------------
@@ -260,6 +295,8 @@ def check_with_model(config: Mapping, model_dir=None, tokenizer_dir=None) -> lis
         budgets = {"eval.max_new_tokens": config["eval"]["max_new_tokens"]}
         if (rl["algorithms"] and rl["start_from"]) or rl["recovery_window"]:
             budgets["rl.max_new_tokens"] = rl["max_new_tokens"]
-        counts = episode_text_tokens(tokenizer, config["env"]["target"]) if tokenizer is not None else (0, 1)
-        check_episode_length(config["env"]["verify_iter"], budgets, context, context_key, *counts)
+        verify_iter = config["env"]["verify_iter"]
+        fixed = (episode_fixed_tokens(tokenizer, config["env"]["target"], verify_iter, tokenizer_dir)
+                 if tokenizer is not None else None)
+        check_episode_length(verify_iter, budgets, context, context_key, fixed)
     return warnings
