@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from .checkpoint import ALGORITHMS, SELECTIONS, Checkpoint, needs_selection
+from .checkpoint import ALGORITHMS, SELECTIONS, Checkpoint
 from .weights.names import layer_index, matrix_kind
 
 # -----------------------------------------------------------------------------
@@ -228,28 +228,19 @@ def depth(shapes: Mapping[str, tuple]) -> int:
 _RL_NAME = re.compile(rf"^(?P<algo>{'|'.join(ALGORITHMS)})-from-(?P<start>.+)-u(?P<update>\d+)$")
 
 
-def check_planned_rl_checkpoint(name: str, key: str, rl: Mapping, saved_updates: Mapping[str, list]) -> None:
-    """An RL checkpoint named in the config (restore.<sweep>.<role>) must be one a configured run saves: its
-    algorithm runs from its start (rl.start_from x rl.algorithms, PPO also from rl.recovery_window) and saves its
-    update (saved_updates: algo -> updates, train.rl.save_updates). Where the start or a run's start is a selection
-    (end_sft), the start cannot be judged before the selection exists: common.smk's restore_resolve judges it then."""
+def check_planned_rl_checkpoint(name: str, key: str, saved_updates: Mapping[str, list], sft_steps) -> None:
+    """An RL checkpoint named in the config (restore.<sweep>.<role>) must be one its run saves: rule rl_<algo> makes
+    the run from any start the DAG asks for, but saves only the updates saved_updates[algo] lists
+    (rl.<algo>.updates, rl.save_every: train.rl.save_updates), from a start that exists (a saved SFT step)."""
     match = _RL_NAME.match(name)
     if match is None:
         return
     algo, start, update = match["algo"], match["start"], int(match["update"])
-    if not needs_selection(name):
-        Checkpoint.parse(name)  # a malformed start fails here, naming it
-    starts = set(rl["start_from"]) if algo in rl["algorithms"] else set()
-    if algo == "ppo":
-        starts |= {f"sft-{step}" for step in rl["recovery_window"]}
-    if not starts:
-        raise ValueError(f"config {key} = {name!r}: no {algo} run is configured (rl.algorithms = "
-                         f"{list(rl['algorithms'])}{', rl.recovery_window is empty' if algo == 'ppo' else ''})")
-    # a selection may resolve to any saved step (inter_sft = end_sft happens): only concrete names are judged here
-    concrete = start not in SELECTIONS and not any(s in SELECTIONS for s in starts)
-    if start not in starts and concrete:
-        raise ValueError(f"config {key} = {name!r}: no {algo} run starts from {start} (the {algo} runs start from "
-                         f"{sorted(starts)}: rl.start_from{', rl.recovery_window' if algo == 'ppo' else ''})")
+    if start not in SELECTIONS:
+        start_ckpt = Checkpoint.parse(start)  # a malformed start fails here, naming it
+        if start_ckpt.stage == "sft" and start_ckpt.step not in sft_steps:
+            raise ValueError(f"config {key} = {name!r}: its run starts from {start}, not a saved SFT step "
+                             f"(sft.save_steps / sft.max_steps save {list(sft_steps)})")
     if update not in saved_updates[algo]:
         raise ValueError(f"config {key} = {name!r}: update {update} is not saved (rl.{algo}.updates and "
                          f"rl.save_every save updates {list(saved_updates[algo])})")

@@ -183,25 +183,20 @@ def test_restore_sweeps_are_checked_against_the_model():
 
 
 def test_rl_checkpoints_named_in_the_config_must_be_saved_by_a_run():
+    """Rule rl_<algo> makes a run from any start the DAG asks for, but only its saved updates, from a saved step."""
     from sftrl.config_checks import check_planned_rl_checkpoint
 
-    rl = {"start_from": ["end_sft"], "algorithms": ["ppo"], "recovery_window": [40]}
     saved = {"ppo": [2, 4], "grpo": [1]}
 
     def check(name):
-        check_planned_rl_checkpoint(name, "restore.reverse.target", rl, saved)
+        check_planned_rl_checkpoint(name, "restore.reverse.target", saved, [40, 80])
 
-    for name in ("end_sft", "sft-40", "base", "ppo-from-end_sft-u4", "ppo-from-sft-40-u2",
-                 "ppo-from-sft-80-u2"):  # sft-80 may be End_SFT: judged once the selection exists
+    for name in ("end_sft", "sft-40", "base", "ppo-from-end_sft-u4", "ppo-from-sft-40-u2", "grpo-from-base-u1",
+                 "grpo-from-inter_sft-u1"):
         check(name)
-    for name, message in (("ppo-from-end_sft-u3", r"update 3 is not saved .* \[2, 4\]"),
-                          ("grpo-from-end_sft-u1", r"no grpo run is configured"),
-                          ("ppo-from-inter_sft-u2", None)):
-        if message is None:
-            check(name)  # Inter_SFT may be End_SFT
-            continue
+    for name, message in (("ppo-from-end_sft-u3", r"update 3 is not saved \(rl.ppo.updates and rl.save_every save "
+                                                   r"updates \[2, 4\]\)"),
+                          ("grpo-from-sft-40-u2", r"update 2 is not saved .* \[1\]"),
+                          ("ppo-from-sft-50-u2", r"its run starts from sft-50, not a saved SFT step .* \[40, 80\]")):
         with pytest.raises(ValueError, match=rf"config restore.reverse.target = '{name}': {message}"):
             check(name)
-    concrete = {**rl, "start_from": ["sft-40"]}
-    with pytest.raises(ValueError, match=r"no ppo run starts from sft-80 .*\['sft-40'\]"):
-        check_planned_rl_checkpoint("ppo-from-sft-80-u2", "restore.reverse.target", concrete, saved)

@@ -22,15 +22,6 @@ def setter(path: str, value):
     return edit
 
 
-def edits(*steps):
-    """Several edits of the micro config, in order."""
-    def edit(config):
-        for step in steps:
-            step(config)
-
-    return edit
-
-
 # case -> (edit, texts the error must contain)
 CASES = {
     "misspelt key": (setter("sft.save_stpes", 4), ["save_stpes"]),
@@ -70,9 +61,8 @@ CASES = {
     "restored count beyond every rank": (setter("restore.rank.top", [5000]), ["restore.rank.top = 5000"]),
     "reverse target update not saved": (setter("restore.reverse.target", "ppo-from-end_sft-u5"),
                                         ["restore.reverse.target", "ppo-from-end_sft-u5", "update 5"]),
-    "reverse target from an unconfigured arm": (edits(setter("rl.algorithms", ["ppo"]),
-                                                      setter("restore.reverse.target", "grpo-from-end_sft-u1")),
-                                                ["restore.reverse.target", "grpo-from-end_sft-u1", "no grpo run"]),
+    "reverse target from an unsaved SFT step": (setter("restore.reverse.target", "ppo-from-sft-5-u1"),
+                                                ["restore.reverse.target", "ppo-from-sft-5-u1", "not a saved SFT step"]),
     "GRPO micro batch does not divide": (setter("rl.grpo.micro_batch_size", 3), ["rl.grpo.micro_batch_size = 3"]),
     "stop token of the shipped base not one token": (
         lambda c: c.update(base={**DEFAULT["base"]}, eval={**c["eval"], "stop_tokens": ["<|endoftext|>", "24 ="]}),

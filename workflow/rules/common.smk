@@ -487,7 +487,8 @@ def _check_rl_config():
         updates = {algo: save_updates(rl[algo]["updates"], rl["save_every"]) for algo in ALGORITHMS}
         for sweep in SWEEPS:
             for role in ("reference", "target"):
-                check_planned_rl_checkpoint(config["restore"][sweep][role], f"restore.{sweep}.{role}", rl, updates)
+                check_planned_rl_checkpoint(config["restore"][sweep][role], f"restore.{sweep}.{role}", updates,
+                                            sft_steps())
     except ValueError as e:
         raise WorkflowError(str(e) if str(e).startswith("config ") else f"config {e}")
     for name in rl["start_from"]:
