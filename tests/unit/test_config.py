@@ -157,8 +157,9 @@ def test_missing_model_files_are_named(tmp_path):
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
     (tmp_path / "vocab.json").write_text("{}")
-    assert missing_model_files(tmp_path) == ["model-00002-of-00002.safetensors",
-                                             "a tokenizer (tokenizer.json, or tokenizer.model, or vocab.json + merges.txt)"]
+    assert missing_model_files(tmp_path) == [
+        "model-00002-of-00002.safetensors",
+        "a tokenizer (tokenizer.json, or tokenizer.model, or vocab.json + merges.txt)"]
     (tmp_path / "merges.txt").write_text("")
     (tmp_path / "config.json").unlink()
     assert missing_model_files(tmp_path) == ["config.json", "model-00002-of-00002.safetensors"]

@@ -61,8 +61,9 @@ CASES = {
     "restored count beyond every rank": (setter("restore.rank.top", [5000]), ["restore.rank.top = 5000"]),
     "reverse target update not saved": (setter("restore.reverse.target", "ppo-from-end_sft-u5"),
                                         ["restore.reverse.target", "ppo-from-end_sft-u5", "update 5"]),
-    "reverse target from an unsaved SFT step": (setter("restore.reverse.target", "ppo-from-sft-5-u1"),
-                                                ["restore.reverse.target", "ppo-from-sft-5-u1", "not a saved SFT step"]),
+    "reverse target from an unsaved SFT step": (
+        setter("restore.reverse.target", "ppo-from-sft-5-u1"),
+        ["restore.reverse.target", "ppo-from-sft-5-u1", "not a saved SFT step"]),
     "GRPO micro batch does not divide": (setter("rl.grpo.micro_batch_size", 3), ["rl.grpo.micro_batch_size = 3"]),
     "stop token of the shipped base not one token": (
         lambda c: c.update(base={**DEFAULT["base"]}, eval={**c["eval"], "stop_tokens": ["<|endoftext|>", "24 ="]}),
@@ -82,7 +83,8 @@ def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, case):
         assert text in output, f"{case}: {text!r} not named in:\n{output[-2000:]}"
 
 
-@pytest.mark.parametrize("kept", [["config.json"], ["config.json", "model.safetensors"]], ids=["config only", "no tokenizer"])
+@pytest.mark.parametrize("kept", [["config.json"], ["config.json", "model.safetensors"]],
+                         ids=["config only", "no tokenizer"])
 def test_model_dir_missing_files_are_named(tmp_path, kept):
     """model.path with config.json only, or without tokenizer files: the dry run names what is missing (before:
     a transformers traceback in the first job)."""
