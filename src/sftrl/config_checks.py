@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Mapping
 
