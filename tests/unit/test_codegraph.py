@@ -16,7 +16,8 @@ from sftrl.codegraph import ROOT, closure, direct_imports, files, module_file
 # they run on login nodes and in Snakemake's own environment, and importing torch would cost seconds each.
 TORCH_FREE_COMMANDS = ["data eval-set", "table", "select", "spectral-collect", "restore-table", "claims"] + \
     [c for c in cli.COMMANDS if c.startswith("figure ")]
-TORCH_FREE_MODULES = ["sftrl.checkpoint", "sftrl.codegraph", "sftrl.cli", "sftrl.weights.names", "sftrl.restore.spec"]
+TORCH_FREE_MODULES = ["sftrl.checkpoint", "sftrl.codegraph", "sftrl.cli", "sftrl.weights.names", "sftrl.restore.spec",
+                      "sftrl.config_checks"]
 
 
 def write_package(root, sources: dict):

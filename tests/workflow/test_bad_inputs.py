@@ -3,9 +3,10 @@ a dry run must fail before any job runs, with a message that names the key (and 
 inputs (files, model outputs, settings only a GPU node can judge) are in tests/unit/test_robustness.py."""
 import pytest
 import yaml
-from helpers import MICRO, make_workdir, snakemake
+from helpers import MICRO, REPO, make_workdir, snakemake
 
 pytestmark = pytest.mark.workflow
+DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
 def setter(path: str, value):
@@ -47,6 +48,26 @@ CASES = {
                                   ["spectral.angle_matrix"]),
     "sigma layer not analysed": (setter("spectral.sigma_layer", 9), ["spectral.sigma_layer"]),
     "no shipped base there": (setter("base.shipped", "no/such/base"), ["base.shipped", "no/such/base"]),
+    # issue 25: found late before, known at parse time
+    "NaN SFT learning rate": (setter("sft.lr", float("nan")), ["sft.lr = nan", "finite"]),
+    "infinite PPO learning rate": (setter("rl.ppo.lr", float("inf")), ["rl.ppo.lr = inf", "finite"]),
+    "infinite pretraining learning rate": (setter("base.train.lr", float("inf")), ["base.train.lr = inf"]),
+    "top_r beyond every rank": (setter("spectral.top_r", 1000), ["spectral.top_r = 1000", "rank"]),
+    "episode outgrows the context": (setter("env.verify_iter", 60),
+                                     ["env.verify_iter = 60", "base.architecture.max_position_embeddings = 1024"]),
+    "restored layers beyond the depth": (setter("restore.layer.layers", ["0-5"]), ["restore.layer", "'0-5'"]),
+    "restored matrices match nothing": (setter("restore.rank.matrices", [r"\.mlp\.gate_projj\.weight$"]),
+                                        ["restore.rank", "gate_projj"]),
+    "restored count beyond every rank": (setter("restore.rank.top", [5000]), ["restore.rank.top = 5000"]),
+    "reverse target update not saved": (setter("restore.reverse.target", "ppo-from-end_sft-u5"),
+                                        ["restore.reverse.target", "ppo-from-end_sft-u5", "update 5"]),
+    "reverse target from an unsaved SFT step": (
+        setter("restore.reverse.target", "ppo-from-sft-5-u1"),
+        ["restore.reverse.target", "ppo-from-sft-5-u1", "not a saved SFT step"]),
+    "GRPO micro batch does not divide": (setter("rl.grpo.micro_batch_size", 3), ["rl.grpo.micro_batch_size = 3"]),
+    "stop token of the shipped base not one token": (
+        lambda c: c.update(base={**DEFAULT["base"]}, eval={**c["eval"], "stop_tokens": ["<|endoftext|>", "24 ="]}),
+        ["eval.stop_tokens", "'24 ='", "resources/base/tokenizer.json"]),
 }
 
 
@@ -60,6 +81,23 @@ def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, case):
     assert "Job stats" not in output, f"{case}: a plan was made before failing"
     for text in texts:
         assert text in output, f"{case}: {text!r} not named in:\n{output[-2000:]}"
+
+
+@pytest.mark.parametrize("kept", [["config.json"], ["config.json", "model.safetensors"]],
+                         ids=["config only", "no tokenizer"])
+def test_model_dir_missing_files_are_named(tmp_path, kept):
+    """model.path with config.json only, or without tokenizer files: the dry run names what is missing (before:
+    a transformers traceback in the first job)."""
+    model = tmp_path / "model dir"
+    model.mkdir()
+    for name in kept:
+        (model / name).symlink_to(REPO / "resources" / "base" / name)
+    workdir = make_workdir(tmp_path / "work", edit=setter("model.path", str(model)))
+    result = snakemake(workdir, "-n", "all", check=False, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Job stats" not in output
+    assert str(model) in output and "tokenizer (tokenizer.json" in output, output[-2000:]
+    assert ("model.safetensors" in output.split("lacks")[-1]) == ("model.safetensors" not in kept)
 
 
 def test_duplicate_yaml_key_is_named(tmp_path):

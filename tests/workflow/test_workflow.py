@@ -141,13 +141,21 @@ def test_lint_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_parsing_the_workflow_imports_no_torch(tmp_path):
+@pytest.mark.parametrize("shipped", [False, True], ids=["pretrained base", "shipped base"])
+def test_parsing_the_workflow_imports_no_torch(tmp_path, shipped):
     """Snakemake's parse (every job's planning, on the head node of a cluster too) must not import torch: a
-    `torch` that raises on import is put first on the path, and a dry run of the whole DAG still plans."""
+    `torch` that raises on import is put first on the path, and a dry run of the whole DAG still plans. With the
+    shipped base, parse time also reads its tokenizer and chat template (stop tokens, episode length)."""
     fake = tmp_path / "fake" / "torch"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('torch imported while parsing the workflow')\n")
-    workdir = make_workdir(tmp_path / "work")
+    default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+    def ship(config):
+        config["base"] = default["base"]
+        config["eval"]["stop_tokens"] = ["<|endoftext|>"]
+
+    workdir = make_workdir(tmp_path / "work", edit=ship if shipped else None)
     result = snakemake(workdir, "-n", "all", check=False, extra_env={"PYTHONPATH": str(fake.parent)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "pretrain_base" in planned_jobs(result)

@@ -57,6 +57,7 @@ def _check_config():
     the key, not hours later in the job that first reads it."""
     import yaml
 
+    from sftrl.config_checks import check_finite_numbers
     from sftrl.io import check_integer_keys
     from sftrl.task.data import check_data_settings
 
@@ -67,6 +68,7 @@ def _check_config():
         schema = yaml.safe_load(f)
     try:
         check_integer_keys(config, schema)  # JSON Schema takes 4.0 for an integer
+        check_finite_numbers(config)  # and .nan / .inf pass its bounds
         check_data_settings(config["data"]["sft"], config["env"]["target"])  # hands that can be dealt at all
     except ValueError as e:
         raise WorkflowError(str(e))
@@ -111,29 +113,34 @@ def code(*commands):
 
 
 def real_model_dir():
-    """config model.path, checked at parse time so a bad path fails before any job runs, naming the path."""
+    """config model.path, checked at parse time so a bad path fails before any job runs, naming the path (and the
+    files it lacks)."""
+    from sftrl.config_checks import missing_model_files
+
     path = config["model"]["path"]
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise WorkflowError(
-            f"config model.path = {path!r} is not a readable Hugging Face model directory "
-            "(expected a folder with config.json)"
-        )
+    if not os.path.isdir(path):
+        raise WorkflowError(f"config model.path = {path!r} is not a readable Hugging Face model directory "
+                            "(expected a folder with config.json)")
+    missing = missing_model_files(path)
+    if missing:
+        raise WorkflowError(f"config model.path = {path!r} lacks {'; '.join(missing)}")
     return path
 
 
-def check_stop_tokens():
-    """eval.stop_tokens must each be one token of a real model's vocabulary: checked at parse time from its
-    tokenizer.json (the embedded model's tokenizer does not exist yet; its first eval job checks)."""
-    path = os.path.join(real_model_dir(), "tokenizer.json") if config["model"]["path"] else None
-    if not config["eval"]["stop_tokens"] or not path or not os.path.isfile(path):
-        return
-    with open(path) as f:
-        tokenizer = json.load(f)
-    vocabulary = set(tokenizer.get("model", {}).get("vocab", {})) | {t["content"] for t in tokenizer["added_tokens"]}
-    missing = [token for token in config["eval"]["stop_tokens"] if token not in vocabulary]
-    if missing:
-        raise WorkflowError(f"config eval.stop_tokens: {missing} are not tokens of {path} (a stop token must be one "
-                            "token of the model's vocabulary)")
+def check_with_model():
+    """The config against the model's shapes (spectral.top_r; restore layers / matrices), tokenizer
+    (eval.stop_tokens) and context (env.verify_iter x max_new_tokens), at parse time (sftrl.config_checks). The
+    tokenizer is a real model's or the shipped base's; a base pretrained here has none yet (its first eval job
+    checks the stop tokens)."""
+    from sftrl.config_checks import check_with_model as check
+
+    model = real_model_dir() if config["model"]["path"] else None
+    try:
+        warnings = check(config, model, model or shipped_base_dir())
+    except ValueError as e:
+        raise WorkflowError(str(e) if str(e).startswith("config ") else f"config {e}")
+    for warning in warnings:
+        logger.warning(warning)
 
 
 def base_model_dir():
@@ -169,7 +176,7 @@ def sft_steps():
     return steps if steps and steps[-1] == last else steps + [last]
 
 
-check_stop_tokens()
+check_with_model()
 
 
 if config["selection"]["end_sft"] != "last" and config["selection"]["end_sft"] not in sft_steps():
@@ -457,6 +464,10 @@ RL_PLAN_KEYS = ("start_from", "algorithms", "recovery_window", *ALGORITHMS)
 
 
 def _check_rl_config():
+    from sftrl.config_checks import check_planned_rl_checkpoint
+    from sftrl.train.grpo import check_settings as grpo_settings
+    from sftrl.train.ppo import check_settings as ppo_settings
+
     rl = config["rl"]
     for algo in rl["algorithms"] + (["ppo"] if rl["recovery_window"] else []):
         trainer_module = TRAINERS[algo].split(":")[0]
@@ -467,6 +478,19 @@ def _check_rl_config():
         deepspeed = rl[algo].get("deepspeed")
         if deepspeed and not os.path.isfile(deepspeed):
             raise WorkflowError(f"config rl.{algo}.deepspeed = {deepspeed!r}: no such DeepSpeed JSON file")
+    try:
+        # the trainers' own checks (batch sizes that divide, ...), before any job rather than when the run starts
+        if "ppo" in rl["algorithms"] or rl["recovery_window"]:
+            ppo_settings(rl["ppo"], rl)
+        if "grpo" in rl["algorithms"]:
+            grpo_settings(rl["grpo"])
+        updates = {algo: save_updates(rl[algo]["updates"], rl["save_every"]) for algo in ALGORITHMS}
+        for sweep in SWEEPS:
+            for role in ("reference", "target"):
+                check_planned_rl_checkpoint(config["restore"][sweep][role], f"restore.{sweep}.{role}", updates,
+                                            sft_steps())
+    except ValueError as e:
+        raise WorkflowError(str(e) if str(e).startswith("config ") else f"config {e}")
     for name in rl["start_from"]:
         if name not in SELECTIONS and Checkpoint.parse(name).step not in sft_steps():
             raise WorkflowError(f"config rl.start_from: {name} is not a saved SFT step {sft_steps()}")

@@ -197,6 +197,12 @@ def _safetensors_header(path: Path) -> dict:
 def checkpoint_parameter_ndims(model_dir: str | os.PathLike) -> dict[str, int]:
     """Canonical tensor name -> number of dimensions of a saved Hugging Face checkpoint, from its safetensors
     headers only (one file, or the shards an index lists)."""
+    return {name: len(shape) for name, shape in checkpoint_parameter_shapes(model_dir).items()}
+
+
+def checkpoint_parameter_shapes(model_dir: str | os.PathLike) -> dict[str, tuple]:
+    """Canonical tensor name -> shape of a saved Hugging Face checkpoint, from its safetensors headers only (one
+    file, or the shards an index lists), in natural order."""
     path = Path(model_dir)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -205,11 +211,11 @@ def checkpoint_parameter_ndims(model_dir: str | os.PathLike) -> dict[str, int]:
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    ndims = {}
+    shapes = {}
     for file in files:
-        ndims.update({name: len(info["shape"]) for name, info in _safetensors_header(path / file).items()})
-    canonical = canonical_names(ndims, str(path))
-    return dict(sorted(((name, ndims[stored]) for name, stored in canonical.items()),
+        shapes.update({name: tuple(info["shape"]) for name, info in _safetensors_header(path / file).items()})
+    canonical = canonical_names(shapes, str(path))
+    return dict(sorted(((name, shapes[stored]) for name, stored in canonical.items()),
                        key=lambda item: _natural_key(item[0])))
 
 
