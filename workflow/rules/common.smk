@@ -436,7 +436,7 @@ def restore_targets():
 
 def sft_launcher():
     """`sftrl` in-process (CPU or one GPU), or `accelerate launch` for multi-GPU / DeepSpeed (config sft.launcher).
-    An argument list: the rule renders it with `:q`, each word quoted."""
+    An argument list, rendered with `:q` in the shell command: each word quoted."""
     if config["sft"]["launcher"] == "accelerate":
         n = config["sft"]["num_processes"]
         return ["accelerate", "launch", "--num_processes", str(n), "-m", "sftrl.cli"]
@@ -527,7 +527,7 @@ def rl_checkpoints(runs=None):
 
 def rl_launcher(algo):
     """`sftrl` in-process (CPU or one GPU), or `accelerate launch` for multi-GPU / DeepSpeed (config rl.<algo>).
-    An argument list: the rule renders it with `:q`, so a DeepSpeed JSON path is one word, never shell code."""
+    An argument list, rendered with `:q` in the shell command: a DeepSpeed JSON path is one word, never shell code."""
     arm = config["rl"][algo]
     if arm.get("launcher", "local") != "accelerate":
         return ["sftrl"]
