@@ -589,3 +589,76 @@ def test_eval_cli_needs_one_output_pair_per_problem_set(tmp_path, capsys):
     assert err.value.code == 2
     assert "--problems, --out and --summary name one file per problem set: got 2, 1 and 2" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Issue 25, item 2: `sftrl restore --out` on one of its own inputs replaced that checkpoint (exit 0). The output is
+# replaced as a whole, so equal to, inside or around the reference or the target is refused, naming both paths,
+# before anything is read or written.
+
+@pytest.mark.parametrize("where", ["out = target", "out = reference", "out inside target", "out contains reference",
+                                   "out = target through a symlink"])
+def test_restore_refuses_an_output_on_its_own_inputs(where, micro_base, tmp_path):
+    models = tmp_path / "models"
+    reference, target = model_copy(micro_base, models, "reference"), model_copy(micro_base, models, "target")
+    (tmp_path / "link").symlink_to(target)
+    out, named = {"out = target": (target, target), "out = reference": (reference, reference),
+                  "out inside target": (target / "restored", target), "out contains reference": (models, reference),
+                  "out = target through a symlink": (tmp_path / "link", target)}[where]
+    before = {p: p.read_bytes() for p in models.rglob("*") if p.is_file()}
+    argv = ["restore", "--reference", str(reference), "--target", str(target), "--out", str(out), "--arm",
+            "direction", "--top", "1.0"]
+    raises_naming(ValueError, f"restore output {out}", f"checkpoint {named}")(lambda: cli_error(argv))
+    assert {p: p.read_bytes() for p in models.rglob("*") if p.is_file()} == before
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Issue 25, item 4: the resumable pretraining state was read with torch.load(weights_only=False), so a planted
+# state.pt ran its payload; a damaged one failed every rerun with a raw UnpicklingError. Now only tensors and plain
+# containers load; anything else is named, moved aside to state.pt.corrupt, and pretraining starts over (the
+# result is the uninterrupted run's, bit for bit).
+
+class _Payload:
+    """Unpickling this runs `touch <marker>` (what a planted state file would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _planted_state(path: Path, marker: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True)
+    torch.save({"fingerprint": "x", "step": 5, "model": {}, "optimizer": _Payload(marker)}, path)
+
+
+@pytest.mark.parametrize("damage", ["planted pickle payload", "truncated", "garbage", "a tensor, not a state"])
+def test_unusable_pretraining_state_is_named_moved_aside_and_training_restarts(
+        damage, tmp_path, micro_base, micro_base_settings, caplog):
+    import logging
+
+    import torch
+
+    from sftrl.base.pretrain import pretrain
+
+    state = tmp_path / "state" / "state.pt"
+    marker = tmp_path / "PWNED"
+    _planted_state(state, marker)
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:200])
+    elif damage == "garbage":
+        state.write_bytes(b"garbage, not a state")
+    elif damage == "a tensor, not a state":
+        torch.save(torch.zeros(3), state)
+    damaged = state.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="sftrl.base.pretrain"), bounded(120):
+        pretrain(micro_base_settings, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv")
+    assert not marker.exists(), "the planted payload ran"
+    assert f"unusable pretraining state {state}" in caplog.text
+    assert (tmp_path / "state" / "state.pt.corrupt").read_bytes() == damaged
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == (micro_base / "model.safetensors").read_bytes()

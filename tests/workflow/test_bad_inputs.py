@@ -138,3 +138,77 @@ def test_the_shipped_base_is_installed_and_a_foreign_one_refused(tmp_path, micro
     assert result.returncode != 0 and "but the shipped base at" in log and "base.shipped: null" in log
     assert not (foreign / "results" / "models" / "base").exists()
     assert micro["base"]["shipped"] is None  # the micro DAG itself takes the regeneration path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Issue 25, item 3: paths reached the shell unquoted, so a model directory named `m$(touch PWNED)x` ran `touch` and a
+# path with a space broke the command. Every {input}, {output}, {params}, {log} and {wildcards} of every rule's
+# shell command is rendered with `:q`, and the launchers are argument lists. A hostile name (a space, a quote and a
+# command substitution) as model.path, as base.shipped and as a DeepSpeed JSON: the jobs work and nothing runs.
+# Cost: two evaluations of a tiny model, one SVD shard, one install of the shipped base, one dry run (~30 s).
+
+HOSTILE = "m o'd$(touch PWNED)x"
+RULES = sorted((MICRO.parents[2] / "workflow" / "rules").glob("*.smk"))
+
+
+def test_no_rule_puts_an_unquoted_path_in_a_shell_command():
+    import re
+
+    unquoted = [f"{smk.name}:{number}: {line.strip()}" for smk in RULES
+                for number, line in enumerate(smk.read_text().splitlines(), start=1)
+                if line.lstrip().startswith('"')
+                and re.search(r"\{(input|output|params|log|wildcards)(\.\w+)?(:[^q}]*)?\}", line)]
+    assert not unquoted, "unquoted in a shell command:\n" + "\n".join(unquoted)
+
+
+def test_hostile_model_path_is_one_word_and_runs_nothing(tmp_path):
+    from tiny_models import save_qwen2
+
+    model = save_qwen2(tmp_path / HOSTILE)
+
+    def edit(config):
+        config["model"]["path"] = str(model)
+        config["data"]["eval"]["n"] = 4
+        config["eval"]["max_new_tokens"] = 8
+
+    workdir = make_workdir(tmp_path / "work", edit=edit)
+    snakemake(workdir, "--cores", "1", "results/eval/base/id.summary.json", "results/svd/base/embed.safetensors",
+              timeout=300)
+    assert not list(tmp_path.rglob("PWNED")), "a command substitution in model.path ran"
+    assert yaml.safe_load((workdir / "results" / "eval" / "base" / "id.summary.json").read_text())["n"] == 4
+    assert (workdir / "results" / "svd" / "base" / "embed.safetensors").stat().st_size > 0
+
+
+def test_hostile_shipped_base_path_is_one_word_and_runs_nothing(tmp_path, micro_base, micro_base_settings):
+    from sftrl.base import shipped
+
+    loss = tmp_path / "loss.csv"
+    loss.write_text("step,lr,loss\n1,0.003,6.9\n")
+    shipped.ship(micro_base, loss, tmp_path / HOSTILE, micro_base_settings)
+    workdir = make_workdir(tmp_path / "work", edit=setter("base", {**micro_base_settings,
+                                                                    "shipped": str(tmp_path / HOSTILE)}))
+    snakemake(workdir, "--cores", "1", "results/models/base", timeout=120)
+    assert not list(tmp_path.rglob("PWNED")), "a command substitution in base.shipped ran"
+    assert ((workdir / "results" / "models" / "base" / "model.safetensors").read_bytes()
+            == (micro_base / "model.safetensors").read_bytes())
+
+
+def test_hostile_deepspeed_path_reaches_the_launcher_as_one_argument(tmp_path):
+    """accelerate cannot run here; the dry run's printed command, split as the shell would, must hold the path whole."""
+    import json
+    import shlex
+
+    deepspeed = tmp_path / f"{HOSTILE}.json"
+    deepspeed.write_text("{}")
+
+    def edit(config):
+        config["rl"].update(start_from=["sft-4"], algorithms=["ppo"], recovery_window=[])
+        config["rl"]["ppo"].update(launcher="accelerate", num_processes=2, deepspeed=str(deepspeed))
+
+    workdir = make_workdir(tmp_path / "work", edit=edit)
+    result = snakemake(workdir, "-n", "-p", "results/rl/ppo-from-sft-4/log.csv", timeout=120)
+    command = next(line for line in result.stdout.splitlines() if "rl ppo --model" in line)
+    words = shlex.split(command.removeprefix("Shell command: "))
+    assert words[:5] == ["OMP_NUM_THREADS=1", "accelerate", "launch", "--num_processes", "2"]
+    assert words[words.index("--deepspeed_config_file") + 1] == str(deepspeed)
+    assert json.loads(words[words.index("--settings") + 1])["ppo"]["deepspeed"] == str(deepspeed)

@@ -175,7 +175,7 @@ LIBRARY_MODULES = sorted(p.relative_to(REPO / "src").with_suffix("").as_posix().
 
 
 def rule_commands(repo: Path) -> dict[str, str]:
-    """rule -> the `sftrl` command its shell runs (`sftrl X ...` or `{params.launcher} X ...`)."""
+    """rule -> the `sftrl` command its shell runs (`sftrl X ...` or `{params.launcher:q} X ...`)."""
     sys.path.insert(0, str(repo / "src"))
     from sftrl.cli import COMMANDS
 
@@ -186,7 +186,7 @@ def rule_commands(repo: Path) -> dict[str, str]:
             if not shell:
                 continue
             text = "".join(re.findall(r'"([^"\n]*)"', shell.group(1)))
-            words = re.search(r"(?:^|\s)(?:sftrl|\{params\.launcher\})\s+(.*)", text)
+            words = re.search(r"(?:^|\s)(?:sftrl|\{params\.launcher:q\})\s+(.*)", text)
             if words:
                 tokens = words.group(1).split()
                 found[name] = max((c for c in COMMANDS if tokens[: len(c.split())] == c.split()), key=len)

@@ -14,7 +14,8 @@ rule pretrain_base:
         settings=settings("base"),
         # Resumable state lives outside the declared output, which Snakemake deletes before a job starts.
         state_dir=f"{RESULTS}/work/pretrain",
-        shipped=f"--shipped {shipped_base_dir()}" if shipped_base_dir() else "",
+        # an argument list (rendered with :q, one quoted word each); none when pretraining
+        shipped=["--shipped", shipped_base_dir()] if shipped_base_dir() else [],
     log:
         loss=f"{RESULTS}/base/pretrain_loss.csv",
         main="logs/base/pretrain.log",
@@ -27,8 +28,8 @@ rule pretrain_base:
         mem_mb=4000,
         runtime=60,
     shell:
-        "sftrl pretrain --settings {params.settings:q} --out {output} --state-dir {params.state_dir}"
-        " --loss-log {log.loss} --threads {threads} {params.shipped} > {log.main} 2>&1"
+        "sftrl pretrain --settings {params.settings:q} --out {output:q} --state-dir {params.state_dir:q}"
+        " --loss-log {log.loss:q} --threads {threads} {params.shipped:q} > {log.main:q} 2>&1"
 
 
 rule probe_base:
@@ -53,6 +54,6 @@ rule probe_base:
         "benchmarks/base/probe.tsv"
     threads: ALL_CORES
     shell:
-        "OMP_NUM_THREADS={threads} sftrl probe --model {input.model} --settings {params.settings:q}"
+        "OMP_NUM_THREADS={threads} sftrl probe --model {input.model:q} --settings {params.settings:q}"
         " --eval-settings {params.eval_settings:q} --model-settings {params.model_settings:q}"
-        " --target {params.target} --verify-iter {params.verify_iter} --out {output} > {log} 2>&1"
+        " --target {params.target:q} --verify-iter {params.verify_iter:q} --out {output:q} > {log:q} 2>&1"

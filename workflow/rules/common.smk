@@ -442,11 +442,12 @@ def restore_targets():
 
 
 def sft_launcher():
-    """`sftrl` in-process (CPU or one GPU), or `accelerate launch` for multi-GPU / DeepSpeed (config sft.launcher)."""
+    """`sftrl` in-process (CPU or one GPU), or `accelerate launch` for multi-GPU / DeepSpeed (config sft.launcher).
+    An argument list, rendered with `:q` in the shell command: each word quoted."""
     if config["sft"]["launcher"] == "accelerate":
         n = config["sft"]["num_processes"]
-        return f"accelerate launch --num_processes {n} -m sftrl.cli"
-    return "sftrl"
+        return ["accelerate", "launch", "--num_processes", str(n), "-m", "sftrl.cli"]
+    return ["sftrl"]
 
 
 def stem(wildcards, output):
@@ -549,12 +550,13 @@ def rl_checkpoints(runs=None):
 
 
 def rl_launcher(algo):
-    """`sftrl` in-process (CPU or one GPU), or `accelerate launch` for multi-GPU / DeepSpeed (config rl.<algo>)."""
+    """`sftrl` in-process (CPU or one GPU), or `accelerate launch` for multi-GPU / DeepSpeed (config rl.<algo>).
+    An argument list, rendered with `:q` in the shell command: a DeepSpeed JSON path is one word, never shell code."""
     arm = config["rl"][algo]
     if arm.get("launcher", "local") != "accelerate":
-        return "sftrl"
-    deepspeed = f" --use_deepspeed --deepspeed_config_file {arm['deepspeed']}" if arm.get("deepspeed") else ""
-    return f"accelerate launch --num_processes {arm['num_processes']}{deepspeed} -m sftrl.cli"
+        return ["sftrl"]
+    deepspeed = ["--use_deepspeed", "--deepspeed_config_file", arm["deepspeed"]] if arm.get("deepspeed") else []
+    return ["accelerate", "launch", "--num_processes", str(arm["num_processes"]), *deepspeed, "-m", "sftrl.cli"]
 
 
 def rl_log_inputs(wildcards):

@@ -18,8 +18,8 @@ rule eval_set:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl data eval-set --rule {wildcards.split} --n {params.n} --seed {params.seed} --hands {params.hands}"
-        " --target {params.target} --out {output} > {log} 2>&1"
+        "sftrl data eval-set --rule {wildcards.split:q} --n {params.n:q} --seed {params.seed:q}"
+        " --hands {params.hands:q} --target {params.target:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule sft_data:
@@ -42,5 +42,5 @@ rule sft_data:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl data sft --settings {params.settings:q} --target {params.target}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        "sftrl data sft --settings {params.settings:q} --target {params.target:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -29,10 +29,10 @@ rule eval_checkpoint:
         mem_mb=4000,
         runtime=240,
     shell:
-        "OMP_NUM_THREADS={threads} sftrl eval --model {input.model} --problems {input.problems}"
+        "OMP_NUM_THREADS={threads} sftrl eval --model {input.model:q} --problems {input.problems:q}"
         " --settings {params.settings:q} --model-settings {params.model_settings:q}"
-        " --verify-iter {params.verify_iter} --run {params.run} --checkpoint {wildcards.ckpt}"
-        " --out {output.episodes} --summary {output.summaries} > {log} 2>&1"
+        " --verify-iter {params.verify_iter:q} --run {params.run:q} --checkpoint {wildcards.ckpt:q}"
+        " --out {output.episodes:q} --summary {output.summaries:q} > {log:q} 2>&1"
 
 
 rule eval_table_sft:
@@ -53,7 +53,7 @@ rule eval_table_sft:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl table {input.summaries} --out {output} > {log} 2>&1"
+        "sftrl table {input.summaries:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule eval_table:
@@ -70,7 +70,7 @@ rule eval_table:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl table {input.summaries} --out {output} > {log} 2>&1"
+        "sftrl table {input.summaries:q} --out {output:q} > {log:q} 2>&1"
 
 
 checkpoint select_sft:
@@ -90,4 +90,5 @@ checkpoint select_sft:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl select --table {input.table} --losses {input.losses} --end-sft {params.end_sft} --out {output} > {log} 2>&1"
+        "sftrl select --table {input.table:q} --losses {input.losses:q} --end-sft {params.end_sft:q}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -21,7 +21,8 @@ rule fig1:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure fig1 --eval-table {input.table} --selection {input.selection} --out {params.stem} > {log} 2>&1"
+        "sftrl figure fig1 --eval-table {input.table:q} --selection {input.selection:q}"
+        " --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig2:
@@ -41,7 +42,7 @@ rule fig2:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure fig2 --loss-table {input.losses} --out {params.stem} > {log} 2>&1"
+        "sftrl figure fig2 --loss-table {input.losses:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig_base_abilities:
@@ -61,4 +62,4 @@ rule fig_base_abilities:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure abilities --abilities {input.abilities} --out {params.stem} > {log} 2>&1"
+        "sftrl figure abilities --abilities {input.abilities:q} --out {params.stem:q} > {log:q} 2>&1"

@@ -25,5 +25,5 @@ rule summary:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl summary --eval-table {input.table} --selection {input.selection} --figures {input.figures}"
-        " --tables {input.tables} --out {output.summary} --html {output.html} > {log} 2>&1"
+        "sftrl summary --eval-table {input.table:q} --selection {input.selection:q} --figures {input.figures:q}"
+        " --tables {input.tables:q} --out {output.summary:q} --html {output.html:q} > {log:q} 2>&1"

@@ -25,9 +25,9 @@ rule restore:
     wildcard_constraints:
         sweep="|".join(SWEEPS),
     shell:
-        "OMP_NUM_THREADS={threads} sftrl restore --settings {params.spec:q} --reference {input.reference}"
-        " --target {input.target} --reference-svd {input.reference_svd} --target-svd {input.target_svd}"
-        " --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} sftrl restore --settings {params.spec:q} --reference {input.reference:q}"
+        " --target {input.target:q} --reference-svd {input.reference_svd:q} --target-svd {input.target_svd:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule restore_table:
@@ -50,8 +50,8 @@ rule restore_table:
     shell:
         # `{input}` as a whole: its named parts are unknown until select_sft has run (a dry run formats this
         # command before that); the command picks the summaries and the selection out of it
-        "sftrl restore-table --sweep {wildcards.sweep} --settings {params.settings:q} --inputs {input}"
-        " --run {params.run} --out {output} > {log} 2>&1"
+        "sftrl restore-table --sweep {wildcards.sweep:q} --settings {params.settings:q} --inputs {input:q}"
+        " --run {params.run:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fig5:
@@ -71,7 +71,7 @@ rule fig5:
     benchmark:
         "benchmarks/figs/fig5.tsv"
     shell:
-        "sftrl figure fig5 --table {input.table} --out {params.stem} > {log} 2>&1"
+        "sftrl figure fig5 --table {input.table:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig6:
@@ -91,7 +91,7 @@ rule fig6:
     benchmark:
         "benchmarks/figs/fig6.tsv"
     shell:
-        "sftrl figure fig6 --table {input.table} --out {params.stem} > {log} 2>&1"
+        "sftrl figure fig6 --table {input.table:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig7:
@@ -111,7 +111,7 @@ rule fig7:
     benchmark:
         "benchmarks/figs/fig7.tsv"
     shell:
-        "sftrl figure fig7 --table {input.table} --out {params.stem} > {log} 2>&1"
+        "sftrl figure fig7 --table {input.table:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule claims:
@@ -128,5 +128,5 @@ rule claims:
     benchmark:
         "benchmarks/report/claims.tsv"
     shell:
-        "sftrl claims --eval-table {input.eval_table} --selection {input.selection} --tables {input.tables}"
-        " --out {output.table} --markdown {output.markdown} > {log} 2>&1"
+        "sftrl claims --eval-table {input.eval_table:q} --selection {input.selection:q} --tables {input.tables:q}"
+        " --out {output.table:q} --markdown {output.markdown:q} > {log:q} 2>&1"

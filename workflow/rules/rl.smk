@@ -37,10 +37,11 @@ rule rl_ppo:
         mem_mb=8000,
         runtime=240,
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} rl ppo --model {input.model} --start {wildcards.start}"
+        "OMP_NUM_THREADS={threads} {params.launcher:q} rl ppo --model {input.model:q} --start {wildcards.start:q}"
         " --settings {params.settings:q} --model-settings {params.model_settings:q}"
         " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
-        " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads} > {log} 2>&1"
+        " --out-dir {params.out_dir:q} --work-dir {params.work_dir:q} --log {output.log:q} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 rule rl_grpo:
@@ -73,10 +74,11 @@ rule rl_grpo:
         mem_mb=8000,
         runtime=240,
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} rl grpo --model {input.model} --start {wildcards.start}"
+        "OMP_NUM_THREADS={threads} {params.launcher:q} rl grpo --model {input.model:q} --start {wildcards.start:q}"
         " --settings {params.settings:q} --model-settings {params.model_settings:q}"
         " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
-        " --out-dir {params.out_dir} --work-dir {params.work_dir} --log {output.log} --threads {threads} > {log} 2>&1"
+        " --out-dir {params.out_dir:q} --work-dir {params.work_dir:q} --log {output.log:q} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 rule rl_log:
@@ -93,7 +95,7 @@ rule rl_log:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl rl-log {input.logs} --out {output} > {log} 2>&1"
+        "sftrl rl-log {input.logs:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fig_recovery_window:
@@ -114,8 +116,8 @@ rule fig_recovery_window:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure recovery_window --summaries {input.summaries} --selection {input.selection}"
-        " --out {params.stem} > {log} 2>&1"
+        "sftrl figure recovery_window --summaries {input.summaries:q} --selection {input.selection:q}"
+        " --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig1b:
@@ -136,4 +138,5 @@ rule fig1b:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure fig1b --eval-table {input.table} --selection {input.selection} --out {params.stem} > {log} 2>&1"
+        "sftrl figure fig1b --eval-table {input.table:q} --selection {input.selection:q}"
+        " --out {params.stem:q} > {log:q} 2>&1"

@@ -32,6 +32,6 @@ rule sft:
         mem_mb=8000,
         runtime=240,
     shell:
-        "{params.launcher} sft --model {input.model} --data-dir {params.data_dir} --settings {params.settings:q}"
-        " --model-settings {params.model_settings:q} --work-dir {params.work_dir} --export-dir {params.export_dir}"
-        " --loss-table {output.losses} --threads {threads} > {log} 2>&1"
+        "{params.launcher:q} sft --model {input.model:q} --data-dir {params.data_dir:q} --settings {params.settings:q}"
+        " --model-settings {params.model_settings:q} --work-dir {params.work_dir:q} --export-dir {params.export_dir:q}"
+        " --loss-table {output.losses:q} --threads {threads} > {log:q} 2>&1"

@@ -26,8 +26,8 @@ rule svd:
         mem_mb=8000,
         runtime=120,
     shell:
-        "OMP_NUM_THREADS={threads} sftrl svd --model {input.model} --names {params.names:q}"
-        " --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} sftrl svd --model {input.model:q} --names {params.names:q}"
+        " --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule spectral_pair:
@@ -52,11 +52,11 @@ rule spectral_pair:
         mem_mb=8000,
         runtime=120,
     shell:
-        "OMP_NUM_THREADS={threads} sftrl spectral --ref {wildcards.ref} --tgt {wildcards.tgt}"
-        " --ref-model {input.ref_model} --tgt-model {input.tgt_model}"
-        " --ref-svd {input.ref_svd} --tgt-svd {input.tgt_svd} --top-r {params.top_r} --run {params.run}"
+        "OMP_NUM_THREADS={threads} sftrl spectral --ref {wildcards.ref:q} --tgt {wildcards.tgt:q}"
+        " --ref-model {input.ref_model:q} --tgt-model {input.tgt_model:q}"
+        " --ref-svd {input.ref_svd:q} --tgt-svd {input.tgt_svd:q} --top-r {params.top_r:q} --run {params.run:q}"
         " --cross-attention {params.cross_attention:q}"
-        " --out-sigma {output.sigma} --out-angles {output.angles} --out-energy {output.energy} > {log} 2>&1"
+        " --out-sigma {output.sigma:q} --out-angles {output.angles:q} --out-energy {output.energy:q} > {log:q} 2>&1"
 
 
 rule spectral_tables:
@@ -80,8 +80,8 @@ rule spectral_tables:
     shell:
         # `{input}` as a whole: its named parts are unknown until select_sft has run (a dry run formats this
         # command before that); the command picks the per-pair CSVs out of it, in config order
-        "sftrl spectral-collect --pairs {params.pairs:q} --inputs {input}"
-        " --out-sigma {output.sigma} --out-angles {output.angles} --out-energy {output.energy} > {log} 2>&1"
+        "sftrl spectral-collect --pairs {params.pairs:q} --inputs {input:q}"
+        " --out-sigma {output.sigma:q} --out-angles {output.angles:q} --out-energy {output.energy:q} > {log:q} 2>&1"
 
 
 rule embed_lmhead:
@@ -101,7 +101,8 @@ rule embed_lmhead:
     benchmark:
         "benchmarks/spectral/embed_lmhead.tsv"
     shell:
-        "sftrl embed-lmhead --svd {input.svd} --top-r {params.top_r} --run {params.run} --out {output} > {log} 2>&1"
+        "sftrl embed-lmhead --svd {input.svd:q} --top-r {params.top_r:q} --run {params.run:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule drift:
@@ -126,8 +127,9 @@ rule drift:
     benchmark:
         "benchmarks/spectral/drift.tsv"
     shell:
-        "sftrl drift --svd {input.svd} --eval-table {input.table} --loss-table {input.losses} --top-k {params.top_k} --run {params.run}"
-        " --cross-attention {params.cross_attention:q} --out {output.table} --correlation {output.correlation} > {log} 2>&1"
+        "sftrl drift --svd {input.svd:q} --eval-table {input.table:q} --loss-table {input.losses:q}"
+        " --top-k {params.top_k:q} --run {params.run:q} --cross-attention {params.cross_attention:q}"
+        " --out {output.table:q} --correlation {output.correlation:q} > {log:q} 2>&1"
 
 
 rule fig3:
@@ -148,7 +150,7 @@ rule fig3:
     benchmark:
         "benchmarks/figs/fig3.tsv"
     shell:
-        "sftrl figure fig3 --sigma-table {input.table} --layer {params.layer} --out {params.stem} > {log} 2>&1"
+        "sftrl figure fig3 --sigma-table {input.table:q} --layer {params.layer:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig4:
@@ -169,7 +171,8 @@ rule fig4:
     benchmark:
         "benchmarks/figs/fig4.tsv"
     shell:
-        "sftrl figure fig4 --angle-table {input.table} --matrix {params.matrix:q} --out {params.stem} > {log} 2>&1"
+        "sftrl figure fig4 --angle-table {input.table:q} --matrix {params.matrix:q}"
+        " --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig4_layers:
@@ -189,7 +192,7 @@ rule fig4_layers:
     benchmark:
         "benchmarks/figs/fig4_layers.tsv"
     shell:
-        "sftrl figure fig4_layers --angle-table {input.table} --out {params.stem} > {log} 2>&1"
+        "sftrl figure fig4_layers --angle-table {input.table:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig_embed_lmhead:
@@ -209,7 +212,7 @@ rule fig_embed_lmhead:
     benchmark:
         "benchmarks/figs/embed_lmhead.tsv"
     shell:
-        "sftrl figure embed_lmhead --embed-table {input.table} --out {params.stem} > {log} 2>&1"
+        "sftrl figure embed_lmhead --embed-table {input.table:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig_drift:
@@ -230,5 +233,5 @@ rule fig_drift:
     benchmark:
         "benchmarks/figs/drift.tsv"
     shell:
-        "sftrl figure drift --drift-table {input.table} --correlation {input.correlation}"
-        " --out {params.stem} > {log} 2>&1"
+        "sftrl figure drift --drift-table {input.table:q} --correlation {input.correlation:q}"
+        " --out {params.stem:q} > {log:q} 2>&1"

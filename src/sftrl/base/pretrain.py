@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import shutil
 import time
 import zlib
@@ -67,6 +68,33 @@ def pack(tokenizer, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.int64), starts
 
 
+STATE_KEYS = {"fingerprint", "step", "model", "optimizer"}
+
+
+def read_state(path: Path) -> dict | None:
+    """The resumable state at `path`, or None when there is none or it is unusable. Loaded with weights_only=True:
+    tensors and plain containers only, so a planted pickle cannot run code. A file that does not load as such a
+    state (truncated, garbage, a pickle of anything else) is named in a warning and moved aside to
+    `<path>.corrupt` (kept for inspection, out of the way of the next run); pretraining then starts over."""
+    import pickle
+
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+        problem = None if isinstance(state, dict) and STATE_KEYS <= set(state) else "not a pretraining state"
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        state, problem = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if problem is None:
+        return state
+    aside = path.with_name(path.name + ".corrupt")
+    os.replace(path, aside)
+    log.warning("unusable pretraining state %s (%s): moved aside to %s; starting over", path, problem, aside)
+    return None
+
+
 def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_log: str | Path, threads: int = 1,
              snapshot_steps=(), snapshot_dir: str | Path | None = None) -> None:
     """Pretrain for `settings["train"]["steps"]` steps and save the model to `out_dir`.
@@ -105,9 +133,9 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
     # else is not resumed.
     made_from = fingerprint(settings, *codegraph.files([__name__]))
     start = 0
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state.get("fingerprint") == made_from:
+    state = read_state(state_path)
+    if state is not None:
+        if state["fingerprint"] == made_from:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start = state["step"]

@@ -50,6 +50,18 @@ def tensor_shapes(model_dir) -> dict[str, tuple]:
     return shapes
 
 
+def check_output_apart(out, reference, target) -> None:
+    """The output directory is replaced as a whole (sftrl.io.atomic_dir): equal to, inside or around B or T, it
+    would overwrite or delete the very checkpoint being read. Refuse, naming both paths (symlinks resolved)."""
+    mine = Path(out).resolve()
+    for role, path in (("reference", reference), ("target", target)):
+        theirs = Path(path).resolve()
+        if mine == theirs or mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+            where = "is" if mine == theirs else "is inside" if mine.is_relative_to(theirs) else "contains"
+            raise ValueError(f"restore output {out} {where} the {role} checkpoint {path}: writing it would "
+                             "overwrite that checkpoint; choose another --out")
+
+
 def check_same_architecture(reference, target) -> dict[str, tuple]:
     """T's tensor shapes, after checking that B has the same architecture (config.json keys, tensor names and
     shapes); a mismatch raises ValueError naming it."""
@@ -124,6 +136,8 @@ def restore_models(reference, target, points: Sequence[tuple[RestoreSpec, str | 
     from tqdm import tqdm
 
     began = time.perf_counter()
+    for _, out in points:
+        check_output_apart(out, reference, target)
     shapes = check_same_architecture(reference, target)
     num_layers = json.loads((Path(target) / "config.json").read_text())["num_hidden_layers"]
     matrices = [n for n, shape in shapes.items() if len(shape) == 2]
