@@ -3,7 +3,7 @@
 * ``hf``   — transformers ``generate``: batched, left padding, KV cache; runs anywhere (the reference).
 * ``kv``   — the same transformers model behind our own decode loop: each episode's KV cache is kept across its
              feedback rounds, the shared prompt prefix is prefilled once, the cache is preallocated and finished
-             rows leave the batch (KVBackend; measured numbers in its docstring).
+             rows leave the batch (KVBackend; measured numbers in bench/README.md).
 * ``vllm`` — ``vllm.LLM`` offline generation on a GPU with prefix caching; imported only when chosen.
 
 All take the same raw prompt strings and the same explicit sampling settings (`Sampling`: temperature, top_p,
