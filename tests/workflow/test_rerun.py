@@ -252,7 +252,7 @@ def test_a_module_is_covered_by_exactly_the_rules_that_import_it(completed, wiri
     root = snakefile.parent / "src" / "sftrl"
     direct = {rule for rule, command in commands.items()
               if module in codegraph.closure([command_module(command)], root=root)}
-    if module in ("sftrl.cli", "sftrl.codegraph"):  # dispatch and the workflow's own parse-time helper
+    if module == "sftrl.cli":  # dispatch only: no command imports it, so editing the command table reruns nothing
         assert not direct and not any(module in modules for modules in covered.values())
         return
     assert direct, f"no rule runs {module}: dead code, or a command missing from the workflow"
