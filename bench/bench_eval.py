@@ -30,9 +30,10 @@ import torch
 
 from sftrl.task.data import eval_problems
 from sftrl.task.rollout import run_episodes
-from sftrl.generation import HFBackend, KVBackend, Sampling
+from sftrl.generation.hf import HFBackend
+from sftrl.generation.kv import KVBackend
+from sftrl.generation.sampling import Sampling
 from sftrl.generation import kv
-
 MODEL = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 
 

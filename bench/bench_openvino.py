@@ -26,7 +26,9 @@ import argparse
 import numpy as np
 
 from bench_eval import MODEL, add_workload_arguments, identical_fraction, run, workload
-from sftrl.generation import HFBackend, KVBackend, Sampling
+from sftrl.generation.hf import HFBackend
+from sftrl.generation.kv import KVBackend
+from sftrl.generation.sampling import Sampling
 from sftrl.generation.sampling import decode_all, generated_lengths, new_stats, stop_token_ids
 from sftrl.modeling import load_tokenizer
 

@@ -6,13 +6,14 @@ arguments to its parser and returns the callable that runs it. Only the chosen c
 figure never imports torch), and the workflow computes each rule's code inputs from the same table
 (sftrl.codegraph), so what a rule reruns after a code edit is exactly what its command runs.
 
-Sweep knobs arrive as one JSON object per config section (`--settings`), exactly as the rule's `params:` hold them.
+Sweep knobs arrive as one JSON object per config section (`--settings`, parsed by `sftrl.io.settings`), exactly as
+the rule's `params:` hold them. This module only dispatches: it is no rule's code input (its command table changes
+whenever a command is added, which must not rerun a study), so it computes nothing.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 
@@ -62,14 +63,6 @@ def command_module(command: str) -> str:
     if command not in COMMANDS:
         raise KeyError(f"unknown sftrl command {command!r}; known: {sorted(COMMANDS)}")
     return COMMANDS[command][0].split(":")[0]
-
-
-def settings(text: str) -> dict:
-    """argparse type of every --settings option: one JSON object (a config section)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
 
 
 def _usage() -> str:

@@ -1,8 +1,10 @@
-"""Which library files a CLI command runs: the static import graph of `sftrl`, from the source, at parse time.
+"""Which library code a CLI command runs: the static import graph of `sftrl`, from the source, at parse time, and a
+hash of that code that ignores what only documents it.
 
-The workflow lists these files as each rule's inputs, so editing a module reruns exactly the rules whose command
-imports it (directly or transitively) and what depends on them — a new import can never be forgotten, as a
-hand-kept list could. Static (stdlib `ast`, no module is executed, no torch): imports inside functions count too,
+Each rule depends on one code stamp per command (`write_stamp`): a small file holding the hash of its command's
+module closure, rewritten only when that hash changes. So a code edit of any module reruns exactly the rules whose
+command imports it (directly or transitively) and what depends on them — a new import can never be forgotten, as a
+hand-kept list could — while a docstring or comment edit, a touch, a checkout or moving the project reruns nothing. Static (stdlib `ast`, no module is executed, no torch): imports inside functions count too,
 since the lazy imports of a command are code it runs. Why not stdlib modulefinder: it follows every third-party
 import too (torch, transformers: seconds of scanning at every parse) and reports files, not our package's modules;
 we need only `sftrl`'s own edges, so the few lines below resolve them.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 from pathlib import Path
 
 PACKAGE = "sftrl"
@@ -77,3 +80,49 @@ def closure(modules, root: Path = ROOT) -> list[str]:
 
 def files(modules, root: Path = ROOT) -> list[Path]:
     return [module_file(m, root) for m in closure(modules, root)]
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """Drop every docstring (a string constant as the first statement of a module, class or function body): they
+    document, never compute. Comments are not in the AST at all."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def module_code(module: str, root: Path = ROOT) -> str:
+    """What `module` computes, as text: its AST without docstrings, without line numbers (so a comment or a blank
+    line that shifts code changes nothing), while any changed constant, default, name or statement does."""
+    path = module_file(module, root)
+    stat = path.stat()
+    return _file_code(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_code(path: Path, mtime_ns: int, size: int) -> str:  # keyed by the file's stat: an edited file is re-read
+    return ast.dump(_strip_docstrings(ast.parse(path.read_text(), filename=str(path))), include_attributes=False)
+
+
+def code_hash(modules, root: Path = ROOT) -> str:
+    """sha256 over the code of every module in the closure of `modules`, keyed by module name, never by path: the
+    same code anywhere on disk has the same hash."""
+    digest = hashlib.sha256()
+    for module in closure(modules, root):
+        digest.update(f"{module}\n{module_code(module, root)}\n".encode())
+    return digest.hexdigest()
+
+
+def write_stamp(path, modules, root: Path = ROOT) -> str:
+    """Write `path` (the modules' code hash and the module list) only if its content would change, atomically: its
+    modification time then moves exactly when the code does, which is what Snakemake's rerun triggers compare."""
+    from .io import write_text  # atomic; concurrent parses write the same text, so the last one wins harmlessly
+
+    text = f"{code_hash(modules, root)}\n" + "".join(f"{m}\n" for m in closure(modules, root))
+    path = Path(path)
+    if not (path.is_file() and path.read_text() == text):
+        write_text(path, text)
+    return text

@@ -1,7 +1,9 @@
 """Atomic file output: a rule's output appears whole or not at all, so an interrupted job never leaves a
-half-written file that Snakemake (or a human) could mistake for a result."""
+half-written file that Snakemake (or a human) could mistake for a result. Also the small readers every command
+shares (JSON lines, the --settings JSON)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -136,3 +138,11 @@ def fingerprint(settings, *paths) -> str:
     for path in paths:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()
+
+
+def settings(text: str) -> dict:
+    """argparse type of every --settings option: one JSON object (a config section)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None

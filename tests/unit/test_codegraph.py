@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from sftrl import cli
-from sftrl.codegraph import ROOT, closure, direct_imports, files, module_file
+from sftrl.codegraph import ROOT, closure, code_hash, direct_imports, files, module_file, write_stamp
 
 # Commands that must run without torch (figures, tables, the selection, collecting CSVs, dealing problem sets):
 # they run on login nodes and in Snakemake's own environment, and importing torch would cost seconds each.
@@ -90,9 +90,9 @@ def test_closure_of_the_real_pretrain_command():
 
 
 def test_relative_imports_inside_functions_in_the_real_package():
-    # drift_series imports the SVD cache lazily; probe's command imports sftrl.cli lazily; `from . import corpus`
+    # drift_series imports the SVD cache lazily; probe's command imports sftrl.io lazily; `from . import corpus`
     assert "sftrl.weights.svd" in direct_imports("sftrl.analysis.drift")
-    assert {"sftrl.cli", "sftrl.base.corpus", "sftrl.task.rollout"} <= direct_imports("sftrl.base.probe")
+    assert {"sftrl.io", "sftrl.base.corpus", "sftrl.task.rollout"} <= direct_imports("sftrl.base.probe")
     assert "sftrl.weights.svd" in closure(["sftrl.analysis.drift"])
 
 
@@ -143,3 +143,107 @@ def test_the_torch_check_can_fail():
     """The subprocess check above would notice torch: a command that does import it is reported by name."""
     result = _imports_without_torch([], ["svd"])
     assert result.returncode != 0 and "command svd (sftrl.weights.svd) imported torch" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Code stamps: what a rule's jobs depend on. A docstring or comment edit must not change a command's hash (it would
+# rerun a user's study); any code edit must change exactly the hashes of the commands whose closure holds the module.
+
+LIBRARY_MODULES = sorted(p.relative_to(ROOT.parent).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+                         for p in ROOT.rglob("*.py"))
+
+
+@pytest.fixture(scope="module")
+def package_copy(tmp_path_factory):
+    import shutil
+
+    root = tmp_path_factory.mktemp("src") / "sftrl"
+    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def _command_hashes(root):
+    return {command: code_hash([cli.command_module(command)], root) for command in cli.COMMANDS}
+
+
+def _edited(path, edit):
+    import contextlib
+
+    @contextlib.contextmanager
+    def context():
+        original = path.read_text()
+        try:
+            path.write_text(edit(original))
+            yield
+        finally:
+            path.write_text(original)
+
+    return context()
+
+
+def _document_only(source: str) -> str:
+    """Every docstring reworded, a comment on every line that can take one, blank lines added: no code changes."""
+    import ast
+
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                row = first.lineno - 1  # one more line of documentation right after the docstring opens
+                quote = lines[row].lstrip()[:3]
+                if quote in ('"""', "'''") and lines[row].rstrip().endswith(quote) and len(lines[row].strip()) > 6:
+                    lines[row] = lines[row].rstrip()[:-3] + " (reworded)" + quote + "\n"
+    return "# a new comment\n\n" + "".join(lines) + "\n# trailing comment\n"
+
+
+@pytest.mark.parametrize("module", LIBRARY_MODULES)
+def test_a_docstring_or_comment_edit_changes_no_code_hash(package_copy, module):
+    before = _command_hashes(package_copy)
+    with _edited(module_file(module, package_copy), _document_only):
+        assert _command_hashes(package_copy) == before
+
+
+@pytest.mark.parametrize("module", LIBRARY_MODULES)
+def test_a_code_edit_changes_exactly_the_hashes_of_the_commands_that_import_it(package_copy, module):
+    before = _command_hashes(package_copy)
+    importing = {c for c in cli.COMMANDS if module in closure([cli.command_module(c)], package_copy)}
+    with _edited(module_file(module, package_copy), lambda source: source + "\n_EDITED = 1\n"):
+        after = _command_hashes(package_copy)
+    assert {c for c in cli.COMMANDS if after[c] != before[c]} == importing
+
+
+def test_a_changed_constant_or_default_changes_the_hash(package):
+    (package / "lonely.py").write_text("def f(x=1):\n    return x + 2\n")
+    first = code_hash(["sftrl.lonely"], package)
+    for source in ("def f(x=2):\n    return x + 2\n", "def f(x=1):\n    return x + 3\n",
+                   "def f(y=1):\n    return y + 2\n", "def f(x=1):\n    return x - 2\n"):
+        (package / "lonely.py").write_text(source)
+        assert code_hash(["sftrl.lonely"], package) != first, source
+    # a docstring added, a comment, a blank line: the same code
+    (package / "lonely.py").write_text('"""Doc."""\n\n\ndef f(x=1):  # why\n    """More."""\n    return x + 2\n')
+    assert code_hash(["sftrl.lonely"], package) == first
+
+
+def test_the_hash_does_not_depend_on_where_the_package_lives(package, tmp_path):
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "src" / "sftrl"
+    shutil.copytree(package, moved)
+    assert code_hash(["sftrl.a.b"], moved) == code_hash(["sftrl.a.b"], package)
+
+
+def test_a_stamp_is_rewritten_only_when_its_hash_changes(package, tmp_path):
+    import os
+
+    stamp = tmp_path / "code" / "x.stamp"
+    write_stamp(stamp, ["sftrl.d"], package)
+    os.utime(stamp, ns=(1, 1))
+    (package / "e" / "f.py").write_text("g = 2  # same code\nimport numpy\n")
+    write_stamp(stamp, ["sftrl.d"], package)
+    assert stamp.stat().st_mtime_ns == 1
+    (package / "e" / "f.py").write_text("g = 3\nimport numpy\n")
+    text = write_stamp(stamp, ["sftrl.d"], package)
+    assert stamp.stat().st_mtime_ns > 1 and stamp.read_text() == text
+    assert text.splitlines()[1:] == ["sftrl", "sftrl.d", "sftrl.e", "sftrl.e.f"]

@@ -8,7 +8,9 @@ import torch
 from sftrl.task import points
 from sftrl.task.data import eval_problems
 from sftrl.task.rollout import run_episodes
-from sftrl.generation import KV_SDPA, HFBackend, KVBackend, Sampling, chat_prompt, generated_lengths
+from sftrl.generation.hf import HFBackend
+from sftrl.generation.kv import KV_SDPA, KVBackend
+from sftrl.generation.sampling import Sampling, chat_prompt, generated_lengths
 from sftrl.modeling import load_tokenizer as load_tok
 
 MODEL = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}

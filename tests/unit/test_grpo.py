@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sftrl.checkpoint import Checkpoint
-from sftrl.generation import Sampling, chat_prompt, stop_token_ids
+from sftrl.generation.sampling import Sampling, chat_prompt, stop_token_ids
 from sftrl.modeling import IM_END, IM_START, load_model, load_tokenizer
 from sftrl.task import points
 from sftrl.train import grpo, rl

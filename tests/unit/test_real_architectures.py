@@ -6,7 +6,9 @@ import torch
 from tiny_models import save_mllama, save_qwen2
 
 from sftrl.analysis.spectral import pair_summary, sigma_table
-from sftrl.generation import HFBackend, KVBackend, Sampling
+from sftrl.generation.hf import HFBackend
+from sftrl.generation.kv import KVBackend
+from sftrl.generation.sampling import Sampling
 from sftrl.modeling import load_model
 from sftrl.task.data import eval_problems
 from sftrl.task.rollout import run_episodes

@@ -427,10 +427,10 @@ CATALOGUE = {
                                                                 device="cpu"),
         RuntimeError, ["model.attn_implementation", "flash_attn"]),
     "eval.backend vllm without vLLM": lambda t, m: (
-        lambda: mod("sftrl.generation").make_backend("vllm", m, {}, 1), RuntimeError,
+        lambda: mod("sftrl.generation.backends").make_backend("vllm", m, {}, 1), RuntimeError,
         ["eval.backend = vllm"]),
     "eval.backend unknown": lambda t, m: (
-        lambda: mod("sftrl.generation").make_backend("tgi", m, {}, 1), ValueError,
+        lambda: mod("sftrl.generation.backends").make_backend("tgi", m, {}, 1), ValueError,
         ["eval.backend = 'tgi'"]),
     "sft.deepspeed missing file": lambda t, m: (
         lambda: mod("sftrl.train.sft").check_settings({**SFT_SETTINGS, "deepspeed": str(t / "ds.json")}),

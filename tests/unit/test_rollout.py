@@ -9,7 +9,9 @@ import math
 
 import pytest
 
-from sftrl.generation import Sampling, chat_prompt, make_backend
+from sftrl.generation.backends import make_backend
+
+from sftrl.generation.sampling import Sampling, chat_prompt
 from sftrl.modeling import load_tokenizer
 from sftrl.task import points
 from sftrl.task.data import eval_problems

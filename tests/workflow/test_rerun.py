@@ -5,15 +5,17 @@ What Snakemake 9.27 does (default --rerun-triggers: mtime params input software-
     JSON string (common.smk `settings()`), so editing one sweep's value reruns exactly the jobs whose params include
     it, then everything downstream of them (their outputs will be new).
   * mtime: an input newer than a job's oldest output reruns it only if the input's checksum also differs from the
-    one recorded at the last run (inputs <= --max-checksum-file-size, 1 MB). Each rule's inputs include the library
-    files its `sftrl` command runs — the command's module and its import closure (common.smk `code()`,
-    sftrl.codegraph) — so a mere touch (or a checkout that rewrites files unchanged) reruns nothing, while a real
-    edit of any module reruns exactly the rules whose command imports it, and everything downstream of them.
+    one recorded at the last run (inputs <= --max-checksum-file-size, 1 MB). Each rule's inputs include the code
+    stamp of its `sftrl` command (common.smk `code()`, sftrl.codegraph): the hash of the code (docstrings and
+    comments left out) of the command's module and its import closure, rewritten only when that hash changes. So a
+    touch, a checkout, a docstring or comment edit, or moving the whole run reruns nothing, while a real code edit
+    of any module reruns exactly the rules whose command imports it, and everything downstream of them.
 The tests use the shared completed micro run (conftest `micro_run`), made from a temporary copy of the repository
 (conftest `micro_snakefile`: Snakefile, workflow/, src/; run with `-s COPY/Snakefile`), so editing src/sftrl/**.py
 there never touches the real sources. The jobs themselves still run the installed `sftrl` (the real sources); only
-the recorded paths and checksums point at the copy. Every edit here is a dry run or is undone, so the run stays
-complete for the tests after these.
+the recorded stamps point at the copy's code. Every edit here is a dry run or is undone (a dry run still rewrites a
+stamp whose code changed: the stamp follows the code at every parse), so the run stays complete for the tests
+after these.
 """
 import csv
 import io
@@ -136,15 +138,15 @@ LIBRARY_EDITS = {
 }
 
 
-def edited(source: Path):
-    """Context: `source` with one appended comment line (content, hence checksum, changes), restored afterwards."""
+def edited(source: Path, addition: str = "\n_AN_EDIT = 1  # a statement: the code changes\n"):
+    """Context: `source` with `addition` appended, restored afterwards."""
     import contextlib
 
     @contextlib.contextmanager
     def edit():
         original = source.read_text()
         try:
-            source.write_text(original + "\n# an edit: the content (hence the checksum) changes\n")
+            source.write_text(original + addition)
             yield
         finally:
             source.write_text(original)
@@ -157,17 +159,44 @@ def test_editing_library_code_reruns_its_rules_and_downstream(completed, module)
     snakefile, workdir = completed
     with edited(snakefile.parent / "src" / "sftrl" / module):
         assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == LIBRARY_EDITS[module]
-    # Back to the recorded content: newer mtime, same checksum -> nothing to do again.
+    # Back to the recorded code: the stamp is rewritten with its old hash (newer mtime, same checksum) -> nothing.
     assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == {}
 
 
+def test_a_docstring_and_comment_edit_of_every_module_schedules_nothing(completed):
+    """The twin of the code edits above, in one dry run: every library module's docstring reworded and a comment
+    added (tests/unit/test_codegraph.py shows, module by module, that no command's code hash moves)."""
+    snakefile, workdir = completed
+    sources = sorted((snakefile.parent / "src" / "sftrl").rglob("*.py"))
+    originals = {path: path.read_text() for path in sources}
+    try:
+        for path, text in originals.items():
+            path.write_text('"""A reworded docstring."""\n# a comment\n' + text.split('"""', 2)[-1]
+                            if text.startswith('"""') else "# a comment\n" + text)
+        assert planned_jobs(snakemake(snakefile, workdir, "-n", "all")) == {}
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)
+
+
+def test_a_moved_copy_of_a_completed_run_schedules_nothing(completed, tmp_path):
+    """Cluster users move runs between scratch and project storage and clone repositories to new paths: a copy of
+    the repository and the run (hard links, modification times kept) is as complete as the original."""
+    import shutil
+
+    snakefile, workdir = completed
+    moved = tmp_path / "moved place"  # a space too: nothing may depend on the path's spelling
+    shutil.copytree(snakefile.parent, moved / "repo", copy_function=os.link)
+    shutil.copytree(workdir, moved / "run", copy_function=os.link, symlinks=True)
+    assert planned_jobs(snakemake(moved / "repo" / "Snakefile", moved / "run", "-n", "all")) == {}
+
+
 # -----------------------------------------------------------------------------
-# Every module: the jobs of exactly the rules whose command imports it (directly or transitively) have it among their
-# inputs, so an edit reruns those jobs and, by Snakemake's own rule shown above for three modules, everything
-# downstream of them. The expectation is computed independently of common.smk's code(): which command each rule runs
-# is read from its shell command in workflow/rules/*.smk, what a command imports from sftrl.codegraph; the inputs
-# Snakemake recorded come from one `snakemake --detailed-summary` of the completed run (one call, not a dry run per
-# module: ~50 dry runs were two minutes of `make test`).
+# Every module: the jobs of exactly the rules whose command imports it (directly or transitively) depend on a code
+# stamp that covers it, so an edit reruns those jobs and, by Snakemake's own rule shown above for three modules,
+# everything downstream of them. The expectation is computed independently of common.smk's code(): which command
+# each rule runs is read from its shell command in workflow/rules/*.smk, what a command imports from
+# sftrl.codegraph; the stamps Snakemake recorded come from one `snakemake --detailed-summary` of the completed run.
 
 RULE_BLOCK = re.compile(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoint) \w+:|\Z)", re.S | re.M)
 LIBRARY_MODULES = sorted(p.relative_to(REPO / "src").with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
@@ -186,7 +215,7 @@ def rule_commands(repo: Path) -> dict[str, str]:
             if not shell:
                 continue
             text = "".join(re.findall(r'"([^"\n]*)"', shell.group(1)))
-            words = re.search(r"(?:^|\s)(?:sftrl|\{params\.launcher:q\})\s+(.*)", text)
+            words = re.search(r"(?:^|\s)(?:sftrl|\{params\.launcher(?::q)?\})\s+(.*)", text)
             if words:
                 tokens = words.group(1).split()
                 found[name] = max((c for c in COMMANDS if tokens[: len(c.split())] == c.split()), key=len)
@@ -195,33 +224,38 @@ def rule_commands(repo: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def wiring(completed):
-    """(rule -> its sftrl command, rule -> the library files among its jobs' recorded inputs)."""
+    """(rule -> its sftrl command, rule -> the modules its jobs' recorded code stamps cover)."""
     snakefile, workdir = completed
     summary = snakemake(snakefile, workdir, "--detailed-summary").stdout
-    src = (snakefile.parent / "src").resolve()
-    code_inputs: dict[str, set[Path]] = {}
+    covered: dict[str, set[str]] = {}
     for row in csv.DictReader(io.StringIO(summary), delimiter="\t"):
-        files = {Path(p).resolve() for p in row["input-file(s)"].split(",") if p.endswith(".py")}
-        code_inputs.setdefault(row["rule"], set()).update(f for f in files if src in f.parents)
+        stamps = [p for p in row["input-file(s)"].split(",") if p.endswith(".stamp")]
+        assert all(not os.path.isabs(p) for p in stamps), stamps
+        modules = covered.setdefault(row["rule"], set())
+        for stamp in stamps:
+            modules.update((workdir / stamp).read_text().splitlines()[1:])
+        assert not any(p.endswith(".py") for p in row["input-file(s)"].split(",")), row["input-file(s)"]
     commands = rule_commands(snakefile.parent)
     assert {"eval_checkpoint", "sft", "svd", "fig1", "spectral_pair", "restore", "rl_ppo"} <= set(commands), commands
     # every rule of the DAG that runs the library is in the summary (gpu_check runs a script; it is not in `all`)
-    assert set(commands) <= set(code_inputs), sorted(set(commands) - set(code_inputs))
-    return commands, code_inputs
+    assert set(commands) <= set(covered), sorted(set(commands) - set(covered))
+    return commands, covered
 
 
 @pytest.mark.parametrize("module", LIBRARY_MODULES)
-def test_a_module_is_an_input_of_exactly_the_rules_that_import_it(completed, wiring, module):
+def test_a_module_is_covered_by_exactly_the_rules_that_import_it(completed, wiring, module):
     from sftrl import codegraph
     from sftrl.cli import command_module
 
     snakefile, _ = completed
-    commands, code_inputs = wiring
+    commands, covered = wiring
     root = snakefile.parent / "src" / "sftrl"
     direct = {rule for rule, command in commands.items()
-              if module in codegraph.closure(["sftrl.cli", command_module(command)], root=root)}
+              if module in codegraph.closure([command_module(command)], root=root)}
+    if module == "sftrl.cli":  # dispatch only: no command imports it, so editing the command table reruns nothing
+        assert not direct and not any(module in modules for modules in covered.values())
+        return
     assert direct, f"no rule runs {module}: dead code, or a command missing from the workflow"
-    file = codegraph.module_file(module, root).resolve()
-    depending = {rule for rule, files in code_inputs.items() if file in files}
-    assert depending == direct, (f"{module}: an input of {sorted(depending - direct)} that do not import it; "
-                                 f"not an input of {sorted(direct - depending)} that do")
+    depending = {rule for rule, modules in covered.items() if module in modules}
+    assert depending == direct, (f"{module}: covered in {sorted(depending - direct)} that do not import it; "
+                                 f"not in {sorted(direct - depending)} that do")

@@ -1,4 +1,4 @@
-# Helpers shared by all .smk files: config validation, checkpoints (sftrl.checkpoint), code inputs from the import
+# Helpers shared by all .smk files: config validation, checkpoints (sftrl.checkpoint), code stamps from the import
 # graph (sftrl.codegraph), params as JSON, the SVD shard plan. Parse time imports no torch (tests check it).
 import importlib.util
 import json
@@ -103,13 +103,23 @@ def settings(*keys):
     return json.dumps(section, sort_keys=True)
 
 
+_CODE_STAMPS = {}
+
+
 def code(*commands):
-    """The library files the `sftrl` command(s) of a rule run — the command's module and everything it imports,
-    transitively (sftrl.codegraph), plus the CLI — as inputs: editing any of them reruns the rule's jobs (and what
-    depends on them); nothing else does. Snakemake compares checksums of small inputs, so a mere touch or checkout
-    does not."""
-    modules = ["sftrl.cli"] + [command_module(c) for c in commands]
-    return [str(path) for path in codegraph.files(modules)]
+    """The code stamps of the `sftrl` command(s) a rule runs, as inputs: one small file per command holding the hash
+    of the code of its module and everything it imports, transitively (sftrl.codegraph), docstrings and comments
+    left out. A stamp is rewritten only when that hash changes, so a code edit reruns exactly the rules whose
+    command runs the edited code (and what depends on them); a docstring or comment edit, a touch, a checkout or
+    moving the project (stamps are relative to the work directory, hashes keyed by module name) reruns nothing."""
+    stamps = []
+    for command in commands:
+        if command not in _CODE_STAMPS:
+            stamp = f"{RESULTS}/code/{command.replace(' ', '-')}.stamp"
+            codegraph.write_stamp(stamp, [command_module(command)])
+            _CODE_STAMPS[command] = stamp
+        stamps.append(_CODE_STAMPS[command])
+    return stamps
 
 
 def real_model_dir():
@@ -151,11 +161,12 @@ def base_model_dir():
 
 
 def shipped_base_dir():
-    """config base.shipped as an absolute path (it is relative to the repository), or None."""
+    """config base.shipped (relative to the repository), or None; as a path relative to the work directory, so a
+    completed run moved with its repository keeps its inputs and params (absolute, it would rerun everything)."""
     shipped = config["base"].get("shipped")
     if not shipped or config["model"]["path"]:
         return None
-    return os.path.normpath(os.path.join(workflow.basedir, shipped))
+    return os.path.relpath(os.path.join(workflow.basedir, shipped))
 
 
 def shipped_base_files():

@@ -131,7 +131,7 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
     state_path = Path(state_dir) / "state.pt"
     # Settings and the code that generates data and trains (this module's import closure): state made by anything
     # else is not resumed.
-    made_from = fingerprint(settings, *codegraph.files([__name__]))
+    made_from = fingerprint({"settings": settings, "code": codegraph.code_hash([__name__])})
     start = 0
     state = read_state(state_path)
     if state is not None:
@@ -211,7 +211,7 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
 
 
 def command(parser):
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config base")
     parser.add_argument("--out", required=True)

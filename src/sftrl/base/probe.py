@@ -23,7 +23,9 @@ import math
 
 import numpy as np
 
-from ..generation import Sampling, make_backend
+from ..generation.backends import make_backend
+
+from ..generation.sampling import Sampling
 from ..io import read_json, write_json
 from ..task import points
 from ..task.data import eval_problems
@@ -178,7 +180,7 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
 
 
 def command(parser):
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--model", required=True)
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config base.probe")

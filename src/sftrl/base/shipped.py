@@ -122,7 +122,7 @@ def install(shipped_dir, settings: dict, out_dir, loss_log) -> dict:
 
 
 def command(parser):
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--model", required=True, help="a pretrained base model dir (results/models/base)")
     parser.add_argument("--loss-log", required=True, help="its pretraining loss log")

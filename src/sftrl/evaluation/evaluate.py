@@ -7,7 +7,8 @@ import logging
 import time
 
 from ..checkpoint import Checkpoint
-from ..generation import Sampling, make_backend
+from ..generation.backends import make_backend
+from ..generation.sampling import Sampling
 from ..io import write_json, write_jsonl
 from ..task.data import read_problems
 from ..task.rollout import run_episodes, summarize
@@ -63,7 +64,7 @@ def _evaluate_split(backend, model_dir, problems_path, settings, out, summary_pa
 
 
 def command(parser):
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--model", required=True)
     parser.add_argument("--problems", required=True, nargs="+", help="problem sets (JSONL), evaluated in order")

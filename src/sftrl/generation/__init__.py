@@ -1,9 +1,9 @@
-"""Text generation behind one interface, three backends.
+"""Text generation behind one interface, three backends (`backends.make_backend` picks one by name).
 
 * ``hf``   — transformers ``generate``: batched, left padding, KV cache; runs anywhere (the reference).
 * ``kv``   — the same transformers model behind our own decode loop: each episode's KV cache is kept across its
              feedback rounds, the shared prompt prefix is prefilled once, the cache is preallocated and finished
-             rows leave the batch (KVBackend; measured numbers in its docstring).
+             rows leave the batch (KVBackend; measured numbers in bench/README.md).
 * ``vllm`` — ``vllm.LLM`` offline generation on a GPU with prefix caching; imported only when chosen.
 
 All take the same raw prompt strings and the same explicit sampling settings (`Sampling`: temperature, top_p,
@@ -17,22 +17,4 @@ One sampling pipeline, transformers' own: repetition penalty (also when greedy),
 multinomial draw. The repetition penalty sees the conversation's tokens: the whole rendered prompt (every earlier
 turn, as re-tokenized from the chat template) plus what this attempt generated so far, never the batch's padding.
 """
-from __future__ import annotations
-
-from .hf import HFBackend
-from .kv import KV_SDPA, KVBackend
-from .sampling import (Sampling, chat_prompt, decode_all, generated_lengths, logits_processors, new_stats,
-                       stop_token_ids)
-from .vllm import VLLMBackend
-
-__all__ = ["BACKENDS", "HFBackend", "KVBackend", "KV_SDPA", "Sampling", "VLLMBackend", "chat_prompt", "decode_all",
-           "generated_lengths", "logits_processors", "make_backend", "new_stats", "stop_token_ids"]
-
-BACKENDS = {"hf": HFBackend, "kv": KVBackend, "vllm": VLLMBackend}
-
-
-def make_backend(name: str, model_dir, model_settings: dict, batch_size: int, **options):
-    """`options`: e.g. model= (an already loaded model: hf and kv)."""
-    if name not in BACKENDS:
-        raise ValueError(f"eval.backend = {name!r}; expected one of {sorted(BACKENDS)}")
-    return BACKENDS[name](model_dir, model_settings, batch_size, **options)
+# Imports nothing: a module that needs only `sampling` must not run (nor depend on the code of) every backend.

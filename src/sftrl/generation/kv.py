@@ -132,49 +132,9 @@ class KVBackend:
     forward does all the arithmetic (any HF causal LM: explicit position_ids, a 4D attention mask, a Cache object),
     so architecture details (RoPE variants, biases, GQA) stay transformers'.
 
-    Measured (bench/bench_eval.py; earlier runs, on other checkpoints and loaded machines: bench/README.md). Run 5
-    (2026-11-26, free machine, load < 1, 1 thread): the End_SFT of the shipped base (checkpoint-480 of a fresh-clone
-    `make results`: solves 212 ID hands, no OOD hand), 234 + 234 episodes, verify_iter 5, greedy, max_new_tokens 96,
-    batch 256. Ceiling (same run): the model's linear layers as bare fp32 matmuls, 37.6 k tok/s prefill-sized and
-    35.4 k tok/s at decode batch 234 (177 / 167 GFLOP/s); (ceil) = real tokens per CPU second inside the forward
-    calls over it; CPU seconds = wall seconds on a free core; "ident." = attempts token-for-token equal to hf's.
-
-        backend / lever        wall s  speed-up  prefill tok  tok/s (ceil)  decode tok  tok/s (ceil)  succ id/ood ident.
-        hf (baseline)           97.7    1.00x       424385   8471 (0.23)       98305  2137 (0.06)     212 / 0  100 %
-        kv (a, b, c)            24.3    4.02x        78347  15544 (0.41)       98305  5616 (0.16)     212 / 0  100 %
-        kv, fp16 KV cache (d)   20.8    4.70x        78246  16680 (0.44)       98154  6559 (0.19)     212 / 0  97.99 %
-        kv, bf16 KV cache (d)   19.8    4.93x        78102  18557 (0.49)       97920  6793 (0.19)     213 / 0  84.3 %
-        kv, int8 linears (d)    24.3    4.02x        80493  19936 (0.53)       99053  5346 (0.15)     206 / 0  21.3 %
-        kv, torch.compile (d)  110.2    0.89x        78347   6158 (0.16)       98305  1028 (0.03)     212 / 0  100 %
-
-    bench/bench_openvino.py, same machine and checkpoint, right after (hf 91.6 s, kv 25.3 s = 3.62x in that run):
-    OpenVINO GenAI 2026.4.1 (continuous batching, prefix caching, fp32) 21.6 s = 4.25x hf, 1.17x kv, 100 %
-    identical; with an fp16 KV cache 19.9 s = 4.60x, 97.7 %. Run 4 (same machine and checkpoint, the night before),
-    1 / 2 threads: hf 94.6 / 52.3 s, kv 25.6 / 13.7 s, i.e. kv 3.70x at 1 thread and 3.82x at 2 (both backends
-    scale ~1.85x to 2 threads on a free machine; the DAG runs two 1-thread evaluations side by side instead).
-
-    Kept: a, b, c (the defaults), all in fp32. The goal of >= 5x at >= 98 % identical attempts is not met: kv is
-    3.6-4.0x hf at equal threads (the spread of runs on the same free machine). Measured and not kept:
-    * a KV cache in fp16 (everything else fp32): 97.99 % identical, below the bar, for 1.17x; in bf16 84.3 %;
-      all-bf16 70.5 % (bench/README.md); int8 linear layers 21.3 % identical and no faster.
-    * torch.compile(dynamic=True), inductor's defaults: 4.5x slower than eager kv. Every step has a new cache length
-      and, after a shrink, a new batch size; it recompiles, reaches its recompile limit (8) and runs the model with
-      guards on top. A warm rerun of the OOD split with a limit of 64 was still 4.4x slower; compiling only the MLPs
-      and norms: 0.97x (2026-11-26, one-off runs).
-    * OpenVINO GenAI (above): 1.17x kv and exact, but its exporter (optimum-intel 2.2) requires transformers <= 5.5
-      (the project pins 5.24): a second environment and an export per checkpoint (~8 s, ~30 checkpoints per
-      `make results`) to save ~4 s per checkpoint. CTranslate2 4.8.5 was slower than hf (issue 12).
-    * decode attention (bench/bench_decode_attention.py, one layer's decode call at End_SFT's shapes, 1 thread):
-      PyTorch's CPU flash kernel on the cache view (3.2 ms, what kv runs) is the fastest exact way found: contiguous
-      cache 1.02x, no mask 1.04x, matmul attention 0.68x (compiled 0.57x), flex_attention compiled 0.48x, cascade
-      (the shared 65-column prefix once, merged by log-sum-exp) 0.98-1.13x. Reading the cache once takes 1.8 ms.
-    * shrink at 5 %, prefill chunks of 2048 / 1024 tokens, prompt-lookup drafts, enable_gqa decode: noise or slower
-      (bench/README.md).
-    Why 5x is out of reach here: kv's CPU time (torch.profiler, both splits) is the flash kernel ~12.7 s, matmuls
-    ~6.4 s (prefill at 0.41 of the matmul ceiling), elementwise ops and python the rest. 5x needs ~19.5 s. Attention
-    reads every live row's keys/values at every step; a kernel at that memory floor (1.78x faster than flash, which
-    no library kernel reaches) would save ~5.6 s, i.e. 4.7-5.2x depending on the run. What is faster reads fewer
-    bytes (fp16 / bf16 keys and values), and that changes more than 2 % of the attempts.
+    Measured: bench/README.md ("KVBackend"): kv is 3.6-4.0x hf at equal threads with 100 % identical attempts (run 5,
+    2026-11-26); the levers measured and not kept (fp16 / bf16 KV cache, int8 linears, torch.compile, OpenVINO,
+    decode-attention kernels) and why 5x is out of reach on a CPU are there, with their numbers.
 
     Sampling keeps the explicit semantics of HFBackend: transformers' own processors (`logits_processors`: the
     repetition penalty over the row's whole prompt + generated tokens, then temperature, top-k, top-p), then argmax

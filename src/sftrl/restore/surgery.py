@@ -216,7 +216,7 @@ def _k(text: str):
 
 
 def command(parser):
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--spec", help="YAML restore spec: reference, target, out, arm, top, tail, layers, matrices, "
                                        "embed_tokens, lm_head (flags below override it)")

@@ -53,7 +53,7 @@ def sweep_table(sweep: str, settings: Mapping, summaries: Sequence[str], run: st
 
 
 def command(parser):
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--sweep", required=True)
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config restore.<sweep>")

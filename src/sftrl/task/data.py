@@ -211,7 +211,7 @@ def eval_set_command(parser):
 
 
 def sft_data_command(parser):
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config data.sft")
     parser.add_argument("--target", type=int, default=points.TARGET)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ..generation import Sampling, chat_prompt, decode_all
+from ..generation.sampling import Sampling, chat_prompt, decode_all
 from . import points
 from .diagnose import STAGES, answer_stages
 

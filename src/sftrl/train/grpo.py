@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from ..checkpoint import Checkpoint
-from ..generation import KVBackend, stop_token_ids
+from ..generation.kv import KVBackend
+from ..generation.sampling import stop_token_ids
 from ..modeling import load_model, load_tokenizer
 from ..task import points
 from ..task.rollout import run_episodes

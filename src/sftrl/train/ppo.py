@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint import Checkpoint
-from ..generation import make_backend
+from ..generation.backends import make_backend
 from ..modeling import load_model, load_tokenizer
 from ..task.rollout import run_episodes
 from . import rl

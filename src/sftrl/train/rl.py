@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import codegraph
 from ..checkpoint import ALGORITHMS, SFT_EXPORT, Checkpoint
-from ..generation import Sampling
+from ..generation.sampling import Sampling
 from ..io import atomic_dir, fingerprint, read_json, write_csv, write_json
 from ..task import points
 from ..task.data import id_split, multiset_key
@@ -101,9 +101,9 @@ def save_updates(updates: int, save_every: int) -> list[int]:
 def prepare_work_dir(work_dir, settings: dict, start_model_dir, algo: str) -> Path:
     """`work_dir`, emptied unless its state was made from these settings, this start model and this code."""
     work_dir = Path(work_dir)
-    made_from = fingerprint({"settings": settings, "start": str(start_model_dir), "algo": algo},
-                            *sorted(Path(start_model_dir).glob("*.safetensors")),
-                            *codegraph.files([__name__, TRAINERS[algo].split(":")[0]]))
+    made_from = fingerprint({"settings": settings, "start": str(start_model_dir), "algo": algo,
+                             "code": codegraph.code_hash([__name__, TRAINERS[algo].split(":")[0]])},
+                            *sorted(Path(start_model_dir).glob("*.safetensors")))
     return stamped_work_dir(work_dir, made_from, "settings, start model or code")
 
 
@@ -215,7 +215,7 @@ def run_rl(algo: str, start_model_dir, start: Checkpoint, out_dir, work_dir, set
 
 
 def add_arguments(parser) -> None:
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--model", required=True, help="the start checkpoint's model directory")
     parser.add_argument("--start", type=Checkpoint.parse, required=True, help="the start checkpoint (base or sft-N)")

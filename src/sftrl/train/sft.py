@@ -247,9 +247,9 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
 
     # Resume only from trainer state made by this same job (settings, starting model, data, code).
     made_from = fingerprint(
-        {"settings": settings, "model_settings": model_settings, "model": str(model_dir)},
+        {"settings": settings, "model_settings": model_settings, "model": str(model_dir),
+         "code": codegraph.code_hash([__name__])},
         *sorted(Path(model_dir).glob("*.safetensors")), *(data_dir / name for name in ("train.jsonl", *EVAL_SETS.values())),
-        *codegraph.files([__name__]),
     )
     stamped_work_dir(work_dir, made_from, "settings, data, model or code")
 
@@ -294,7 +294,7 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
 
 
 def command(parser):
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--model", required=True)
     parser.add_argument("--data-dir", required=True)

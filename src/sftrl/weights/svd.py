@@ -346,7 +346,7 @@ def load_checkpoint_svd(shards: Sequence[str | os.PathLike], model_dir=None) -> 
 
 
 def command(parser):
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--model", required=True)
     parser.add_argument("--names", type=json.loads, required=True, help="JSON list of the shard's parameter names")
