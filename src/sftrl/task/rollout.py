@@ -32,7 +32,7 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
         active = [episodes[i] for i in index]
         if not active:
             break
-        prompts = [chat_prompt(backend.tokenizer, e.messages) for e in active]
+        prompts = [chat_prompt(backend.tokenizer, e.messages, backend.date_string) for e in active]
         # A different seed per round, so a sampled retry is not a replay of the same random stream. keys name each
         # episode's conversation, so a backend that keeps KV caches (kv) prefills only the new feedback turn;
         # after the last round nothing is kept.
