@@ -15,7 +15,7 @@ MODEL_SETTINGS = {"path": None, "dtype": "float32", "attn_implementation": "sdpa
 SETTINGS = {
     "rl": {"start_from": ["inter_sft"], "algorithms": ["ppo"], "recovery_window": [], "save_every": 1, "seed": 3,
            "multisets": "sft_train", "backend": "kv", "batch_size": 16, "temperature": 1.0, "top_p": 1.0,
-           "max_new_tokens": 12,
+           "max_new_tokens": 12, "stop_tokens": [],
            "ppo": {"lr": 1e-3, "updates": 2, "episodes_per_update": 3, "ppo_epochs": 2, "minibatch_size": 3,
                    "micro_batch_size": 2, "clip": 0.1, "value_clip": 0.1, "value_coef": 0.5, "gamma": 0.9,
                    "lam": 0.95, "pre_formula_weight": 0.5, "normalize_advantages": True, "kl_coef": 0.0,
@@ -230,3 +230,30 @@ def test_kl_and_entropy_terms_train_with_a_reference(micro_base, tmp_path):
     ppo.train_ppo(micro_base, Checkpoint("sft", 4), out, tmp_path / "work", settings, tmp_path / "log.csv")
     trained, start = load_file(out / "checkpoint-1" / "model.safetensors"), load_file(micro_base / "model.safetensors")
     assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+def test_rl_rollouts_stop_on_the_configured_stop_tokens(micro_base, tokenizer):
+    """eval.stop_tokens (added to the rl settings by the rule) end an RL attempt as they end an evaluated one: the
+    rollout that train_ppo runs, with a token it sampled mid-answer configured as a stop token, is the same
+    rollout cut right after that token (one episode: one row, one random stream)."""
+    from sftrl.generation import make_backend
+    from sftrl.task.rollout import run_episodes
+
+    torch.set_num_threads(1)
+    settings = copy.deepcopy(SETTINGS["rl"])
+    settings["max_new_tokens"] = 24
+    backend = make_backend("kv", micro_base, MODEL_SETTINGS, 8)
+    problems = rl.training_problems(SETTINGS, 1, 1)
+
+    def response(stop_tokens):
+        sampling = rl.rollout_sampling({**settings, "stop_tokens": stop_tokens}, 1)
+        assert sampling.stop_tokens == tuple(stop_tokens)
+        records = run_episodes(backend, problems, sampling, verify_iter=1, tokens=True)
+        return records[0]["attempts"][0]["response_ids"]
+
+    free = response([])
+    special = set(tokenizer.all_special_ids)
+    cut = next(i for i in range(2, len(free) - 1) if free[i] not in special and free[i] not in free[:i])
+    assert response([tokenizer.convert_ids_to_tokens(free[cut])]) == free[: cut + 1]
+    with pytest.raises(ValueError, match="stop_tokens"):
+        rl.rollout_sampling({k: v for k, v in settings.items() if k != "stop_tokens"}, 1)

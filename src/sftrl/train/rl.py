@@ -79,11 +79,15 @@ def training_problems(settings: dict, update: int, n: int, process_index: int = 
 
 
 def rollout_sampling(rl: dict, update: int, process_index: int = 0) -> Sampling:
-    """Sampling of one update's rollouts (config rl.temperature / top_p / max_new_tokens; never greedy: the
-    policy gradient needs the probabilities the actions were drawn from)."""
+    """Sampling of one update's rollouts: config rl.temperature / top_p / max_new_tokens and eval.stop_tokens (the
+    rules add them to the rl settings as `stop_tokens`: an attempt ends where an evaluated one does), seeded per
+    update and process. Never greedy: the policy gradient needs the probabilities the actions were drawn from."""
     if rl["temperature"] <= 0:
         raise ValueError(f"rl.temperature = {rl['temperature']}: RL rollouts must sample (temperature > 0)")
-    return Sampling(rl["temperature"], rl["top_p"], rl["max_new_tokens"], update_seed(rl["seed"], update, process_index))
+    if "stop_tokens" not in rl:
+        raise ValueError("the RL settings lack stop_tokens (config eval.stop_tokens, which workflow/rules/common.smk "
+                         "rl_settings adds to config rl)")
+    return Sampling.from_settings(rl, seed=update_seed(rl["seed"], update, process_index))
 
 
 def save_updates(updates: int, save_every: int) -> list[int]:
