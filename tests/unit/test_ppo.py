@@ -413,6 +413,7 @@ def test_two_processes_with_unequal_attempt_counts_finish_and_equal_one_process_
     blocked in DDP's all-reduce forever); and `learn` on unequal fixed rollouts (3 and 2 attempts, minibatch 2 per
     process, micro-batch 1, 2 epochs) gives the weights of one process learning on their union with minibatch 4."""
     import socket
+    import time
 
     import pandas as pd
     from safetensors.torch import load_file
@@ -424,8 +425,9 @@ def test_two_processes_with_unequal_attempt_counts_finish_and_equal_one_process_
     workers = [context.Process(target=_ddp_worker, args=(rank, 2, port, micro_base, tmp_path)) for rank in (0, 1)]
     for worker in workers:
         worker.start()
+    deadline = time.monotonic() + 300
     for worker in workers:
-        worker.join(timeout=300)
+        worker.join(timeout=max(0.0, deadline - time.monotonic()))
     hung = [rank for rank, worker in enumerate(workers) if worker.is_alive()]
     for worker in workers:
         if worker.is_alive():
