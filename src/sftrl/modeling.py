@@ -24,6 +24,12 @@ CHAT_TEMPLATE = (
 )
 
 
+# What a chat template that writes "today's" date into every prompt (Llama-3.x's: `strftime_now` unless
+# `date_string` is given) gets instead (config model.date_string; this default is the template's own fallback), so
+# a prompt does not depend on the day it is rendered. Templates without the variable ignore it.
+DATE_STRING = "26 Jul 2024"
+
+
 class ModelDirError(FileNotFoundError):
     """A model directory is missing or unreadable; the message names the path."""
 
@@ -162,6 +168,15 @@ def load_tokenizer(model_dir):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def chat_prompt(tokenizer, messages: list[dict], date_string: str = DATE_STRING,
+                add_generation_prompt: bool = True) -> str:
+    """The model's own chat template applied to a conversation (by default ready for the assistant's next turn):
+    the one place a chat template is applied. `date_string` (config model.date_string) is the date a template
+    that writes one (Llama-3.x) puts in the prompt instead of today's, so prompts are the same on every day."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                         date_string=date_string)
 
 
 def resolve_device(device: str = "auto") -> str:

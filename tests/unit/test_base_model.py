@@ -12,8 +12,7 @@ from sftrl.base import corpus, pretrain
 from sftrl.base.probe import probe
 from sftrl.task import points
 from sftrl.task.data import eval_problems
-from sftrl.generation.sampling import chat_prompt
-from sftrl.modeling import ModelDirError, check_model_dir, load_model, load_tokenizer
+from sftrl.modeling import ModelDirError, chat_prompt, check_model_dir, load_model, load_tokenizer
 
 
 def pipeline_strings():

@@ -10,7 +10,8 @@ from sftrl.task.data import eval_problems
 from sftrl.task.rollout import run_episodes
 from sftrl.generation.hf import HFBackend
 from sftrl.generation.kv import KV_SDPA, KVBackend
-from sftrl.generation.sampling import Sampling, chat_prompt, generated_lengths
+from sftrl.generation.sampling import Sampling, generated_lengths
+from sftrl.modeling import chat_prompt
 from sftrl.modeling import load_tokenizer as load_tok
 
 MODEL = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
@@ -298,3 +299,58 @@ def test_gqa_prefill_attention_equals_transformers_sdpa():
         theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3, dropout=0.0)
         assert ours.shape == theirs.shape == (2, q, 6, 8)
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def llama_tokenizer():
+    """A tokenizer with Llama-3.2's special tokens and real chat template (tests/tiny_models.py)."""
+    from tiny_models import LLAMA_IMAGE, LLAMA_SPECIAL, build_tokenizer, chat_template
+
+    return build_tokenizer(LLAMA_SPECIAL, "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>",
+                           chat_template("llama3_2"), add_bos=True, extra=(LLAMA_IMAGE,))
+
+
+def test_llama_prompt_is_the_same_on_every_day(monkeypatch):
+    """Llama-3.2's template writes "Today Date: <today>" unless given a date: chat_prompt (every prompt of
+    evaluation, rollouts and SFT) passes config model.date_string, so two days render one prompt."""
+    import datetime as dt
+
+    import transformers.utils.chat_template_utils as template_utils
+
+    from sftrl.train.sft import tokenize_example
+
+    tokenizer = llama_tokenizer()
+    chat = conversation(n=1)[0]
+
+    def on(day):
+        class Day(dt.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return cls(2026, 3, day, 12, 0)
+
+        monkeypatch.setattr(template_utils, "datetime", Day)
+        return (chat_prompt(tokenizer, chat),
+                tokenize_example(tokenizer, {"prompt": chat, "completion": [{"role": "assistant", "content": "x"}]}),
+                tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+
+    (prompt_1, sft_1, raw_1), (prompt_2, sft_2, raw_2) = on(1), on(2)
+    assert raw_1 != raw_2  # the template does write the day (so this test can fail)
+    assert prompt_1 == prompt_2 and sft_1 == sft_2
+    from sftrl.modeling import DATE_STRING
+
+    assert f"Today Date: {DATE_STRING}\n" in prompt_1 and DATE_STRING == "26 Jul 2024"
+    assert "Today Date: 05 May 2025\n" in chat_prompt(tokenizer, chat, "05 May 2025")
+    with_date = tokenize_example(tokenizer, {"prompt": chat, "completion": [{"role": "assistant", "content": "x"}]},
+                                 date_string="05 May 2025")
+    assert "Today Date: 05 May 2025" in tokenizer.decode(with_date["input_ids"])
+
+
+def test_date_string_default_is_the_schema_default():
+    import yaml
+
+    from helpers import REPO
+    from sftrl.modeling import DATE_STRING
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert schema["properties"]["model"]["properties"]["date_string"]["default"] == DATE_STRING
+    assert config["model"]["date_string"] == DATE_STRING

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sftrl.checkpoint import Checkpoint
-from sftrl.generation.sampling import Sampling, chat_prompt, stop_token_ids
-from sftrl.modeling import IM_END, IM_START, load_model, load_tokenizer
+from sftrl.generation.sampling import Sampling, stop_token_ids
+from sftrl.modeling import IM_END, IM_START, chat_prompt, load_model, load_tokenizer
 from sftrl.task import points
 from sftrl.train import grpo, rl
 
@@ -28,7 +28,7 @@ GRPO = {
 }
 SETTINGS = {
     "rl": {"seed": 0, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "save_every": 1, "batch_size": 64,
-           "backend": "kv", "multisets": "all", "grpo": GRPO},
+           "backend": "kv", "multisets": "all", "stop_tokens": [], "grpo": GRPO},
     "model": MODEL_SETTINGS,
     "env": {"verify_iter": 3, "target": 24},
     "sft_data": {"seed": 0, "id_test_fraction": 0.15},
@@ -103,6 +103,54 @@ def test_episode_masks_exactly_the_feedback_turns(stopping_base):
         assert played["success"][i] == solved[-1]
         assert played["policy_tokens"][i] == sum(len(a) for a in attempts)
     assert endings[True] and endings[False], endings  # both kinds of attempt ending were exercised
+
+
+def family_tokenizer(family):
+    """A tokenizer with the special tokens and the real chat template of Llama-3.2 or Qwen2.5 (tests/tiny_models.py)."""
+    import tiny_models as tm
+
+    if family == "llama3_2":
+        return tm.build_tokenizer(tm.LLAMA_SPECIAL, "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>",
+                                  tm.chat_template("llama3_2"), add_bos=True, extra=(tm.LLAMA_IMAGE,))
+    return tm.build_tokenizer(tm.QWEN_SPECIAL, None, "<|im_end|>", "<|endoftext|>", tm.chat_template("qwen2_5"))
+
+
+@pytest.mark.parametrize("family", ["llama3_2", "qwen2_5"])
+@pytest.mark.parametrize("stopped", [True, False])
+def test_episode_extension_keeps_sampled_whitespace_under_real_templates(family, stopped):
+    """An answer that starts (and ends) with whitespace, as SFT answers do ("\n{...}"): Llama-3.2's template trims
+    message content, so the next round's prompt does not hold the sampled text; the episode still continues from
+    the ids the policy sampled, followed by exactly the template's text after the answer (the end of turn unless
+    the policy sampled it, the feedback turn, the next assistant header). The old extension raised here."""
+    tokenizer = family_tokenizer(family)
+    eot = tokenizer.eos_token
+    hand = points.Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
+    answer = "\n" + points.render_answer(hand, "4") + "\n"
+    sampled = tokenizer(answer, add_special_tokens=False).input_ids
+    if stopped:
+        sampled = sampled + [tokenizer.convert_tokens_to_ids(eot)]
+    user = {"role": "user", "content": points.render_prompt(hand.cards, points.ID_RULE, 24)}
+    episode = grpo.EpisodeTokens(tokenizer, stop_token_ids(tokenizer))
+    first = chat_prompt(tokenizer, [user])
+    first_ids = episode.extend(first)
+    assert first_ids == tokenizer(first, add_special_tokens=False).input_ids
+    episode.add_sampled(sampled)
+    feedback = points.FEEDBACK_PREFIX + "your formula is incorrect."
+    decoded = tokenizer.decode(sampled, skip_special_tokens=True)  # what run_episodes puts in the conversation
+    second = chat_prompt(tokenizer, [user, {"role": "assistant", "content": decoded},
+                                     {"role": "user", "content": feedback}])
+    ids = episode.extend(second)
+    closing = "" if stopped else eot
+    added = {"llama3_2": f"{closing}<|start_header_id|>user<|end_header_id|>\n\n{feedback}<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n",
+             "qwen2_5": f"{closing}\n<|im_start|>user\n{feedback}<|im_end|>\n<|im_start|>assistant\n"}[family]
+    assert ids[: len(first_ids) + len(sampled)] == first_ids + sampled
+    assert tokenizer.decode(ids[len(first_ids) + len(sampled):], skip_special_tokens=False) == added
+    assert episode.mask == [0] * len(first_ids) + [1] * len(sampled) + [0] * (len(ids) - len(first_ids) - len(sampled))
+    if family == "llama3_2":
+        assert decoded not in second and decoded.strip() in second  # the template did trim
+    with pytest.raises(ValueError, match="earlier turns differently"):
+        episode.extend("x" + second)  # a template that rewrote an earlier turn
 
 
 def train(model_dir, root, monkeypatch, settings=SETTINGS):

@@ -15,7 +15,7 @@ MODEL_SETTINGS = {"path": None, "dtype": "float32", "attn_implementation": "sdpa
 SETTINGS = {
     "rl": {"start_from": ["inter_sft"], "algorithms": ["ppo"], "recovery_window": [], "save_every": 1, "seed": 3,
            "multisets": "sft_train", "backend": "kv", "batch_size": 16, "temperature": 1.0, "top_p": 1.0,
-           "max_new_tokens": 12,
+           "max_new_tokens": 12, "stop_tokens": [],
            "ppo": {"lr": 1e-3, "updates": 2, "episodes_per_update": 3, "ppo_epochs": 2, "minibatch_size": 3,
                    "micro_batch_size": 2, "clip": 0.1, "value_clip": 0.1, "value_coef": 0.5, "gamma": 0.9,
                    "lam": 0.95, "pre_formula_weight": 0.5, "normalize_advantages": True, "kl_coef": 0.0,
@@ -230,3 +230,223 @@ def test_kl_and_entropy_terms_train_with_a_reference(micro_base, tmp_path):
     ppo.train_ppo(micro_base, Checkpoint("sft", 4), out, tmp_path / "work", settings, tmp_path / "log.csv")
     trained, start = load_file(out / "checkpoint-1" / "model.safetensors"), load_file(micro_base / "model.safetensors")
     assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+def test_rl_rollouts_stop_on_the_configured_stop_tokens(micro_base, tokenizer):
+    """eval.stop_tokens (added to the rl settings by the rule) end an RL attempt as they end an evaluated one: the
+    rollout that train_ppo runs, with a token it sampled mid-answer configured as a stop token, is the same
+    rollout cut right after that token (one episode: one row, one random stream)."""
+    from sftrl.generation.backends import make_backend
+    from sftrl.task.rollout import run_episodes
+
+    torch.set_num_threads(1)
+    settings = copy.deepcopy(SETTINGS["rl"])
+    settings["max_new_tokens"] = 24
+    backend = make_backend("kv", micro_base, MODEL_SETTINGS, 8)
+    problems = rl.training_problems(SETTINGS, 1, 1)
+
+    def response(stop_tokens):
+        sampling = rl.rollout_sampling({**settings, "stop_tokens": stop_tokens}, 1)
+        assert sampling.stop_tokens == tuple(stop_tokens)
+        records = run_episodes(backend, problems, sampling, verify_iter=1, tokens=True)
+        return records[0]["attempts"][0]["response_ids"]
+
+    free = response([])
+    special = set(tokenizer.all_special_ids)
+    cut = next(i for i in range(2, len(free) - 1) if free[i] not in special and free[i] not in free[:i])
+    assert response([tokenizer.convert_ids_to_tokens(free[cut])]) == free[: cut + 1]
+    with pytest.raises(ValueError, match="stop_tokens"):
+        rl.rollout_sampling({k: v for k, v in settings.items() if k != "stop_tokens"}, 1)
+
+
+def test_kl_penalty_has_the_gradient_of_the_kl_in_expectation():
+    """rl.ppo.kl_coef: the KL to the start model enters as a reward penalty, kl_coef · (log π_old − log π_ref) of
+    the sampled response. On a 3-way categorical, the exact expectation (every category, weighted by its
+    probability) of the PPO loss's gradient at ratio 1 is kl_coef · ∇KL(π ‖ π_ref), the analytic gradient. The
+    old term, kl_coef · (log π − log π_ref) added to the loss, has expected gradient 0."""
+    torch.manual_seed(0)
+    theta = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(3, dtype=torch.float64), -1)
+    logp = torch.log_softmax(theta, -1)
+    (kl_gradient,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), theta)
+    assert kl_gradient.abs().min() > 0.01
+    kl_coef, expected, old_term = 0.3, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for x in range(3):
+        new = torch.log_softmax(theta, -1)[x : x + 1]
+        sample = {"reward": 0.0, "old_value": 0.0, "kl": (new - ref[x]).item()}
+        ppo.assign_advantages([sample], [[0]], gamma=0.9, lam=0.95, normalize=False, kl_coef=kl_coef)
+        losses = ppo.ppo_losses(new, new.detach(), torch.tensor([sample["advantage"]], dtype=torch.float64),
+                                torch.zeros(1), torch.zeros(1), torch.zeros(1), clip=0.1, value_clip=0.1)
+        (gradient,) = torch.autograd.grad(losses["policy"].sum(), theta)
+        expected += logp[x].exp().detach() * gradient
+        (gradient,) = torch.autograd.grad(kl_coef * (torch.log_softmax(theta, -1)[x] - ref[x]), theta)
+        old_term += logp[x].exp().detach() * gradient
+    torch.testing.assert_close(expected, kl_coef * kl_gradient)
+    torch.testing.assert_close(old_term, torch.zeros(3, dtype=torch.float64))
+
+
+def test_advantages_use_torch_std_and_nonfinite_episodes_are_dropped():
+    """Normalisation divides by torch.std (N − 1, the authors'); one sample gets advantage 0. An episode with a
+    non-finite log-prob, value or KL is dropped whole (GAE runs over its attempts), the rest re-indexed."""
+    rewards, values = [5.0, -2.0, 5.0, -1.0, -3.0], [0.25, -1.0, 2.0, 0.5, 0.0]
+    episodes = [[0], [1, 2], [3, 4]]
+    samples = [{"reward": r, "old_value": v, "old_logprob": -1.0} for r, v in zip(rewards, values)]
+    ppo.assign_advantages(samples, episodes, gamma=0.9, lam=0.95, normalize=True)
+    raw, _ = ppo.gae([[rewards[i] for i in ep] for ep in episodes], [[values[i] for i in ep] for ep in episodes],
+                     0.9, 0.95)
+    raw = torch.tensor([a for ep in raw for a in ep], dtype=torch.float64)
+    expected = (raw - raw.mean()) / (raw.std() + 1e-5)  # torch.std: unbiased
+    assert [s["advantage"] for s in samples] == pytest.approx(expected.tolist())
+    one = [{"reward": 5.0, "old_value": 1.0}]
+    ppo.assign_advantages(one, [[0]], gamma=0.9, lam=0.95, normalize=True)
+    assert one[0]["advantage"] == 0.0
+
+    samples[1]["old_logprob"] = float("nan")
+    samples[4]["kl"] = float("inf")
+    kept, kept_episodes, dropped = ppo.drop_nonfinite(samples, episodes)
+    assert dropped == 4 and kept == [samples[0]] and kept_episodes == [[0]]
+    samples[4]["kl"] = 0.5
+    kept, kept_episodes, dropped = ppo.drop_nonfinite(samples, episodes)
+    assert dropped == 2 and kept == [samples[0], samples[3], samples[4]] and kept_episodes == [[0], [1, 2]]
+
+
+@pytest.mark.parametrize("n, minibatch, micro, processes", [(5, 2, 1, 2), (7, 3, 2, 2), (9, 4, 3, 3), (4, 2, 1, 1)])
+def test_minibatch_plan_gives_every_process_the_same_steps_and_passes(n, minibatch, micro, processes):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
+    plans = [ppo.minibatch_plan(order, minibatch, micro, processes, p) for p in range(processes)]
+    assert len({len(plan) for plan in plans}) == 1  # optimizer steps
+    for steps in zip(*plans):
+        assert len({len(micro_batches) for _, micro_batches in steps}) == 1  # backward passes in each step
+        size = steps[0][0]
+        real = sorted(i for _, micro_batches in steps for index, weight in micro_batches if weight for i in index)
+        assert len(real) == size and all(len(index) <= micro for _, mbs in steps for index, _ in mbs)
+        assert all(weight in (0.0, 1.0) for _, mbs in steps for _, weight in mbs)
+    covered = sorted(i for plan in plans for _, mbs in plan for index, weight in mbs if weight for i in index)
+    assert covered == list(range(n))
+    # one process runs the minibatches of minibatch_size in order, without padding
+    single = ppo.minibatch_plan(order, minibatch * processes, micro, 1, 0)
+    assert [size for size, _ in single] == [size for size, _ in plans[0]]
+
+
+# -----------------------------------------------------------------------------
+# Two processes (gloo on CPU, as accelerate launch runs them) with unequal attempt counts
+
+DDP_LEARN = {**SETTINGS["rl"]["ppo"], "lr": 1e-3, "ppo_epochs": 2, "minibatch_size": 2, "micro_batch_size": 1}
+
+
+def learn_records(tokenizer, rank):
+    """Hand-made rollouts of unequal size: process 0 has 3 attempts (episodes of 1 and 2), process 1 has 2 (one
+    episode); rank None: the union, in process order."""
+    hand = points.Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
+    prompt = tokenizer(points.render_prompt(hand.cards, points.ID_RULE, 24), add_special_tokens=False).input_ids
+
+    def attempt(formula, cut):
+        text = points.render_answer(hand, formula)
+        return {"reward": points.score(points.parse_formula(text), hand.numbers).reward, "prompt_ids": prompt[cut:],
+                "response_ids": tokenizer(text, add_special_tokens=False).input_ids}
+
+    parts = [[{"success": True, "attempts": [attempt("1*2*3*4", 0)]},
+              {"success": True, "attempts": [attempt("4", 5), attempt("4*3*2*1", 5)]}],
+             [{"success": False, "attempts": [attempt("4+3", 9), attempt("(1+2+3)*4", 2)]}]]
+    return parts[rank] if rank is not None else parts[0] + parts[1]
+
+
+def learn_once(model_dir, ppo_settings, rank):
+    """ppo.learn from the micro base and a fixed value-head init on `learn_records(rank)`; the trained actor-critic's
+    state and the update's diagnostics."""
+    from accelerate import Accelerator
+
+    tokenizer = load_tokenizer(model_dir)
+    policy = load_model(model_dir, "float32", "sdpa", "cpu")
+    torch.manual_seed(0)
+    actor_critic = ppo._actor_critic_class()(policy, ppo.value_head(policy.config.hidden_size, [4, 8]))
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.Adam(actor_critic.parameters(), lr=ppo_settings["lr"], eps=1e-7)
+    actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
+    records = learn_records(tokenizer, rank)
+    samples, episodes = ppo.attempt_samples(records, tokenizer, 0.5)
+    samples, successes, stats = ppo.learn(actor_critic, optimizer, accelerator, None, samples, episodes,
+                                          [r["success"] for r in records], ppo_settings, 0.7,
+                                          tokenizer.pad_token_id, "cpu", seed=11)
+    state = {k: v.detach().clone().contiguous() for k, v in accelerator.unwrap_model(actor_critic).state_dict().items()}
+    return state, samples, successes, stats
+
+
+def _ddp_worker(rank, world, port, model_dir, root):
+    """One of two processes: a whole PPO update in which this rank's episodes end after 1 attempt (rank 1) or
+    run to verify_iter (rank 0), then `learn_once` on this rank's part of the fixed rollouts."""
+    import os
+    import traceback
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        if rank == 1:  # its episodes end after their first attempt (deliberately unequal counts)
+            play = ppo.run_episodes
+
+            def first_attempts(*args, **kwargs):
+                records = play(*args, **kwargs)
+                return [{**r, "attempts": r["attempts"][:1]} for r in records]
+
+            ppo.run_episodes = first_attempts
+        settings = copy.deepcopy(SETTINGS)
+        settings["rl"]["ppo"].update(updates=1, episodes_per_update=2, ppo_epochs=1, minibatch_size=2,
+                                     micro_batch_size=1)
+        settings["rl"]["max_new_tokens"] = 8
+        ppo.train_ppo(model_dir, Checkpoint("sft", 4), root / "rl" / "ppo-from-sft-4", root / "work", settings,
+                      root / "log.csv")
+        state, samples, _, stats = learn_once(model_dir, DDP_LEARN, rank)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(state, root / "two_processes.safetensors")
+            rl.write_json(root / "two_processes.json", {"samples": samples, "stats": stats})
+    except BaseException:
+        (root / f"error-{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def test_two_processes_with_unequal_attempt_counts_finish_and_equal_one_process_on_the_union(micro_base, tmp_path):
+    """Two gloo processes (as `accelerate launch` on CPU): a PPO update where one process's episodes produce 4
+    attempts and the other's 2 finishes (before the fix the process with fewer backward passes left the other
+    blocked in DDP's all-reduce forever); and `learn` on unequal fixed rollouts (3 and 2 attempts, minibatch 2 per
+    process, micro-batch 1, 2 epochs) gives the weights of one process learning on their union with minibatch 4."""
+    import socket
+    import time
+
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = torch.multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_ddp_worker, args=(rank, 2, port, micro_base, tmp_path)) for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 300
+    for worker in workers:
+        worker.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, worker in enumerate(workers) if worker.is_alive()]
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error-*.txt")))
+    assert not hung, f"processes {hung} still running after 300 s (a DDP collective that never completed)\n{errors}"
+    assert all(worker.exitcode == 0 for worker in workers), errors
+    log_table = pd.read_csv(tmp_path / "log.csv")
+    assert log_table["update"].tolist() == [1]
+    assert (tmp_path / "rl" / "ppo-from-sft-4" / "checkpoint-1" / "model.safetensors").is_file()
+
+    single, samples, successes, stats = learn_once(micro_base, {**DDP_LEARN, "minibatch_size": 4}, None)
+    two = load_file(tmp_path / "two_processes.safetensors")
+    recorded = rl.read_json(tmp_path / "two_processes.json")
+    assert len(samples) == 5 and [s["advantage"] for s in recorded["samples"]] == pytest.approx(
+        [s["advantage"] for s in samples], abs=1e-6)
+    assert sorted(recorded["stats"]["value_loss"]) == pytest.approx(sorted(stats["value_loss"]), abs=1e-5)
+    start = load_file(micro_base / "model.safetensors")
+    assert any(not torch.equal(single[f"policy.{k}"], start[k]) for k in start)  # the weights moved
+    for key in single:
+        torch.testing.assert_close(two[key], single[key], atol=1e-6, rtol=1e-4, msg=key)

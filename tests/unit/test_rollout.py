@@ -11,8 +11,9 @@ import pytest
 
 from sftrl.generation.backends import make_backend
 
-from sftrl.generation.sampling import Sampling, chat_prompt
-from sftrl.modeling import load_tokenizer
+from sftrl.generation.sampling import Sampling
+
+from sftrl.modeling import chat_prompt, load_tokenizer
 from sftrl.task import points
 from sftrl.task.data import eval_problems
 from sftrl.task.rollout import episode_record, run_episodes, summarize

@@ -76,7 +76,7 @@ def test_log_warmup_constant_schedule():
 def test_training_prompt_tokens_equal_generation_prompt_tokens(micro_base, sft_data):
     """The prompt part of every training sequence is token for token what generation is given, and only the
     answer (plus the template's end of turn) is supervised."""
-    from sftrl.generation.sampling import chat_prompt
+    from sftrl.modeling import chat_prompt
     from sftrl.io import read_jsonl
     from sftrl.modeling import load_tokenizer
 

@@ -525,6 +525,8 @@ def rl_settings(algo):
     """A run's knobs as one JSON string: config rl without the run plan and the other arms' subsections, so adding a
     start or a recovery step does not rerun the existing runs."""
     section = {k: v for k, v in config["rl"].items() if k not in RL_PLAN_KEYS or k == algo}
+    # rollouts stop where evaluation stops (sftrl.train.rl.rollout_sampling)
+    section["stop_tokens"] = config["eval"]["stop_tokens"]
     return json.dumps(section, sort_keys=True)
 
 

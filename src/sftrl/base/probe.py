@@ -99,7 +99,9 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
     held_out = base_settings["corpus"]["held_out_per_mille"]
     n, seed = settings["n"], settings["seed"]
     backend = make_backend("hf", model_dir, model_settings, eval_settings["batch_size"])
-    greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=settings["max_new_tokens"], seed=seed)
+    # greedy; eval's stop tokens and the probe's own budget (continuations of corpus text)
+    greedy = Sampling.from_settings(eval_settings, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                                    max_new_tokens=settings["max_new_tokens"], seed=seed)
     abilities = {}
 
     docs = held_out_documents("arithmetic", n, seed, held_out)
@@ -158,7 +160,7 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
                    for o, (_, numbers) in zip(outputs, items)]
         abilities[name] = _ability([r == 5 for r in rewards], prompts, outputs)
 
-    task_sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=eval_settings["max_new_tokens"], seed=seed)
+    task_sampling = greedy.with_max_new_tokens(eval_settings["max_new_tokens"])
     for split in ("id", "ood") if generalpoints else ():
         problems = eval_problems(split, n, seed + 3, target)
         records = run_episodes(backend, problems, task_sampling, verify_iter)
@@ -185,7 +187,7 @@ def command(parser):
     parser.add_argument("--model", required=True)
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config base.probe")
     parser.add_argument("--eval-settings", type=settings, required=True,
-                        help="JSON of the config eval knobs the probe uses (batch_size, max_new_tokens)")
+                        help="JSON of the config eval knobs the probe uses (batch_size, max_new_tokens, stop_tokens)")
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
     parser.add_argument("--target", type=int, default=points.TARGET)
     parser.add_argument("--verify-iter", type=int, default=5)

@@ -1,7 +1,7 @@
 """The reference backend: transformers `generate`, batched, left padding, KV cache; runs anywhere."""
 from __future__ import annotations
 
-from ..modeling import load_model, load_tokenizer
+from ..modeling import DATE_STRING, load_model, load_tokenizer
 from .sampling import Sampling, decode_all, generated_lengths, new_stats, stop_token_ids
 
 
@@ -10,6 +10,7 @@ class HFBackend:
         """`model`: an already loaded model to generate with (the policy RL is training) instead of loading
         `model_dir`'s weights; the tokenizer still comes from `model_dir`."""
         self.tokenizer = load_tokenizer(model_dir)
+        self.date_string = model_settings.get("date_string", DATE_STRING)  # for chat_prompt (config model)
         self.model = (model or load_model(model_dir, model_settings["dtype"], model_settings["attn_implementation"],
                                           model_settings["device"])).eval()
         # transformers >= 4.50 fills every field a generate() call leaves unset from the checkpoint's

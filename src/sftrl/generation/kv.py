@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..modeling import load_model, load_tokenizer
+from ..modeling import DATE_STRING, load_model, load_tokenizer
 from .sampling import Sampling, decode_all, logits_processors, new_stats, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class KVBackend:
         import torch
 
         self.tokenizer = load_tokenizer(model_dir)
+        self.date_string = model_settings.get("date_string", DATE_STRING)  # for chat_prompt (config model)
         attn = model_settings["attn_implementation"]
         if attn not in ("sdpa", "eager"):
             raise ValueError(f"model.attn_implementation = {attn!r}: eval.backend = kv needs sdpa or eager "

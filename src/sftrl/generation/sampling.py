@@ -26,6 +26,8 @@ class Sampling:
 
     @classmethod
     def from_settings(cls, settings: dict, **overrides) -> "Sampling":
+        """The one way to build sampling settings: every field `settings` (a config section such as `eval`, or
+        `rl` with eval.stop_tokens added by its rule) has, then `overrides` (e.g. a per-update seed, greedy)."""
         values = {k: settings[k] for k in cls.FIELDS if k in settings}
         values.update(overrides)
         values["stop_tokens"] = tuple(values.get("stop_tokens", ()))
@@ -33,6 +35,9 @@ class Sampling:
 
     def with_seed(self, seed: int) -> "Sampling":
         return replace(self, seed=seed)
+
+    def with_max_new_tokens(self, max_new_tokens: int) -> "Sampling":
+        return replace(self, max_new_tokens=max_new_tokens)
 
 
 def stop_token_ids(tokenizer, stop_tokens: Sequence[str] = ()) -> list[int]:
@@ -66,11 +71,6 @@ def logits_processors(sampling: Sampling):
         if sampling.top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p=float(sampling.top_p)))
     return processors
-
-
-def chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The model's own chat template applied to a conversation, ready for the assistant's next turn."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def new_stats() -> dict:

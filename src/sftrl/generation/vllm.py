@@ -1,7 +1,7 @@
 """vLLM offline generation on a GPU with prefix caching; vllm is imported only when this backend is built."""
 from __future__ import annotations
 
-from ..modeling import load_tokenizer
+from ..modeling import DATE_STRING, load_tokenizer
 from .sampling import Sampling, stop_token_ids
 
 
@@ -17,6 +17,7 @@ class VLLMBackend:
         from ..modeling import check_finite_files
 
         self.tokenizer = load_tokenizer(model_dir)
+        self.date_string = model_settings.get("date_string", DATE_STRING)  # for chat_prompt (config model)
         check_finite_files(model_dir)
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[model_settings["dtype"]]
         # "vllm": ignore the checkpoint's generation_config defaults. Prefix caching reuses the KV blocks of a

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from ..generation.sampling import Sampling, chat_prompt, decode_all
+from ..generation.sampling import Sampling, decode_all
+from ..modeling import DATE_STRING, chat_prompt
 from . import points
 from .diagnose import STAGES, answer_stages
 
@@ -32,7 +33,9 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
         active = [episodes[i] for i in index]
         if not active:
             break
-        prompts = [chat_prompt(backend.tokenizer, e.messages) for e in active]
+        # the backends built from config carry model.date_string; a hand-made one (tests, bench) gets the default
+        prompts = [chat_prompt(backend.tokenizer, e.messages, getattr(backend, "date_string", DATE_STRING))
+                   for e in active]
         # A different seed per round, so a sampled retry is not a replay of the same random stream. keys name each
         # episode's conversation, so a backend that keeps KV caches (kv) prefills only the new feedback turn;
         # after the last round nothing is kept.

@@ -14,7 +14,8 @@ sampled in. Evaluation re-tokenizes the whole re-rendered conversation every rou
 the sampled ids: a BPE re-encoding of a decoded answer may differ, and an answer that stopped with <|endoftext|>
 loses that token in the re-rendered text. Here each round's context is the episode's ids so far plus the tokenized
 text the chat template appended (the feedback turn and the next generation prompt), so generation and training see
-one and the same sequence, for any tokenizer and any chat template that only appends.
+one and the same sequence, for any tokenizer and any chat template that only appends (rendering a sampled answer
+as sampled, or trimmed of surrounding whitespace as Llama-3.x's does).
 
 Checkpoints and resume: the trainer's own `checkpoint-<update>` folders (weights, optimizer, scheduler, RNG, the log
 history) live in `work_dir` and are resumed by TRL's resume_from_checkpoint; each is exported to
@@ -59,59 +60,87 @@ INTEGER_SETTINGS = ("updates", "hands_per_update", "num_generations", "micro_bat
 # rollouts: whole episodes with the live policy
 
 
+class EpisodeTokens:
+    """One episode's token ids as generation and the loss see them: the first prompt's ids, then per round the ids
+    the policy sampled (mask 1) and the ids of the text the chat template added after them (mask 0)."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.ids: list[int] = []
+        self.mask: list[int] = []
+        self.prompt_length: int | None = None  # ids of the first prompt
+        self.prompt: str | None = None  # the last rendered prompt
+        self.answer = ""  # the last sampled answer as run_episodes got it back (decoded, special tokens skipped)
+        self.stop_text: str | None = None  # the token the last answer stopped with
+
+    def extend(self, prompt: str) -> list[int]:
+        """The episode's ids with `prompt`'s new text (all of it in the first round) appended as context.
+
+        A later round's prompt is the previous round's prompt, the rendered answer, then the text the template
+        adds (end of turn, the feedback turn, the next generation prompt); only that added text is tokenized, after
+        the ids the policy sampled. The answer is matched as the template rendered it: as sampled, or stripped of
+        surrounding whitespace by a template that trims message content (Llama-3.x's `| trim`; an SFT answer
+        starts with "\n"). FIX: before, the rendered conversation had to start with the sampled text, which a
+        trimming template does not give back."""
+        if self.prompt is None:
+            suffix = prompt
+        else:
+            if not prompt.startswith(self.prompt):
+                raise ValueError("the chat template rendered an episode's earlier turns differently in a later round; "
+                                 "GRPO episodes need a template that only appends")
+            rest = prompt[len(self.prompt):]
+            for rendered in (self.answer, self.answer.strip()):
+                if rest.startswith(rendered):
+                    suffix = rest[len(rendered):]
+                    break
+            else:
+                raise ValueError(f"the chat template rendered a sampled answer neither as sampled nor trimmed "
+                                 f"({self.answer[:60]!r} as {rest[:60]!r}); GRPO episodes need the sampled ids in "
+                                 "context")
+            # The template closes the answer with its end-of-turn text; a sampled stop token that is that text
+            # already closed it.
+            if self.stop_text and suffix.startswith(self.stop_text):
+                suffix = suffix[len(self.stop_text):]
+        new = self.tokenizer(suffix, add_special_tokens=False).input_ids
+        self.ids += new
+        self.mask += [0] * len(new)
+        self.prompt_length = self.prompt_length or len(new)
+        self.prompt = prompt
+        return list(self.ids)
+
+    def add_sampled(self, tokens: list[int]) -> None:
+        self.ids += tokens
+        self.mask += [1] * len(tokens)
+        self.answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        stopped = bool(tokens) and tokens[-1] in self.stop_ids
+        self.stop_text = self.tokenizer.convert_ids_to_tokens(tokens[-1]) if stopped else None
+
+
 class PolicyBackend(KVBackend):
-    """KVBackend on the policy being trained that builds each episode's token ids itself and records them: the
-    first prompt's ids, then per round the sampled ids (mask 1) and the ids of the text the chat template appended
-    after them (mask 0). `keys` (run_episodes passes them) name the episodes."""
+    """KVBackend on the policy being trained that builds each episode's token ids itself (`EpisodeTokens`) and
+    generates from them. `keys` (run_episodes passes them) name the episodes."""
 
     def __init__(self, model_dir, model_settings: dict, batch_size: int, model):
         super().__init__(model_dir, model_settings, batch_size, model=model)
-        self.episodes: dict = {}  # key -> {"text", "ids", "mask", "prompt_length", "stop_text"}
+        self.episodes: dict = {}  # key -> EpisodeTokens
         self._prompts: dict = {}
 
     def generate_ids(self, prompts: list[str], sampling, keys=None, keep: bool = True) -> list[list[int]]:
         if keys is None:
             raise ValueError("PolicyBackend needs keys: each prompt continues a named episode")
         self._prompts = dict(zip(keys, prompts))
-        self._stop_ids = set(stop_token_ids(self.tokenizer, sampling.stop_tokens))
+        self._stop_ids = stop_token_ids(self.tokenizer, sampling.stop_tokens)
         return super().generate_ids(prompts, sampling, keys, keep)
 
     def _generate_batch(self, ids, keys, keep, *options):  # options: KVBackend's sampling arguments, passed through
         # KVBackend tokenized each prompt afresh (as evaluation does); generate from the episode's own ids instead.
-        ids = [self._extend(key, self._prompts[key]) for key in keys]
+        for key in keys:
+            self.episodes.setdefault(key, EpisodeTokens(self.tokenizer, self._stop_ids))
+        ids = [self.episodes[key].extend(self._prompts[key]) for key in keys]
         generated = super()._generate_batch(ids, keys, keep, *options)
         for key, tokens in zip(keys, generated):
-            episode = self.episodes[key]
-            episode["ids"] += tokens
-            episode["mask"] += [1] * len(tokens)
-            # the text run_episodes gets back (skip_special_tokens), hence what the next prompt renders
-            episode["text"] += self.tokenizer.decode(tokens, skip_special_tokens=True)
-            stopped = bool(tokens) and tokens[-1] in self._stop_ids
-            episode["stop_text"] = self.tokenizer.convert_ids_to_tokens(tokens[-1]) if stopped else None
+            self.episodes[key].add_sampled(tokens)
         return generated
-
-    def _extend(self, key, prompt: str) -> list[int]:
-        """The episode's ids with `prompt`'s new text (all of it in the first round) appended as context."""
-        episode = self.episodes.get(key)
-        if episode is None:
-            episode = self.episodes[key] = {"text": "", "ids": [], "mask": [], "prompt_length": None,
-                                            "stop_text": None}
-            suffix = prompt
-        else:
-            if not prompt.startswith(episode["text"]):
-                raise ValueError("the chat template rendered an episode's earlier turns differently in a later round; "
-                                 "GRPO episodes need a template that only appends")
-            suffix = prompt[len(episode["text"]):]
-            # The template closes the answer with its end-of-turn text; a sampled stop token that is that text
-            # already closed it.
-            if episode["stop_text"] and suffix.startswith(episode["stop_text"]):
-                suffix = suffix[len(episode["stop_text"]):]
-        new = self.tokenizer(suffix, add_special_tokens=False).input_ids
-        episode["ids"] += new
-        episode["mask"] += [0] * len(new)
-        episode["prompt_length"] = episode["prompt_length"] or len(new)
-        episode["text"] = prompt
-        return list(episode["ids"])
 
 
 def episode_return(record: dict) -> float:
@@ -135,13 +164,13 @@ def play(model, model_dir, model_settings: dict, problems: list[dict], sampling,
         model.train(was_training)
     episodes = [backend.episodes[i] for i in range(len(problems))]
     return {
-        "prompt_ids": [e["ids"][: e["prompt_length"]] for e in episodes],
-        "completion_ids": [e["ids"][e["prompt_length"]:] for e in episodes],
-        "env_mask": [e["mask"][e["prompt_length"]:] for e in episodes],
+        "prompt_ids": [e.ids[: e.prompt_length] for e in episodes],
+        "completion_ids": [e.ids[e.prompt_length:] for e in episodes],
+        "env_mask": [e.mask[e.prompt_length:] for e in episodes],
         "logprobs": None,  # no vLLM: TRL computes the sampling log-probs itself
         "episode_reward": [episode_return(r) for r in records],
         "success": [bool(r["success"]) for r in records],
-        "policy_tokens": [sum(e["mask"]) for e in episodes],
+        "policy_tokens": [sum(e.mask) for e in episodes],
     }
 
 

@@ -19,12 +19,18 @@ One update:
      policy's backbone.
 3. GAE (γ, λ) over the ≤ verify_iter attempts of each episode. FIX: no bootstrap across an episode's end (theirs
    bootstrapped truncated episodes into the next hand).
+   With rl.ppo.kl_coef > 0, each attempt's reward first loses kl_coef · (log π_old − log π_start) of its
+   response (the KL to the start model as a reward penalty; `assign_advantages`).
 4. `ppo_epochs` passes over the shuffled attempts in minibatches: clipped surrogate, clipped value loss,
-   optional entropy bonus and KL-to-start penalty (both 0 by default, as the paper).
+   optional entropy bonus (0 by default, as the paper).
 
 Multi-GPU: launched with `accelerate launch` (config rl.ppo.launcher / num_processes / deepspeed, as sft): each
-process plays its own episodes (seeded by its index) and gradients are averaged by accelerate. ZeRO-3 is not
-supported (rollouts generate with the process's full copy of the weights); ZeRO-2 is.
+process plays its own episodes (seeded by its index), then the processes exchange their attempts
+(`gather_samples`), normalise advantages over all of them, and each runs its share of every minibatch of
+minibatch_size × P samples (`minibatch_plan`: the same number of optimizer steps and backward passes on every
+process, whatever attempt counts their episodes produced); DDP averages the gradients. DEVIATION: the authors
+normalised advantages per process. ZeRO-3 is not supported (rollouts generate with the process's full copy of the
+weights); ZeRO-2 is.
 """
 from __future__ import annotations
 
@@ -218,19 +224,179 @@ def attempt_samples(records: list[dict], tokenizer, pre_formula_weight: float) -
 
 
 def assign_advantages(samples: list[dict], episodes: list[list[int]], gamma: float, lam: float,
-                      normalize: bool) -> None:
-    """GAE over each episode's attempts from the samples' rewards and old values; writes advantage and return."""
-    rewards = [[samples[i]["reward"] for i in ep] for ep in episodes]
+                      normalize: bool, kl_coef: float = 0.0) -> None:
+    """GAE over each episode's attempts from the samples' rewards and old values; writes advantage and return.
+
+    KL penalty (kl_coef > 0): each attempt's reward is lowered by kl_coef · its `kl`, the sampled log-ratio
+    log π_old(y) − log π_ref(y) of its whole response (unweighted token sum; `old_pass`). As a reward, its policy
+    gradient E[∇log π(y) · (−kl_coef·(log π − log π_ref))] is −kl_coef·∇KL(π ‖ π_ref) (Σ π ∇log π = 0 removes the
+    rest), the KL's own gradient, as InstructGPT / TRL's PPO do. FIX: the loss term kl_coef·(logp − ref_logp) it
+    replaces has gradient kl_coef·∇log π, whose expectation over on-policy samples is 0.
+
+    Normalisation: (A − mean) / (std + 1e-5) over the update's samples with the authors' torch.std, which divides
+    by N − 1 (a single sample: std 0, advantage 0)."""
+    def penalized(s):
+        return s["reward"] - kl_coef * s["kl"] if kl_coef else s["reward"]
+
+    rewards = [[penalized(samples[i]) for i in ep] for ep in episodes]
     values = [[samples[i]["old_value"] for i in ep] for ep in episodes]
     advantages, returns = gae(rewards, values, gamma, lam)
     flat = [a for ep in advantages for a in ep]
     mean = sum(flat) / len(flat)
-    std = math.sqrt(sum((a - mean) ** 2 for a in flat) / len(flat))
+    std = math.sqrt(sum((a - mean) ** 2 for a in flat) / (len(flat) - 1)) if len(flat) > 1 else 0.0
     for ep, adv, ret in zip(episodes, advantages, returns):
         for i, a, r in zip(ep, adv, ret):
             # the authors normalise by the buffer's mean and std (+1e-5)
             samples[i]["advantage"] = (a - mean) / (std + 1e-5) if normalize else a
             samples[i]["return"] = r
+
+
+def drop_nonfinite(samples: list[dict], episodes: list[list[int]]) -> tuple[list[dict], list[list[int]], int]:
+    """The samples and episodes without every episode that holds an attempt whose old log-prob, value or KL is not
+    finite (NaN / inf: a numerical failure of the forward pass), re-indexed; and how many attempts were dropped.
+    The authors skip samples whose log-prob is NaN; here the whole episode goes, because GAE runs over an episode's
+    attempts in order (a hole would join two attempts that did not follow each other)."""
+    def finite(s):
+        return all(math.isfinite(s.get(k, 0.0)) for k in ("old_logprob", "old_value", "kl"))
+
+    kept_samples, kept_episodes = [], []
+    for ep in episodes:
+        if all(finite(samples[i]) for i in ep):
+            kept_episodes.append(list(range(len(kept_samples), len(kept_samples) + len(ep))))
+            kept_samples += [samples[i] for i in ep]
+    return kept_samples, kept_episodes, len(samples) - len(kept_samples)
+
+
+def gather_samples(accelerator, samples: list[dict], episodes: list[list[int]], successes: list[bool]):
+    """Every process's samples, episodes (re-indexed) and episode successes, in process order, on every process
+    (one process: unchanged). Each process then optimises on the same global list (`minibatch_plan`)."""
+    if accelerator.num_processes == 1:
+        return samples, episodes, successes
+    from accelerate.utils import gather_object
+
+    all_samples, all_episodes, all_successes = [], [], []
+    for part_samples, part_episodes, part_successes in gather_object([(samples, episodes, successes)]):
+        offset = len(all_samples)
+        all_samples += part_samples
+        all_episodes += [[i + offset for i in ep] for ep in part_episodes]
+        all_successes += part_successes
+    return all_samples, all_episodes, all_successes
+
+
+def minibatch_plan(order: list[int], minibatch_size: int, micro_batch_size: int, num_processes: int,
+                   process_index: int) -> list[tuple[int, list[tuple[list[int], float]]]]:
+    """What one process runs in one epoch over the global samples taken in `order`: per optimizer step (a
+    minibatch of minibatch_size × num_processes samples, the last one shorter), the minibatch's size and this
+    process's micro-batches, each (sample indices, weight). Every process gets the same number of optimizer steps
+    and, within each, the same number of micro-batches, which DDP needs: it synchronises every backward pass, so a
+    process that ran fewer would leave the others waiting forever (FIX: before, each process ran as many as its own
+    episodes produced attempts). Samples go to processes in turn (i, i + P, ...), so shares differ by at most one;
+    a process whose share is used up runs padding passes (the minibatch's first sample, weight 0)."""
+    plan = []
+    step = minibatch_size * num_processes
+    for start in range(0, len(order), step):
+        minibatch = order[start : start + step]
+        share = minibatch[process_index::num_processes]
+        micro_batches = math.ceil(math.ceil(len(minibatch) / num_processes) / micro_batch_size)
+        chunks = [share[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(micro_batches)]
+        plan.append((len(minibatch), [(chunk, 1.0) if chunk else ([minibatch[0]], 0.0) for chunk in chunks]))
+    return plan
+
+
+def old_pass(actor_critic, reference, samples: list[dict], micro_batch_size: int, pad_id: int, device,
+             temperature: float) -> None:
+    """One no-grad pass of the current actor-critic (unwrapped: no DDP collective) over this process's samples:
+    writes old_logprob (the weighted action log-prob) and old_value, and with a reference model `kl`, the
+    response's log π_old − log π_ref (every sampled token, unweighted)."""
+    import torch
+
+    with torch.no_grad():
+        for start in range(0, len(samples), micro_batch_size):
+            chunk = samples[start : start + micro_batch_size]
+            batch = collate(chunk, pad_id, device)
+            logp, value, _, token_logp = actor_critic(batch, temperature)
+            kl = None
+            if reference is not None:
+                ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       position_ids=batch["position_ids"], logits_to_keep=batch["window"] + 1
+                                       ).logits[:, :-1].float() / temperature
+                ref_token = torch.log_softmax(ref_logits, -1).gather(
+                    -1, batch["input_ids"][:, -batch["window"]:, None]).squeeze(-1)
+                kl = ((token_logp - ref_token) * batch["response_mask"]).sum(-1)
+            for j, s in enumerate(chunk):
+                s["old_logprob"], s["old_value"] = float(logp[j]), float(value[j])
+                if kl is not None:
+                    s["kl"] = float(kl[j])
+
+
+def optimize(actor_critic, optimizer, accelerator, samples: list[dict], ppo: dict, temperature: float, pad_id: int,
+             device, seed: int) -> dict:
+    """`ppo_epochs` passes over the global `samples` (the same list on every process, `gather_samples`), shuffled
+    by `seed` (the same on every process): one optimizer step per minibatch, its gradient accumulated over
+    micro-batches (by hand, not accelerator.accumulate: a last minibatch may hold fewer micro-batches than the
+    others). Each process backpropagates its share of the minibatch's summed loss scaled by P / |minibatch|, and
+    DDP averages over the P processes, so a step follows the minibatch's mean loss: the run equals one process
+    with minibatch_size × P on the same samples. Returns the per-sample diagnostics of all processes."""
+    import torch
+
+    processes = accelerator.num_processes
+    stats = {"clip_fraction": [], "approx_kl": [], "value_loss": [], "entropy": []}
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(ppo["ppo_epochs"]):
+        order = torch.randperm(len(samples), generator=generator).tolist()
+        for size, micro_batches in minibatch_plan(order, ppo["minibatch_size"], ppo["micro_batch_size"], processes,
+                                                  accelerator.process_index):
+            for index, weight in micro_batches:
+                chunk = [samples[i] for i in index]
+                batch = collate(chunk, pad_id, device)
+                logp, value, entropy, _ = actor_critic(batch, temperature)
+                old = {k: torch.tensor([s[k] for s in chunk], device=device)
+                       for k in ("old_logprob", "old_value", "advantage", "return")}
+                losses = ppo_losses(logp, old["old_logprob"], old["advantage"], value, old["old_value"],
+                                    old["return"], ppo["clip"], ppo["value_clip"])
+                loss = losses["policy"] + ppo["value_coef"] * losses["value"] - ppo["entropy_coef"] * entropy
+                loss = loss.sum() * (weight * processes / size)  # this process's part of the minibatch's mean
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"PPO: non-finite loss on samples {index} (log-probs "
+                                             f"{logp.tolist()}, values {value.tolist()}): the model diverged")
+                accelerator.backward(loss)
+                if weight:
+                    stats["clip_fraction"] += losses["clip_fraction"].tolist()
+                    stats["approx_kl"] += losses["approx_kl"].tolist()
+                    stats["value_loss"] += losses["value"].detach().tolist()
+                    stats["entropy"] += entropy.detach().tolist()
+            if ppo["max_grad_norm"]:
+                accelerator.clip_grad_norm_(actor_critic.parameters(), ppo["max_grad_norm"])
+            optimizer.step()
+            optimizer.zero_grad()
+    if processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([stats])
+        stats = {k: [v for part in parts for v in part[k]] for k in stats}
+    return stats
+
+
+def learn(actor_critic, optimizer, accelerator, reference, samples: list[dict], episodes: list[list[int]],
+          successes: list[bool], ppo: dict, temperature: float, pad_id: int, device, seed: int):
+    """The learning half of one update, from this process's attempt samples (`attempt_samples`) and episode
+    successes: old log-probs and values (`old_pass`), every process's samples gathered (`gather_samples`),
+    episodes with a non-finite number dropped (`drop_nonfinite`), advantages (`assign_advantages`), then
+    `optimize`. Returns the global samples, successes and the optimisation's diagnostics."""
+    actor_critic.eval()
+    old_pass(accelerator.unwrap_model(actor_critic), reference, samples, ppo["micro_batch_size"], pad_id, device,
+             temperature)
+    samples, episodes, successes = gather_samples(accelerator, samples, episodes, successes)
+    samples, episodes, dropped = drop_nonfinite(samples, episodes)
+    if dropped:
+        log.warning("%d attempts dropped: their episodes held a non-finite log-prob, value or KL", dropped)
+    if not samples:
+        raise FloatingPointError("PPO: every attempt of the update had a non-finite log-prob, value or KL")
+    assign_advantages(samples, episodes, ppo["gamma"], ppo["lam"], ppo["normalize_advantages"], ppo["kl_coef"])
+    actor_critic.train()
+    # one shuffle for all processes (each runs its share of every minibatch: minibatch_plan)
+    stats = optimize(actor_critic, optimizer, accelerator, samples, ppo, temperature, pad_id, device, seed)
+    return samples, successes, stats
 
 
 # -----------------------------------------------------------------------------
@@ -298,11 +464,7 @@ def train_ppo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: d
                   directory / VALUE_HEAD_FILE)
         torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
-    def forward(batch_samples, grad: bool):
-        batch = collate(batch_samples, tokenizer.pad_token_id, device)
-        with torch.set_grad_enabled(grad):
-            return batch, actor_critic(batch, temperature)
-
+    pad_id, processes = tokenizer.pad_token_id, accelerator.num_processes
     bar = tqdm(total=ppo["updates"], initial=done, desc="ppo", unit="update", mininterval=5)
     for update in range(done + 1, ppo["updates"] + 1):
         tick = time.perf_counter()
@@ -311,60 +473,15 @@ def train_ppo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: d
         records = run_episodes(backend, problems, rl.rollout_sampling(rl_settings, update, accelerator.process_index),
                                verify_iter, tokens=True)
         samples, episodes = attempt_samples(records, tokenizer, ppo["pre_formula_weight"])
-        actor_critic.eval()
-        for start_index in range(0, len(samples), ppo["micro_batch_size"]):
-            chunk = samples[start_index : start_index + ppo["micro_batch_size"]]
-            batch, (logp, value, _, token_logp) = forward(chunk, grad=False)
-            ref_logp = None
-            if reference is not None:
-                with torch.no_grad():
-                    ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                           position_ids=batch["position_ids"], logits_to_keep=batch["window"] + 1
-                                           ).logits[:, :-1].float() / temperature
-                    ref_token = torch.log_softmax(ref_logits, -1).gather(
-                        -1, batch["input_ids"][:, -batch["window"]:, None])
-                    ref_logp = (ref_token.squeeze(-1) * batch["weights"]).sum(-1)
-            for j, s in enumerate(chunk):
-                s["old_logprob"], s["old_value"] = float(logp[j]), float(value[j])
-                if ref_logp is not None:
-                    s["ref_logprob"] = float(ref_logp[j])
-        assign_advantages(samples, episodes, ppo["gamma"], ppo["lam"], ppo["normalize_advantages"])
-
-        actor_critic.train()
-        stats = {"clip_fraction": [], "approx_kl": [], "value_loss": [], "entropy": []}
-        generator = torch.Generator().manual_seed(rl.update_seed(rl_settings["seed"], update, accelerator.process_index))
-        for _ in range(ppo["ppo_epochs"]):
-            order = torch.randperm(len(samples), generator=generator).tolist()
-            for mb_start in range(0, len(order), ppo["minibatch_size"]):
-                minibatch = [samples[i] for i in order[mb_start : mb_start + ppo["minibatch_size"]]]
-                # one optimizer step per minibatch, its gradient accumulated over micro-batches (by hand, not
-                # accelerator.accumulate: a last minibatch may hold fewer micro-batches than the others)
-                for mc_start in range(0, len(minibatch), ppo["micro_batch_size"]):
-                    chunk = minibatch[mc_start : mc_start + ppo["micro_batch_size"]]
-                    _, (logp, value, entropy, _) = forward(chunk, grad=True)
-                    old = {k: torch.tensor([s[k] for s in chunk], device=device)
-                           for k in ("old_logprob", "old_value", "advantage", "return")}
-                    losses = ppo_losses(logp, old["old_logprob"], old["advantage"], value, old["old_value"],
-                                        old["return"], ppo["clip"], ppo["value_clip"])
-                    loss = losses["policy"] + ppo["value_coef"] * losses["value"] - ppo["entropy_coef"] * entropy
-                    if reference is not None:
-                        ref = torch.tensor([s["ref_logprob"] for s in chunk], device=device)
-                        loss = loss + ppo["kl_coef"] * (logp - ref)  # k1 estimate of KL(π || π_start)
-                    accelerator.backward(loss.sum() / len(minibatch))  # the minibatch's mean, in parts
-                    stats["clip_fraction"] += losses["clip_fraction"].tolist()
-                    stats["approx_kl"] += losses["approx_kl"].tolist()
-                    stats["value_loss"] += losses["value"].detach().tolist()
-                    stats["entropy"] += entropy.detach().tolist()
-                if ppo["max_grad_norm"]:
-                    accelerator.clip_grad_norm_(actor_critic.parameters(), ppo["max_grad_norm"])
-                optimizer.step()
-                optimizer.zero_grad()
+        samples, successes, stats = learn(actor_critic, optimizer, accelerator, reference, samples, episodes,
+                                          [bool(r["success"]) for r in records], ppo, temperature, pad_id, device,
+                                          rl.update_seed(rl_settings["seed"], update))
 
         def mean(values):
             return float(sum(values) / len(values)) if values else float("nan")
 
         row = {"update": update, "reward": mean([s["reward"] for s in samples]),
-               "success_rate": mean([float(r["success"]) for r in records]),
+               "success_rate": mean([float(x) for x in successes]),
                "clip_fraction": mean(stats["clip_fraction"]), "approx_kl": mean(stats["approx_kl"]),
                "value_loss": mean(stats["value_loss"]),
                "explained_variance": explained_variance([s["old_value"] for s in samples],

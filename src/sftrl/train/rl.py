@@ -6,8 +6,9 @@ Both arms are called with one signature (`TRAINERS`):
 
     train_<algo>(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: dict, log_path, threads) -> None
 
-* `settings`: {"rl": config rl (with its ppo / grpo subsection), "model": config model, "env": config env,
-  "sft_data": config data.sft} — exactly the rule's params, so Snakemake reruns a run when any of them changes.
+* `settings`: {"rl": config rl (with its ppo / grpo subsection, and eval.stop_tokens as `stop_tokens`), "model":
+  config model, "env": config env, "sft_data": config data.sft} — exactly the rule's params, so Snakemake reruns a
+  run when any of them changes.
 * Checkpoints: `checkpoint-<update>` every `rl.save_every` updates and at the last one. Each is saved whole
   (`atomic_dir`) into `work_dir` (model, tokenizer, the arm's own state such as the value head and optimizer) and
   exported below `out_dir` = the parent of `Checkpoint.rl(algo, start, u).model_dir(...)` as a plain model
@@ -79,11 +80,15 @@ def training_problems(settings: dict, update: int, n: int, process_index: int = 
 
 
 def rollout_sampling(rl: dict, update: int, process_index: int = 0) -> Sampling:
-    """Sampling of one update's rollouts (config rl.temperature / top_p / max_new_tokens; never greedy: the
-    policy gradient needs the probabilities the actions were drawn from)."""
+    """Sampling of one update's rollouts: config rl.temperature / top_p / max_new_tokens and eval.stop_tokens (the
+    rules add them to the rl settings as `stop_tokens`: an attempt ends where an evaluated one does), seeded per
+    update and process. Never greedy: the policy gradient needs the probabilities the actions were drawn from."""
     if rl["temperature"] <= 0:
         raise ValueError(f"rl.temperature = {rl['temperature']}: RL rollouts must sample (temperature > 0)")
-    return Sampling(rl["temperature"], rl["top_p"], rl["max_new_tokens"], update_seed(rl["seed"], update, process_index))
+    if "stop_tokens" not in rl:
+        raise ValueError("the RL settings lack stop_tokens (config eval.stop_tokens, which workflow/rules/common.smk "
+                         "rl_settings adds to config rl)")
+    return Sampling.from_settings(rl, seed=update_seed(rl["seed"], update, process_index))
 
 
 def save_updates(updates: int, save_every: int) -> list[int]:
@@ -219,7 +224,8 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--model", required=True, help="the start checkpoint's model directory")
     parser.add_argument("--start", type=Checkpoint.parse, required=True, help="the start checkpoint (base or sft-N)")
-    parser.add_argument("--settings", type=settings, required=True, help="JSON of config rl (with its arm's section)")
+    parser.add_argument("--settings", type=settings, required=True,
+                        help="JSON of config rl (with its arm's section) and stop_tokens (config eval.stop_tokens)")
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
     parser.add_argument("--env-settings", type=settings, required=True, help="JSON of config env")
     parser.add_argument("--data-settings", type=settings, required=True, help="JSON of config data.sft")

@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import codegraph
 from ..checkpoint import SFT_EXPORT, Checkpoint
 from ..io import atomic_dir, fingerprint, read_json, read_jsonl, write_csv, write_json
-from ..modeling import load_model, load_tokenizer
+from ..modeling import DATE_STRING, chat_prompt, load_model, load_tokenizer
 from .launch import check_deepspeed, stamped_work_dir
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def authors_llama_headers(messages: list[dict]) -> tuple[str, str]:
     return prompt, f"{answer['content']}<|eot_id|>{nl}"
 
 
-def tokenize_example(tokenizer, example: dict, chat_format: str = "model") -> dict:
+def tokenize_example(tokenizer, example: dict, chat_format: str = "model", date_string: str = DATE_STRING) -> dict:
     """Token ids of one prompt/completion example, with the prompt tokenized exactly as generation sees it.
     chat_format "model": the model's own chat template (the default, and what evaluation uses);
     "authors_llama_headers": the authors' Qwen SFT text (`authors_llama_headers`).
@@ -134,8 +134,9 @@ def tokenize_example(tokenizer, example: dict, chat_format: str = "model") -> di
     if chat_format == "authors_llama_headers":
         prompt_text, completion_text = authors_llama_headers(example["prompt"] + example["completion"])
     elif chat_format == "model":
-        prompt_text = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
-        full_text = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+        prompt_text = chat_prompt(tokenizer, example["prompt"], date_string)
+        full_text = chat_prompt(tokenizer, example["prompt"] + example["completion"], date_string,
+                                add_generation_prompt=False)
         if not full_text.startswith(prompt_text):
             raise ValueError("the chat template renders the prompt differently with and without the answer")
         completion_text = full_text[len(prompt_text):]
@@ -192,7 +193,8 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
                        model_settings["device"])
 
     def dataset(name):
-        return Dataset.from_list([tokenize_example(tokenizer, r, settings["chat_format"])
+        return Dataset.from_list([tokenize_example(tokenizer, r, settings["chat_format"],
+                                                            model_settings.get("date_string", DATE_STRING))
                                   for r in read_jsonl(data_dir / name)])
 
     on_cpu = next(model.parameters()).device.type == "cpu"
