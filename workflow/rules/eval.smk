@@ -83,6 +83,7 @@ checkpoint select_sft:
                category="3. SFT and evaluation", subcategory="Tables"),
     params:
         end_sft=lookup(dpath="selection/end_sft", within=config),
+        expect_rows=expected_eval_rows(rl=False),
     log:
         "logs/sft/select.log",
     benchmark:
@@ -90,4 +91,5 @@ checkpoint select_sft:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl select --table {input.table} --losses {input.losses} --end-sft {params.end_sft} --out {output} > {log} 2>&1"
+        "sftrl select --table {input.table} --losses {input.losses} --end-sft {params.end_sft} --out {output}"
+        " --expect-rows {params.expect_rows:q} > {log} 2>&1"

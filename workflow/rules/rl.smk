@@ -129,6 +129,7 @@ rule fig1b:
                    subcategory="Figures"),
     params:
         stem=stem,
+        expect_rows=expected_eval_rows(),
     log:
         "logs/figs/fig1b.log",
     benchmark:
@@ -136,4 +137,5 @@ rule fig1b:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure fig1b --eval-table {input.table} --selection {input.selection} --out {params.stem} > {log} 2>&1"
+        "sftrl figure fig1b --eval-table {input.table} --selection {input.selection} --out {params.stem}"
+        " --expect-rows {params.expect_rows:q} > {log} 2>&1"

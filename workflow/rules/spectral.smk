@@ -41,6 +41,7 @@ rule spectral_pair:
         top_r=lookup(dpath="spectral/top_r", within=config),
         run=config["run"],
         cross_attention=json.dumps(cross_attention_layers()),
+        svd_plan=json.dumps(svd_shards()),  # every shard must hold exactly its planned matrices
     log:
         "logs/spectral/{ref}/{tgt}.log",
     conda:
@@ -56,6 +57,7 @@ rule spectral_pair:
         " --ref-model {input.ref_model} --tgt-model {input.tgt_model}"
         " --ref-svd {input.ref_svd} --tgt-svd {input.tgt_svd} --top-r {params.top_r} --run {params.run}"
         " --cross-attention {params.cross_attention:q}"
+        " --svd-plan {params.svd_plan:q}"
         " --out-sigma {output.sigma} --out-angles {output.angles} --out-energy {output.energy} > {log} 2>&1"
 
 
@@ -94,6 +96,7 @@ rule embed_lmhead:
     params:
         top_r=lookup(dpath="spectral/top_r", within=config),
         run=config["run"],
+        svd_plan=json.dumps(svd_shards()),
     log:
         "logs/spectral/embed_lmhead.log",
     conda:
@@ -101,7 +104,8 @@ rule embed_lmhead:
     benchmark:
         "benchmarks/spectral/embed_lmhead.tsv"
     shell:
-        "sftrl embed-lmhead --svd {input.svd} --top-r {params.top_r} --run {params.run} --out {output} > {log} 2>&1"
+        "sftrl embed-lmhead --svd {input.svd} --top-r {params.top_r} --run {params.run} --out {output}"
+        " --svd-plan {params.svd_plan:q} > {log} 2>&1"
 
 
 rule drift:
@@ -119,6 +123,8 @@ rule drift:
         top_k=lookup(dpath="spectral/drift_top_k", within=config),
         run=config["run"],
         cross_attention=json.dumps(cross_attention_layers()),
+        svd_plan=json.dumps(svd_shards()),
+        expect_rows=expected_eval_rows(rl=False),
     log:
         "logs/spectral/drift.log",
     conda:
@@ -127,7 +133,8 @@ rule drift:
         "benchmarks/spectral/drift.tsv"
     shell:
         "sftrl drift --svd {input.svd} --eval-table {input.table} --loss-table {input.losses} --top-k {params.top_k} --run {params.run}"
-        " --cross-attention {params.cross_attention:q} --out {output.table} --correlation {output.correlation} > {log} 2>&1"
+        " --cross-attention {params.cross_attention:q} --out {output.table} --correlation {output.correlation}"
+        " --svd-plan {params.svd_plan:q} --expect-rows {params.expect_rows:q} > {log} 2>&1"
 
 
 rule fig3:
