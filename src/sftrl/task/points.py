@@ -10,7 +10,8 @@ feedback text. Differences are marked in the code:
 * DEVIATION: seeded dealing and a deterministic solver order (no global RNG anywhere in this module).
 * DEVIATION: no unscored 6th generation at the end of a failed episode (see `Episode`).
 * DEVIATION (minor): no suits are drawn; a non-string JSON "formula" counts as absent.
-* DEVIATION (minor): the feedback turn quotes at most 64 characters of one number or formula (see `feedback_turn`).
+* DEVIATION: feedback echo cap: the feedback turn quotes at most 64 characters of one number or formula
+  (see `feedback_turn`).
 """
 from __future__ import annotations
 
@@ -495,7 +496,7 @@ def score(formula: str | None, numbers, target: int = TARGET) -> Verdict:
     return _verdict(0, "no_solution", [])
 
 
-# DEVIATION (issue 25): the authors echo the verdict message whole, so a 10^6-digit number in an answer came back
+# DEVIATION: feedback echo cap (issue 25). The authors echo the verdict message whole, so a 10^6-digit number in an answer came back
 # whole in the next user turn. The feedback turn shows at most ECHO_LIMIT characters of any one number or formula
 # it quotes from the answer and FEEDBACK_LIMIT characters in all, each cut marked "...(+N characters)". The verdict
 # (reward, outcome, the full message in the episode records) is unchanged; an answer in the task's format never
