@@ -74,7 +74,8 @@ def is_complete(checkpoint: Path) -> bool:
 
 
 def check_saved_weights(checkpoint: Path) -> None:
-    """A checkpoint whose save completed (is_complete) must still hold readable weights: a weights file missing,
+    """A checkpoint whose save completed (is_complete) must still hold readable weights (SFT, and GRPO, which
+    saves through the same code): a weights file missing,
     truncated or garbled afterwards (disk trouble, a hand edit, a copy cut short) fails here, naming the file, and
     not later in the evaluation of its export. It is not moved aside like an interrupted save: the optimizer state
     to retrain from the previous checkpoint is gone (drop_old_optimizer_states), so only the user can choose
@@ -84,9 +85,9 @@ def check_saved_weights(checkpoint: Path) -> None:
             raise ModelDirError(f"no *.safetensors weights file in {checkpoint}")
         check_weight_files(checkpoint)
     except ModelDirError as err:
-        raise ValueError(f"SFT checkpoint {checkpoint} completed its save (trainer_state.json), but its weights "
-                         f"are damaged: {err}. Restore the file, or delete {checkpoint.parent} (the SFT work "
-                         "directory) to train SFT again") from err
+        raise ValueError(f"trainer checkpoint {checkpoint} completed its save (trainer_state.json), but its "
+                         f"weights are damaged: {err}. Restore the file, or delete {checkpoint.parent} (the "
+                         "trainer's work directory) to train again") from err
 
 
 def resume_checkpoint(work_dir: Path) -> Path | None:
