@@ -348,7 +348,8 @@ def eval_table(tmp_path, drop=(), twice=()) -> Path:
     for name, stage, step, algo in rows:
         for split in ("id", "ood"):
             if (name, split) not in drop:
-                lines += [f"micro,{name},{stage},{step},{algo},{split},4,0.25,0.5"] * (2 if (name, split) in twice else 1)
+                row = f"micro,{name},{stage},{step},{algo},{split},4,0.25,0.5"
+                lines += [row] * (2 if (name, split) in twice else 1)
     write(tmp_path / "selection.json", json.dumps({"inter_sft": {"step": 4, "ood_accuracy": 0.25},
                                                    "end_sft": {"step": 8, "ood_accuracy": 0.25}}))
     return write(tmp_path / "eval.csv", "\n".join(lines) + "\n")

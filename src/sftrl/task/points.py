@@ -496,11 +496,11 @@ def score(formula: str | None, numbers, target: int = TARGET) -> Verdict:
     return _verdict(0, "no_solution", [])
 
 
-# DEVIATION: feedback echo cap (issue 25). The authors echo the verdict message whole, so a 10^6-digit number in an answer came back
-# whole in the next user turn. The feedback turn shows at most ECHO_LIMIT characters of any one number or formula
-# it quotes from the answer and FEEDBACK_LIMIT characters in all, each cut marked "...(+N characters)". The verdict
-# (reward, outcome, the full message in the episode records) is unchanged; an answer in the task's format never
-# comes near either limit (a solution is < 20 characters).
+# DEVIATION: feedback echo cap (issue 25). The authors echo the verdict message whole, so a 10^6-digit number in
+# an answer came back whole in the next user turn. The feedback turn shows at most ECHO_LIMIT characters of any one
+# number or formula it quotes from the answer and FEEDBACK_LIMIT characters in all, each cut marked
+# "...(+N characters)". The verdict (reward, outcome, the full message in the episode records) is unchanged; an
+# answer in the task's format never comes near either limit (a solution is < 20 characters).
 ECHO_LIMIT = 64
 FEEDBACK_LIMIT = 512
 _ECHOED_RE = re.compile(r"[\d+\-*/()]{%d,}" % (ECHO_LIMIT + 1))  # digits and operators: quoted from the answer
