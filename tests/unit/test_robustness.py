@@ -129,6 +129,26 @@ def test_huge_numbers_keep_the_authors_messages():
     assert points.score("٣+1+2+4", (1, 2, 3, 4)).outcome == "no_solution"  # '٣' is the number 3, as for int()
 
 
+def test_feedback_quotes_at_most_the_stated_length_of_an_answer():
+    """Issue 25 item 11: a 10^6-digit answer came back whole in the feedback turn. The turn now quotes at most
+    ECHO_LIMIT characters of one number or formula and FEEDBACK_LIMIT in all; the verdict is unchanged."""
+    hand = points.Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
+    episode = points.Episode(hand, points.ID_RULE)
+    verdict = episode.submit(_answer("9" * 1_000_000))
+    assert verdict.reward == -4.0 and verdict.message.count("9") == 1_000_000  # scored and recorded as before
+    assert episode.messages[-1]["content"] == (
+        f"{points.FEEDBACK_PREFIX}you used invalid numbers: [{'9' * 64}...(+999936 characters)], "
+        "you didn't use numbers: [1, 2, 3, 4].")
+    # many distinct numbers, each short: the turn as a whole is capped
+    many = points.Episode(hand, points.ID_RULE)
+    many.submit(_answer("+".join(str(n) for n in range(10, 100_000))))
+    feedback = many.messages[-1]["content"].removeprefix(points.FEEDBACK_PREFIX)
+    assert len(feedback) < points.FEEDBACK_LIMIT + 40 and feedback.startswith("you used invalid numbers: [10, 11, ")
+    # answers of the task's format are quoted whole, as the authors quote them
+    short = points.score("1+2+3+4+5", (1, 2, 3, 4))
+    assert points.feedback_turn(short) == points.FEEDBACK_PREFIX + short.message
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Item 1: SFT resumes after a kill during a checkpoint save. transformers writes trainer_state.json last; the kill is
 # injected right there (the file missing, or cut short), after the model and optimizer files of the checkpoint are
@@ -208,6 +228,22 @@ def test_sft_with_no_complete_checkpoint_starts_over(tmp_path):
     assert sft.resume_checkpoint(tmp_path) is None
     assert sorted(p.name.split(".")[0] for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-30"]
     assert not (tmp_path / "checkpoint-3").exists() and sft.trainer_checkpoints(tmp_path) == []
+
+
+def test_sft_with_damaged_final_weights_fails_naming_them(micro_base, sft_data, sft_reference, tmp_path):
+    """Issue 25 item 10: the last checkpoint's save completed, then its weights were cut short. The rerun said
+    "nothing to train", re-exported the damaged file, and the evaluation failed later; now SFT fails at once,
+    naming the file (the completeness check of an interrupted save, applied to the weights it exports)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_reference / "work", run / "work")  # the finished run's trainer state; no exports (Snakemake
+    weights = run / "work" / "checkpoint-6" / "model.safetensors"  # deletes a job's outputs before rerunning it)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with bounded(300):
+        raises_naming(ValueError, str(weights), "truncated", str(run / "work"))(
+            lambda: _run_sft(micro_base, sft_data, run))
+    assert not (run / "export" / "checkpoint-6").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -301,6 +337,38 @@ def svd_case(model, names, tmp_path, device=None):
     from sftrl.weights.svd import compute_svd_shard
 
     return lambda: compute_svd_shard(model, names, tmp_path / "svd" / "shard.safetensors", device=device)
+
+
+def eval_table(tmp_path, drop=(), twice=()) -> Path:
+    """An evaluation table of base, sft-4 and sft-8 x id, ood and one PPO run from End_SFT (update 2), less the
+    (checkpoint, split) rows in `drop`, with those in `twice` written twice; and its selection.json beside it."""
+    rows = [("base", "base", 0, ""), ("sft-4", "sft", 4, ""), ("sft-8", "sft", 8, ""),
+            ("ppo-from-sft-8-u2", "rl", 2, "ppo")]
+    lines = ["run,checkpoint,stage,step,algorithm,split,n,accuracy,first_numbers_ok"]
+    for name, stage, step, algo in rows:
+        for split in ("id", "ood"):
+            if (name, split) not in drop:
+                row = f"micro,{name},{stage},{step},{algo},{split},4,0.25,0.5"
+                lines += [row] * (2 if (name, split) in twice else 1)
+    write(tmp_path / "selection.json", json.dumps({"inter_sft": {"step": 4, "ood_accuracy": 0.25},
+                                                   "end_sft": {"step": 8, "ood_accuracy": 0.25}}))
+    return write(tmp_path / "eval.csv", "\n".join(lines) + "\n")
+
+
+# what the rules pass (common.smk expected_eval_rows): RL starts as configured, resolved through selection.json
+EXPECT_ROWS = {"checkpoints": ["base", "sft-4", "sft-8", "ppo-from-end_sft-u2"], "splits": ["id", "ood"]}
+
+
+def svd_shard_of(model, names, tmp_path, shard="layers_0") -> Path:
+    """An SVD shard of `names` where the workflow keeps it: <results>/svd/<checkpoint>/<shard>.safetensors."""
+    from sftrl.weights.svd import compute_svd_shard
+
+    out = tmp_path / "svd" / "base" / f"{shard}.safetensors"
+    compute_svd_shard(model, names, out)
+    return out
+
+
+UP, DOWN = "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"
 
 
 def _cuda() -> bool:
@@ -455,6 +523,12 @@ CATALOGUE = {
     "problems not an object": lambda t, m: problems_case(t, ["[1, 2, 3, 4]"], "line 1", "JSON object"),
     "problems malformed JSON": lambda t, m: problems_case(t, [problem(), '{"id": '], "line 2"),
     "problems empty": lambda t, m: problems_case(t, ["", ""], "empty"),
+    # (issue 25 item 9: a hand that cannot make the target, an id twice)
+    "problems hand cannot make the target": lambda t, m: problems_case(
+        t, [problem(), problem(cards=("A", "A", "A", "A"), numbers=(1, 1, 1, 1), index=1)], "line 2",
+        "cannot make the target 24"),
+    "problems duplicate id": lambda t, m: problems_case(
+        t, [problem(), problem(cards=("2", "3", "4", "5"), numbers=(2, 3, 4, 5))], "line 2", "'id-0000'", "line 1"),
     "eval table without OOD rows": lambda t, m: (
         lambda: mod("sftrl.evaluation.select").select_sft(
             write(t / "eval.csv", "run,stage,step,split,accuracy\ntiny,sft,40,id,0.5\n"), t / "sel.json"),
@@ -462,6 +536,28 @@ CATALOGUE = {
     "eval table without columns": lambda t, m: (
         lambda: mod("sftrl.evaluation.select").select_sft(write(t / "eval.csv", "a,b\n1,2\n"), t / "sel.json"),
         ValueError, [str(t / "eval.csv"), "accuracy"]),
+    # (issue 25 item 5: a derived table with a row deleted or doubled; every reader checks the rows the
+    # configuration implies, the RL start resolved through selection.json)
+    "eval table lacks rows (fig1)": lambda t, m: (
+        lambda: mod("sftrl.cli").main(["figure", "fig1", "--eval-table", str(eval_table(t, drop=[("sft-8", "ood")])),
+                                       "--selection", str(t / "selection.json"), "--out", str(t / "fig1"),
+                                       "--expect-rows", json.dumps(EXPECT_ROWS)]),
+        ValueError, [str(t / "eval.csv"), "lacks 1 row", "sft-8 ood"]),
+    "eval table lacks an RL row (summary)": lambda t, m: (
+        lambda: mod("sftrl.report.summary").write_summary(
+            eval_table(t, drop=[("ppo-from-sft-8-u2", "id")]), t / "selection.json", [], [], t / "SUMMARY.md",
+            expect_rows=json.dumps(EXPECT_ROWS)),
+        ValueError, [str(t / "eval.csv"), "ppo-from-sft-8-u2 id"]),
+    "eval table lacks rows (selection)": lambda t, m: (
+        lambda: mod("sftrl.evaluation.select").select_sft(
+            eval_table(t, drop=[("sft-4", "id"), ("sft-4", "ood")]), t / "sel.json",
+            expect_rows={"checkpoints": ["base", "sft-4", "sft-8"], "splits": ["id", "ood"]}),
+        ValueError, [str(t / "eval.csv"), "lacks 2 row", "sft-4 id", "sft-4 ood"]),
+    "eval table holds a row twice (claims)": lambda t, m: (
+        lambda: mod("sftrl.cli").main(["claims", "--eval-table", str(eval_table(t, twice=[("base", "ood")])),
+                                       "--selection", str(t / "selection.json"), "--out", str(t / "claims.csv"),
+                                       "--markdown", str(t / "claims.md"), "--expect-rows", json.dumps(EXPECT_ROWS)]),
+        ValueError, [str(t / "eval.csv"), "twice", "base ood"]),
     "cli settings not JSON": lambda t, m: (
         lambda: cli_error(["data", "sft", "--settings", "{seed: 0}", "--out-dir", str(t)]),
         ValueError, ["--settings", "not valid JSON"]),
@@ -472,6 +568,25 @@ CATALOGUE = {
     "svd cache garbage": lambda t, m: (
         lambda: mod("sftrl.weights.svd").load_svd_shard(write(t / "s.safetensors", "garbage")),
         mod("sftrl.weights.svd").StaleSVDCache, [str(t / "s.safetensors"), "unreadable"]),
+    # (issue 25 item 6: a shard must hold exactly the matrices its plan names; none at all is an error)
+    "svd shard of no matrices": lambda t, m: (
+        svd_case(m, [], t), ValueError, [str(t / "svd" / "shard.safetensors"), "no matrices"]),
+    "svd cli --names []": lambda t, m: (
+        lambda: mod("sftrl.cli").main(["svd", "--model", str(m), "--names", "[]", "--settings",
+                                       '{"dtype": "float32", "device": "cpu"}', "--out", str(t / "s.safetensors")]),
+        ValueError, [str(t / "s.safetensors"), "no matrices"]),
+    "svd shard lacks planned matrices (drift, embed)": lambda t, m: (
+        lambda: mod("sftrl.weights.svd").load_checkpoint_svd(
+            [svd_shard_of(m, [UP], t)], plan={"layers_0": [UP, DOWN]}),
+        mod("sftrl.weights.svd").StaleSVDCache, [str(t / "svd" / "base" / "layers_0.safetensors"), "missing 1",
+                                                 DOWN]),
+    "svd shard lacks planned matrices (spectral pair)": lambda t, m: (
+        lambda: mod("sftrl.cli").main([
+            "spectral", "--ref", "base", "--tgt", "base", "--ref-model", str(m), "--tgt-model", str(m),
+            "--ref-svd", str(svd_shard_of(m, [UP], t)), "--tgt-svd", str(t / "svd" / "base" / "layers_0.safetensors"),
+            "--svd-plan", json.dumps({"layers_0": [UP, DOWN]}), "--top-r", "2", "--run", "micro",
+            "--out-sigma", str(t / "s.csv"), "--out-angles", str(t / "a.csv"), "--out-energy", str(t / "e.csv")]),
+        mod("sftrl.weights.svd").StaleSVDCache, [str(t / "svd" / "base" / "layers_0.safetensors"), DOWN]),
     "svd shard path": lambda t, m: (
         lambda: mod("sftrl.weights.svd").group_shards([str(t / "embed.safetensors")]), ValueError,
         [str(t / "embed.safetensors")]),

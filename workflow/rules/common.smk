@@ -535,13 +535,29 @@ def rl_updates(algo):
     return save_updates(config["rl"][algo]["updates"], config["rl"]["save_every"])
 
 
+def rl_named_runs():
+    """(algo, start as configured: base, sft-<step>, inter_sft or end_sft) of every configured run, maybe repeated."""
+    rl = config["rl"]
+    named = [(algo, name) for name in rl["start_from"] for algo in rl["algorithms"]]
+    return named + [("ppo", f"sft-{step}") for step in rl["recovery_window"]]
+
+
+def expected_eval_rows(rl=True):
+    """The rows every reader of an evaluation table checks it holds (sftrl.evaluation.table.read_eval_table), as
+    JSON: each checkpoint evaluated along SFT and, with `rl`, each saved RL update, times each split. Known at
+    parse time: an RL start that is a selection stays as configured (ppo-from-end_sft-u8) and the reader resolves
+    it from selection.json."""
+    names = [ckpt.name for ckpt in evaluated_checkpoints()]
+    if rl:
+        names += [f"{algo}-from-{start}-u{u}" for algo, start in rl_named_runs() for u in rl_updates(algo)]
+    return json.dumps({"checkpoints": list(dict.fromkeys(names)), "splits": SPLITS})
+
+
 def rl_runs(ppo_only_window=False):
     """(algo, concrete start Checkpoint) of every configured run, in config order, without repeats. Resolving
     inter_sft / end_sft waits for the select_sft checkpoint. ppo_only_window: only the PPO runs (the window's and
     those from rl.start_from), as the recovery-window figure needs."""
-    rl = config["rl"]
-    named = [(algo, name) for name in rl["start_from"] for algo in rl["algorithms"]]
-    named += [("ppo", f"sft-{step}") for step in rl["recovery_window"]]
+    named = rl_named_runs()
     if ppo_only_window:
         named = [(algo, name) for algo, name in named if algo == "ppo"]
     selection = None

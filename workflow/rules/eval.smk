@@ -83,6 +83,7 @@ checkpoint select_sft:
                category="3. SFT and evaluation", subcategory="Tables"),
     params:
         end_sft=lookup(dpath="selection/end_sft", within=config),
+        expect_rows=expected_eval_rows(rl=False),
     log:
         "logs/sft/select.log",
     benchmark:
@@ -90,5 +91,5 @@ checkpoint select_sft:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl select --table {input.table:q} --losses {input.losses:q} --end-sft {params.end_sft:q}"
-        " --out {output:q} > {log:q} 2>&1"
+        "sftrl select --table {input.table:q} --losses {input.losses:q} --end-sft {params.end_sft:q} --out {output:q}"
+        " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"

@@ -14,6 +14,7 @@ rule fig1:
                    category="3. SFT and evaluation", subcategory="Figures"),
     params:
         stem=stem,
+        expect_rows=expected_eval_rows(),  # the rows the table must hold (a damaged table fails, naming them)
     log:
         "logs/figs/fig1.log",
     benchmark:
@@ -21,8 +22,8 @@ rule fig1:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure fig1 --eval-table {input.table:q} --selection {input.selection:q}"
-        " --out {params.stem:q} > {log:q} 2>&1"
+        "sftrl figure fig1 --eval-table {input.table:q} --selection {input.selection:q} --out {params.stem:q}"
+        " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"
 
 
 rule fig2:

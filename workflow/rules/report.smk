@@ -18,6 +18,8 @@ rule summary:
         # the same headline as a page the HTML report shows inline (it offers Markdown and CSV only as downloads)
         html=report(f"{RESULTS}/tables/headline.html", caption="../report/headline.rst", category="1. Summary",
                     subcategory="Headline"),
+    params:
+        expect_rows=expected_eval_rows(),
     log:
         "logs/report/summary.log",
     benchmark:
@@ -26,4 +28,5 @@ rule summary:
         "../envs/analysis.yaml"
     shell:
         "sftrl summary --eval-table {input.table:q} --selection {input.selection:q} --figures {input.figures:q}"
-        " --tables {input.tables:q} --out {output.summary:q} --html {output.html:q} > {log:q} 2>&1"
+        " --tables {input.tables:q} --out {output.summary:q} --html {output.html:q}"
+        " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"

@@ -121,6 +121,8 @@ rule claims:
         table=report(f"{RESULTS}/tables/claims.csv", caption="../report/table_claims.rst",
                      category="6. Restoration", subcategory="Tables"),
         markdown=f"{RESULTS}/tables/claims.md",
+    params:
+        expect_rows=expected_eval_rows(),
     log:
         "logs/report/claims.log",
     conda:
@@ -129,4 +131,5 @@ rule claims:
         "benchmarks/report/claims.tsv"
     shell:
         "sftrl claims --eval-table {input.eval_table:q} --selection {input.selection:q} --tables {input.tables:q}"
-        " --out {output.table:q} --markdown {output.markdown:q} > {log:q} 2>&1"
+        " --out {output.table:q} --markdown {output.markdown:q}"
+        " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"

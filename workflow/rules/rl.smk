@@ -131,6 +131,7 @@ rule fig1b:
                    subcategory="Figures"),
     params:
         stem=stem,
+        expect_rows=expected_eval_rows(),
     log:
         "logs/figs/fig1b.log",
     benchmark:
@@ -138,5 +139,5 @@ rule fig1b:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure fig1b --eval-table {input.table:q} --selection {input.selection:q}"
-        " --out {params.stem:q} > {log:q} 2>&1"
+        "sftrl figure fig1b --eval-table {input.table:q} --selection {input.selection:q} --out {params.stem:q}"
+        " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"

@@ -41,6 +41,7 @@ rule spectral_pair:
         top_r=lookup(dpath="spectral/top_r", within=config),
         run=config["run"],
         cross_attention=json.dumps(cross_attention_layers()),
+        svd_plan=json.dumps(svd_shards()),  # every shard must hold exactly its planned matrices
     log:
         "logs/spectral/{ref}/{tgt}.log",
     conda:
@@ -56,6 +57,7 @@ rule spectral_pair:
         " --ref-model {input.ref_model:q} --tgt-model {input.tgt_model:q}"
         " --ref-svd {input.ref_svd:q} --tgt-svd {input.tgt_svd:q} --top-r {params.top_r:q} --run {params.run:q}"
         " --cross-attention {params.cross_attention:q}"
+        " --svd-plan {params.svd_plan:q}"
         " --out-sigma {output.sigma:q} --out-angles {output.angles:q} --out-energy {output.energy:q} > {log:q} 2>&1"
 
 
@@ -94,6 +96,7 @@ rule embed_lmhead:
     params:
         top_r=lookup(dpath="spectral/top_r", within=config),
         run=config["run"],
+        svd_plan=json.dumps(svd_shards()),
     log:
         "logs/spectral/embed_lmhead.log",
     conda:
@@ -101,8 +104,8 @@ rule embed_lmhead:
     benchmark:
         "benchmarks/spectral/embed_lmhead.tsv"
     shell:
-        "sftrl embed-lmhead --svd {input.svd:q} --top-r {params.top_r:q} --run {params.run:q}"
-        " --out {output:q} > {log:q} 2>&1"
+        "sftrl embed-lmhead --svd {input.svd:q} --top-r {params.top_r:q} --run {params.run:q} --out {output:q}"
+        " --svd-plan {params.svd_plan:q} > {log:q} 2>&1"
 
 
 rule drift:
@@ -120,6 +123,8 @@ rule drift:
         top_k=lookup(dpath="spectral/drift_top_k", within=config),
         run=config["run"],
         cross_attention=json.dumps(cross_attention_layers()),
+        svd_plan=json.dumps(svd_shards()),
+        expect_rows=expected_eval_rows(rl=False),
     log:
         "logs/spectral/drift.log",
     conda:
@@ -128,8 +133,8 @@ rule drift:
         "benchmarks/spectral/drift.tsv"
     shell:
         "sftrl drift --svd {input.svd:q} --eval-table {input.table:q} --loss-table {input.losses:q}"
-        " --top-k {params.top_k:q} --run {params.run:q} --cross-attention {params.cross_attention:q}"
-        " --out {output.table:q} --correlation {output.correlation:q} > {log:q} 2>&1"
+        " --top-k {params.top_k:q} --run {params.run:q} --cross-attention {params.cross_attention:q} --out {output.table:q} --correlation {output.correlation:q}"
+        " --svd-plan {params.svd_plan:q} --expect-rows {params.expect_rows:q} > {log:q} 2>&1"
 
 
 rule fig3:

@@ -14,12 +14,13 @@ from ..weights.names import kind_order
 
 def drift_series(shards: Sequence[str | os.PathLike], top_k: int, run: str,
                  reference: Checkpoint = Checkpoint("base"), stage: str = "sft",
-                 cross_attention: Collection[int] = ()) -> pd.DataFrame:
+                 cross_attention: Collection[int] = (), plan=None) -> pd.DataFrame:
     """For every `stage` checkpoint among `shards`: the mean top-k principal angle (deg) between its singular
     subspaces and the reference's, per matrix, averaged per matrix kind (and over all matrices: kind "all").
     k is capped per matrix at min(m, n) // 2, so no angle is 0 by dimension counting alone. Matrices of the
     `cross_attention` decoder layers (Mllama; never trained on text, angle 0) are left out of the means.
-    Columns: run, stage, step, kind, n_matrices, k_min, k_max, drift_U, drift_V, drift (mean of U and V)."""
+    Columns: run, stage, step, kind, n_matrices, k_min, k_max, drift_U, drift_V, drift (mean of U and V).
+    `plan`: the shard plan every shard is checked against (svd.load_checkpoint_svd)."""
     from ..weights.names import layer_index, matrix_kind
     from ..weights.subspace import mean_topk_angle
     from ..weights.svd import group_shards, load_checkpoint_svd
@@ -27,13 +28,13 @@ def drift_series(shards: Sequence[str | os.PathLike], top_k: int, run: str,
     groups = group_shards(shards)
     if reference not in groups:
         raise ValueError(f"no SVD shards of the reference {reference} among the inputs")
-    ref = load_checkpoint_svd(groups[reference])
+    ref = load_checkpoint_svd(groups[reference], plan=plan)
     per_matrix = []
     for checkpoint, paths in sorted(groups.items(), key=lambda item: item[0].sort_key):
         if checkpoint.stage != stage:
             continue
         step = checkpoint.step
-        tgt = load_checkpoint_svd(paths)
+        tgt = load_checkpoint_svd(paths, plan=plan)
         for name in [n for n in ref if n in tgt and layer_index(n) not in cross_attention]:
             m, n = ref[name].U.shape[0], ref[name].Vh.shape[1]
             k = max(1, min(int(top_k), min(m, n) // 2))
@@ -101,8 +102,13 @@ def drift_correlation(drift: pd.DataFrame, column: str = "drift", against: Seque
 
 
 def command(parser):
+    from ..evaluation.table import expect_argument
+    from ..weights.svd import plan_argument
+
     parser.add_argument("--svd", nargs="+", required=True, help="all shards of the base and every SFT checkpoint")
+    plan_argument(parser)
     parser.add_argument("--eval-table", required=True)
+    expect_argument(parser)
     parser.add_argument("--loss-table", required=True, help="results/tables/sft_loss.csv (OOD loss per SFT step)")
     parser.add_argument("--top-k", type=int, required=True)
     parser.add_argument("--run", required=True)
@@ -112,10 +118,12 @@ def command(parser):
     parser.add_argument("--correlation", required=True, help="Spearman correlations (JSON)")
 
     def run(args):
+        from ..evaluation.table import read_eval_table
         from ..io import write_csv, write_json
 
-        series = drift_series(args.svd, args.top_k, args.run, cross_attention=set(args.cross_attention))
-        table = with_accuracy(series, pd.read_csv(args.eval_table))
+        series = drift_series(args.svd, args.top_k, args.run, cross_attention=set(args.cross_attention),
+                              plan=args.svd_plan)
+        table = with_accuracy(series, read_eval_table(args.eval_table, args.expect_rows))
         table = with_ood_loss(table, pd.read_csv(args.loss_table))
         write_csv(args.out, table)
         write_json(args.correlation, drift_correlation(table))

@@ -81,13 +81,14 @@ def energy_table(metrics: Mapping[str, dict], cross_attention: Collection[int] =
 # Reference vs target: σ, principal angles, energy split
 
 def pair_tables(ref_model, ref_shards: Sequence[str], tgt_model, tgt_shards: Sequence[str], top_r: int,
-                labels: Mapping[str, object], cross_attention: Collection[int] = ()
+                labels: Mapping[str, object], cross_attention: Collection[int] = (), plan=None
                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(sigma, angles, energy) tidy tables for every matrix the two checkpoints' caches share, shard by shard
     (only one shard of each checkpoint in memory at a time). `labels` become constant columns; matrices of the
-    decoder layers in `cross_attention` are flagged."""
+    decoder layers in `cross_attention` are flagged. `plan`: the shard plan every shard must match (a shard written
+    for fewer matrices would silently shrink the tables)."""
     from ..weights.subspace import shard_pair_metrics
-    from ..weights.svd import load_svd_shard
+    from ..weights.svd import load_svd_shard, planned_names
 
     ref_by_name = {Path(p).name: p for p in ref_shards}
     tgt_by_name = {Path(p).name: p for p in tgt_shards}
@@ -96,8 +97,8 @@ def pair_tables(ref_model, ref_shards: Sequence[str], tgt_model, tgt_shards: Seq
         raise ValueError("reference and target have no SVD shard in common")
     sigma, angles, energy = [], [], []
     for shard in shared:
-        ref = load_svd_shard(ref_by_name[shard], ref_model, verify=True, sample=1)
-        tgt = load_svd_shard(tgt_by_name[shard], tgt_model, verify=True, sample=1)
+        ref, tgt = (load_svd_shard(path, model, verify=True, sample=1, expected_names=planned_names(plan, path))
+                    for path, model in ((ref_by_name[shard], ref_model), (tgt_by_name[shard], tgt_model)))
         metrics = shard_pair_metrics(ref, tgt, ref_model, tgt_model, top_r)
         sigma.append(sigma_table(metrics, cross_attention, **labels))
         angles.append(angle_table(metrics, cross_attention, **labels))
@@ -164,12 +165,15 @@ def pair_summary(sigma: pd.DataFrame, angles: pd.DataFrame, energy: pd.DataFrame
 
 
 def pair_command(parser):
+    from ..weights.svd import plan_argument
+
     parser.add_argument("--ref", required=True, help="reference name as configured (e.g. base)")
     parser.add_argument("--tgt", required=True, help="target name as configured (e.g. end_sft)")
     parser.add_argument("--ref-model", required=True)
     parser.add_argument("--tgt-model", required=True)
     parser.add_argument("--ref-svd", nargs="+", required=True, help="the reference's SVD shards")
     parser.add_argument("--tgt-svd", nargs="+", required=True, help="the target's SVD shards")
+    plan_argument(parser)
     parser.add_argument("--top-r", type=int, required=True)
     parser.add_argument("--run", required=True)
     parser.add_argument("--cross-attention", type=json.loads, default=[],
@@ -185,7 +189,7 @@ def pair_command(parser):
         (ref,), (tgt,) = group_shards(args.ref_svd), group_shards(args.tgt_svd)
         labels = pair_labels(args.run, args.ref, args.tgt, ref, tgt)
         tables = pair_tables(args.ref_model, args.ref_svd, args.tgt_model, args.tgt_svd, args.top_r, labels,
-                             set(args.cross_attention))
+                             set(args.cross_attention), plan=args.svd_plan)
         for out, table in zip((args.out_sigma, args.out_angles, args.out_energy), tables):
             write_csv(out, table)
 

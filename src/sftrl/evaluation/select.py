@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..checkpoint import END_SFT, INTER_SFT
 from ..io import write_json
+from .table import expect_argument, read_eval_table
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +21,13 @@ log = logging.getLogger(__name__)
 TIE_BREAK = ("ood_accuracy", "ood_first_numbers_ok", "ood_loss", "step")
 
 
-def select_sft(table_path, out, end_sft="last", losses_path=None) -> dict:
+def select_sft(table_path, out, end_sft="last", losses_path=None, expect_rows=None) -> dict:
     """`end_sft`: "last" (the last SFT checkpoint) or a saved step (config selection.end_sft; the paper's End_SFT is
     Llama ckpt-1100 / Qwen ckpt-800, not the last one saved). Inter_SFT is chosen among the checkpoints up to
     End_SFT, so it is never later than the checkpoint it is compared with. `losses_path`: sft_loss.csv, for the
-    last tie-break (without it, ties on accuracy and rule-following go to the earliest step)."""
-    table = pd.read_csv(table_path)
+    last tie-break (without it, ties on accuracy and rule-following go to the earliest step). `expect_rows`: the
+    rows the table must hold (evaluation.table.read_eval_table)."""
+    table = read_eval_table(table_path, expect_rows)
     missing = {"stage", "split", "step", "accuracy"} - set(table.columns)
     if missing:
         raise ValueError(f"{table_path} lacks column(s) {sorted(missing)}: not an evaluation table")
@@ -83,4 +85,5 @@ def command(parser):
     parser.add_argument("--out", required=True)
     parser.add_argument("--end-sft", default="last", help="last, or the SFT step that is End_SFT")
     parser.add_argument("--losses", help="sft_loss.csv (OOD loss: the last Inter_SFT tie-break)")
-    return lambda args: select_sft(args.table, args.out, args.end_sft, args.losses)
+    expect_argument(parser)
+    return lambda args: select_sft(args.table, args.out, args.end_sft, args.losses, args.expect_rows)

@@ -1,5 +1,9 @@
-"""The tidy evaluation table every figure reads: one row per run x checkpoint x split, from the summaries."""
+"""The tidy evaluation table every figure reads: one row per run x checkpoint x split, from the summaries; and
+its one reader (`read_eval_table`), which checks the table still holds the rows the configuration implies."""
 from __future__ import annotations
+
+import json
+from collections import Counter
 
 from ..checkpoint import Checkpoint
 from ..io import read_json, write_csv
@@ -28,3 +32,50 @@ def command(parser):
     parser.add_argument("summaries", nargs="+")
     parser.add_argument("--out", required=True)
     return lambda args: collect_summaries(args.summaries, args.out)
+
+
+# -----------------------------------------------------------------------------
+# Reading it back. A derived table is a file a user can edit or damage, and Snakemake, going by modification times,
+# keeps treating it as up to date: every reader (figures, selection, drift, claims, summary) goes through
+# read_eval_table, which checks the rows against the configuration's checkpoints x splits (rule params
+# `expect_rows`: common.smk expected_eval_rows).
+
+
+def expected_rows(expect: dict, selection: dict | None = None) -> list[tuple[str, str]]:
+    """(checkpoint, split) of every row `expect` implies: {"checkpoints": configured names, "splits": [...]}; names
+    that start from a selection (ppo-from-end_sft-u8) resolve through `selection` (selection.json's content)."""
+    names = dict.fromkeys(Checkpoint.resolve(name, selection).name for name in expect["checkpoints"])
+    return [(name, split) for name in names for split in expect["splits"]]
+
+
+def check_rows(table, expect: dict, selection: dict | None = None, source="the evaluation table") -> None:
+    """Fail, naming them, when `table` lacks rows `expect` implies or holds one (checkpoint, split) twice."""
+    missing_columns = {"checkpoint", "split"} - set(table.columns)
+    if missing_columns:
+        raise ValueError(f"{source} lacks column(s) {sorted(missing_columns)}: not an evaluation table")
+    counts = Counter(zip(table["checkpoint"].astype(str), table["split"].astype(str)))
+    missing = [f"{name} {split}" for name, split in expected_rows(expect, selection) if (name, split) not in counts]
+    twice = sorted(f"{name} {split}" for (name, split), n in counts.items() if n > 1)
+    if missing or twice:
+        problems = ([f"lacks {len(missing)} row(s) the configuration implies (checkpoint split): {missing[:8]}"
+                     + (" ..." if len(missing) > 8 else "")] if missing else [])
+        problems += [f"holds rows twice: {twice[:8]}"] if twice else []
+        raise ValueError(f"{source} {'; '.join(problems)}. It was edited, damaged or made for another "
+                         "configuration: delete it and rerun (Snakemake rebuilds it from the evaluation summaries)")
+
+
+def read_eval_table(path, expect: dict | str | None = None, selection: dict | None = None):
+    """The evaluation table at `path` (eval.csv or eval_sft.csv), checked against `expect` (a dict or its JSON, as
+    the rules pass it; None: unchecked, for tables made outside the workflow)."""
+    import pandas as pd
+
+    table = pd.read_csv(path)
+    if expect is not None:
+        check_rows(table, json.loads(expect) if isinstance(expect, str) else expect, selection, source=str(path))
+    return table
+
+
+def expect_argument(parser) -> None:
+    """`--expect-rows`: what read_eval_table checks the table against (rules pass common.smk expected_eval_rows)."""
+    parser.add_argument("--expect-rows", type=json.loads, default=None,
+                        help='JSON {"checkpoints": [configured names], "splits": [...]}: the rows the table must hold')

@@ -100,10 +100,18 @@ def recovery_window(table: pd.DataFrame, selection: dict, stem) -> None:
 
 
 def fig1b_command(parser):
+    from ..evaluation.table import expect_argument, read_eval_table
+
     parser.add_argument("--eval-table", required=True)
     parser.add_argument("--selection", required=True)
+    expect_argument(parser)
     parser.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
-    return lambda args: fig1b(pd.read_csv(args.eval_table), read_json(args.selection), args.out)
+
+    def run(args):
+        selection = read_json(args.selection)
+        fig1b(read_eval_table(args.eval_table, args.expect_rows, selection), selection, args.out)
+
+    return run
 
 
 def recovery_window_command(parser):

@@ -91,10 +91,18 @@ def fig2(loss_table: pd.DataFrame, stem) -> None:
 
 
 def fig1_command(parser):
+    from ..evaluation.table import expect_argument, read_eval_table
+
     parser.add_argument("--eval-table", required=True)
     parser.add_argument("--selection", required=True)
+    expect_argument(parser)
     parser.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
-    return lambda args: fig1(pd.read_csv(args.eval_table), read_json(args.selection), args.out)
+
+    def run(args):
+        selection = read_json(args.selection)
+        fig1(read_eval_table(args.eval_table, args.expect_rows, selection), selection, args.out)
+
+    return run
 
 
 def fig2_command(parser):

@@ -205,8 +205,11 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def command(parser):
+    from ..evaluation.table import expect_argument, read_eval_table
+
     parser.add_argument("--eval-table", required=True)
     parser.add_argument("--selection", required=True)
+    expect_argument(parser)
     parser.add_argument("--tables", nargs="*", default=[],
                         help="spectral_sigma.csv, spectral_angles.csv, restore_<sweep>.csv (by file name)")
     parser.add_argument("--out", required=True, help="claims.csv")
@@ -214,7 +217,8 @@ def command(parser):
 
     def run(args):
         tables = {Path(p).stem: pd.read_csv(p) for p in args.tables}
-        table = Claims(pd.read_csv(args.eval_table), read_json(args.selection), tables).table()
+        selection = read_json(args.selection)
+        table = Claims(read_eval_table(args.eval_table, args.expect_rows, selection), selection, tables).table()
         write_csv(args.out, table)
         write_text(args.markdown, markdown(table))
 

@@ -206,8 +206,13 @@ p {{ max-width: 60em; }}
 """
 
 
-def write_summary(table_path, selection_path, figures: list[str], tables: list[str], out, html_out=None) -> str:
-    table, selection = pd.read_csv(table_path), read_json(selection_path)
+def write_summary(table_path, selection_path, figures: list[str], tables: list[str], out, html_out=None,
+                  expect_rows=None) -> str:
+    """`expect_rows`: the rows the table must hold (evaluation.table.read_eval_table)."""
+    from ..evaluation.table import read_eval_table
+
+    selection = read_json(selection_path)
+    table = read_eval_table(table_path, expect_rows, selection)
     try:
         text = summary_markdown(table, selection, figures, [table_path, selection_path, *tables], out)
         page = summary_html(table, selection) if html_out else None
@@ -222,11 +227,14 @@ def write_summary(table_path, selection_path, figures: list[str], tables: list[s
 
 
 def command(parser):
+    from ..evaluation.table import expect_argument
+
     parser.add_argument("--eval-table", required=True, help="results/tables/eval.csv")
     parser.add_argument("--selection", required=True, help="results/sft/selection.json")
+    expect_argument(parser)
     parser.add_argument("--figures", nargs="*", default=[], help="figure files to link (PNG; the PDF beside it too)")
     parser.add_argument("--tables", nargs="*", default=[], help="further tables to link")
     parser.add_argument("--out", required=True, help="results/SUMMARY.md")
     parser.add_argument("--html", help="the headline and the evaluation table as one HTML page (for the report)")
     return lambda args: write_summary(args.eval_table, args.selection, args.figures, args.tables, args.out,
-                                      html_out=args.html)
+                                      html_out=args.html, expect_rows=args.expect_rows)

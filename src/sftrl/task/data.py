@@ -166,8 +166,9 @@ PROBLEM_FIELDS = ("id", "rule", "cards", "numbers", "target")
 def read_problems(path) -> list[dict]:
     """A problem set (data.eval_problems' JSONL), checked record by record before any model is loaded: every field
     present, a known rule, 4 cards whose values under the rule are the numbers, and one rule for the whole file
-    (the summary is labelled with it). Errors name the file, the line and the field."""
-    problems = []
+    (the summary is labelled with it), a hand that can make its target, and no problem id twice. Errors name the
+    file, the line and the field."""
+    problems, first_line = [], {}
     for line, problem in iter_jsonl(path):
         where = f"problem set {path}, line {line}"
         if not isinstance(problem, dict):
@@ -190,6 +191,14 @@ def read_problems(path) -> list[dict]:
         if problems and problem["rule"] != problems[0]["rule"]:
             raise ValueError(f"{where}: rule {problem['rule']!r}, but the file began with rule "
                              f"{problems[0]['rule']!r}; a problem set holds one split (ID or OOD), never both")
+        if not points.is_solvable(values, problem["target"]):  # every episode of it would fail, whatever the model
+            raise ValueError(f"{where}: the hand {problem['cards']} (numbers {values}) cannot make the target "
+                             f"{problem['target']} under the {rule.name} rule")
+        if not isinstance(problem["id"], str):
+            raise ValueError(f"{where}: field 'id' = {problem['id']!r} is not a string")
+        if problem["id"] in first_line:  # the id keys the episode records and their summary
+            raise ValueError(f"{where}: problem id {problem['id']!r} again (first on line {first_line[problem['id']]})")
+        first_line[problem["id"]] = line
         problems.append(problem)
     if not problems:
         raise ValueError(f"problem set {path} is empty")

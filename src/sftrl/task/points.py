@@ -10,6 +10,8 @@ feedback text. Differences are marked in the code:
 * DEVIATION: seeded dealing and a deterministic solver order (no global RNG anywhere in this module).
 * DEVIATION: no unscored 6th generation at the end of a failed episode (see `Episode`).
 * DEVIATION (minor): no suits are drawn; a non-string JSON "formula" counts as absent.
+* DEVIATION: feedback echo cap: the feedback turn quotes at most 64 characters of one number or formula
+  (see `feedback_turn`).
 """
 from __future__ import annotations
 
@@ -494,9 +496,24 @@ def score(formula: str | None, numbers, target: int = TARGET) -> Verdict:
     return _verdict(0, "no_solution", [])
 
 
+# DEVIATION: feedback echo cap (issue 25). The authors echo the verdict message whole, so a 10^6-digit number in
+# an answer came back whole in the next user turn. The feedback turn shows at most ECHO_LIMIT characters of any one
+# number or formula it quotes from the answer and FEEDBACK_LIMIT characters in all, each cut marked
+# "...(+N characters)". The verdict (reward, outcome, the full message in the episode records) is unchanged; an
+# answer in the task's format never comes near either limit (a solution is < 20 characters).
+ECHO_LIMIT = 64
+FEEDBACK_LIMIT = 512
+_ECHOED_RE = re.compile(r"[\d+\-*/()]{%d,}" % (ECHO_LIMIT + 1))  # digits and operators: quoted from the answer
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...(+{len(text) - limit} characters)"
+
+
 def feedback_turn(verdict: Verdict) -> str:
-    """The next user turn after a failed attempt."""
-    return FEEDBACK_PREFIX + verdict.message
+    """The next user turn after a failed attempt (quoted parts capped: ECHO_LIMIT, FEEDBACK_LIMIT)."""
+    message = _ECHOED_RE.sub(lambda match: _cut(match[0], ECHO_LIMIT), verdict.message)
+    return FEEDBACK_PREFIX + _cut(message, FEEDBACK_LIMIT)
 
 
 # ----------------------------------------------------------------------------------------------------------------

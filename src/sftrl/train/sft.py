@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import codegraph
 from ..checkpoint import SFT_EXPORT, Checkpoint
 from ..io import atomic_dir, fingerprint, read_json, read_jsonl, write_csv, write_json
-from ..modeling import DATE_STRING, chat_prompt, load_model, load_tokenizer
+from ..modeling import DATE_STRING, ModelDirError, chat_prompt, check_weight_files, load_model, load_tokenizer
 from .launch import check_deepspeed, stamped_work_dir
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def export_checkpoint(checkpoint_dir: Path, export_dir: Path, label=None) -> Pat
     """Expose a trainer checkpoint as a plain model directory (hard links: no extra disk for 7B weights), labelled
     `label(step)` (a Checkpoint; default: the SFT checkpoint of that step)."""
     step = trainer_step(checkpoint_dir)
+    check_saved_weights(checkpoint_dir)  # never export (and have evaluation fail on) a damaged model
     target = Path(export_dir) / SFT_EXPORT.format(step=step)
     with atomic_dir(target) as tmp:
         for source in sorted(checkpoint_dir.iterdir()):
@@ -72,6 +73,23 @@ def is_complete(checkpoint: Path) -> bool:
     return isinstance(state, dict) and state.get("global_step") == int(checkpoint.name.split("-")[1])
 
 
+def check_saved_weights(checkpoint: Path) -> None:
+    """A checkpoint whose save completed (is_complete) must still hold readable weights (SFT, and GRPO, which
+    saves through the same code): a weights file missing,
+    truncated or garbled afterwards (disk trouble, a hand edit, a copy cut short) fails here, naming the file, and
+    not later in the evaluation of its export. It is not moved aside like an interrupted save: the optimizer state
+    to retrain from the previous checkpoint is gone (drop_old_optimizer_states), so only the user can choose
+    between restoring the file and training again."""
+    try:
+        if not list(checkpoint.glob("*.safetensors")):
+            raise ModelDirError(f"no *.safetensors weights file in {checkpoint}")
+        check_weight_files(checkpoint)
+    except ModelDirError as err:
+        raise ValueError(f"trainer checkpoint {checkpoint} completed its save (trainer_state.json), but its "
+                         f"weights are damaged: {err}. Restore the file, or delete {checkpoint.parent} (the "
+                         "trainer's work directory) to train again") from err
+
+
 def resume_checkpoint(work_dir: Path) -> Path | None:
     """The newest complete trainer checkpoint in `work_dir` (None: start from the beginning). Incomplete ones
     newer than it (a kill during a save) are moved aside to `<name>.incomplete-<UTC time>` and logged: the trainer
@@ -84,6 +102,8 @@ def resume_checkpoint(work_dir: Path) -> Path | None:
         incomplete.rename(quarantine)
         log.warning("%s was interrupted during its save (no complete trainer_state.json): moved aside to %s; "
                     "delete it when no longer needed", incomplete, quarantine.name)
+    if checkpoints:
+        check_saved_weights(checkpoints[-1])  # resumed from, or (at max_steps) exported as the final checkpoint
     return checkpoints[-1] if checkpoints else None
 
 

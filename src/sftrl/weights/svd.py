@@ -172,6 +172,7 @@ def compute_svd_shard(model_dir: str | os.PathLike, names: Sequence[str], out_pa
     factors so the caller does not have to read the file back."""
     from tqdm import tqdm
 
+    _check_names(names, out_path)
     torch_dtype = _torch_dtype(dtype)
     dtype = str(torch_dtype).removeprefix("torch.")
     device = _resolve_device(device)  # fails now, not after reading the checkpoint, when CUDA is missing
@@ -191,6 +192,14 @@ def compute_svd_shard(model_dir: str | os.PathLike, names: Sequence[str], out_pa
                              "NaN or Inf (diverged training or a damaged file)") from err
     save_svd_shard(out_path, factors, hashes, fro, dtype, str(_resolve_device(device)), source=str(model_dir))
     return factors
+
+
+def _check_names(names: Sequence[str], out_path) -> None:
+    """A shard holds at least one matrix: an empty list is a caller's mistake (e.g. `sftrl svd --names '[]'`), and
+    an empty shard would only shrink every table built from it."""
+    if not names:
+        raise ValueError(f"SVD shard {out_path}: no matrices to decompose (empty --names); a shard holds the "
+                         "matrices of its shard plan (common.smk svd_shards)")
 
 
 def _read_metadata(path: Path) -> dict:
@@ -221,6 +230,8 @@ def _read_metadata(path: Path) -> dict:
             raise StaleSVDCache(f"{path}: metadata of {name} missing")
     if _combined_hash(parsed["matrix_sha256"]) != meta["checkpoint_sha256"]:
         raise StaleSVDCache(f"{path}: metadata hashes are inconsistent")
+    if not parsed["matrices"]:
+        raise StaleSVDCache(f"{path}: holds no matrices")
     return parsed
 
 
@@ -243,7 +254,13 @@ def load_svd_shard(path: str | os.PathLike, model_dir: str | os.PathLike | None 
     meta = _read_metadata(path)
     names, dtype = meta["matrices"], meta["dtype"]
     if expected_names is not None and sorted(expected_names) != sorted(names):
-        raise StaleSVDCache(f"{path}: holds {len(names)} matrices, a different set than the {len(expected_names)} requested")
+        missing = [n for n in expected_names if n not in names]
+        extra = [n for n in names if n not in expected_names]
+        raise StaleSVDCache(f"{path}: holds {len(names)} matrices, a different set than the {len(expected_names)} "
+                            "of its shard plan: "
+                            + "; ".join(f"{what} {len(which)}: {which[:4]}{' ...' if len(which) > 4 else ''}"
+                                        for what, which in (("missing", missing), ("not planned", extra)) if which)
+                            + " (a shard written for other matrices: rule svd rewrites it once it is deleted)")
     if expected_dtype is not None and str(_torch_dtype(expected_dtype)) != str(_torch_dtype(dtype)):
         raise StaleSVDCache(f"{path}: dtype {dtype}, requested {expected_dtype}")
 
@@ -303,6 +320,7 @@ def ensure_svd_shard(model_dir: str | os.PathLike, names: Sequence[str], out_pat
                      sample: int | None = 3) -> dict[str, SVDFactors]:
     """Load the shard if it is valid for this checkpoint, matrix set and dtype; otherwise recompute it
     (logging why) and return the fresh factors."""
+    _check_names(names, out_path)
     out_path = Path(out_path)
     began = time.perf_counter()
     if out_path.exists():
@@ -331,14 +349,34 @@ def group_shards(paths) -> dict:
     return groups
 
 
-def load_checkpoint_svd(shards: Sequence[str | os.PathLike], model_dir=None) -> dict[str, SVDFactors]:
+def planned_names(plan: Mapping[str, Sequence[str]] | None, path) -> list[str] | None:
+    """The matrices the shard plan (shard id -> matrix names: common.smk svd_shards, rule params) puts in the shard
+    file `path` (`<results>/svd/<checkpoint>/<shard id>.safetensors`); None without a plan."""
+    if plan is None:
+        return None
+    shard = Path(path).stem
+    if shard not in plan:
+        raise ValueError(f"{path}: shard {shard!r} is not in the shard plan {sorted(plan)}")
+    return list(plan[shard])
+
+
+def load_checkpoint_svd(shards: Sequence[str | os.PathLike], model_dir=None,
+                        plan: Mapping[str, Sequence[str]] | None = None) -> dict[str, SVDFactors]:
     """Every matrix of a checkpoint's shards (merged). Each shard is verified (metadata, the sha256 of every
     factor, sorted finite σ, energy; one sampled matrix orthonormal) and, with `model_dir`, checked against the checkpoint's current weights:
-    a stale cache raises StaleSVDCache instead of giving numbers for the wrong weights."""
+    a stale cache raises StaleSVDCache instead of giving numbers for the wrong weights. With `plan`, each shard
+    must hold exactly the matrices the plan names for it (StaleSVDCache naming the missing ones otherwise)."""
     factors = {}
     for path in shards:
-        factors.update(load_svd_shard(path, model_dir, verify=True, sample=1))
+        factors.update(load_svd_shard(path, model_dir, verify=True, sample=1,
+                                      expected_names=planned_names(plan, path)))
     return factors
+
+
+def plan_argument(parser) -> None:
+    """`--svd-plan`: the shard plan the readers check every shard against (rules pass common.smk svd_shards())."""
+    parser.add_argument("--svd-plan", type=json.loads, default=None,
+                        help="JSON shard id -> matrix names: every shard must hold exactly its planned matrices")
 
 
 # -----------------------------------------------------------------------------
