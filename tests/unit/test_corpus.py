@@ -14,7 +14,7 @@ from sftrl.base import corpus
 from sftrl.task import points
 from sftrl.base.probe import wilson_interval
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO  # noqa: E402
 DEFAULT_MIX = {"arithmetic": 3.0, "target": 1.0, "rule": 0.5, "cards": 1.5}  # the mix before the shipped base
 # sha256 of "\n".join(generate_corpus(0, 3000, DEFAULT_MIX)), computed with corpus.py BEFORE puzzle24 was added
 # (commit 1b5306e): the default corpus must not change with the new family at weight 0.

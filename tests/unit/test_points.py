@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from helpers import REPO
 
 from sftrl.task import points
 from sftrl.task.points import ID_RULE, OOD_RULE, Episode, Hand, parse_formula, score, solve
@@ -471,11 +472,10 @@ def test_authors_eval_hands_are_replayed_exactly():
     file was produced once by running the authors' own dealing code (their environment's _generate_cards and
     solve, Python's random seeded with 42, the constructor's hand discarded), not by this reimplementation."""
     import json
-    from pathlib import Path
 
     from sftrl.task.data import eval_problems
 
-    golden = json.loads((Path(__file__).parents[1] / "data" / "authors_eval_hands.json").read_text())
+    golden = json.loads((REPO / "tests" / "data" / "authors_eval_hands.json").read_text())
     for split in ("id", "ood"):
         problems = eval_problems(split, 234, 42, 24, hands="authors")
         assert [{"cards": p["cards"], "numbers": p["numbers"]} for p in problems] == golden[split]

@@ -40,7 +40,7 @@ def mod(name: str):
 
     return importlib.import_module(name)
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO  # noqa: E402
 
 
 @contextlib.contextmanager

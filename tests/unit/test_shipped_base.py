@@ -9,7 +9,7 @@ import yaml
 from sftrl.base import shipped
 from sftrl.io import read_json
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO  # noqa: E402
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "stage_timings.py"
+from helpers import REPO
+
+SCRIPT = REPO / "scripts" / "stage_timings.py"
 
 
 def load():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import env, make_workdir, snakemake
+from helpers import REPO, env, make_workdir, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -41,8 +41,7 @@ def run_until_killed(workdir: Path, stage: str) -> None:
     started, finished = STAGES[stage]
     results = workdir / "results"
     process = subprocess.Popen(
-        [sys.executable, "-m", "snakemake", "--directory", str(workdir), "-s", str(Path(__file__).parents[2] /
-         "Snakefile"), "--cores", "2", "--rerun-incomplete", *TARGETS],
+        [sys.executable, "-m", "snakemake", "--directory", str(workdir), "-s", str(REPO / "Snakefile"), "--cores", "2", "--rerun-incomplete", *TARGETS],
         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600

@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO  # noqa: E402
 MICRO = REPO / ".test" / "config" / "config.yaml"
 SCRIPTS = REPO / "scripts" / "slurm"
 PROFILES = [REPO / "profiles" / "slurm", REPO / "profiles" / "slurm-localhost"]
