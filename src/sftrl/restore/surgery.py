@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..io import atomic_dir, write_json
-from ..weights.names import _safetensors_header, plan_shards
+from ..weights.names import _safetensors_header, plan_shards, tied_embeddings, without_tied_head
 from ..weights.svd import SVDFactors, ensure_svd_shard, load_svd_shard
 from ..weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors
 from .arms import ARMS, rank_mask
@@ -126,8 +126,9 @@ def restore_models(reference, target, points: Sequence[tuple[RestoreSpec, str | 
     began = time.perf_counter()
     shapes = check_same_architecture(reference, target)
     num_layers = json.loads((Path(target) / "config.json").read_text())["num_hidden_layers"]
-    matrices = [n for n, shape in shapes.items() if len(shape) == 2]
-    chosen = [set(select(spec, matrices, num_layers)) for spec, _ in points]
+    tied = tied_embeddings(target)
+    matrices = without_tied_head([n for n, shape in shapes.items() if len(shape) == 2], tied)
+    chosen = [set(select(spec, matrices, num_layers, tied)) for spec, _ in points]
     for spec, names in zip((spec for spec, _ in points), chosen):
         max_rank = max(min(shapes[n]) for n in names)
         for key in ("top", "tail"):  # a count no selected matrix can hold is a mistake, not a clamp
