@@ -104,8 +104,8 @@ def smollm2_config(model_dir):
         config["model"]["path"] = str(model_dir)
         config["env"]["verify_iter"] = 1
         config["data"]["eval"]["n"] = 2
-        config["data"]["sft"].update(n_train=8, n_id_test=2, n_ood_loss=2, n_train_loss=2)
-        config["sft"].update(max_steps=2, save_steps=1, per_device_batch_size=2, warmup_steps=1, lr=1e-5)
+        config["data"]["sft"].update(n_train=8, n_id_test=1, n_ood_loss=1, n_train_loss=1)
+        config["sft"].update(max_steps=2, save_steps=1, per_device_batch_size=1, warmup_steps=1, lr=1e-5)
         config["eval"].update(backend="kv", max_new_tokens=16, batch_size=4)
         # q_proj and up_proj (what fig3 / fig4 name) and the tied embedding, one layer shard
         config["spectral"].update(include=[r"\.self_attn\.q_proj\.weight$", r"\.mlp\.up_proj\.weight$",
@@ -198,3 +198,15 @@ def test_smollm2_config_is_valid():
     assert config["model"]["path"] == "models/smollm2-135m-instruct" and config["model"]["device"] == "cuda"
     assert not any(config["restore"][sweep].get("lm_head") for sweep in ("rank", "layer", "reverse"))
     assert max(config["restore"]["rank"]["top"]) <= 576 and config["spectral"]["top_r"] <= 192
+
+
+def test_restoring_lm_head_alone_of_the_tied_model_fails_at_parse_time(smollm2, tmp_path):
+    model_dir, _ = smollm2
+    edit = smollm2_config(model_dir)
+
+    def bad(config):
+        edit(config)
+        config["restore"]["layer"]["lm_head"] = True
+
+    result = snakemake(make_workdir(tmp_path, edit=bad), "-n", "all", check=False)
+    assert result.returncode != 0 and "restore.layer.lm_head" in result.stdout + result.stderr
