@@ -119,11 +119,11 @@ def run_checks(args) -> dict:
     py = sys.executable
     j = lambda section: json.dumps(section, sort_keys=True)  # noqa: E731
     model = str(Path(args.model).resolve())
-    data = out / "data"
+    data, evals = out / "data", config["data"]["eval"]
     for split in ("id", "ood"):
-        check.step(f"data_{split}", sftrl(py, "data", "eval-set", "--rule", split, "--n", str(config["data"]["eval"]["n"]),
-                                         "--seed", str(config["data"]["eval"]["seed"]), "--hands",
-                                         config["data"]["eval"]["hands"], "--target", str(config["env"]["target"]),
+        check.step(f"data_{split}", sftrl(py, "data", "eval-set", "--rule", split, "--n", str(evals["n"]),
+                                         "--seed", str(evals["seed"]), "--hands", evals["hands"],
+                                         "--target", str(config["env"]["target"]),
                                          "--out", str(data / f"eval_{split}.jsonl")))
     check.step("data_sft", sftrl(py, "data", "sft", "--settings", j(config["data"]["sft"]), "--target",
                                  str(config["env"]["target"]), "--out-dir", str(data / "sft")))
@@ -173,7 +173,8 @@ def run_checks(args) -> dict:
         for shard, names in chosen.items():
             check.step(f"svd_{device}_{dtype}_{shard}", sftrl(
                 py, "svd", "--model", start_model, "--names", json.dumps(names), "--settings",
-                j({"dtype": dtype, "device": device}), "--out", str(out / "svd" / f"{device}-{dtype}" / f"{shard}.safetensors")))
+                j({"dtype": dtype, "device": device}),
+                "--out", str(out / "svd" / f"{device}-{dtype}" / f"{shard}.safetensors")))
     compare_svds(check, out / "svd", *[f"{d}-{t}" for d, t in runs], list(chosen))
     check.report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     check.report["ok"] = (all(s["ok"] for s in check.report["steps"].values())
@@ -185,7 +186,8 @@ def compare_evals(check: Check, root: Path, a: str, b: str) -> None:
     for split in ("id", "ood"):
         try:
             sa, sb = (json.loads((root / x / f"{split}.summary.json").read_text()) for x in (a, b))
-            ea, eb = ([json.loads(line) for line in (root / x / f"{split}.jsonl").read_text().splitlines()] for x in (a, b))
+            ea, eb = ([json.loads(line) for line in (root / x / f"{split}.jsonl").read_text().splitlines()]
+                      for x in (a, b))
         except (OSError, ValueError) as err:
             check.compare(f"eval_{split}_{a}_vs_{b}", {"error": str(err)}, False)
             continue

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared first GPU check (issue 26 §3; `make gpu-check`): ≤ 8 minutes on one H100 / H200, on SmolLM2-135M-Instruct:
+# The prepared first GPU check (issue 26 §3; `make gpu-check`): ≤ 8 min on one H100 / H200, SmolLM2-135M-Instruct:
 # vLLM evaluation of 234 + 234 episodes against the kv backend (same checkpoint, greedy sampling), bf16 SFT under
 # DeepSpeed, 2 PPO + 2 GRPO updates, the CUDA SVD of one checkpoint against the CPU's. Report: OUT/report.json
 # (default results/gpu_check/report.json): every step's command, seconds, ok, and each comparison's numbers.

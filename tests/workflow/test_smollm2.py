@@ -173,7 +173,8 @@ def test_smollm2_through_the_real_model_path(smollm2_run):
     # restoration: up_proj from base's directions with sft-2's singular values; the tied matrix (not asked for) and
     # everything else are sft-2's bits
     assert torch.equal(restored[EMBED], sft[EMBED])
-    assert torch.equal(restored["model.layers.0.self_attn.q_proj.weight"], sft["model.layers.0.self_attn.q_proj.weight"])
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(restored[q0], sft[q0])
     assert not torch.equal(restored[UP0], sft[UP0])
     record = json.loads((outputs["restored"] / "sftrl_restore.json").read_text())
     assert len(record["restored_indices"]) == 30 and all("up_proj" in n for n in record["restored_indices"])

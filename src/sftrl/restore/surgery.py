@@ -65,7 +65,7 @@ def check_same_architecture(reference, target) -> dict[str, tuple]:
                          + ", ".join(f"{k} ({a} vs {b})" for k, (a, b) in differ.items()))
     # a tied lm_head stored beside embed_tokens is the same matrix: it does not make two architectures differ
     ref_shapes, tgt_shapes = ({name: shapes[name] for name in without_tied_head(shapes, tied_embeddings(path))}
-                              for path, shapes in ((reference, tensor_shapes(reference)), (target, tensor_shapes(target))))
+                              for path, shapes in ((path, tensor_shapes(path)) for path in (reference, target)))
     if ref_shapes != tgt_shapes:
         names = sorted(set(ref_shapes) ^ set(tgt_shapes)) or [n for n in tgt_shapes if ref_shapes[n] != tgt_shapes[n]]
         raise ValueError(f"mismatched architectures: reference {reference} and target {target} differ in the tensors "
