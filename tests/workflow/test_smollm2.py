@@ -211,3 +211,16 @@ def test_restoring_lm_head_alone_of_the_tied_model_fails_at_parse_time(smollm2, 
 
     result = snakemake(make_workdir(tmp_path, edit=bad), "-n", "all", check=False)
     assert result.returncode != 0 and "restore.layer.lm_head" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("content", [None, b"not a gguf file"])
+def test_import_gguf_bad_input_names_the_file(tmp_path, capsys, content):
+    from sftrl.cli import main
+
+    source = tmp_path / "model.gguf"
+    if content is not None:
+        source.write_bytes(content)
+    with pytest.raises(SystemExit):
+        main(["import-gguf", "--gguf", str(source), "--out", str(tmp_path / "out")])
+    assert str(source) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # atomic: nothing half-written
