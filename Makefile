@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 # Rules call the `sftrl` CLI: put the venv first on PATH for every job Snakemake starts.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install results report report-check test lint dryrun clean
+.PHONY: install results report report-check test gpu-check lint dryrun clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,6 +54,11 @@ report-check: $(STAMP)
 ## Unit tests, then the micro config end to end through real Snakemake.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+## The prepared first GPU check (scripts/gpu_check.sh: ≤ 8 min on one H100 / H200, SmolLM2-135M; preparation in the
+## script's header; `make gpu-check GPU_CHECK_DRY=1` runs its CPU-possible parts). Report: results/gpu_check/report.json
+gpu-check: $(STAMP)
+	scripts/gpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

@@ -22,6 +22,7 @@ COMMANDS = {
     "data sft": ("sftrl.task.data:sft_data_command", "SFT train / ID-test / OOD-loss sets"),
     "pretrain": ("sftrl.base.pretrain:command", "pretrain the embedded tiny base model (or install the shipped one)"),
     "ship-base": ("sftrl.base.shipped:command", "ship a pretrained base into the repository with its manifest"),
+    "import-gguf": ("sftrl.base.gguf_import:command", "a GGUF model file as a verified Hugging Face directory (model.path)"),
     "probe": ("sftrl.base.probe:command", "ability probe of a base model"),
     "sft": ("sftrl.train.sft:command", "supervised fine-tuning with a checkpoint every save_steps"),
     "rl": ("sftrl.train.rl:command", "RL (--algo ppo|grpo) from one checkpoint, a checkpoint every rl.save_every updates"),

@@ -373,6 +373,14 @@ def restore_points(sweep):
 
 for _sweep in SWEEPS:
     restore_points(_sweep)
+    if config["restore"][_sweep].get("lm_head") and not config["restore"][_sweep].get("embed_tokens") \
+            and config["model"]["path"]:
+        from sftrl.weights.names import tied_embeddings
+
+        if tied_embeddings(real_model_dir()):  # one matrix: restoring it as lm_head would change the input too
+            raise WorkflowError(f"config restore.{_sweep}.lm_head: model.path ties lm_head to embed_tokens "
+                                "(tie_word_embeddings); set embed_tokens: true to restore the shared matrix, or "
+                                "lm_head: false")
     for _role in ("reference", "target"):
         _name = config["restore"][_sweep][_role]
         if not needs_selection(_name):

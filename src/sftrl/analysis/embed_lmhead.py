@@ -21,7 +21,8 @@ def embed_lmhead_series(shards: Sequence[str | os.PathLike], top_r: int, run: st
         factors = load_checkpoint_svd(paths, plan=plan)
         by_kind = {matrix_kind(name): f for name, f in factors.items()}
         if "embed_tokens" not in by_kind or "lm_head" not in by_kind:
-            raise ValueError(f"{checkpoint}: the shards hold no embed_tokens / lm_head pair")
+            raise ValueError(f"{checkpoint}: the shards hold no embed_tokens / lm_head pair (a tied model has one such "
+                             "matrix: nothing to compare)")
         embed, head = by_kind["embed_tokens"], by_kind["lm_head"]
         angles = embed_lmhead_angles(embed, head, top_r)
         r, hidden = len(angles), embed.Vh.shape[1]

@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
-from ..weights.names import DEFAULT_INCLUDE, layer_index, matrix_kind, select_matrices
+from ..weights.names import DEFAULT_INCLUDE, layer_index, matrix_kind, select_matrices, without_tied_head
 
 # The arms (sftrl.restore.arms registers one function each under these names). `reset` ignores the rank selection.
 ARM_NAMES = ("direction", "triplet", "reset", "sigma_only")
@@ -123,17 +123,22 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:
     return None if num_layers is None else sorted(chosen)
 
 
-def select(spec: RestoreSpec, names: Iterable[str], num_layers: int) -> list[str]:
+def select(spec: RestoreSpec, names: Iterable[str], num_layers: int, tied: bool = False) -> list[str]:
     """The weight matrices `spec` restores, among a checkpoint's 2-D parameter `names`. A matrix pattern that
-    matches no parameter is an error that names it (a typo would otherwise restore nothing)."""
-    names = list(names)
+    matches no parameter is an error that names it (a typo would otherwise restore nothing). With tied embeddings
+    (`tied`) lm_head is embed_tokens: `lm_head: true` alone is an error (restoring it would change the input
+    embedding too, which the spec did not ask for); `embed_tokens: true` restores the one shared matrix, once."""
+    names = without_tied_head(names, tied)
+    if tied and spec.lm_head and not spec.embed_tokens:
+        raise ValueError("lm_head: this model ties lm_head to embed_tokens (config tie_word_embeddings): they are one "
+                         "matrix; set embed_tokens: true to restore it (as both), or lm_head: false")
     layers = set(parse_layers(spec.layers, num_layers))
     for pattern in spec.matrices:
         if not any(re.search(pattern, n) for n in names):
             raise ValueError(f"matrices: unknown matrix pattern {pattern!r}: it matches no weight matrix of this "
                              f"model (e.g. {names[len(names) // 2]!r})")
     chosen = [n for n in select_matrices(names, spec.matrices) if layer_index(n) in layers]
-    for kind, wanted in (("embed_tokens", spec.embed_tokens), ("lm_head", spec.lm_head)):
+    for kind, wanted in (("embed_tokens", spec.embed_tokens), ("lm_head", spec.lm_head and not tied)):
         if wanted:
             found = [n for n in names if _kind(n) == kind]
             if not found:

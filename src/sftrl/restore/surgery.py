@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..io import atomic_dir, write_json
-from ..weights.names import _safetensors_header, plan_shards
+from ..weights.names import _safetensors_header, plan_shards, tied_embeddings, without_tied_head
 from ..weights.svd import SVDFactors, ensure_svd_shard, load_svd_shard
 from ..weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors
 from .arms import ARMS, rank_mask
@@ -75,7 +75,9 @@ def check_same_architecture(reference, target) -> dict[str, tuple]:
     if differ:
         raise ValueError(f"mismatched architectures: reference {reference} and target {target} differ in "
                          + ", ".join(f"{k} ({a} vs {b})" for k, (a, b) in differ.items()))
-    ref_shapes, tgt_shapes = tensor_shapes(reference), tensor_shapes(target)
+    # a tied lm_head stored beside embed_tokens is the same matrix: it does not make two architectures differ
+    ref_shapes, tgt_shapes = ({name: shapes[name] for name in without_tied_head(shapes, tied_embeddings(path))}
+                              for path, shapes in ((path, tensor_shapes(path)) for path in (reference, target)))
     if ref_shapes != tgt_shapes:
         names = sorted(set(ref_shapes) ^ set(tgt_shapes)) or [n for n in tgt_shapes if ref_shapes[n] != tgt_shapes[n]]
         raise ValueError(f"mismatched architectures: reference {reference} and target {target} differ in the tensors "
@@ -140,8 +142,9 @@ def restore_models(reference, target, points: Sequence[tuple[RestoreSpec, str | 
         check_output_apart(out, reference, target)
     shapes = check_same_architecture(reference, target)
     num_layers = json.loads((Path(target) / "config.json").read_text())["num_hidden_layers"]
+    tied = tied_embeddings(target)
     matrices = [n for n, shape in shapes.items() if len(shape) == 2]
-    chosen = [set(select(spec, matrices, num_layers)) for spec, _ in points]
+    chosen = [set(select(spec, matrices, num_layers, tied)) for spec, _ in points]
     for spec, names in zip((spec for spec, _ in points), chosen):
         max_rank = max(min(shapes[n]) for n in names)
         for key in ("top", "tail"):  # a count no selected matrix can hold is a mistake, not a clamp

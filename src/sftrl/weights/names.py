@@ -194,15 +194,43 @@ def _safetensors_header(path: Path) -> dict:
     return header
 
 
+def tied_embeddings(model_dir: str | os.PathLike) -> bool:
+    """Whether a saved checkpoint ties lm_head to embed_tokens (config.json `tie_word_embeddings`, or its
+    `text_config`'s for a multimodal model; absent means untied, the default of Llama, Qwen2 and Mllama's
+    configs). A tied model has ONE output/input matrix: save_pretrained stores it as embed_tokens only."""
+    path = Path(model_dir)
+    config_file = (path.parent if path.is_file() else path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        return False  # a bare safetensors file (the authors' merged checkpoints) says nothing: its names decide
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_file}: not a readable config.json ({e})") from None
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def without_tied_head(names: Iterable[str], tied: bool) -> list[str]:
+    """`names` without lm_head when the embeddings are tied: a tied lm_head IS embed_tokens, so a checkpoint that
+    stores both (some savers do) must not have the one matrix analysed, cached or restored twice, nor compared with
+    itself (embed-vs-lm_head). Only a lm_head with an embed_tokens beside it is dropped."""
+    names = list(names)
+    if not tied or not any(_kind_or_none(n) == "embed_tokens" for n in names):
+        return names
+    return [n for n in names if _kind_or_none(n) != "lm_head"]
+
+
 def checkpoint_parameter_ndims(model_dir: str | os.PathLike) -> dict[str, int]:
     """Canonical tensor name -> number of dimensions of a saved Hugging Face checkpoint, from its safetensors
-    headers only (one file, or the shards an index lists)."""
+    headers only (one file, or the shards an index lists). A tied lm_head is not a matrix of its own
+    (without_tied_head)."""
     return {name: len(shape) for name, shape in checkpoint_parameter_shapes(model_dir).items()}
 
 
 def checkpoint_parameter_shapes(model_dir: str | os.PathLike) -> dict[str, tuple]:
     """Canonical tensor name -> shape of a saved Hugging Face checkpoint, from its safetensors headers only (one
-    file, or the shards an index lists), in natural order."""
+    file, or the shards an index lists), in natural order. A tied lm_head is not a matrix of its own
+    (without_tied_head)."""
     path = Path(model_dir)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -215,7 +243,8 @@ def checkpoint_parameter_shapes(model_dir: str | os.PathLike) -> dict[str, tuple
     for file in files:
         shapes.update({name: tuple(info["shape"]) for name, info in _safetensors_header(path / file).items()})
     canonical = canonical_names(shapes, str(path))
-    return dict(sorted(((name, shapes[stored]) for name, stored in canonical.items()),
+    kept = without_tied_head(canonical, tied_embeddings(path))
+    return dict(sorted(((name, shapes[canonical[name]]) for name in kept),
                        key=lambda item: _natural_key(item[0])))
 
 

@@ -13,12 +13,16 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from .names import _natural_key, canonical_names
+from .names import _natural_key, canonical_names, tied_embeddings, without_tied_head
+
 
 def _tensor_files(model_dir: str | os.PathLike) -> dict[str, tuple[Path, str]]:
-    """Map every canonical tensor name to (the safetensors file that holds it, its stored name)."""
+    """Map every canonical tensor name to (the safetensors file that holds it, its stored name). A tied lm_head
+    stored beside embed_tokens is left out (names.without_tied_head): the model has one such matrix."""
     files = _stored_tensor_files(model_dir)
-    return {name: (files[stored], stored) for name, stored in canonical_names(files, str(model_dir)).items()}
+    canonical = canonical_names(files, str(model_dir))
+    return {name: (files[canonical[name]], canonical[name])
+            for name in without_tied_head(canonical, tied_embeddings(model_dir))}
 
 
 def _stored_tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
