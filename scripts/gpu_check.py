@@ -152,10 +152,11 @@ def run_checks(args) -> dict:
     start_model = str(start) if sft_ok else model
     start_name = f"sft-{sft['max_steps']}" if sft_ok else "base"
 
-    # RL: PPO and GRPO from the SFT checkpoint
+    # RL: PPO and GRPO from the SFT checkpoint, with the run settings the workflow builds
+    from sftrl.train.rl import run_settings
+
     for algo in ("ppo", "grpo"):
-        settings = {k: v for k, v in config["rl"].items() if k not in ("start_from", "algorithms", "recovery_window",
-                                                                      "ppo", "grpo") or k == algo}
+        settings = run_settings(config["rl"], algo, config["eval"]["stop_tokens"])
         check.step(algo, sftrl(py, "rl", algo, "--model", start_model, "--start", start_name, "--settings",
                                j(settings), "--model-settings", j(config["model"]), "--env-settings", j(config["env"]),
                                "--data-settings", j(config["data"]["sft"]), "--out-dir", str(out / "rl" / algo),

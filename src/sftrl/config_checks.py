@@ -256,7 +256,7 @@ def check_with_model(config: Mapping, model_dir=None, tokenizer_dir=None) -> lis
     (a real model, or the shipped base; None where none exists yet: a base pretrained here). Raises ValueError
     naming the key; returns warnings to log."""
     from .restore.spec import SWEEPS, sweep_points
-    from .weights.names import checkpoint_parameter_shapes, select_matrices
+    from .weights.names import checkpoint_parameter_shapes, select_matrices, tied_embeddings
 
     if model_dir is not None:
         shapes = checkpoint_parameter_shapes(model_dir)
@@ -276,7 +276,13 @@ def check_with_model(config: Mapping, model_dir=None, tokenizer_dir=None) -> lis
     if analysed and (warning := check_top_r(shapes, analysed, spectral["top_r"])):
         warnings.append(warning)
     for sweep in SWEEPS:
-        check_restore_sweep(sweep, sweep_points(sweep, config["restore"][sweep]), shapes, num_layers)
+        section = config["restore"][sweep]
+        if model_dir is not None and section.get("lm_head") and not section.get("embed_tokens") \
+                and tied_embeddings(model_dir):  # one matrix: restoring it as lm_head would change the input too
+            raise ValueError(f"config restore.{sweep}.lm_head: model.path ties lm_head to embed_tokens "
+                             "(tie_word_embeddings); set embed_tokens: true to restore the shared matrix, or "
+                             "lm_head: false")
+        check_restore_sweep(sweep, sweep_points(sweep, section), shapes, num_layers)
     tokenizer_json = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir else None
     tokenizer = load_tokenizer(tokenizer_json)
     if tokenizer is not None and config["eval"]["stop_tokens"]:

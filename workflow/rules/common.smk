@@ -20,7 +20,7 @@ from sftrl import codegraph  # noqa: E402
 from sftrl.checkpoint import NAME_PATTERN, RESULTS_DIR, SELECTIONS, Checkpoint, needs_selection  # noqa: E402
 from sftrl.cli import command_module  # noqa: E402
 from sftrl.checkpoint import ALGORITHMS  # noqa: E402
-from sftrl.train.rl import TRAINERS, save_updates  # noqa: E402  (numpy, no torch: parse-time safe)
+from sftrl.train.rl import TRAINERS, run_settings, save_updates  # noqa: E402  (numpy, no torch: parse-time safe)
 from sftrl.restore.spec import SWEEPS, spec_json, sweep_points  # noqa: E402
 
 RESULTS = "results"
@@ -107,7 +107,7 @@ _CODE_STAMPS = {}
 
 
 def code(*commands):
-    """The code stamps of the `sftrl` command(s) a rule runs, as inputs: one small file per command holding the hash
+    """Inputs for the code the `sftrl` command(s) of a job run. One stamp, a small file, per command, holding the hash
     of the code of its module and everything it imports, transitively (sftrl.codegraph), docstrings and comments
     left out. A stamp is rewritten only when that hash changes, so a code edit reruns exactly the rules whose
     command runs the edited code (and what depends on them); a docstring or comment edit, a touch, a checkout or
@@ -373,14 +373,6 @@ def restore_points(sweep):
 
 for _sweep in SWEEPS:
     restore_points(_sweep)
-    if config["restore"][_sweep].get("lm_head") and not config["restore"][_sweep].get("embed_tokens") \
-            and config["model"]["path"]:
-        from sftrl.weights.names import tied_embeddings
-
-        if tied_embeddings(real_model_dir()):  # one matrix: restoring it as lm_head would change the input too
-            raise WorkflowError(f"config restore.{_sweep}.lm_head: model.path ties lm_head to embed_tokens "
-                                "(tie_word_embeddings); set embed_tokens: true to restore the shared matrix, or "
-                                "lm_head: false")
     for _role in ("reference", "target"):
         _name = config["restore"][_sweep][_role]
         if not needs_selection(_name):
@@ -479,8 +471,6 @@ def stem(wildcards, output):
 # every rl.start_from checkpoint, and PPO from every rl.recovery_window step; inter_sft / end_sft resolve through
 # the select_sft checkpoint, and a run named twice runs once.
 
-# the keys of config rl that are not one run's knobs (which runs exist), and the arms' own subsections
-RL_PLAN_KEYS = ("start_from", "algorithms", "recovery_window", *ALGORITHMS)
 
 
 def _check_rl_config():
@@ -532,10 +522,7 @@ def eval_table_summaries(wildcards):
 def rl_settings(algo):
     """A run's knobs as one JSON string: config rl without the run plan and the other arms' subsections, so adding a
     start or a recovery step does not rerun the existing runs."""
-    section = {k: v for k, v in config["rl"].items() if k not in RL_PLAN_KEYS or k == algo}
-    # rollouts stop where evaluation stops (sftrl.train.rl.rollout_sampling)
-    section["stop_tokens"] = config["eval"]["stop_tokens"]
-    return json.dumps(section, sort_keys=True)
+    return json.dumps(run_settings(config["rl"], algo, config["eval"]["stop_tokens"]), sort_keys=True)
 
 
 def rl_updates(algo):

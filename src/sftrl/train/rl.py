@@ -91,6 +91,17 @@ def rollout_sampling(rl: dict, update: int, process_index: int = 0) -> Sampling:
     return Sampling.from_settings(rl, seed=update_seed(rl["seed"], update, process_index))
 
 
+# the keys of config rl that are not one run's knobs (which runs exist), and the arms' own subsections
+RL_PLAN_KEYS = ("start_from", "algorithms", "recovery_window", *ALGORITHMS)
+
+
+def run_settings(rl: dict, algo: str, stop_tokens) -> dict:
+    """One run's knobs: config rl without the run plan and the other arms' subsections (adding a start or a recovery
+    step must not rerun the existing runs), with config eval.stop_tokens, so rollouts stop where evaluation stops
+    (rollout_sampling)."""
+    return {**{k: v for k, v in rl.items() if k not in RL_PLAN_KEYS or k == algo}, "stop_tokens": list(stop_tokens)}
+
+
 def save_updates(updates: int, save_every: int) -> list[int]:
     """Updates after which a checkpoint is saved: every `save_every`, and the last one."""
     if updates < 1 or save_every < 1:
