@@ -19,7 +19,7 @@ import sys
 COMMANDS = {
     "data eval-set": ("sftrl.task.data:eval_set_command", "a fixed, seeded evaluation problem set"),
     "data sft": ("sftrl.task.data:sft_data_command", "SFT train / ID-test / OOD-loss sets"),
-    "data rule-reading-hands": ("sftrl.evaluation.rule_reading:hands_command",
+    "data rule-reading-hands": ("sftrl.task.rule_hands:hands_command",
                                 "the rule-reading probe's fixed hand set (face-card hands of the evaluation deal)"),
     "pretrain": ("sftrl.base.pretrain:command", "pretrain the embedded tiny base model (or install the shipped one)"),
     "ship-base": ("sftrl.base.shipped:command", "ship a pretrained base into the repository with its manifest"),

@@ -16,7 +16,7 @@ import torch
 
 from sftrl.base import corpus
 from sftrl.evaluation import rule_reading as rr
-from sftrl.evaluation.logprob import chat_prompt_ids, completion_logprobs, set_nll
+from sftrl.evaluation.logprob import chat_prompt_ids, forked_logprobs, set_nll
 from sftrl.modeling import load_model, load_tokenizer
 from sftrl.task import points
 from sftrl.task.data import eval_problems, sft_example
@@ -38,26 +38,38 @@ def base_model():
 class ScriptedLM(torch.nn.Module):
     """A causal LM whose next-token logits are scripted: after a known prompt it puts +10 on the next token of the
     completion it prefers (while the text so far follows that completion) and 0 on every other token. `prefer`
-    maps the prompt's ids to the preferred completion's ids; None makes every logit 0 (no preference at all)."""
+    maps the prompt's ids to the preferred completion's ids; None makes every logit 0 (no preference at all). Its
+    KV cache holds the ids seen so far (as one layer's keys), so the scorer's cached passes see the whole text."""
 
     def __init__(self, vocab_size: int, prefer: dict | None):
         super().__init__()
         self.vocab_size, self.prefer = vocab_size, prefer
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # so that the scorer can ask for the model's device
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep):
-        logits = torch.zeros(*input_ids.shape, self.vocab_size)
-        for row in range(input_ids.shape[0]):
-            real = input_ids[row][attention_mask[row].bool()].tolist()
-            offset = input_ids.shape[1] - len(real)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                logits_to_keep=0):
+        b, n = input_ids.shape
+        past = torch.zeros((b, 0), dtype=torch.long)
+        if past_key_values is not None and past_key_values.get_seq_length():
+            past = past_key_values.layers[0].keys[:, 0, :, 0].long()
+        if past_key_values is not None:
+            stored = input_ids[:, None, :, None].float()
+            past_key_values.update(stored, stored, 0)
+        full = torch.cat([past, input_ids], 1)
+        mask = torch.ones_like(full) if attention_mask is None else attention_mask
+        logits = torch.zeros(b, full.shape[1], self.vocab_size)
+        for row in range(b):
+            real = full[row][mask[row].bool()].tolist()
+            where = mask[row].nonzero().squeeze(-1).tolist()  # the column of each real token
             for prompt, preferred in (self.prefer or {}).items():
                 if tuple(real[: len(prompt)]) != prompt:
                     continue
                 for j, token in enumerate(preferred):
-                    if real[len(prompt) : len(prompt) + j] != list(preferred[:j]):
+                    if len(prompt) - 1 + j >= len(real) or real[len(prompt) : len(prompt) + j] != list(preferred[:j]):
                         break
-                    logits[row, offset + len(prompt) - 1 + j, token] = 10.0
-        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
+                    logits[row, where[len(prompt) - 1 + j], token] = 10.0
+        logits = logits[:, -n:]
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
 
 
 def _preferences(tokenizer, hands, prefix, choose):
@@ -99,27 +111,31 @@ def test_a_scripted_rule_reader_scores_100_and_a_rule_blind_model_exactly_50(tok
 
 def test_batched_log_probs_equal_unbatched_ones_on_a_real_model(tokenizer, base_model):
     hands = rr.rule_reading_hands(3, 42)
-    prompts, completions = [], []
+    contexts, forks = [], []
     for hand in hands:
         for rule in rr.SPLITS:
             messages = [{"role": "user", "content": points.render_prompt(hand["cards"], points.RULES[rule])}]
-            prompts.append(chat_prompt_ids(tokenizer, messages))
-            completions.append(tokenizer(rr.answer_text("json", hand["cards"], hand["numbers_ood"]),
-                                         add_special_tokens=False).input_ids)
-    prompts[0] = prompts[0][:-7]  # uneven lengths, so batches are padded
-    completions[1] = completions[1][:3]
-    one = completion_logprobs(base_model, prompts, completions, tokenizer.pad_token_id, batch_size=1)
-    many = completion_logprobs(base_model, prompts, completions, tokenizer.pad_token_id, batch_size=5)
-    assert [n for _, n in one] == [n for _, n in many] == [len(c) for c in completions]
-    for (a, _), (b, _) in zip(one, many):
-        assert a == pytest.approx(b, abs=1e-4)
-    # and both equal the plain, unpadded forward pass
-    for (value, _), prompt, completion in zip(one, prompts, completions):
-        ids = torch.tensor([prompt + completion])
-        with torch.inference_mode():
-            logprobs = torch.log_softmax(base_model(input_ids=ids).logits[0, :-1].double(), -1)
-        direct = sum(float(logprobs[len(prompt) - 1 + j, t]) for j, t in enumerate(completion))
-        assert value == pytest.approx(direct, abs=1e-4)
+            contexts.append(chat_prompt_ids(tokenizer, messages))
+            forks.append([tokenizer(rr.answer_text("json", hand["cards"], hand[f"numbers_{r}"]),
+                                    add_special_tokens=False).input_ids for r in ("ood", "id")])
+    contexts[0] = contexts[0][:-7]  # uneven lengths, so stems are padded
+    forks[1][0] = forks[1][0][:3]  # and forks of uneven length
+    contexts.append(contexts[2][:5])  # a context inside another's trunk
+    forks.append([[7], [8, 9]])
+    one = forked_logprobs(base_model, contexts, forks, tokenizer.pad_token_id, batch_size=1)
+    for batch_size in (5, len(contexts)):
+        many = forked_logprobs(base_model, contexts, forks, tokenizer.pad_token_id, batch_size=batch_size)
+        assert [[n for _, n in c] for c in many] == [[len(f) for f in fs] for fs in forks]
+        for a, b in zip(one, many):
+            assert [v for v, _ in a] == pytest.approx([v for v, _ in b], abs=1e-4)
+    # and equal the plain, unpadded, uncached forward pass of context + continuation
+    for per_context, context, continuations in zip(one, contexts, forks):
+        for (value, _), fork in zip(per_context, continuations):
+            ids = torch.tensor([context + fork])
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(base_model(input_ids=ids).logits[0, :-1].double(), -1)
+            direct = sum(float(logprobs[len(context) - 1 + j, t]) for j, t in enumerate(fork))
+            assert value == pytest.approx(direct, abs=1e-4)
 
 
 def test_set_nll_is_the_mean_completion_token_nll(tokenizer, base_model):

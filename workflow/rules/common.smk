@@ -414,7 +414,8 @@ def restore_table_inputs(wildcards):
     ckpts += [restore_resolve(sweep, role) for role in ("reference", "target")]
     summaries = list(dict.fromkeys(f"{results_dir('eval', ckpt)}/{split}.summary.json"
                                    for ckpt in ckpts for split in SPLITS))
-    inputs = {"summaries": summaries, "code": code("restore-table")}
+    measures = list(dict.fromkeys(f"{results_dir('eval', ckpt)}/rule_reading.json" for ckpt in ckpts))
+    inputs = {"summaries": summaries, "measures": measures, "code": code("restore-table")}
     if any(needs_selection(config["restore"][sweep][role]) for role in ("reference", "target")):
         inputs["selection"] = checkpoints.select_sft.get().output[0]
     return inputs
@@ -483,6 +484,11 @@ def eval_table_summaries(wildcards):
     selection)."""
     ckpts = evaluated_checkpoints() + rl_checkpoints()
     return [f"{results_dir('eval', ckpt)}/{split}.summary.json" for ckpt in ckpts for split in SPLITS]
+
+
+def eval_table_measures(wildcards):
+    """The rule-reading / NLL report of every checkpoint eval_table_summaries lists."""
+    return [f"{results_dir('eval', ckpt)}/rule_reading.json" for ckpt in evaluated_checkpoints() + rl_checkpoints()]
 
 
 def rl_settings(algo):

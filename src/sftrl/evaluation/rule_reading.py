@@ -19,7 +19,7 @@ Answer prefixes (`PREFIXES`):
 Interval: the 95 % Wilson interval of the mean with n = the number of hands. A per-hand score in [0, 1] with mean p
 has variance <= p(1 - p), so this is conservative for the {0, 1/2, 1} scores. Hand-set size: the worst case
 variance 1/4 needs n >= 1.96^2 / (4 * 0.05^2) = 384.2 hands for a half-width <= 5 pp on the mean, hence 193 hands
-per split (386 in all; config data.rule_reading.n).
+per split (386 in all; config rule_reading.n).
 """
 from __future__ import annotations
 
@@ -27,71 +27,32 @@ import logging
 import time
 
 from ..checkpoint import Checkpoint
-from ..io import iter_jsonl, read_jsonl, write_json, write_jsonl
+from ..io import read_jsonl, write_json
 from ..stats import wilson_interval
 from ..task import points
-from ..task.data import eval_problems
-from .logprob import chat_prompt_ids, completion_logprobs, set_nll
+from ..task.rule_hands import SPLITS, read_hands, rule_reading_hands  # noqa: F401  (public here too)
+from .logprob import chat_prompt_ids, forked_logprobs, set_nll
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("id", "ood")
 # The json prefix is the authors' answer cut where the numbers begin; the own prefix is corpus.rule_document's
 # "Note that <rule> Cards: {cards} Numbers: {numbers}" after its rule statement (tests check both stay in step).
 JSON_PREFIX = points.ANSWER_TEMPLATE.split("{numbers}")[0]
 OWN_PREFIX = "Cards: {cards} Numbers: "
 PREFIXES = {"json": JSON_PREFIX, "own": OWN_PREFIX}
-FACE_CARDS = ("J", "Q", "K")
 
 
-def rule_reading_hands(n: int, seed: int, target: int = points.TARGET, hands: str = "seeded") -> list[dict]:
-    """The first `n` hands with at least one face card of each evaluation split's deal (data.task.eval_problems
-    with the evaluation's seed and hand mode, continued past the evaluation's own n where needed), ID split first.
-    Each record: the evaluation problem id, the split, the cards and their numbers under both rules."""
-    if n < 1:
-        raise ValueError(f"data.rule_reading.n = {n}: the probe needs at least one hand per split")
-    found = []
-    for split in SPLITS:
-        dealt = 2 * n
-        while True:
-            problems = eval_problems(split, dealt, seed, target, hands)
-            with_face = [p for p in problems if any(card in FACE_CARDS for card in p["cards"])]
-            if len(with_face) >= n:
-                break
-            dealt *= 2  # ~65 % of ID hands hold a face card, every OOD hand does: this ends after one doubling
-        found += [{"id": p["id"], "split": split, "cards": p["cards"],
-                   **{f"numbers_{rule}": [points.RULES[rule].value(card) for card in p["cards"]] for rule in SPLITS}}
-                  for p in with_face[:n]]
-    return found
+def _other(rule: str) -> str:
+    return SPLITS[1 - SPLITS.index(rule)]
 
 
-def read_hands(path) -> list[dict]:
-    """A hand set written by `rule_reading_hands`, checked (fields, splits, numbers under both rules, a face card
-    in every hand, the same number of hands per split), errors naming the file and the line."""
-    hands = []
-    for line, hand in iter_jsonl(path):
-        where = f"rule-reading hand set {path}, line {line}"
-        try:
-            split, cards = hand["split"], hand["cards"]
-            numbers = {rule: hand[f"numbers_{rule}"] for rule in SPLITS}
-        except (KeyError, TypeError):
-            raise ValueError(f"{where}: expected an object with split, cards, numbers_id and numbers_ood") from None
-        if split not in SPLITS:
-            raise ValueError(f"{where}: split {split!r} is not one of {SPLITS}")
-        try:
-            expected = {rule: [points.RULES[rule].value(card) for card in cards] for rule in SPLITS}
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: cards {cards!r}: {err}") from None
-        if numbers != expected or len(cards) != 4:
-            raise ValueError(f"{where}: numbers {numbers} do not match 4 cards {cards} under both rules ({expected})")
-        if not any(card in FACE_CARDS for card in cards):
-            raise ValueError(f"{where}: cards {cards} hold no face card (both rules give the same numbers)")
-        hands.append(hand)
-    counts = [sum(h["split"] == split for h in hands) for split in SPLITS]
-    if not counts[0] or counts[0] != counts[1]:
-        raise ValueError(f"rule-reading hand set {path}: {counts[0]} ID and {counts[1]} OOD hands; the probe needs the "
-                         "same positive number of each")
-    return hands
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    if n == len(a) or n == len(b):  # one list's tokens a prefix of the other's: no fork to score
+        raise ValueError(f"answers {a} and {b} do not differ after a shared prefix")
+    return n
 
 
 def answer_text(prefix: str, cards, numbers) -> str:
@@ -113,26 +74,25 @@ def rule_reading(model, tokenizer, hands: list[dict], prefix: str, batch_size: i
     """The probe on `hands` (records of `rule_reading_hands`) with one answer prefix: accuracy, n, 95 % interval
     and mean log-prob margin (nats, numbers under the prompt's rule minus the other's) of every cell, of each split's
     hands (both prompts) and of all hands (`mean`, `ci95`, `margin`)."""
-    prompts, completions, keys = [], [], []
-    for index, hand in enumerate(hands):
+    contexts, forks = [], []
+    for hand in hands:
         for prompt_rule in SPLITS:
             messages = [{"role": "user", "content": points.render_prompt(hand["cards"], points.RULES[prompt_rule],
                                                                           target)}]
-            prompt_ids = chat_prompt_ids(tokenizer, messages)
-            for numbers_rule in SPLITS:
-                text = answer_text(prefix, hand["cards"], hand[f"numbers_{numbers_rule}"])
-                prompts.append(prompt_ids)
-                completions.append(tokenizer(text, add_special_tokens=False).input_ids)
-                keys.append((index, prompt_rule, numbers_rule))
-    scored = completion_logprobs(model, prompts, completions, tokenizer.pad_token_id, batch_size)
-    logprob = {key: value for key, (value, _) in zip(keys, scored)}
+            # the answer under the prompt's rule first; the two share their tokens up to the first differing number
+            answers = [tokenizer(answer_text(prefix, hand["cards"], hand[f"numbers_{rule}"]),
+                                 add_special_tokens=False).input_ids for rule in (prompt_rule, _other(prompt_rule))]
+            shared = _common_prefix_length(*answers)
+            contexts.append(chat_prompt_ids(tokenizer, messages) + answers[0][:shared])
+            forks.append([answer[shared:] for answer in answers])
+    scored = iter(forked_logprobs(model, contexts, forks, tokenizer.pad_token_id, batch_size))
     cells: dict[tuple[str, str], tuple[list, list]] = {(h, p): ([], []) for h in SPLITS for p in SPLITS}
     per_hand: dict[str, tuple[list, list]] = {split: ([], []) for split in SPLITS}
-    for index, hand in enumerate(hands):
+    for hand in hands:
         hand_scores = []
         for prompt_rule in SPLITS:
-            other = SPLITS[1 - SPLITS.index(prompt_rule)]
-            margin = logprob[index, prompt_rule, prompt_rule] - logprob[index, prompt_rule, other]
+            (right_list, _), (other_list, _) = next(scored)
+            margin = right_list - other_list
             right = 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
             cells[hand["split"], prompt_rule][0].append(right)
             cells[hand["split"], prompt_rule][1].append(margin)
@@ -183,37 +143,8 @@ def measure_checkpoint(model_dir, hands_path, loss_sets: dict, prefixes: list[st
     return report
 
 
-def table_rows(report: dict, prefix: str = "json") -> list[dict]:
-    """The evaluation table's columns from one checkpoint's report: one row per split (its hands' rule reading and
-    its SFT loss set's NLL), keyed by run, checkpoint and split as the rollout summaries are."""
-    result = report["rule_reading"][prefix]
-    rows = []
-    for split in SPLITS:
-        cells = {c["prompt"]: c["accuracy"] for c in result["cells"] if c["hands"] == split}
-        row = {"run": report["run"], "checkpoint": report["checkpoint"], "split": split,
-               "rule_reading": result["splits"][split]["accuracy"],
-               "rule_reading_ci_low": result["splits"][split]["ci95"][0],
-               "rule_reading_ci_high": result["splits"][split]["ci95"][1],
-               "rule_reading_margin": result["splits"][split]["margin"],
-               "rule_reading_id_prompt": cells["id"], "rule_reading_ood_prompt": cells["ood"],
-               "rule_reading_mean": result["mean"]}
-        if split in report.get("nll", {}):
-            row["nll"] = report["nll"][split]["nll"]
-        rows.append(row)
-    return rows
-
-
 # -----------------------------------------------------------------------------
-# command line (sftrl rule-reading | sftrl data rule-reading-hands)
-
-
-def hands_command(parser):
-    parser.add_argument("--n", type=int, required=True, help="hands per split (config data.rule_reading.n)")
-    parser.add_argument("--seed", type=int, required=True, help="the evaluation's seed (config data.eval.seed)")
-    parser.add_argument("--target", type=int, default=points.TARGET)
-    parser.add_argument("--hands", choices=["seeded", "authors"], default="seeded")
-    parser.add_argument("--out", required=True)
-    return lambda args: write_jsonl(args.out, rule_reading_hands(args.n, args.seed, args.target, args.hands))
+# command line (sftrl rule-reading)
 
 
 def command(parser):
