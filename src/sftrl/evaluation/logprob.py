@@ -16,6 +16,7 @@ float rounding; tests/unit/test_rule_reading.py checks them against plain unpadd
 from __future__ import annotations
 
 import inspect
+import math
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:
@@ -107,7 +108,8 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 def set_nll(model, tokenizer, examples: list[dict], chat_format: str, batch_size: int) -> dict:
     """Mean NLL per completion token (nats) of SFT-format examples (prompt/completion messages), tokenized exactly
     as SFT trains on them (train.sft.tokenize_example). Token-weighted over the whole set; the trainer's eval loss
-    averages per batch instead, so the two agree to within the spread of batch means."""
+    averages per batch instead, so the two agree to within the spread of batch means. `se`: its standard error over
+    the examples."""
     from ..train.sft import tokenize_example
 
     contexts, forks = [], []
@@ -119,4 +121,9 @@ def set_nll(model, tokenizer, examples: list[dict], chat_format: str, batch_size
     scored = [fork for per_context in forked_logprobs(model, contexts, forks, tokenizer.pad_token_id, batch_size)
               for fork in per_context]
     total, tokens = sum(s for s, _ in scored), sum(n for _, n in scored)
-    return {"nll": -total / tokens, "n": len(examples), "tokens": tokens}
+    nll = -total / tokens
+    # standard error of this ratio estimator over examples (delta method): the claims' interval of an NLL
+    n = len(scored)
+    spread = sum((-s - nll * t) ** 2 for s, t in scored) / max(1, n - 1)
+    se = math.sqrt(spread / n) / (tokens / n) if n > 1 else float("nan")
+    return {"nll": nll, "se": se, "n": n, "tokens": tokens}

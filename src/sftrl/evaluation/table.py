@@ -32,14 +32,14 @@ def measure_rows(report: dict, prefix: str = "json") -> list[dict]:
     for split in result["splits"]:
         cells = {c["prompt"]: c["accuracy"] for c in result["cells"] if c["hands"] == split}
         row = {"run": report["run"], "checkpoint": report["checkpoint"], "split": split,
-               "rule_reading": result["splits"][split]["accuracy"],
+               "rule_reading": result["splits"][split]["accuracy"], "rule_reading_n": result["splits"][split]["n"],
                "rule_reading_ci_low": result["splits"][split]["ci95"][0],
                "rule_reading_ci_high": result["splits"][split]["ci95"][1],
                "rule_reading_margin": result["splits"][split]["margin"],
                "rule_reading_id_prompt": cells["id"], "rule_reading_ood_prompt": cells["ood"],
                "rule_reading_mean": result["mean"]}
         if split in report.get("nll", {}):
-            row["nll"] = report["nll"][split]["nll"]
+            row.update(nll=report["nll"][split]["nll"], nll_se=report["nll"][split]["se"])
         rows.append(row)
     return rows
 
