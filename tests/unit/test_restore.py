@@ -420,3 +420,33 @@ def test_every_ood_claim_is_measured_three_ways_with_the_nll_turned():
     assert counts["id_rises"] == counts["sigma_stable_angles_large"] == 1
     assert all(counts[c] == 3 for c in ("ood_peaks_then_falls", "rl_recovery", "rank_top20_direction",
                                          "layer_first25_direction", "reverse_drops_ood", "late_sft_unrecoverable"))
+
+
+def test_sweep_tables_carry_rule_reading_and_the_figures_draw_it(tmp_path, monkeypatch):
+    from sftrl.checkpoint import Checkpoint
+    from sftrl.figures import restore as figures
+    from sftrl.restore.table import sweep_table
+
+    names = {"restored-rank-direction-k0.2": 0.7, "restored-rank-direction-k1.0": 0.6, "restored-rank-reset": 0.8,
+             "sft-4": 0.9, "sft-8": 0.5}
+    paths = _summaries(tmp_path, {name: (5, 5) for name in names})
+    measures = []
+    for name, ood in names.items():
+        splits = {s: {"accuracy": a, "n": 10, "ci95": [0, 1], "margin": 0.1} for s, a in (("id", 1.0), ("ood", ood))}
+        report = {"run": "micro", **Checkpoint.parse(name).to_json(), "nll": {"ood": {"nll": 2.0, "se": 0.1}},
+                  "rule_reading": {"json": {"splits": splits, "mean": 0.5, "n": 20, "ci95": [0, 1], "margin": 0.1,
+                                            "cells": [{"hands": h, "prompt": p, "accuracy": 0.5, "n": 10, "margin": 0}
+                                                      for h in ("id", "ood") for p in ("id", "ood")]}}}
+        path = tmp_path / "eval" / name / "rule_reading.json"
+        path.write_text(json.dumps(report))
+        measures.append(str(path))
+    table = sweep_table("rank", RANK, paths, "micro", SELECTION, measures)
+    ood = table[table["split"] == "ood"].set_index("checkpoint")
+    assert ood["rule_reading"].to_dict() == pytest.approx(names) and (ood["nll"] == 2.0).all()
+    drawn = []
+    real_save = figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, stem: (drawn.append(len(fig.axes)), real_save(fig, stem)))
+    figures.fig6(table, tmp_path / "fig6")
+    figures.fig7(table.assign(arm="direction"), tmp_path / "fig7")
+    figures.fig6(table.drop(columns="rule_reading"), tmp_path / "fig6_old")  # a table without the columns
+    assert drawn == [3, 3, 2] and (tmp_path / "fig6.png").stat().st_size > 0

@@ -554,6 +554,12 @@ def recovery_window_summaries(wildcards):
     return [f"{RESULTS}/eval/{name}/{split}.summary.json" for name in names for split in SPLITS]
 
 
+def recovery_window_measures(wildcards):
+    """The rule-reading reports of the checkpoints whose summaries the recovery-window figure reads."""
+    names = dict.fromkeys(os.path.basename(os.path.dirname(p)) for p in recovery_window_summaries(wildcards))
+    return [f"{RESULTS}/eval/{name}/rule_reading.json" for name in names]
+
+
 def rl_targets():
     rl = config["rl"]
     if not (rl["algorithms"] and rl["start_from"]) and not rl["recovery_window"]:

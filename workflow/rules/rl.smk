@@ -99,6 +99,7 @@ rule rl_log:
 rule fig_recovery_window:
     input:
         summaries=recovery_window_summaries,
+        measures=recovery_window_measures,
         selection=f"{RESULTS}/sft/selection.json",
         code=code("figure recovery_window"),
     output:
@@ -114,7 +115,8 @@ rule fig_recovery_window:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure recovery_window --summaries {input.summaries} --selection {input.selection}"
+        "sftrl figure recovery_window --summaries {input.summaries} --measures {input.measures}"
+        " --selection {input.selection}"
         " --out {params.stem} > {log} 2>&1"
 
 
