@@ -79,7 +79,8 @@ def _preferences(tokenizer, hands, prefix, choose):
         for rule in rr.SPLITS:
             messages = [{"role": "user", "content": points.render_prompt(hand["cards"], points.RULES[rule])}]
             text = rr.answer_text(prefix, hand["cards"], hand[f"numbers_{choose(hand, rule)}"])
-            prefer[tuple(chat_prompt_ids(tokenizer, messages))] = tuple(tokenizer(text, add_special_tokens=False).input_ids)
+            completion = tokenizer(text, add_special_tokens=False).input_ids
+            prefer[tuple(chat_prompt_ids(tokenizer, messages))] = tuple(completion)
     return prefer
 
 

@@ -154,7 +154,8 @@ def command(parser):
     parser.add_argument("--hands", required=True, help="the hand set (sftrl data rule-reading-hands)")
     parser.add_argument("--prefixes", nargs="+", choices=sorted(PREFIXES), default=["json"])
     parser.add_argument("--id-loss-set", help="SFT-format JSONL whose NLL is the ID split's (data/sft/id_test.jsonl)")
-    parser.add_argument("--ood-loss-set", help="SFT-format JSONL whose NLL is the OOD split's (data/sft/ood_loss.jsonl)")
+    parser.add_argument("--ood-loss-set",
+                        help="SFT-format JSONL whose NLL is the OOD split's (data/sft/ood_loss.jsonl)")
     parser.add_argument("--chat-format", default="model", help="config sft.chat_format (how the loss sets are read)")
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config eval (batch_size)")
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")

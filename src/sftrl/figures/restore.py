@@ -42,7 +42,8 @@ def _role_lines(ax, data: pd.DataFrame, split: str, y: str = "accuracy (%)") -> 
 
 
 def fig6(table: pd.DataFrame, stem) -> None:
-    """Rank-wise restoration: ID and OOD accuracy (and OOD rule reading) against the number of restored top directions, one line per arm."""
+    """Rank-wise restoration: ID and OOD accuracy (and OOD rule reading) against the number of restored top
+    directions, one line per arm."""
     sns, fig, axes, data = _panels(table)
     points = data[(data["role"] == "restored") & (data["arm"] != "reset")]
     counts = (points["k_unit"] == "count").all() if len(points) else False

@@ -109,10 +109,13 @@ class Claims:
         value = _interval(inter.value - end.value, inter.draws - end.draws) if inter and end else None
         unit, what = METRICS[metric][2], METRICS[metric][3]
         return _claim("ood_peaks_then_falls", f"OOD {what} peaks early in SFT (Inter_SFT), then falls by End_SFT",
-                      "Llama-3.2-11B 17.52 → 8.97 % (−48 %); Qwen-2.5-7B 19.67 % → −13 %", f"{unit} (Inter − End, OOD)",
-                      "Inter_SFT before End_SFT and the drop's interval above 0", "eval.csv, selection.json", value,
-                      lambda p, lo, hi: lo > 0 and self.selection["inter_sft"]["step"] < self.selection["end_sft"]["step"],
+                      "Llama-3.2-11B 17.52 → 8.97 % (−48 %); Qwen-2.5-7B 19.67 % → −13 %",
+                      f"{unit} (Inter − End, OOD)", "Inter_SFT before End_SFT and the drop's interval above 0",
+                      "eval.csv, selection.json", value, lambda p, lo, hi: lo > 0 and self._inter_before_end(),
                       metric=metric)
+
+    def _inter_before_end(self) -> bool:
+        return self.selection["inter_sft"]["step"] < self.selection["end_sft"]["step"]
 
     def id_rises(self):
         inter, end = self.sft("inter_sft", "id"), self.sft("end_sft", "id")
@@ -193,8 +196,10 @@ class Claims:
             R = self._acc(point[point["point"] == point["point"].iloc[0]], "ood", metric) if len(point) else None
             if T and R:
                 value = _interval(T.value - R.value, T.draws - R.draws)
-        return _claim("reverse_drops_ood", f"RL forced onto End_SFT's singular directions loses OOD {METRICS[metric][3]}",
-                      "Llama-3.2-11B 16.2 → 10.6 %; Qwen-2.5-7B 19.8 → 19.0 %", f"{METRICS[metric][2]} (RL − restored, OOD)",
+        return _claim("reverse_drops_ood",
+                      f"RL forced onto End_SFT's singular directions loses OOD {METRICS[metric][3]}",
+                      "Llama-3.2-11B 16.2 → 10.6 %; Qwen-2.5-7B 19.8 → 19.0 %",
+                      f"{METRICS[metric][2]} (RL − restored, OOD)",
                       "interval above 0", "restore_reverse.csv", value, lambda p, lo, hi: lo > 0, metric=metric)
 
     def late_sft(self, metric="accuracy"):
@@ -211,7 +216,8 @@ class Claims:
                     value = _interval(early.value - late.value, early.draws - late.draws)
         return _claim("late_sft_unrecoverable", f"RL from a too-late SFT checkpoint does not recover OOD "
                       f"{METRICS[metric][3]} as RL from an earlier one does", "prolonged SFT: OOD only partially "
-                      f"recoverable", f"{METRICS[metric][2]} (OOD of RL from the earliest − from the latest SFT start)",
+                      "recoverable",
+                      f"{METRICS[metric][2]} (OOD of RL from the earliest − from the latest SFT start)",
                       "interval above 0", "eval.csv (stage rl, ≥ 2 starts)", value, lambda p, lo, hi: lo > 0,
                       metric=metric)
 
