@@ -30,7 +30,7 @@ COMMANDS = {
     "rl ppo": ("sftrl.train.ppo:command", "turn-level PPO from one checkpoint (sftrl rl --algo ppo)"),
     "rl grpo": ("sftrl.train.grpo:command", "GRPO (TRL) over whole episodes from one checkpoint (rl --algo grpo)"),
     "eval": ("sftrl.evaluation.evaluate:command", "multi-turn rollout evaluation of one checkpoint on one problem set"),
-    "rule-reading": ("sftrl.evaluation.rule_reading:command",
+    "rule-reading": ("sftrl.evaluation.measures:command",
                      "forced-choice rule-reading probe and SFT-loss-set NLL of one checkpoint (forward passes only)"),
     "table": ("sftrl.evaluation.table:command", "collect evaluation summaries into one tidy CSV"),
     "select": ("sftrl.evaluation.select:command", "pick Inter_SFT and End_SFT from the evaluation table"),

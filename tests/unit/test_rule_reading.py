@@ -16,7 +16,8 @@ import torch
 
 from sftrl.base import corpus
 from sftrl.evaluation import rule_reading as rr
-from sftrl.evaluation.logprob import chat_prompt_ids, forked_logprobs, set_nll
+from sftrl.evaluation.logprob import chat_prompt_ids, forked_logprobs
+from sftrl.evaluation.measures import set_nll
 from sftrl.modeling import load_model, load_tokenizer
 from sftrl.task import points
 from sftrl.task.data import eval_problems, sft_example

@@ -1,6 +1,5 @@
 """Teacher-forced scoring of fixed continuations, forward passes only: the summed log-probability of each
-continuation given its context (the rule-reading probe's forced choice) and the mean token NLL of a prompt/completion
-set (the SFT loss sets, for every evaluated model).
+continuation given its context (the rule-reading probe's forced choice; the SFT loss sets' NLL, evaluation.measures).
 
 Hand-written because no library scores a batch of contexts that share prefixes: TRL computes the loss of a whole
 trainer, and lm-eval-harness (not a dependency) recomputes every context in full. Here the work is a tree, which
@@ -16,7 +15,6 @@ float rounding; tests/unit/test_rule_reading.py checks them against plain unpadd
 from __future__ import annotations
 
 import inspect
-import math
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:
@@ -103,27 +101,3 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt's ids as generation sees them: the chat template with the assistant header, tokenized alone."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def set_nll(model, tokenizer, examples: list[dict], chat_format: str, batch_size: int) -> dict:
-    """Mean NLL per completion token (nats) of SFT-format examples (prompt/completion messages), tokenized exactly
-    as SFT trains on them (train.sft.tokenize_example). Token-weighted over the whole set; the trainer's eval loss
-    averages per batch instead, so the two agree to within the spread of batch means. `se`: its standard error over
-    the examples."""
-    from ..train.sft import tokenize_example
-
-    contexts, forks = [], []
-    for example in examples:
-        tokens = tokenize_example(tokenizer, example, chat_format)
-        n_prompt = tokens["completion_mask"].index(1)
-        contexts.append(tokens["input_ids"][:n_prompt])
-        forks.append([tokens["input_ids"][n_prompt:]])
-    scored = [fork for per_context in forked_logprobs(model, contexts, forks, tokenizer.pad_token_id, batch_size)
-              for fork in per_context]
-    total, tokens = sum(s for s, _ in scored), sum(n for _, n in scored)
-    nll = -total / tokens
-    # standard error of this ratio estimator over examples (delta method): the claims' interval of an NLL
-    n = len(scored)
-    spread = sum((-s - nll * t) ** 2 for s, t in scored) / max(1, n - 1)
-    se = math.sqrt(spread / n) / (tokens / n) if n > 1 else float("nan")
-    return {"nll": nll, "se": se, "n": n, "tokens": tokens}

@@ -23,17 +23,10 @@ per split (386 in all; config rule_reading.n).
 """
 from __future__ import annotations
 
-import logging
-import time
-
-from ..checkpoint import Checkpoint
-from ..io import read_jsonl, write_json
 from ..stats import wilson_interval
 from ..task import points
 from ..task.rule_hands import SPLITS, read_hands, rule_reading_hands  # noqa: F401  (public here too)
-from .logprob import chat_prompt_ids, forked_logprobs, set_nll
-
-log = logging.getLogger(__name__)
+from .logprob import chat_prompt_ids, forked_logprobs
 
 # The json prefix is the authors' answer cut where the numbers begin; the own prefix is corpus.rule_document's
 # "Note that <rule> Cards: {cards} Numbers: {numbers}" after its rule statement (tests check both stay in step).
@@ -109,65 +102,3 @@ def rule_reading(model, tokenizer, hands: list[dict], prefix: str, batch_size: i
 
 def cell_label(cell: dict) -> str:
     return f"{cell['hands'].upper()} hands, {cell['prompt'].upper()} prompt"
-
-
-def measure_checkpoint(model_dir, hands_path, loss_sets: dict, prefixes: list[str], settings: dict,
-                       model_settings: dict, chat_format: str, target: int, labels: dict, out) -> dict:
-    """Rule reading (each prefix) and the NLL of each split's SFT loss set (`loss_sets`: split -> JSONL) of one
-    checkpoint, the model loaded once; written to `out` with the checkpoint's labels."""
-    from ..modeling import load_model, load_tokenizer
-
-    hands = read_hands(hands_path)
-    start = time.perf_counter()
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, model_settings["dtype"], model_settings["attn_implementation"],
-                       model_settings["device"]).eval()
-    loaded = time.perf_counter()
-    batch_size = settings["batch_size"]
-    report = {**labels, "model": str(model_dir), "n_hands_per_split": len(hands) // 2,
-              "rule_reading": {prefix: rule_reading(model, tokenizer, hands, prefix, batch_size, target)
-                               for prefix in prefixes}}
-    probed = time.perf_counter()
-    report["nll"] = {split: set_nll(model, tokenizer, read_jsonl(path), chat_format, batch_size)
-                     for split, path in loss_sets.items()}
-    done = time.perf_counter()
-    report["seconds"] = {"load": round(loaded - start, 3), "rule_reading": round(probed - loaded, 3),
-                         "nll": round(done - probed, 3)}
-    for prefix, result in report["rule_reading"].items():
-        cells = ", ".join(f"{cell_label(c)} {c['accuracy']:.3f}" for c in result["cells"])
-        log.info("rule reading (%s prefix) of %s: mean %.3f [%.3f, %.3f], margin %.3f nats; %s", prefix, model_dir,
-                 result["mean"], *result["ci95"], result["margin"], cells)
-    log.info("NLL of %s: %s; in %s s", model_dir, {s: round(v["nll"], 4) for s, v in report["nll"].items()},
-             report["seconds"])
-    write_json(out, report)
-    return report
-
-
-# -----------------------------------------------------------------------------
-# command line (sftrl rule-reading)
-
-
-def command(parser):
-    from ..cli import settings
-
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--hands", required=True, help="the hand set (sftrl data rule-reading-hands)")
-    parser.add_argument("--prefixes", nargs="+", choices=sorted(PREFIXES), default=["json"])
-    parser.add_argument("--id-loss-set", help="SFT-format JSONL whose NLL is the ID split's (data/sft/id_test.jsonl)")
-    parser.add_argument("--ood-loss-set",
-                        help="SFT-format JSONL whose NLL is the OOD split's (data/sft/ood_loss.jsonl)")
-    parser.add_argument("--chat-format", default="model", help="config sft.chat_format (how the loss sets are read)")
-    parser.add_argument("--settings", type=settings, required=True, help="JSON of config eval (batch_size)")
-    parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
-    parser.add_argument("--target", type=int, default=points.TARGET)
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--checkpoint", type=Checkpoint.parse, required=True)
-    parser.add_argument("--out", required=True)
-
-    def run(args):
-        loss_sets = {split: path for split, path in (("id", args.id_loss_set), ("ood", args.ood_loss_set)) if path}
-        labels = {"run": args.run, **args.checkpoint.to_json()}
-        measure_checkpoint(args.model, args.hands, loss_sets, args.prefixes, args.settings, args.model_settings,
-                           args.chat_format, args.target, labels, args.out)
-
-    return run
