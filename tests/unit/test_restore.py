@@ -362,20 +362,23 @@ def test_sweep_table_figure_and_claims(tmp_path):
     eval_table = pd.DataFrame([{"stage": "sft", "step": step, "split": split, "n": 20, "successes": s}
                                for step, ss in ((4, (6, 10)), (8, (15, 0))) for split, s in zip(("id", "ood"), ss)])
     claims = Claims(eval_table, SELECTION, {"restore_rank": pd.read_csv(tmp_path / "restore_rank.csv")}).table()
-    claims = claims.set_index("claim")
+    claims = claims.set_index(["claim", "metric"])
     # top-20 % direction: OOD 8 / 20 with B = 10 / 20, T = 0 / 20 -> 80 % of the gap, exactly
-    assert claims.loc["rank_top20_direction", "ours"] == pytest.approx(80.0)
-    assert claims.loc["rank_top20_direction", "low"] < 80 < claims.loc["rank_top20_direction", "high"]
-    assert claims.loc["rank_top20_direction", "verdict"] == "pass"
-    assert claims.loc["ood_peaks_then_falls", "ours"] == pytest.approx(50.0)  # 10/20 -> 0/20: 50 pp
-    assert claims.loc["id_rises", "ours"] == pytest.approx(45.0)
-    for claim in ("rl_recovery", "reverse_drops_ood", "late_sft_unrecoverable", "layer_first25_direction",
-                  "sigma_stable_angles_large"):
-        assert claims.loc[claim, "verdict"] == "no data"
+    assert claims.loc[("rank_top20_direction", "accuracy"), "ours"] == pytest.approx(80.0)
+    top20 = claims.loc[("rank_top20_direction", "accuracy")]
+    assert top20["low"] < 80 < top20["high"]
+    assert claims.loc[("rank_top20_direction", "accuracy"), "verdict"] == "pass"
+    assert claims.loc[("ood_peaks_then_falls", "accuracy"), "ours"] == pytest.approx(50.0)  # 10/20 -> 0/20: 50 pp
+    assert claims.loc[("id_rises", "accuracy"), "ours"] == pytest.approx(45.0)
+    for claim in ("rl_recovery", "reverse_drops_ood", "late_sft_unrecoverable", "layer_first25_direction"):
+        assert claims.loc[(claim, "accuracy"), "verdict"] == "no data"
+    assert claims.loc[("sigma_stable_angles_large", "weights"), "verdict"] == "no data"
+    # the eval table has no rule-reading / NLL columns: those rows say so
+    assert set(claims.xs("rule_reading", level="metric")["verdict"]) == {"no data"}
     assert "**pass**" in markdown(claims.reset_index())
     # same inputs, same intervals (fixed bootstrap seed)
     again = Claims(eval_table, SELECTION, {"restore_rank": pd.read_csv(tmp_path / "restore_rank.csv")}).table()
-    pd.testing.assert_frame_equal(again.set_index("claim"), claims)
+    pd.testing.assert_frame_equal(again.set_index(["claim", "metric"]), claims)
 
 
 def test_claims_rl_recovery_and_undefined_ratios():
@@ -386,10 +389,66 @@ def test_claims_rl_recovery_and_undefined_ratios():
     rows = [{"stage": "sft", "step": step, "split": "ood", "n": 40, "successes": s} for step, s in ((4, 20), (8, 4))]
     rows += [{"stage": "rl", "step": u, "split": "ood", "n": 40, "successes": s, "algorithm": "ppo", "start": start}
              for u, s, start in ((2, 6, "sft-8"), (4, 16, "sft-8"), (4, 19, "sft-4"))]
-    claims = Claims(pd.DataFrame(rows), SELECTION, {}).table().set_index("claim")
-    assert claims.loc["rl_recovery", "ours"] == pytest.approx(75.0)  # last update: (16 - 4) / (20 - 4)
-    assert claims.loc["late_sft_unrecoverable", "ours"] == pytest.approx(100 * (19 - 16) / 40)
+    claims = Claims(pd.DataFrame(rows), SELECTION, {}).table().set_index(["claim", "metric"])
+    assert claims.loc[("rl_recovery", "accuracy"), "ours"] == pytest.approx(75.0)  # last update: (16 - 4) / (20 - 4)
+    assert claims.loc[("late_sft_unrecoverable", "accuracy"), "ours"] == pytest.approx(100 * (19 - 16) / 40)
     flat = [{"stage": "sft", "step": step, "split": "ood", "n": 40, "successes": 0} for step in (4, 8)]
     flat += [{"stage": "rl", "step": 4, "split": "ood", "n": 40, "successes": 3, "algorithm": "ppo", "start": "sft-8"}]
-    claims = Claims(pd.DataFrame(flat), SELECTION, {}).table().set_index("claim")
-    assert claims.loc["rl_recovery", "verdict"] == "undefined"  # nothing was lost: recovery has no meaning
+    claims = Claims(pd.DataFrame(flat), SELECTION, {}).table().set_index(["claim", "metric"])
+    # nothing was lost: recovery has no meaning
+    assert claims.loc[("rl_recovery", "accuracy"), "verdict"] == "undefined"
+
+
+def test_every_ood_claim_is_measured_three_ways_with_the_nll_turned():
+    import pandas as pd
+
+    from sftrl.report.claims import NOT_IN_PAPER, Claims
+
+    # OOD accuracy 10/20 -> 0/20; rule reading 0.8 -> 0.5 on 200 hands; NLL 1.0 -> 1.5 nats (worse)
+    rows = [{"stage": "sft", "step": step, "split": split, "n": 20, "successes": s, "rule_reading": rr,
+             "rule_reading_n": 200, "nll": nll, "nll_se": 0.01}
+            for step, s, rr, nll in ((4, 10, 0.8, 1.0), (8, 0, 0.5, 1.5)) for split in ("id", "ood")]
+    claims = Claims(pd.DataFrame(rows), SELECTION, {}).table()
+    falls = claims[claims["claim"] == "ood_peaks_then_falls"].set_index("metric")
+    assert list(falls.index) == ["accuracy", "rule_reading", "nll"]
+    assert falls.loc["accuracy", "ours"] == pytest.approx(50.0)
+    assert falls.loc["rule_reading", "ours"] == pytest.approx(30.0)  # pp
+    assert falls.loc["nll", "ours"] == pytest.approx(0.5)  # nats, turned: End's NLL is 0.5 higher, a fall
+    assert falls.loc["nll", "low"] < 0.5 < falls.loc["nll", "high"] and falls.loc["nll", "high"] - 0.5 < 0.1
+    assert set(falls["verdict"]) == {"pass"}
+    assert falls.loc["nll", "paper"] == NOT_IN_PAPER and falls.loc["nll", "unit"].startswith("nats")
+    # every OOD claim appears once per metric, the ID and spectral claims once
+    counts = claims.groupby("claim").size()
+    assert counts["id_rises"] == counts["sigma_stable_angles_large"] == 1
+    assert all(counts[c] == 3 for c in ("ood_peaks_then_falls", "rl_recovery", "rank_top20_direction",
+                                         "layer_first25_direction", "reverse_drops_ood", "late_sft_unrecoverable"))
+
+
+def test_sweep_tables_carry_rule_reading_and_the_figures_draw_it(tmp_path, monkeypatch):
+    from sftrl.checkpoint import Checkpoint
+    from sftrl.figures import restore as figures
+    from sftrl.restore.table import sweep_table
+
+    names = {"restored-rank-direction-k0.2": 0.7, "restored-rank-direction-k1.0": 0.6, "restored-rank-reset": 0.8,
+             "sft-4": 0.9, "sft-8": 0.5}
+    paths = _summaries(tmp_path, {name: (5, 5) for name in names})
+    measures = []
+    for name, ood in names.items():
+        splits = {s: {"accuracy": a, "n": 10, "ci95": [0, 1], "margin": 0.1} for s, a in (("id", 1.0), ("ood", ood))}
+        report = {"run": "micro", **Checkpoint.parse(name).to_json(), "nll": {"ood": {"nll": 2.0, "se": 0.1}},
+                  "rule_reading": {"json": {"splits": splits, "mean": 0.5, "n": 20, "ci95": [0, 1], "margin": 0.1,
+                                            "cells": [{"hands": h, "prompt": p, "accuracy": 0.5, "n": 10, "margin": 0}
+                                                      for h in ("id", "ood") for p in ("id", "ood")]}}}
+        path = tmp_path / "eval" / name / "rule_reading.json"
+        path.write_text(json.dumps(report))
+        measures.append(str(path))
+    table = sweep_table("rank", RANK, paths, "micro", SELECTION, measures)
+    ood = table[table["split"] == "ood"].set_index("checkpoint")
+    assert ood["rule_reading"].to_dict() == pytest.approx(names) and (ood["nll"] == 2.0).all()
+    drawn = []
+    real_save = figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, stem: (drawn.append(len(fig.axes)), real_save(fig, stem)))
+    figures.fig6(table, tmp_path / "fig6")
+    figures.fig7(table.assign(arm="direction"), tmp_path / "fig7")
+    figures.fig6(table.drop(columns="rule_reading"), tmp_path / "fig6_old")  # a table without the columns
+    assert drawn == [3, 3, 2] and (tmp_path / "fig6.png").stat().st_size > 0

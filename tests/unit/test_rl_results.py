@@ -80,3 +80,40 @@ def test_rl_log_collects_runs_with_their_algorithm_and_start(tmp_path):
     with pytest.raises(ValueError, match="not an RL log"):
         collect_logs(paths[:1], tmp_path / "bad.csv")
     assert not math.isnan(table["reward"].iloc[0])
+
+
+def _report(name, ood_reading, nll=1.0):
+    """A rule_reading.json as `sftrl rule-reading` writes it: ID hands read at 0.9, OOD hands at `ood_reading`."""
+    ckpt = Checkpoint.parse(name)
+    splits = {s: {"accuracy": a, "n": 10, "ci95": [a - 0.1, min(1.0, a + 0.1)], "margin": 0.5}
+              for s, a in (("id", 0.9), ("ood", ood_reading))}
+    cells = [{"hands": h, "prompt": p, "accuracy": splits[h]["accuracy"], "n": 10, "margin": 0.5}
+             for h in ("id", "ood") for p in ("id", "ood")]
+    return {"run": "t", **ckpt.to_json(), "rule_reading": {"json": {
+        "cells": cells, "splits": splits, "mean": (0.9 + ood_reading) / 2, "n": 20, "ci95": [0, 1], "margin": 0.5}},
+        "nll": {"id": {"nll": nll, "se": 0.01}, "ood": {"nll": 2 * nll, "se": 0.02}}}
+
+
+def test_rule_reading_and_nll_join_the_table_and_the_figures(tmp_path):
+    from sftrl.figures.sft import fig1
+
+    reading = {name: 0.5 + i / 20 for i, name in enumerate(MEASURED)}
+    measures = []
+    for name, value in reading.items():
+        write_json(tmp_path / f"{name}.rr.json", _report(name, value, nll=1 + value))
+        measures.append(str(tmp_path / f"{name}.rr.json"))
+    table = summary_table(summaries(tmp_path), measures)
+    ood = table[table["split"] == "ood"].set_index("checkpoint")
+    assert ood["rule_reading"].to_dict() == pytest.approx(reading)
+    assert ood.loc["sft-20", "nll"] == pytest.approx(2 * (1 + reading["sft-20"]))
+    assert ood.loc["sft-20", "rule_reading_ci_low"] == pytest.approx(reading["sft-20"] - 0.1)
+    assert (table[table["split"] == "id"]["rule_reading"] == 0.9).all()
+    data = recovery_table(table, SELECTION)
+    assert data["rule_reading_start"].tolist() == pytest.approx([reading[s] for s in ("sft-10", "sft-20", "sft-30")])
+    assert data["rule_reading_rl"].tolist() == pytest.approx([reading[c] for c in data["checkpoint"]])
+    recovery_window(table, SELECTION, tmp_path / "figs" / "recovery_window")
+    fig1(table, {**SELECTION, "inter_sft": {"step": 10, "degenerate": False}}, tmp_path / "figs" / "fig1")
+    for stem in ("recovery_window", "fig1"):
+        assert (tmp_path / "figs" / f"{stem}.png").stat().st_size > 0
+    with pytest.raises(ValueError, match=r"no rule-reading report .* \['sft-30'\]"):
+        summary_table(summaries(tmp_path), [m for m in measures if not m.endswith("/sft-30.rr.json")])

@@ -98,3 +98,18 @@ def test_a_loss_table_without_its_columns_is_named(tmp_path):
     pd.DataFrame({"step": [40], "value": [1.0]}).to_csv(bad, index=False)
     with pytest.raises(ValueError, match="sft_loss.csv lacks the step/split/loss columns"):
         select_sft(table(tmp_path, {40: 0.0}), tmp_path / "s.json", losses_path=bad)
+
+
+def test_other_ood_metrics_peaks_are_reported_but_do_not_select(tmp_path):
+    path = table(tmp_path, {40: 0.1, 80: 0.3, 120: 0.2, 160: 0.05})
+    frame = pd.read_csv(path)
+    ood = frame["split"] == "ood"
+    frame.loc[ood, "rule_reading"] = frame.loc[ood, "step"].map({0: 0.9, 40: 0.7, 80: 0.6, 120: 0.7, 160: 0.5})
+    frame.loc[ood, "nll"] = frame.loc[ood, "step"].map({0: 0.1, 40: 2.0, 80: 1.5, 120: 1.0, 160: 1.2})
+    frame.to_csv(path, index=False)
+    selection = select_sft(path, tmp_path / "s.json")
+    assert selection["inter_sft"]["step"] == 80  # still OOD accuracy's
+    assert selection["other_metric_peaks"] == {
+        "ood_rule_reading": {"step": 40, "value": 0.7, "best": "highest"},  # tie 40 / 120: the earliest; base excluded
+        "ood_nll": {"step": 120, "value": 1.0, "best": "lowest"}}
+    assert select_sft(table(tmp_path, {40: 0.1}), tmp_path / "t.json")["other_metric_peaks"] == {}

@@ -12,15 +12,19 @@ pytestmark = pytest.mark.workflow
 # what reads every sweep table: the claims table; the summary links every figure and table; the default target
 AFTER_SWEEP = {"claims": 1, "summary": 1, "all": 1}
 SWEEP_EDITS = {
-    # one more k: its two arms' models, their evaluations (ID and OOD in one job each), the rank table and fig6
+    # one more k: its two arms' models, their evaluations (ID and OOD in one job each) and rule reading, the rank
+    # table and fig6
     "rank.top": (("restore", "rank", "top"), [0.5, 1.0, 0.25],
-                 {"restore": 2, "eval_checkpoint": 2, "restore_table": 1, "fig6": 1, **AFTER_SWEEP}),
+                 {"restore": 2, "eval_checkpoint": 2, "rule_reading": 2, "restore_table": 1, "fig6": 1,
+                  **AFTER_SWEEP}),
     # another block of layers (the micro model has 2): one model, its evaluation, the layer table and fig5
     "layer.layers": (("restore", "layer", "layers"), ["0%-50%", "50%-100%"],
-                     {"restore": 1, "eval_checkpoint": 1, "restore_table": 1, "fig5": 1, **AFTER_SWEEP}),
+                     {"restore": 1, "eval_checkpoint": 1, "rule_reading": 1, "restore_table": 1, "fig5": 1,
+                      **AFTER_SWEEP}),
     # another arm in the rank sweep: sigma_only at both k
     "rank.arms": (("restore", "rank", "arms"), ["direction", "triplet", "sigma_only"],
-                  {"restore": 2, "eval_checkpoint": 2, "restore_table": 1, "fig6": 1, **AFTER_SWEEP}),
+                  {"restore": 2, "eval_checkpoint": 2, "rule_reading": 2, "restore_table": 1, "fig6": 1,
+                  **AFTER_SWEEP}),
 }
 
 

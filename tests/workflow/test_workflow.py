@@ -32,6 +32,16 @@ def test_micro_dag_end_to_end(micro_run):
             assert (results / "figs" / f"{name}{ext}").stat().st_size > 1000
     assert (results / "base" / "abilities.json").exists()
     assert (results / "sft" / "selection.json").exists()
+    # rule reading and the SFT-loss-set NLL of every evaluated model (RL and restored rows too), and of the base
+    # in both answer notations; the probe's hand set: rule_reading.n face-card hands per split
+    for column in ("rule_reading", "rule_reading_ci_low", "rule_reading_ci_high", "rule_reading_mean"):
+        assert table[column].between(0, 1).all(), column
+    assert (table["nll"] > 0).all() and table["rule_reading_margin"].notna().all()
+    assert (table["rule_reading_n"] == config["rule_reading"]["n"]).all()
+    abilities = json.loads((results / "base" / "abilities.json").read_text())["abilities"]
+    for prefix in ("own", "json"):
+        assert abilities[f"rule_reading_{prefix}"]["n"] == 2 * config["rule_reading"]["n"]
+    assert "ood_rule_reading" in json.loads((results / "sft" / "selection.json").read_text())["other_metric_peaks"]
     losses = pd.read_csv(results / "tables" / "sft_loss.csv")
     assert {"id_train", "id_test", "ood"} <= set(losses["split"])
     assert sorted(losses[losses["split"] == "ood"]["step"]) == [0, *range(4, 9, 4)]

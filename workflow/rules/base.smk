@@ -35,6 +35,7 @@ rule pretrain_base:
 rule probe_base:
     input:
         model=f"{RESULTS}/models/base",
+        rule_reading_hands=f"{RESULTS}/data/rule_reading_hands.jsonl",
         code=code("probe"),
     output:
         report(f"{RESULTS}/base/abilities.json", caption="../report/table_abilities.rst", category="2. Base model",
@@ -46,6 +47,7 @@ rule probe_base:
         model_settings=settings("model"),
         target=lookup(dpath="env/target", within=config),
         verify_iter=lookup(dpath="env/verify_iter", within=config),
+        rule_reading_batch_size=lookup(dpath="rule_reading/batch_size", within=config),
     log:
         "logs/base/probe.log",
     conda:
@@ -56,4 +58,5 @@ rule probe_base:
     shell:
         "OMP_NUM_THREADS={threads} sftrl probe --model {input.model:q} --settings {params.settings:q}"
         " --eval-settings {params.eval_settings:q} --model-settings {params.model_settings:q}"
-        " --target {params.target:q} --verify-iter {params.verify_iter:q} --out {output:q} > {log:q} 2>&1"
+        " --target {params.target:q} --verify-iter {params.verify_iter:q} --rule-reading-hands {input.rule_reading_hands:q}"
+        " --rule-reading-batch-size {params.rule_reading_batch_size:q} --out {output:q} > {log:q} 2>&1"

@@ -432,7 +432,8 @@ def restore_table_inputs(wildcards):
     ckpts += [restore_resolve(sweep, role) for role in ("reference", "target")]
     summaries = list(dict.fromkeys(f"{results_dir('eval', ckpt)}/{split}.summary.json"
                                    for ckpt in ckpts for split in SPLITS))
-    inputs = {"summaries": summaries, "code": code("restore-table")}
+    measures = list(dict.fromkeys(f"{results_dir('eval', ckpt)}/rule_reading.json" for ckpt in ckpts))
+    inputs = {"summaries": summaries, "measures": measures, "code": code("restore-table")}
     if any(needs_selection(config["restore"][sweep][role]) for role in ("reference", "target")):
         inputs["selection"] = checkpoints.select_sft.get().output[0]
     return inputs
@@ -519,6 +520,11 @@ def eval_table_summaries(wildcards):
     return [f"{results_dir('eval', ckpt)}/{split}.summary.json" for ckpt in ckpts for split in SPLITS]
 
 
+def eval_table_measures(wildcards):
+    """The rule-reading / NLL report of every checkpoint eval_table_summaries lists."""
+    return [f"{results_dir('eval', ckpt)}/rule_reading.json" for ckpt in evaluated_checkpoints() + rl_checkpoints()]
+
+
 def rl_settings(algo):
     """A run's knobs as one JSON string: config rl without the run plan and the other arms' subsections, so adding a
     start or a recovery step does not rerun the existing runs."""
@@ -596,6 +602,12 @@ def recovery_window_summaries(wildcards):
     ckpts += rl_checkpoints(runs)
     names = list(dict.fromkeys(c.name for c in ckpts))
     return [f"{RESULTS}/eval/{name}/{split}.summary.json" for name in names for split in SPLITS]
+
+
+def recovery_window_measures(wildcards):
+    """The rule-reading reports of the checkpoints whose summaries the recovery-window figure reads."""
+    names = dict.fromkeys(os.path.basename(os.path.dirname(p)) for p in recovery_window_summaries(wildcards))
+    return [f"{RESULTS}/eval/{name}/rule_reading.json" for name in names]
 
 
 def rl_targets():

@@ -1,6 +1,7 @@
-# Rollout evaluation of every checkpoint on the fixed ID and OOD problem sets (sftrl.evaluation), the tidy results
-# table every figure reads (base, SFT and RL rows), and the data-dependent Inter_SFT / End_SFT selection (from the
-# base + SFT table, since the RL runs depend on it).
+# Rollout evaluation of every checkpoint on the fixed ID and OOD problem sets (sftrl.evaluation), its rule-reading
+# probe and SFT-loss-set NLL (forward passes only), the tidy results table every figure reads (base, SFT and RL
+# rows), and the data-dependent Inter_SFT / End_SFT selection (from the base + SFT table, since the RL runs depend
+# on it).
 
 
 rule eval_checkpoint:
@@ -35,6 +36,60 @@ rule eval_checkpoint:
         " --out {output.episodes:q} --summary {output.summaries:q} > {log:q} 2>&1"
 
 
+rule rule_reading_hands:
+    input:
+        code=code("data rule-reading-hands"),
+    output:
+        f"{RESULTS}/data/rule_reading_hands.jsonl",
+    params:
+        n=lookup(dpath="rule_reading/n", within=config),
+        seed=lookup(dpath="data/eval/seed", within=config),
+        hands=lookup(dpath="data/eval/hands", within=config),
+        target=lookup(dpath="env/target", within=config),
+    log:
+        "logs/data/rule_reading_hands.log",
+    benchmark:
+        "benchmarks/data/rule_reading_hands.tsv"
+    conda:
+        "../envs/analysis.yaml"
+    shell:
+        "sftrl data rule-reading-hands --n {params.n:q} --seed {params.seed:q} --hands {params.hands:q}"
+        " --target {params.target:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule rule_reading:
+    input:
+        model=checkpoint_model,
+        hands=f"{RESULTS}/data/rule_reading_hands.jsonl",
+        id_loss=f"{RESULTS}/data/sft/id_test.jsonl",
+        ood_loss=f"{RESULTS}/data/sft/ood_loss.jsonl",
+        code=code("rule-reading"),
+    output:
+        # json prefix (what SFT teaches) for every model; the base's own-notation prefix is in its abilities
+        f"{results_dir('eval')}/rule_reading.json",
+    params:
+        settings=settings("rule_reading"),
+        model_settings=settings("model"),
+        chat_format=lookup(dpath="sft/chat_format", within=config),
+        target=lookup(dpath="env/target", within=config),
+        run=config["run"],
+    log:
+        "logs/eval/{ckpt}.rule_reading.log",
+    conda:
+        "../envs/train.yaml"
+    benchmark:
+        "benchmarks/eval/{ckpt}.rule_reading.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "OMP_NUM_THREADS={threads} sftrl rule-reading --model {input.model:q} --hands {input.hands:q} --prefixes json"
+        " --id-loss-set {input.id_loss:q} --ood-loss-set {input.ood_loss:q} --chat-format {params.chat_format:q}"
+        " --settings {params.settings:q} --model-settings {params.model_settings:q} --target {params.target:q}"
+        " --run {params.run:q} --checkpoint {wildcards.ckpt:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule eval_table_sft:
     input:
         summaries=[
@@ -42,6 +97,7 @@ rule eval_table_sft:
             for ckpt in evaluated_checkpoints()
             for split in SPLITS
         ],
+        measures=[f"{results_dir('eval', ckpt)}/rule_reading.json" for ckpt in evaluated_checkpoints()],
         code=code("table"),
     output:
         # base and SFT only: what select_sft reads (the RL runs it starts are evaluated after it)
@@ -53,12 +109,13 @@ rule eval_table_sft:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl table {input.summaries:q} --out {output:q} > {log:q} 2>&1"
+        "sftrl table {input.summaries:q} --measures {input.measures:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule eval_table:
     input:
         summaries=eval_table_summaries,
+        measures=eval_table_measures,
         code=code("table"),
     output:
         report(f"{RESULTS}/tables/eval.csv", caption="../report/table_eval.rst", category="3. SFT and evaluation",
@@ -70,7 +127,7 @@ rule eval_table:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl table {input.summaries:q} --out {output:q} > {log:q} 2>&1"
+        "sftrl table {input.summaries:q} --measures {input.measures:q} --out {output:q} > {log:q} 2>&1"
 
 
 checkpoint select_sft:

@@ -101,6 +101,7 @@ rule rl_log:
 rule fig_recovery_window:
     input:
         summaries=recovery_window_summaries,
+        measures=recovery_window_measures,
         selection=f"{RESULTS}/sft/selection.json",
         code=code("figure recovery_window"),
     output:
@@ -116,7 +117,8 @@ rule fig_recovery_window:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure recovery_window --summaries {input.summaries:q} --selection {input.selection:q}"
+        "sftrl figure recovery_window --summaries {input.summaries:q} --measures {input.measures:q}"
+        " --selection {input.selection:q}"
         " --out {params.stem:q} > {log:q} 2>&1"
 
 

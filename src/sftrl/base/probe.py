@@ -12,14 +12,17 @@ Probes, each on problems the model did not train on (documents held out of the c
   documents): rule 10 on the 566 multisets of values 1..10, rule 11/12/13 on the other 796 (each has an 11..13).
   Held out means the document text, not the multiset: with puzzle24 in the mix every multiset is in training
   under other phrasings and rules, as a 24-game hand is on the web;
-* generalpoints_id / generalpoints_ood — the real task (chat template, multi-turn), expected near 0 before SFT.
+* generalpoints_id / generalpoints_ood — the real task (chat template, multi-turn), expected near 0 before SFT;
+* rule_reading_own / rule_reading_json — the forced-choice rule-reading probe (evaluation.rule_reading) in the
+  game's own prompt, answered in the base's own notation / the authors' JSON: does the base read the stated rule
+  where the study measures it? A rule-blind model scores exactly 50 % (accuracy = the mean over all hands; the four
+  cells and the log-prob margin beside it).
 Greedy decoding throughout (temperature from the probe is always 0: it measures ability, not luck). Every ability
 has a 95 % Wilson score interval (`ci95`) on its n problems.
 """
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
@@ -27,6 +30,7 @@ from ..generation.backends import make_backend
 
 from ..generation.sampling import Sampling
 from ..io import read_json, write_json
+from ..stats import wilson_interval
 from ..task import points
 from ..task.data import eval_problems
 from ..task.rollout import run_episodes, summarize
@@ -73,17 +77,6 @@ def _formula_of(text: str) -> str:
     return text.strip().split("=")[0].strip()
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial proportion (sensible at 0 and at n, unlike the normal one)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # At 0 and n the bound is exact (rounding would leave it a hair inside, e.g. 0.9999999999999999 for n of n).
-    return (0.0 if successes == 0 else centre - half), (1.0 if successes == n else centre + half)
-
-
 def _ability(correct, prompts, outputs, **extra) -> dict:
     n = len(correct)
     k = int(sum(bool(c) for c in correct))
@@ -92,9 +85,11 @@ def _ability(correct, prompts, outputs, **extra) -> dict:
 
 
 def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, out, target: int = 24,
-          verify_iter: int = 5, generalpoints: bool = True) -> dict:
+          verify_iter: int = 5, generalpoints: bool = True, rule_reading_hands=None,
+          rule_reading_batch_size: int = 32) -> dict:
     """Write the abilities report `out` (its figure is drawn by the figures rule). `generalpoints=False` skips the
-    GeneralPoints episodes, the slowest part (research probes of pretraining snapshots; the DAG always runs them)."""
+    GeneralPoints episodes, the slowest part (research probes of pretraining snapshots; the DAG always runs them).
+    `rule_reading_hands`: the rule-reading hand set (results/data/rule_reading_hands.jsonl); None skips that probe."""
     base_settings = read_json(f"{model_dir}/sftrl_base.json")["settings"]
     held_out = base_settings["corpus"]["held_out_per_mille"]
     n, seed = settings["n"], settings["seed"]
@@ -170,6 +165,16 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
                                                "ci95": list(wilson_interval(k, len(records))),
                                                "format_error_rate": summary["format_error_rate"],
                                                "examples": [r["attempts"][0]["output"] for r in records[:3]]}
+    if rule_reading_hands is not None:
+        from ..evaluation.rule_reading import read_hands, rule_reading
+
+        hands = read_hands(rule_reading_hands)
+        for prefix in ("own", "json"):
+            result = rule_reading(backend.model, backend.tokenizer, hands, prefix, rule_reading_batch_size, target)
+            abilities[f"rule_reading_{prefix}"] = {
+                "accuracy": result["mean"], "n": result["n"], "ci95": result["ci95"], "margin": result["margin"],
+                "cells": {f"{c['hands']}_hands_{c['prompt']}_prompt": c["accuracy"] for c in result["cells"]},
+                "rule_blind": 0.5}
     report = {"model": str(model_dir), "abilities": abilities}
     for name, value in abilities.items():
         log.info("%-22s accuracy %.3f  [%.3f, %.3f]", name, value["accuracy"], *value["ci95"])
@@ -191,6 +196,10 @@ def command(parser):
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
     parser.add_argument("--target", type=int, default=points.TARGET)
     parser.add_argument("--verify-iter", type=int, default=5)
+    parser.add_argument("--rule-reading-hands", help="the rule-reading hand set (sftrl data rule-reading-hands)")
+    parser.add_argument("--rule-reading-batch-size", type=int, default=32, help="config rule_reading.batch_size")
     parser.add_argument("--out", required=True)
     return lambda args: probe(args.model, args.settings, args.eval_settings, args.model_settings, args.out,
-                              target=args.target, verify_iter=args.verify_iter)
+                              target=args.target, verify_iter=args.verify_iter,
+                              rule_reading_hands=args.rule_reading_hands,
+                              rule_reading_batch_size=args.rule_reading_batch_size)

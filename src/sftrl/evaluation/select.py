@@ -4,7 +4,8 @@ where OOD accuracy can be 0 at every checkpoint — are broken by OOD rule-follo
 whose `number` field applies the prompt's face-card rule, eval.csv `first_numbers_ok`), then by the lowest OOD loss
 at that step (sft_loss.csv; a step without an OOD loss record sorts after those with one), then by the earliest
 step, so a tie no longer picks the first checkpoint by accident. Later stages (RL, spectral pairs, restoration)
-read this."""
+read this. The other OOD metrics' own peaks along the same checkpoints (OOD rule reading highest, OOD NLL lowest;
+evaluation.rule_reading) are reported beside the selection, never used for it."""
 from __future__ import annotations
 
 import logging
@@ -58,12 +59,30 @@ def select_sft(table_path, out, end_sft="last", losses_path=None, expect_rows=No
                       "degenerate": degenerate,
                       "tie_break": {key: _plain(best[key]) for key in TIE_BREAK[1:3]} if len(tied) > 1 else None},
         END_SFT: {"step": int(last["step"]), "ood_accuracy": float(last["accuracy"])},
+        "other_metric_peaks": _other_peaks(ood),
         "rule": f"{INTER_SFT} = argmax OOD accuracy over SFT checkpoints up to {END_SFT} (ties -> highest OOD "
         f"rule-following, then lowest OOD loss, then earliest); {END_SFT} = "
         + ("last checkpoint" if end_sft == "last" else f"step {int(end_sft)} (config selection.end_sft)"),
     }
     write_json(out, selection)
     return selection
+
+
+# the eval table's other OOD metrics (evaluation.rule_reading): column -> whether higher is better
+OTHER_METRICS = {"rule_reading": True, "nll": False}
+
+
+def _other_peaks(ood) -> dict:
+    """Step and value of the best SFT checkpoint (up to End_SFT) by each other OOD metric in the table (earliest on
+    ties); metrics the table lacks are left out."""
+    peaks = {}
+    for column, higher in OTHER_METRICS.items():
+        if column not in ood.columns or ood[column].isna().all():
+            continue
+        ranked = ood.sort_values([column, "step"], ascending=[not higher, True], kind="stable")
+        peaks[f"ood_{column}"] = {"step": int(ranked["step"].iloc[0]), "value": float(ranked[column].iloc[0]),
+                                  "best": "highest" if higher else "lowest"}
+    return peaks
 
 
 def _ood_loss_by_step(losses_path) -> dict:

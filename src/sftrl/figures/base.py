@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..io import read_json
-from .style import save, style
+from .style import RULE_BLIND, save, style
 
 
 def abilities(report: dict, stem) -> None:
@@ -23,6 +23,9 @@ def abilities(report: dict, stem) -> None:
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
+    if any(name.startswith("rule_reading") for name in names):  # forced choice: chance is 50 %, not 0
+        ax.axvline(RULE_BLIND, color="grey", linestyle=":", linewidth=1)
+        ax.text(RULE_BLIND, len(names) - 0.4, " rule-blind (rule_reading_*)", fontsize=6, color="grey", va="bottom")
     ax.set_xlabel("accuracy (%), 95 % interval")
     ax.set_title("Base model abilities (held-out probes)")
     save(fig, stem)

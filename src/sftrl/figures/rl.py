@@ -10,12 +10,12 @@ from ..checkpoint import ALGORITHMS, END_SFT, INTER_SFT, SELECTIONS, Checkpoint
 from ..io import read_json
 from ..report.summary import recovery
 from .sft import SPLIT_NAMES, rl_endpoints
-from .style import save, style
+from .style import RULE_BLIND, rule_blind_line, save, style
 
 
-def _ood(table: pd.DataFrame, ckpt: Checkpoint) -> float:
+def _ood(table: pd.DataFrame, ckpt: Checkpoint, column: str = "accuracy") -> float:
     rows = table[(table["checkpoint"] == ckpt.name) & (table["split"] == "ood")]
-    return float(rows["accuracy"].iloc[0]) if len(rows) else math.nan
+    return float(rows[column].iloc[0]) if len(rows) and column in rows.columns else math.nan
 
 
 def fig1b(eval_table: pd.DataFrame, selection: dict, stem) -> None:
@@ -61,17 +61,25 @@ def recovery_table(table: pd.DataFrame, selection: dict) -> pd.DataFrame:
         fraction = recovery(row["accuracy"], inter, end)
         rows.append({"start": row["start"], "start_step": row["start_step"], "checkpoint": row["checkpoint"],
                      "ood_start": start_ood, "ood_rl": row["accuracy"], "ood_inter": inter, "ood_end": end,
-                     "recovered_fraction": math.nan if fraction is None else fraction})
+                     "recovered_fraction": math.nan if fraction is None else fraction,
+                     "rule_reading_start": _ood(table, Checkpoint.parse(row["start"]), "rule_reading"),
+                     "rule_reading_rl": row.get("rule_reading", math.nan)})
     return pd.DataFrame(rows, columns=["start", "start_step", "checkpoint", "ood_start", "ood_rl", "ood_inter",
-                                       "ood_end", "recovered_fraction"])
+                                       "ood_end", "recovered_fraction", "rule_reading_start", "rule_reading_rl"])
 
 
 def recovery_window(table: pd.DataFrame, selection: dict, stem) -> None:
-    """Left: OOD accuracy of each SFT start and after PPO from it (x: SFT step). Right: the recovered fraction;
-    where Inter_SFT's OOD is not above End_SFT's (0/0: nothing was lost) the panel says so instead of a bar."""
+    """Left: OOD accuracy of each SFT start and after PPO from it (x: SFT step). Middle: the OOD hands' rule reading
+    of the same models (a rule-blind model scores 50 %; left out when the table has none). Right: the recovered
+    fraction; where Inter_SFT's OOD is not above End_SFT's (0/0: nothing was lost) the panel says so instead of a
+    bar."""
     sns, plt = style()
     data = recovery_table(table, selection)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.6, 3.2))
+    reading = data["rule_reading_start"].notna().any() or data["rule_reading_rl"].notna().any()
+    fig, axes = plt.subplots(1, 2 + reading, figsize=(4.8 * (2 + reading), 3.2))
+    ax, bx = axes[0], axes[-1]
+    if reading:
+        _rule_reading_window(axes[1], data, selection)
     long = data.melt(id_vars=["start_step"], value_vars=["ood_start", "ood_rl"], var_name="model",
                      value_name="OOD accuracy")
     long["OOD accuracy (%)"] = 100 * long["OOD accuracy"]
@@ -99,6 +107,23 @@ def recovery_window(table: pd.DataFrame, selection: dict, stem) -> None:
     save(fig, stem)
 
 
+def _rule_reading_window(ax, data: pd.DataFrame, selection: dict) -> None:
+    sns, _ = style()
+    long = data.melt(id_vars=["start_step"], value_vars=["rule_reading_start", "rule_reading_rl"], var_name="model",
+                     value_name="rule reading")
+    long["OOD rule reading (%)"] = 100 * long["rule reading"]
+    long["model"] = long["model"].map({"rule_reading_start": "SFT start", "rule_reading_rl": "after PPO"})
+    sns.lineplot(data=long, x="start_step", y="OOD rule reading (%)", hue="model", style="model", markers=True,
+                 dashes=False, ax=ax)
+    for key, color in ((INTER_SFT, "tab:green"), (END_SFT, "tab:red")):
+        ax.axvline(selection[key]["step"], color=color, linestyle="--", linewidth=1)
+    rule_blind_line(ax)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("SFT step PPO starts from")
+    ax.set_title(f"OOD rule reading (rule-blind = {RULE_BLIND:.0f} %)", fontsize=10)
+    ax.legend(title=None, fontsize=7)
+
+
 def fig1b_command(parser):
     from ..evaluation.table import expect_argument, read_eval_table
 
@@ -119,6 +144,8 @@ def recovery_window_command(parser):
 
     parser.add_argument("--summaries", nargs="+", required=True,
                         help="evaluation summaries of the SFT starts, Inter_SFT, End_SFT and the PPO runs' checkpoints")
+    parser.add_argument("--measures", nargs="*", default=[], help="their rule-reading reports (rule_reading.json)")
     parser.add_argument("--selection", required=True)
     parser.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
-    return lambda args: recovery_window(summary_table(args.summaries), read_json(args.selection), args.out)
+    return lambda args: recovery_window(summary_table(args.summaries, args.measures), read_json(args.selection),
+                                        args.out)

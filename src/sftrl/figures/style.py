@@ -29,3 +29,12 @@ def save(fig, stem: str | os.PathLike) -> None:
         with atomic_path(stem.with_suffix(ext)) as tmp:
             fig.savefig(tmp, bbox_inches="tight", format=ext[1:], **kwargs)
     plt.close(fig)
+
+
+# What the forced-choice rule-reading probe gives a model that ignores the stated rule (evaluation.rule_reading)
+RULE_BLIND = 50.0
+
+
+def rule_blind_line(ax) -> None:
+    """The rule-blind level (50 %) of a rule-reading axis in %, labelled."""
+    ax.axhline(RULE_BLIND, color="grey", linestyle=":", linewidth=1, label=f"rule-blind ({RULE_BLIND:.0f} %)")

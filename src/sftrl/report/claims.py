@@ -3,8 +3,15 @@ ours with a 95 % interval, and a pass / fail criterion stated here in advance �
 results tables, none typed in. A claim whose inputs this run lacks (no RL checkpoints, one RL start, B and T with the
 same accuracy) says so ("no data" / "undefined") instead of guessing.
 
-Intervals of accuracy-based numbers: parametric bootstrap over the evaluation episodes (each accuracy resampled as
-Binomial(n, p̂) / n, independently per checkpoint and split; 2000 draws, fixed seed), percentiles 2.5 / 97.5. The
+Every OOD claim is measured three ways (`metric` column): OOD accuracy (the paper's), OOD rule reading (the
+forced-choice probe on the OOD hands, evaluation.rule_reading; a rule-blind model scores 50 %) and the OOD NLL (the
+SFT OOD loss set). Inter_SFT is OOD accuracy's choice for all three (selection.json). Differences are taken in the
+direction where positive = better (accuracy and rule reading in pp, NLL in nats with its sign turned: lower is
+better), so one criterion reads the same for every metric; ratios (recovered fractions) need no turning.
+
+Intervals: parametric bootstrap (2000 draws, fixed seed, percentiles 2.5 / 97.5), independently per checkpoint and
+split: an accuracy resampled as Binomial(n, p̂) / n over its episodes; a rule reading as Binomial(n, p̂) / n over its
+hands (conservative for per-hand scores in {0, 1/2, 1}); an NLL as Normal(value, its standard error over examples). The
 spectral claim reports the 5-95 % spread across matrices instead (the SVDs are exact, there is nothing to resample).
 Torch-free.
 """
@@ -19,15 +26,31 @@ import pandas as pd
 from ..io import read_json, write_csv, write_text
 
 DRAWS, SEED = 2000, 0
-COLUMNS = ["claim", "statement", "paper", "ours", "low", "high", "unit", "criterion", "verdict", "source"]
+COLUMNS = ["claim", "metric", "statement", "paper", "ours", "low", "high", "unit", "criterion", "verdict", "source"]
+# metric -> (the eval.csv column it needs, scale and sign onto "higher is better", unit of a difference, what it is)
+METRICS = {
+    "accuracy": ("successes", 100.0, "pp", "accuracy"),
+    "rule_reading": ("rule_reading", 100.0, "pp", "rule reading (rule-blind = 50 %)"),
+    "nll": ("nll", -1.0, "nats", "NLL (lower is better)"),
+}
+NOT_IN_PAPER = "not measured in the paper"
 
 
-class Accuracy:
-    """One evaluated accuracy (successes / n) and its bootstrap draws."""
+class Measure:
+    """One measured value of a checkpoint and split, on the "higher is better" scale of its metric (accuracy and rule
+    reading in %, NLL negated), with its bootstrap draws."""
 
-    def __init__(self, successes: int, n: int, rng: np.random.Generator):
-        self.value = successes / n
-        self.draws = rng.binomial(n, self.value, DRAWS) / n
+    def __init__(self, metric: str, row: pd.Series, rng: np.random.Generator):
+        column, scale, _, _ = METRICS[metric]
+        if metric == "nll":
+            raw = float(row["nll"])
+            se = float(row["nll_se"]) if np.isfinite(row.get("nll_se", np.nan)) else 0.0
+            draws = rng.normal(raw, se, DRAWS)
+        else:
+            n = int(row["n"] if metric == "accuracy" else row["rule_reading_n"])
+            raw = float(row[column]) / (n if metric == "accuracy" else 1)
+            draws = rng.binomial(n, raw, DRAWS) / n
+        self.value, self.draws = scale * raw, scale * draws
 
 
 def _interval(point: float, draws: np.ndarray) -> tuple[float, float, float]:
@@ -42,10 +65,13 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(np.abs(den) > 1e-12, num / np.where(den == 0, 1, den), np.nan)
 
 
-def _claim(claim, statement, paper, unit, criterion, source, value=None, verdict_if=None, reason="no data"):
+def _claim(claim, statement, paper, unit, criterion, source, value=None, verdict_if=None, reason="no data",
+           metric="accuracy"):
     """A row; `value` = (point, low, high) or None, `verdict_if(point, low, high)` -> bool."""
-    row = {"claim": claim, "statement": statement, "paper": paper, "unit": unit, "criterion": criterion,
-           "source": source, "ours": np.nan, "low": np.nan, "high": np.nan, "verdict": reason}
+    if metric in ("rule_reading", "nll"):
+        paper = NOT_IN_PAPER
+    row = {"claim": claim, "metric": metric, "statement": statement, "paper": paper, "unit": unit,
+           "criterion": criterion, "source": source, "ours": np.nan, "low": np.nan, "high": np.nan, "verdict": reason}
     if value is not None:
         point, low, high = value
         row.update(ours=point, low=low, high=high)
@@ -58,16 +84,16 @@ class Claims:
         self.eval, self.selection, self.tables = eval_table, selection, tables
         self.rng = np.random.default_rng(SEED)
 
-    def _acc(self, frame: pd.DataFrame, split: str) -> Accuracy | None:
+    def _acc(self, frame: pd.DataFrame, split: str, metric: str = "accuracy") -> Measure | None:
+        """The measure of one row (None when there is not exactly one, or the table lacks the metric's value)."""
         rows = frame[frame["split"] == split]
-        if len(rows) != 1:
+        if len(rows) != 1 or METRICS[metric][0] not in rows.columns or pd.isna(rows.iloc[0][METRICS[metric][0]]):
             return None
-        row = rows.iloc[0]
-        return Accuracy(int(row["successes"]), int(row["n"]), self.rng)
+        return Measure(metric, rows.iloc[0], self.rng)
 
-    def sft(self, key: str, split: str) -> Accuracy | None:
+    def sft(self, key: str, split: str, metric: str = "accuracy") -> Measure | None:
         step = self.selection[key]["step"]
-        return self._acc(self.eval[(self.eval["stage"] == "sft") & (self.eval["step"] == step)], split)
+        return self._acc(self.eval[(self.eval["stage"] == "sft") & (self.eval["step"] == step)], split, metric)
 
     def rl_runs(self) -> pd.DataFrame:
         """RL rows, the last update of each run (algorithm x start)."""
@@ -78,36 +104,41 @@ class Claims:
 
     # -- the claims ----------------------------------------------------------------------------------------------
 
-    def ood_falls(self):
-        inter, end = self.sft("inter_sft", "ood"), self.sft("end_sft", "ood")
-        value = _interval(100 * (inter.value - end.value), 100 * (inter.draws - end.draws)) if inter and end else None
-        return _claim("ood_peaks_then_falls", "OOD accuracy peaks early in SFT (Inter_SFT), then falls by End_SFT",
-                      "Llama-3.2-11B 17.52 → 8.97 % (−48 %); Qwen-2.5-7B 19.67 % → −13 %", "pp (Inter − End, OOD)",
-                      "Inter_SFT before End_SFT and the drop's interval above 0", "eval.csv, selection.json", value,
-                      lambda p, lo, hi: lo > 0 and self.selection["inter_sft"]["step"] < self.selection["end_sft"]["step"])
+    def ood_falls(self, metric="accuracy"):
+        inter, end = self.sft("inter_sft", "ood", metric), self.sft("end_sft", "ood", metric)
+        value = _interval(inter.value - end.value, inter.draws - end.draws) if inter and end else None
+        unit, what = METRICS[metric][2], METRICS[metric][3]
+        return _claim("ood_peaks_then_falls", f"OOD {what} peaks early in SFT (Inter_SFT), then falls by End_SFT",
+                      "Llama-3.2-11B 17.52 → 8.97 % (−48 %); Qwen-2.5-7B 19.67 % → −13 %",
+                      f"{unit} (Inter − End, OOD)", "Inter_SFT before End_SFT and the drop's interval above 0",
+                      "eval.csv, selection.json", value, lambda p, lo, hi: lo > 0 and self._inter_before_end(),
+                      metric=metric)
+
+    def _inter_before_end(self) -> bool:
+        return self.selection["inter_sft"]["step"] < self.selection["end_sft"]["step"]
 
     def id_rises(self):
         inter, end = self.sft("inter_sft", "id"), self.sft("end_sft", "id")
-        value = _interval(100 * (end.value - inter.value), 100 * (end.draws - inter.draws)) if inter and end else None
+        value = _interval(end.value - inter.value, end.draws - inter.draws) if inter and end else None
         return _claim("id_rises", "ID accuracy keeps rising from Inter_SFT to End_SFT",
                       "ID rises steadily, maximal after full SFT", "pp (End − Inter, ID)",
                       "interval above 0", "eval.csv, selection.json", value, lambda p, lo, hi: lo > 0)
 
-    def rl_recovery(self):
+    def rl_recovery(self, metric="accuracy"):
         end_name = f"sft-{self.selection['end_sft']['step']}"
         runs = self.rl_runs()
         runs = runs[runs["start"] == end_name] if len(runs) else runs
-        inter, end = self.sft("inter_sft", "ood"), self.sft("end_sft", "ood")
+        inter, end = self.sft("inter_sft", "ood", metric), self.sft("end_sft", "ood", metric)
         value = None
         if len(runs) and inter and end:
-            rl = self._acc(runs[runs["algorithm"] == sorted(runs["algorithm"])[0]], "ood")
+            rl = self._acc(runs[runs["algorithm"] == sorted(runs["algorithm"])[0]], "ood", metric)
             if rl:
                 value = _interval(100 * _ratio(np.array(rl.value - end.value), np.array(inter.value - end.value)),
                                   100 * _ratio(rl.draws - end.draws, inter.draws - end.draws))
-        return _claim("rl_recovery", "RL from End_SFT recovers the OOD accuracy SFT lost (Inter_SFT − End_SFT)",
-                      "up to 99 % (Qwen-2.5-7B), 85 % (Llama-3.2-11B)", "% of the OOD loss recovered",
+        return _claim("rl_recovery", f"RL from End_SFT recovers the OOD {METRICS[metric][3]} SFT lost (Inter_SFT − "
+                      "End_SFT)", "up to 99 % (Qwen-2.5-7B), 85 % (Llama-3.2-11B)", "% of the OOD loss recovered",
                       "≥ 50 % and the interval's lower bound > 0", "eval.csv (stage rl, start = End_SFT)", value,
-                      lambda p, lo, hi: p >= 50 and lo > 0)
+                      lambda p, lo, hi: p >= 50 and lo > 0, metric=metric)
 
     def sigma_vs_angles(self):
         sigma, angles = self.tables.get("spectral_sigma"), self.tables.get("spectral_angles")
@@ -123,51 +154,55 @@ class Claims:
                      "Δσ within 0–0.005; top angles 25–30°, rising to 90° in the tail", "° (median over matrices "
                      "of the mean top-r principal angle; interval: 5–95 % across matrices)",
                      "median abs(Δσ/σ) < 1 % while the median mean angle > 10°", "spectral_sigma.csv, spectral_angles.csv",
-                     value, lambda p, lo, hi: self.sigma_detail[1] < 1 and p > 10)
+                     value, lambda p, lo, hi: self.sigma_detail[1] < 1 and p > 10, metric="weights")
         if value is not None:
             row["statement"] += f" (pair {self.sigma_detail[0]}: median abs(Δσ/σ) = {self.sigma_detail[1]:.3g} %)"
         return row
 
-    def _restore_recovery(self, sweep: str, select: Callable[[pd.DataFrame], pd.Series], claim, statement, paper):
+    def _restore_recovery(self, sweep: str, select: Callable[[pd.DataFrame], pd.Series], claim, statement, paper,
+                          metric):
         table = self.tables.get(f"restore_{sweep}")
         value = None
         if table is not None:
             point = table[(table["role"] == "restored") & select(table)]
-            B = self._acc(table[table["role"].isin(["reference", "both"])], "ood")
-            T = self._acc(table[table["role"].isin(["target", "both"])], "ood")
-            R = self._acc(point, "ood")
+            B = self._acc(table[table["role"].isin(["reference", "both"])], "ood", metric)
+            T = self._acc(table[table["role"].isin(["target", "both"])], "ood", metric)
+            R = self._acc(point, "ood", metric)
             if B and T and R:
                 value = _interval(100 * _ratio(np.array(R.value - T.value), np.array(B.value - T.value)),
                                   100 * _ratio(R.draws - T.draws, B.draws - T.draws))
-        return _claim(claim, statement, paper, "% of the OOD gap (B − T) recovered", "≥ 70 %",
-                      f"restore_{sweep}.csv", value, lambda p, lo, hi: p >= 70)
+        return _claim(claim, statement.replace("OOD", f"OOD {METRICS[metric][3]}"), paper,
+                      "% of the OOD gap (B − T) recovered", "≥ 70 %", f"restore_{sweep}.csv", value,
+                      lambda p, lo, hi: p >= 70, metric=metric)
 
-    def rank_top20(self):
+    def rank_top20(self, metric="accuracy"):
         return self._restore_recovery(
             "rank", lambda t: (t["arm"] == "direction") & (t["k_unit"] == "fraction") & np.isclose(t["top"], 0.2),
             "rank_top20_direction", "restoring the top-20 % singular directions (direction arm) recovers OOD",
-            "70–80 % of OOD performance")
+            "70–80 % of OOD performance", metric)
 
-    def layer_first25(self):
+    def layer_first25(self, metric="accuracy"):
         return self._restore_recovery(
             "layer", lambda t: (t["arm"] == "direction") & (t["layers"] == "0%-25%") & np.isclose(t["top"], 1.0),
             "layer_first25_direction", "restoring the directions of the first 25 % of layers recovers OOD",
-            "70–80 % of OOD performance")
+            "70–80 % of OOD performance", metric)
 
-    def reverse_drop(self):
+    def reverse_drop(self, metric="accuracy"):
         table = self.tables.get("restore_reverse")
         value = None
         if table is not None:
-            T = self._acc(table[table["role"].isin(["target", "both"])], "ood")
+            T = self._acc(table[table["role"].isin(["target", "both"])], "ood", metric)
             point = table[(table["role"] == "restored") & (table["arm"] == "direction")]
-            R = self._acc(point[point["point"] == point["point"].iloc[0]], "ood") if len(point) else None
+            R = self._acc(point[point["point"] == point["point"].iloc[0]], "ood", metric) if len(point) else None
             if T and R:
-                value = _interval(100 * (T.value - R.value), 100 * (T.draws - R.draws))
-        return _claim("reverse_drops_ood", "RL forced onto End_SFT's singular directions loses OOD accuracy",
-                      "Llama-3.2-11B 16.2 → 10.6 %; Qwen-2.5-7B 19.8 → 19.0 %", "pp (RL − restored, OOD)",
-                      "interval above 0", "restore_reverse.csv", value, lambda p, lo, hi: lo > 0)
+                value = _interval(T.value - R.value, T.draws - R.draws)
+        return _claim("reverse_drops_ood",
+                      f"RL forced onto End_SFT's singular directions loses OOD {METRICS[metric][3]}",
+                      "Llama-3.2-11B 16.2 → 10.6 %; Qwen-2.5-7B 19.8 → 19.0 %",
+                      f"{METRICS[metric][2]} (RL − restored, OOD)",
+                      "interval above 0", "restore_reverse.csv", value, lambda p, lo, hi: lo > 0, metric=metric)
 
-    def late_sft(self):
+    def late_sft(self, metric="accuracy"):
         runs = self.rl_runs()
         value = None
         if len(runs):
@@ -176,17 +211,22 @@ class Claims:
             starts = sorted(runs["start"].unique(), key=lambda s: int(s.split("-")[1]) if s.startswith("sft-") else -1)
             starts = [s for s in starts if s.startswith("sft-")]
             if len(starts) >= 2:
-                early, late = (self._acc(runs[runs["start"] == s], "ood") for s in (starts[0], starts[-1]))
+                early, late = (self._acc(runs[runs["start"] == s], "ood", metric) for s in (starts[0], starts[-1]))
                 if early and late:
-                    value = _interval(100 * (early.value - late.value), 100 * (early.draws - late.draws))
-        return _claim("late_sft_unrecoverable", "RL from a too-late SFT checkpoint does not recover OOD as RL from an "
-                      "earlier one does", "prolonged SFT: OOD only partially recoverable", "pp (OOD of RL from the "
-                      "earliest − from the latest SFT start)", "interval above 0", "eval.csv (stage rl, ≥ 2 starts)",
-                      value, lambda p, lo, hi: lo > 0)
+                    value = _interval(early.value - late.value, early.draws - late.draws)
+        return _claim("late_sft_unrecoverable", f"RL from a too-late SFT checkpoint does not recover OOD "
+                      f"{METRICS[metric][3]} as RL from an earlier one does", "prolonged SFT: OOD only partially "
+                      "recoverable",
+                      f"{METRICS[metric][2]} (OOD of RL from the earliest − from the latest SFT start)",
+                      "interval above 0", "eval.csv (stage rl, ≥ 2 starts)", value, lambda p, lo, hi: lo > 0,
+                      metric=metric)
 
     def table(self) -> pd.DataFrame:
-        rows = [self.ood_falls(), self.id_rises(), self.rl_recovery(), self.sigma_vs_angles(), self.rank_top20(),
-                self.layer_first25(), self.reverse_drop(), self.late_sft()]
+        """Every OOD claim once per metric (accuracy first), the ID and spectral claims once."""
+        ood = [self.ood_falls, self.rl_recovery, self.rank_top20, self.layer_first25, self.reverse_drop, self.late_sft]
+        rows = [claim(metric) for claim in ood[:1] for metric in METRICS] + [self.id_rises()]
+        rows += [claim(metric) for claim in ood[1:2] for metric in METRICS] + [self.sigma_vs_angles()]
+        rows += [claim(metric) for claim in ood[2:] for metric in METRICS]
         return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -196,10 +236,11 @@ def markdown(table: pd.DataFrame) -> str:
 
     lines = ["# Claims of arXiv 2508.16546 against this run", "",
              "Computed by `sftrl claims` from the results tables; intervals are 95 % (see src/sftrl/report/claims.py).",
-             "", "| claim | paper | ours [95 % interval] | unit | criterion | verdict |", "|---|---|---|---|---|---|"]
+             "", "| claim | metric | paper | ours [95 % interval] | unit | criterion | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         ours = f"{number(r['ours'])} [{number(r['low'])}, {number(r['high'])}]"
-        lines.append(f"| {r['statement']} | {r['paper']} | {ours} | {r['unit']} | {r['criterion']} | "
+        lines.append(f"| {r['statement']} | {r['metric']} | {r['paper']} | {ours} | {r['unit']} | {r['criterion']} | "
                      f"**{r['verdict']}** |")
     return "\n".join(lines) + "\n"
 

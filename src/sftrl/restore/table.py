@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..checkpoint import Checkpoint, needs_selection
+from ..evaluation.table import join_measures
 from ..io import read_json, write_csv
 from .spec import sweep_points
 
 SUMMARY_COLUMNS = ["n", "successes", "accuracy", "first_attempt_accuracy", "format_error_rate", "mean_reward"]
 
 
-def sweep_table(sweep: str, settings: Mapping, summaries: Sequence[str], run: str, selection: dict | None = None):
+def sweep_table(sweep: str, settings: Mapping, summaries: Sequence[str], run: str, selection: dict | None = None,
+                measures: Sequence[str] = ()):
     """Rows of one sweep from eval summaries at `.../eval/<checkpoint>/<split>.summary.json` (the eval rule's
-    paths): the sweep's restored points in config order, then B and T."""
+    paths): the sweep's restored points in config order, then B and T; with each checkpoint's rule reading and
+    NLL from `measures` (rule_reading.json reports) where given."""
     import pandas as pd
 
     roles = {}
@@ -49,7 +52,7 @@ def sweep_table(sweep: str, settings: Mapping, summaries: Sequence[str], run: st
     if missing:
         raise ValueError(f"restore.{sweep}: no evaluation of {sorted(missing)}")
     table = pd.DataFrame(rows).sort_values(["order", "split"]).drop(columns="order")
-    return table
+    return join_measures(table, measures) if measures else table
 
 
 def command(parser):
@@ -58,15 +61,18 @@ def command(parser):
     parser.add_argument("--sweep", required=True)
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config restore.<sweep>")
     parser.add_argument("--inputs", nargs="+", required=True,
-                        help="eval summaries (<checkpoint>/<split>.summary.json) of the points, B and T, and "
-                             "selection.json when B or T is a selection; other files (code inputs) are ignored")
+                        help="eval summaries (<checkpoint>/<split>.summary.json) of the points, B and T, their "
+                             "rule_reading.json reports, and selection.json when B or T is a selection; other files "
+                             "(code inputs) are ignored")
     parser.add_argument("--run", required=True)
     parser.add_argument("--out", required=True)
 
     def run(args):
         summaries = [p for p in args.inputs if p.endswith(".summary.json")]
         selections = [p for p in args.inputs if Path(p).name == "selection.json"]
+        measures = [p for p in args.inputs if Path(p).name == "rule_reading.json"]
         selection = read_json(selections[0]) if selections else None
-        write_csv(args.out, sweep_table(args.sweep, args.settings, summaries, args.run, selection))
+        write_csv(args.out, sweep_table(args.sweep, args.settings, summaries, args.run, selection,
+                                             measures))
 
     return run
