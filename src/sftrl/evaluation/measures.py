@@ -77,7 +77,7 @@ def measure_checkpoint(model_dir, hands_path, loss_sets: dict, prefixes: list[st
 
 
 def command(parser):
-    from ..cli import settings
+    from ..io import settings
 
     parser.add_argument("--model", required=True)
     parser.add_argument("--hands", required=True, help="the hand set (sftrl data rule-reading-hands)")
