@@ -13,6 +13,9 @@ Probes, each on problems the model did not train on (documents held out of the c
   Held out means the document text, not the multiset: with puzzle24 in the mix every multiset is in training
   under other phrasings and rules, as a 24-game hand is on the web;
 * generalpoints_id / generalpoints_ood — the real task (chat template, multi-turn), expected near 0 before SFT.
+* copy_hand_id / copy_hand_ood — copying the hand inside the game's prompt: the authors' prompt (the split's rule and
+  dealing) through the chat template, then the base's own answer prefix ``Cards: [``; the greedy continuation must
+  reproduce the hand's list exactly. Hands held out of the cardgame families (`corpus.is_held_out_hand`).
 Greedy decoding throughout (temperature from the probe is always 0: it measures ability, not luck). Every ability
 has a 95 % Wilson score interval (`ci95`) on its n problems.
 """
@@ -23,7 +26,7 @@ import math
 
 import numpy as np
 
-from ..generation import Sampling, make_backend
+from ..generation import Sampling, chat_prompt, make_backend
 from ..io import read_json, write_json
 from ..task import points
 from ..task.data import eval_problems
@@ -87,6 +90,35 @@ def _ability(correct, prompts, outputs, **extra) -> dict:
     k = int(sum(bool(c) for c in correct))
     lo, hi = wilson_interval(k, n)
     return {"accuracy": k / n, "n": n, "ci95": [lo, hi], **extra, "examples": list(zip(prompts, outputs))[:5]}
+
+
+# The base's own answer prefix for a hand (corpus.own_answer), cut inside the list so that what follows is the copy.
+COPY_PREFIX = "Cards: ["
+
+
+def held_out_hands(rule: points.Rule, n: int, seed: int, held_out_per_mille: int, target: int = 24) -> list:
+    """`n` hands dealt as the evaluation deals them under `rule`, keeping only the held-out ones."""
+    rng = np.random.default_rng(seed)
+    hands = []
+    max_draws = 100 * n * 1000 // max(1, held_out_per_mille)  # as held_out_documents: cannot fail by chance
+    for _ in range(max_draws):
+        hand = points.deal(rng, rule, target)
+        if corpus.is_held_out_hand(hand.cards, held_out_per_mille):
+            hands.append(hand)
+            if len(hands) == n:
+                return hands
+    raise ValueError(f"base.corpus.held_out_per_mille = {held_out_per_mille}: only {len(hands)} of {n} held-out "
+                     f"hands in {max_draws} deals")
+
+
+def copy_hand(backend, hands, rule: points.Rule, target: int = 24, max_new_tokens: int = 32) -> dict:
+    """Copying the hand in the authors' prompt, own notation (module docstring): an ability dict."""
+    prompts = [chat_prompt(backend.tokenizer, [{"role": "user", "content": points.render_prompt(h.cards, rule, target)}])
+               + COPY_PREFIX for h in hands]
+    outputs = backend.generate(prompts, Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0))
+    correct = [(COPY_PREFIX + o).startswith(f"Cards: {list(h.cards)}") for o, h in zip(outputs, hands)]
+    # Examples show the hand and what the model wrote (the ~450-character prompt is the authors' template).
+    return _ability(correct, [str(list(h.cards)) for h in hands], [COPY_PREFIX + o for o in outputs])
 
 
 def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, out, target: int = 24,
@@ -155,6 +187,10 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
         rewards = [points.score(corpus.puzzle24_formula(o), numbers, 24).reward
                    for o, (_, numbers) in zip(outputs, items)]
         abilities[name] = _ability([r == 5 for r in rewards], prompts, outputs)
+
+    for i, rule in enumerate((points.ID_RULE, points.OOD_RULE)):
+        hands = held_out_hands(rule, n, seed + 9 + i, held_out, target)
+        abilities[f"copy_hand_{rule.name}"] = copy_hand(backend, hands, rule, target)
 
     task_sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=eval_settings["max_new_tokens"], seed=seed)
     for split in ("id", "ood") if generalpoints else ():
