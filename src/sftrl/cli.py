@@ -19,6 +19,8 @@ import sys
 COMMANDS = {
     "data eval-set": ("sftrl.task.data:eval_set_command", "a fixed, seeded evaluation problem set"),
     "data sft": ("sftrl.task.data:sft_data_command", "SFT train / ID-test / OOD-loss sets"),
+    "data rule-reading-hands": ("sftrl.evaluation.rule_reading:hands_command",
+                                "the rule-reading probe's fixed hand set (face-card hands of the evaluation deal)"),
     "pretrain": ("sftrl.base.pretrain:command", "pretrain the embedded tiny base model (or install the shipped one)"),
     "ship-base": ("sftrl.base.shipped:command", "ship a pretrained base into the repository with its manifest"),
     "probe": ("sftrl.base.probe:command", "ability probe of a base model"),
@@ -28,6 +30,8 @@ COMMANDS = {
     "rl ppo": ("sftrl.train.ppo:command", "turn-level PPO from one checkpoint (sftrl rl --algo ppo)"),
     "rl grpo": ("sftrl.train.grpo:command", "GRPO (TRL) over whole episodes from one checkpoint (rl --algo grpo)"),
     "eval": ("sftrl.evaluation.evaluate:command", "multi-turn rollout evaluation of one checkpoint on one problem set"),
+    "rule-reading": ("sftrl.evaluation.rule_reading:command",
+                     "forced-choice rule-reading probe and SFT-loss-set NLL of one checkpoint (forward passes only)"),
     "table": ("sftrl.evaluation.table:command", "collect evaluation summaries into one tidy CSV"),
     "select": ("sftrl.evaluation.select:command", "pick Inter_SFT and End_SFT from the evaluation table"),
     "svd": ("sftrl.weights.svd:command", "thin SVDs of one checkpoint's shard of weight matrices, cached and verified"),
