@@ -16,6 +16,8 @@ Probes, each on problems the model did not train on (documents held out of the c
 * copy_hand_id / copy_hand_ood — copying the hand inside the game's prompt: the authors' prompt (the split's rule and
   dealing) through the chat template, then the base's own answer prefix ``Cards: [``; the greedy continuation must
   reproduce the hand's list exactly. Hands held out of the cardgame families (`corpus.is_held_out_hand`).
+* rule_reading_own — issue 24's forced-choice rule reading (`evaluation.rule_reading`) in the authors' prompt with
+  the base's own answer prefix, on held-out hands with a face card (n per split); a rule-blind model scores 50 %.
 Greedy decoding throughout (temperature from the probe is always 0: it measures ability, not luck). Every ability
 has a 95 % Wilson score interval (`ci95`) on its n problems.
 """
@@ -110,6 +112,37 @@ def copy_hand(backend, hands, rule: points.Rule, target: int = 24, max_new_token
     return _ability(correct, [str(list(h.cards)) for h in hands], [COPY_PREFIX + o for o in outputs])
 
 
+def held_out_rule_reading_hands(n: int, seed: int, held_out_per_mille: int, target: int = 24) -> list[dict]:
+    """`n` held-out hands with a face card per split (ID dealing, then OOD dealing), as rule-reading hand records."""
+    from ..evaluation.rule_reading import FACE_CARDS, SPLITS
+
+    records = []
+    for i, split in enumerate(SPLITS):
+        rule = points.RULES[split]
+        rng = np.random.default_rng([seed, i])
+        found = 0
+        for _ in range(100 * n * 1000 // max(1, held_out_per_mille)):  # as held_out_hands: cannot fail by chance
+            hand = points.deal(rng, rule, target)
+            if any(c in FACE_CARDS for c in hand.cards) and corpus.is_held_out_hand(hand.cards, held_out_per_mille):
+                records.append({"id": f"{split}-held-out-{found}", "split": split, "cards": list(hand.cards),
+                                **{f"numbers_{r}": [points.RULES[r].value(c) for c in hand.cards] for r in SPLITS}})
+                found += 1
+                if found == n:
+                    break
+        else:
+            raise ValueError(f"base.corpus.held_out_per_mille = {held_out_per_mille}: too few held-out {split} hands")
+    return records
+
+
+def rule_reading_own(backend, hands: list[dict], batch_size: int, target: int = 24) -> dict:
+    """Own-prefix rule reading on `hands`, as an ability (accuracy = the mean, with its four cells)."""
+    from ..evaluation.rule_reading import rule_reading
+
+    report = rule_reading(backend.model, backend.tokenizer, hands, "own", batch_size, target)
+    return {"accuracy": report["mean"], "n": report["n"], "ci95": report["ci95"], "margin": report["margin"],
+            "cells": report["cells"], "examples": []}
+
+
 def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, out, target: int = 24,
           verify_iter: int = 5, generalpoints: bool = True) -> dict:
     """Write the abilities report `out` (its figure is drawn by the figures rule). `generalpoints=False` skips the
@@ -180,6 +213,9 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
     for i, rule in enumerate((points.ID_RULE, points.OOD_RULE)):
         hands = held_out_hands(rule, n, seed + 9 + i, held_out, target)
         abilities[f"copy_hand_{rule.name}"] = copy_hand(backend, hands, rule, target)
+
+    hands = held_out_rule_reading_hands(n, seed + 11, held_out, target)
+    abilities["rule_reading_own"] = rule_reading_own(backend, hands, eval_settings["batch_size"], target)
 
     task_sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=eval_settings["max_new_tokens"], seed=seed)
     for split in ("id", "ood") if generalpoints else ():
