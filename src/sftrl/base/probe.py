@@ -140,7 +140,7 @@ def rule_reading_own(backend, hands: list[dict], batch_size: int, target: int = 
 
     report = rule_reading(backend.model, backend.tokenizer, hands, "own", batch_size, target)
     return {"accuracy": report["mean"], "n": report["n"], "ci95": report["ci95"], "margin": report["margin"],
-            "cells": report["cells"], "examples": []}
+            "cells": report["cells"], "examples": [[str(h["cards"]), h["split"]] for h in hands[:5]]}
 
 
 def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, out, target: int = 24,
