@@ -1,6 +1,7 @@
 """The embedded base model: tokenizer round-trip, reload equality, determinism and exact resume; the ability probe
 and its figure."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -118,7 +119,8 @@ def test_missing_model_dir_names_the_path(tmp_path):
 
 PROBE_MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 ABILITIES = {"arithmetic", "target", "rule_10", "rule_11_12_13", "rule_random", "cards_rule_10", "cards_rule_11_12_13",
-             "puzzle24_rule_10", "puzzle24_rule_11_12_13", "generalpoints_id", "generalpoints_ood"}
+             "puzzle24_rule_10", "puzzle24_rule_11_12_13", "generalpoints_id", "generalpoints_ood", "copy_hand_id",
+             "copy_hand_ood", "rule_reading_own"}
 
 
 def test_probe_reports_every_ability(tmp_path, micro_base, micro_base_settings):
@@ -129,7 +131,8 @@ def test_probe_reports_every_ability(tmp_path, micro_base, micro_base_settings):
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["model"] == str(micro_base) and set(report["abilities"]) == ABILITIES
     for name, value in report["abilities"].items():
-        assert 0.0 <= value["accuracy"] <= 1.0 and value["n"] == settings["n"], name
+        # rule reading counts hands over both splits (n per split)
+        assert 0.0 <= value["accuracy"] <= 1.0 and value["n"] == settings["n"] * (name == "rule_reading_own" and 2 or 1), name
         assert value["ci95"][0] <= value["accuracy"] <= value["ci95"][1], name  # the 95 % Wilson interval
         assert value["examples"], name
     for split in ("id", "ood"):
@@ -177,12 +180,66 @@ def test_snapshots_are_points_of_the_same_run(tmp_path, micro_base, micro_base_s
 def test_probe_reports_every_ability_with_an_interval(tmp_path, micro_base):
     report = probe(micro_base, {"n": 4, "seed": 7, "max_new_tokens": 8}, {"batch_size": 8, "max_new_tokens": 8},
                    PROBE_MODEL_SETTINGS, tmp_path / "abilities.json", verify_iter=1)
-    expected = {"arithmetic", "target", "cards_rule_10", "cards_rule_11_12_13", "rule_random", "rule_10",
-                "rule_11_12_13", "puzzle24_rule_10", "puzzle24_rule_11_12_13", "generalpoints_id", "generalpoints_ood"}
-    assert set(report["abilities"]) == expected
+    assert set(report["abilities"]) == ABILITIES
     for name, value in report["abilities"].items():
         lo, hi = value["ci95"]
-        assert value["n"] == 4 and 0 <= lo <= value["accuracy"] <= hi <= 1, name
+        assert value["n"] == (8 if name == "rule_reading_own" else 4) and 0 <= lo <= value["accuracy"] <= hi <= 1, name
     # the OOD rule-application probe states the OOD rule and shows a face card in every prompt
     for prompt, _ in report["abilities"]["rule_11_12_13"]["examples"]:
         assert prompt.startswith(f"Note that {points.OOD_RULE.face_card_msg} Cards: ") and prompt.endswith("Numbers:")
+
+
+def _continued(settings: dict) -> dict:
+    return {**settings, "continuation": {
+        "corpus": {"n_documents": 300, "mix": {"rule": 1.0, "cardgame": 1.0}},
+        "train": {**settings["train"], "steps": 6, "lr": 0.001, "warmup_steps": 1, "save_every": 4}}}
+
+
+def test_continuation_from_the_first_stage_equals_the_two_stage_run(tmp_path, micro_base, micro_base_settings):
+    """base.continuation: `base.shipped: null` (both stages in one run) gives exactly the weights of the continuation
+    run from the first stage's saved model (init_from, how a shipped continuation is made); steps and the loss log
+    continue the first stage's numbering."""
+    settings = _continued(micro_base_settings)
+    pretrain.pretrain(settings, tmp_path / "both", tmp_path / "s1", tmp_path / "both.csv")
+    first_stage = tmp_path / "first"  # a shipped-like copy: the model dir with its loss log, as resources/base
+    shutil.copytree(micro_base, first_stage)
+    shutil.copyfile(micro_base.parent / "loss.csv", first_stage / "pretrain_loss.csv")
+    pretrain.pretrain(settings, tmp_path / "cont", tmp_path / "s2", tmp_path / "cont.csv", init_from=first_stage)
+    both = (tmp_path / "both" / "model.safetensors").read_bytes()
+    assert both == (tmp_path / "cont" / "model.safetensors").read_bytes()
+    assert both != (micro_base / "model.safetensors").read_bytes()
+    rows = (tmp_path / "both.csv").read_text().splitlines()
+    assert rows == (tmp_path / "cont.csv").read_text().splitlines()
+    steps = [int(row.split(",")[0]) for row in rows[1:]]
+    assert steps == sorted(steps) and steps[-1] == 12 + 6 and 12 in steps
+    first = (micro_base.parent / "loss.csv").read_text().splitlines()
+    assert rows[: len(first)] == first  # the first stage's rows are the first stage's run
+
+
+def test_continuation_refuses_a_first_stage_made_otherwise(tmp_path, micro_base, micro_base_settings):
+    other = _continued({**micro_base_settings, "train": {**micro_base_settings["train"], "lr": 0.001}})
+    with pytest.raises(ValueError, match="init_from"):
+        pretrain.pretrain(other, tmp_path / "m", tmp_path / "s", tmp_path / "l.csv", init_from=micro_base)
+    with pytest.raises(ValueError, match="continuation is null"):
+        pretrain.pretrain(micro_base_settings, tmp_path / "m", tmp_path / "s", tmp_path / "l.csv",
+                          init_from=micro_base)
+
+
+def test_interrupted_continuation_resumes_exactly(tmp_path, micro_base, micro_base_settings, monkeypatch):
+    settings = _continued(micro_base_settings)
+    pretrain.pretrain(settings, tmp_path / "whole", tmp_path / "s0", tmp_path / "whole.csv", init_from=micro_base)
+    real_lr_at = pretrain.lr_at
+
+    def interrupt_at_local_step_5(step, train):
+        if train["steps"] == 6 and step == 5:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_lr_at(step, train)
+
+    monkeypatch.setattr(pretrain, "lr_at", interrupt_at_local_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.pretrain(settings, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv")
+    assert (tmp_path / "state" / "state.pt").exists()  # saved at continuation step 4 (global 16)
+    monkeypatch.setattr(pretrain, "lr_at", real_lr_at)
+    pretrain.pretrain(settings, tmp_path / "model", tmp_path / "state", tmp_path / "loss.csv")
+    assert ((tmp_path / "model" / "model.safetensors").read_bytes()
+            == (tmp_path / "whole" / "model.safetensors").read_bytes())

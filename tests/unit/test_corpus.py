@@ -136,3 +136,75 @@ def test_wilson_interval(k, n, lo, hi):
     got = wilson_interval(k, n)
     assert got[0] == pytest.approx(lo, abs=1e-3) and got[1] == pytest.approx(hi, abs=1e-3)
     assert got[0] <= k / n <= got[1]
+
+
+# ---- cardgame (issue 24): the game's kind of prompt, never the studied rules, never the authors' wording or JSON
+
+# Every fixed piece of the authors' prompt (points.PROMPT_TEMPLATE) and of their JSON answer, read off the template
+# itself: its lines without their placeholders (pieces over 6 characters: "Cards:" is also the base's own notation, in
+# the `rule` family since the first base), and the answer's keys.
+AUTHORS_PIECES = sorted({piece.strip() for line in points.PROMPT_TEMPLATE.splitlines()
+                         for piece in re.split(r"\{[a-z_]+\}", line.replace("{{", "").replace("}}", ""))
+                         if len(piece.strip()) > 6} | {'"cards":', '"number":', '"formula":'})
+_CARDGAME_RE = re.compile(r"<\|im_start\|>user\n(?P<prompt>.*)<\|im_end\|>\n<\|im_start\|>assistant\n"
+                          r"Cards: (?P<cards>\[.*?\]) Numbers: (?P<numbers>\[.*?\])<\|im_end\|>\n", re.S)
+
+
+def _cardgame_rule(prompt: str) -> tuple[int, int, int]:
+    rule = _RULE_RE.search(prompt)
+    assert rule, prompt
+    return tuple(int(rule[1]) for _ in range(3)) if rule[2] is None else tuple(int(x) for x in rule.groups())
+
+
+def test_authors_pieces_are_read_off_the_template():
+    assert "You are an expert" in " ".join(AUTHORS_PIECES) and "[Task Description]" in AUTHORS_PIECES
+    assert "each card must be used once." in " ".join(AUTHORS_PIECES)
+
+
+def test_cardgame_never_states_a_studied_rule_nor_uses_the_authors_wording():
+    rng = np.random.default_rng(0)
+    seen_phrasings = set()
+    for _ in range(3000):
+        document = corpus.make_document(rng, "cardgame")
+        match = _CARDGAME_RE.fullmatch(document)
+        assert match, document
+        prompt = match["prompt"]
+        face_values = _cardgame_rule(prompt)
+        assert face_values not in corpus.STUDIED_FACE_VALUES, document
+        assert not [piece for piece in AUTHORS_PIECES if piece in document], document
+        cards = eval(match["cards"], {})  # a list literal of rank strings, written by the corpus itself
+        assert len(cards) == 4 and all(c in corpus.RANKS for c in cards)
+        assert str(cards) in prompt or ", ".join(cards) in prompt  # the hand is the prompt's
+        assert eval(match["numbers"], {}) == [corpus.card_value(c, face_values) for c in cards]
+        assert not corpus.is_held_out_hand(cards, 50)
+        seen_phrasings.add(next(i for i, p in enumerate(corpus.CARDGAME_PHRASINGS)
+                                if p.split("{")[0] and p.split("{")[0] in prompt or p.startswith("{")))
+    assert len(seen_phrasings) == len(corpus.CARDGAME_PHRASINGS)
+
+
+def test_cardgame_authors_uses_the_authors_prompt_but_never_a_studied_rule_or_their_json_answer():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        match = _CARDGAME_RE.fullmatch(corpus.make_document(rng, "cardgame_authors"))
+        assert match and "You are an expert" in match["prompt"]
+        assert _cardgame_rule(match["prompt"]) not in corpus.STUDIED_FACE_VALUES
+
+
+def test_cardgame_is_deterministic_by_seed_and_renders_the_chat_template():
+    mix = {"rule": 1.0, "cardgame": 1.0}
+    documents = corpus.generate_corpus(5, 200, mix)
+    assert documents == corpus.generate_corpus(5, 200, mix)
+    assert documents != corpus.generate_corpus(6, 200, mix)
+    from sftrl.modeling import build_tokenizer
+    tokenizer = build_tokenizer(documents, 400, 1024)
+    game = next(d for d in documents if d.startswith("<|im_start|>"))
+    user, answer = _CARDGAME_RE.fullmatch(game)["prompt"], game.split("assistant\n", 1)[1].split("<|im_end|>")[0]
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == game
+
+
+def test_held_out_hands_are_never_dealt_by_cardgame():
+    rng = np.random.default_rng(2)
+    dealt = {tuple(corpus.cardgame_hand(rng, 200)) for _ in range(2000)}  # 20 % held out: a strong check
+    assert not [h for h in dealt if corpus.is_held_out_hand(h, 200)]
+    assert 0.45 < np.mean([any(c in "JQK" for c in h) for h in dealt]) < 0.85

@@ -92,3 +92,13 @@ def test_the_repository_copy_matches_its_manifest_and_the_default_config():
     manifest = shipped.verify(REPO / base["shipped"])
     assert manifest["settings"] == shipped.weight_settings(base)
     assert sum(f["bytes"] for f in manifest["files"].values()) <= shipped.MAX_BYTES
+
+
+def test_a_null_continuation_is_no_continuation():
+    """config base.continuation: null makes the same weights as a base section without the key (bases shipped before
+    it existed still install); a continuation stage is a weight setting."""
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["base"]
+    without = {key: value for key, value in base.items() if key != "continuation"}
+    assert shipped.weight_settings({**without, "continuation": None}) == shipped.weight_settings(without)
+    stage = {"corpus": {"n_documents": 10, "mix": {"cardgame": 1.0}}, "train": base["train"]}
+    assert shipped.weight_settings({**without, "continuation": stage})["continuation"] == stage

@@ -18,6 +18,14 @@ all written as plain text lines, none of them the GeneralPoints prompt or its JS
   The value multiset is drawn uniformly from the solvable multisets the rule can show, so every one of the 1,362
   solvable multisets over 1..13 is reachable (those with an 11, 12 or 13 need a rule mapping a face card there).
   Off in the default mix (weight 0); appended last so a mix without it gives the same corpus as before it existed.
+* ``cardgame``    — a card-game prompt of the GeneralPoints kind (four cards, a target, a stated face-card rule), in
+  paraphrases that are not the authors' wording, as a chat turn in the base's own template, answered in the base's
+  own notation ``Cards: ['J', '5', '3', 'K'] Numbers: [4, 5, 3, 2]`` (never the authors' JSON). Rules are random but
+  never the two studied ones, and hands in the held-out 5 % are never dealt (issue 24: a base that reads the rule
+  and copies the hand inside the game's prompt).
+* ``cardgame_authors`` — the same with the authors' exact prompt wording (``points.PROMPT_TEMPLATE``): the
+  pre-registered fallback (b), off unless that attempt is run.
+Families are appended in this order, so a mix without the later ones gives the same corpus as before they existed.
 
 Why generate expressions forward (numbers → random expression → value = target) instead of solving for a
 target: it is O(1) per document and every answer is correct by construction (exact `Fraction` arithmetic).
@@ -25,17 +33,21 @@ target: it is O(1) per document and every answer is correct by construction (exa
 from __future__ import annotations
 
 import functools
+import zlib
 from fractions import Fraction
 from itertools import combinations_with_replacement
 
+import jinja2
 import numpy as np
 
+from ..modeling import CHAT_TEMPLATE
+from ..task import points
 from ..task.points import apply_operator, is_solvable, solve
 
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
 OPS = "+-*/"
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
-FAMILIES = ("arithmetic", "target", "rule", "cards", "puzzle24")
+FAMILIES = ("arithmetic", "target", "rule", "cards", "puzzle24", "cardgame", "cardgame_authors")
 
 
 def random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[str, Fraction] | None:
@@ -170,11 +182,96 @@ def puzzle24_formula(answer: str) -> str:
     return answer.split("=")[0].strip()
 
 
+# ---- cardgame: the game's kind of prompt, the base's own answer notation ---------------------------------------
+
+# The two rules the study measures (ID: J/Q/K = 10; OOD: 11/12/13). The cardgame families never state them, so the
+# study's ID and OOD prompts stay unseen in the game's kind of prompt.
+STUDIED_FACE_VALUES = ((10, 10, 10), (11, 12, 13))
+
+# Paraphrases of a GeneralPoints prompt ({target}, {msg}: the rule statement, {cards}: the hand as a list, {hand}: the
+# ranks joined by ', '). None reuses a sentence, section header or the JSON of points.PROMPT_TEMPLATE
+# (tests/unit/test_corpus.py checks).
+CARDGAME_PHRASINGS = (
+    "Card game: reach {target}.\nYou hold four cards: {cards}\nRule: {msg}\nCombine the four values with + - * / "
+    "and brackets, every card exactly once.\nFirst write the cards and their numbers.",
+    "\n[Game]\nFour cards are dealt; combine their values into {target}. Aces are 1, number cards their number, "
+    "and {msg}\n\n[Hand]\n{cards}\n\n[Reply]\nThe cards, then what each one is worth.\n",
+    "Let's play {target} points. {msg}\nHand: {hand}\nEach card is used one time; allowed: + - * / ( ).\n"
+    "What numbers do these cards stand for?",
+    "In this puzzle the face cards have special values: {msg}\nThe cards on the table are {cards}. Build an "
+    "expression equal to {target} from their numbers (remember: {msg})\n",
+    "\nRound of {target}-points.\nDealt: {cards}\nScoring: {msg}\nGoal: one formula over all four card values "
+    "that makes {target}.\n\n",
+)
+CARDGAME_RULE_DRAWS = 100  # redraws of a studied rule; two rules of ~2,200 make running out impossible in practice
+
+
+def cardgame_rule(rng: np.random.Generator) -> tuple[tuple[int, int, int], str]:
+    """`random_face_rule`, redrawn while it is one of the two studied rules."""
+    for _ in range(CARDGAME_RULE_DRAWS):
+        face_values, msg = random_face_rule(rng)
+        if tuple(face_values) not in STUDIED_FACE_VALUES:
+            return face_values, msg
+    raise RuntimeError(f"{CARDGAME_RULE_DRAWS} draws of random_face_rule were all studied rules")
+
+
+def is_held_out_hand(cards, held_out_per_mille: int) -> bool:
+    """A stable hash split of ordered hands (the text of the hand's list): the cardgame families never deal these,
+    the probe measures on them."""
+    return zlib.crc32(str(list(cards)).encode()) % 1000 < held_out_per_mille
+
+
+def cardgame_hand(rng: np.random.Generator, held_out_per_mille: int) -> list[str]:
+    """Four ranks, half the time with at least one face card (the OOD dealing's shape: three ranks and a face card,
+    shuffled), never a held-out hand."""
+    for _ in range(MAX_DRAWS):
+        cards = _draw_cards(rng, 4)
+        if rng.random() < 0.5:
+            cards[int(rng.integers(4))] = "JQK"[int(rng.integers(3))]
+        if not is_held_out_hand(cards, held_out_per_mille):
+            return cards
+    raise RuntimeError(f"no hand outside the held-out {held_out_per_mille} per mille in {MAX_DRAWS} draws")
+
+
+def own_answer(cards, numbers) -> str:
+    """The base's own notation for a hand and its values (the `rule` family's), the answer of every cardgame prompt."""
+    return f"Cards: {list(cards)} Numbers: {list(numbers)}"
+
+
+@functools.lru_cache(maxsize=None)
+def _chat_template() -> jinja2.Template:
+    return jinja2.Template(CHAT_TEMPLATE)
+
+
+def chat_document(prompt: str, answer: str) -> str:
+    """One user turn and one assistant turn in the embedded base's chat template, as the model sees the game."""
+    return _chat_template().render(
+        messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        add_generation_prompt=False)
+
+
+def cardgame_document(rng: np.random.Generator, authors_wording: bool = False, held_out_per_mille: int = 50) -> str:
+    """One cardgame document (see module docstring); `authors_wording`: the authors' prompt template instead of a
+    paraphrase (family cardgame_authors)."""
+    face_values, msg = cardgame_rule(rng)
+    cards = cardgame_hand(rng, held_out_per_mille)
+    numbers = [card_value(c, face_values) for c in cards]
+    target = 24 if rng.random() < 0.5 else int(rng.integers(10, 100))
+    if authors_wording:
+        prompt = points.PROMPT_TEMPLATE.format(target=target, face_card_msg=msg, cards=cards)
+    else:
+        phrasing = CARDGAME_PHRASINGS[int(rng.integers(len(CARDGAME_PHRASINGS)))]
+        prompt = phrasing.format(target=target, msg=msg, cards=cards, hand=", ".join(cards))
+    return chat_document(prompt, own_answer(cards, numbers))
+
+
 MAX_DRAWS = 10_000  # valid draws are common in every family; the limit only stops a loop that a bug made endless
 
 
-def make_document(rng: np.random.Generator, family: str, max_abs: int = 999, max_target: int = 100) -> str:
-    """One document of the given family (retries internally until the draw is valid)."""
+def make_document(rng: np.random.Generator, family: str, max_abs: int = 999, max_target: int = 100,
+                  held_out_per_mille: int = 50) -> str:
+    """One document of the given family (retries internally until the draw is valid); `held_out_per_mille`: the
+    hands the cardgame families never deal (base.corpus.held_out_per_mille)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown corpus family {family!r}; expected one of {FAMILIES}")
     for _ in range(MAX_DRAWS):
@@ -203,10 +300,12 @@ def make_document(rng: np.random.Generator, family: str, max_abs: int = 999, max
         elif family == "puzzle24":
             face_values, msg = random_face_rule(rng)
             return puzzle24_document(rng, face_values, msg)
+        elif family in ("cardgame", "cardgame_authors"):
+            return cardgame_document(rng, family == "cardgame_authors", held_out_per_mille)
     raise RuntimeError(f"no valid {family} document in {MAX_DRAWS} draws (max_abs {max_abs}, max_target {max_target})")
 
 
-def generate_corpus(seed: int, n_documents: int, mix: dict[str, float]) -> list[str]:
+def generate_corpus(seed, n_documents: int, mix: dict[str, float], held_out_per_mille: int = 50) -> list[str]:
     """`n_documents` documents, families drawn with probabilities `mix` (normalised), fully determined by `seed`."""
     unknown = set(mix) - set(FAMILIES)
     if unknown:
@@ -215,4 +314,4 @@ def generate_corpus(seed: int, n_documents: int, mix: dict[str, float]) -> list[
     weights = np.array([mix[f] for f in names], dtype=float)
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(names), size=n_documents, p=weights / weights.sum())
-    return [make_document(rng, names[i]) for i in picks]
+    return [make_document(rng, names[i], held_out_per_mille=held_out_per_mille) for i in picks]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import codegraph
-from ..io import atomic_dir, atomic_path, fingerprint, write_json
+from ..io import atomic_dir, atomic_path, fingerprint, read_json, write_json
 from ..modeling import EOT, build_tiny_llama, build_tokenizer, save_model
 from ..task import points
 from . import corpus, shipped
@@ -95,13 +95,33 @@ def read_state(path: Path) -> dict | None:
     return None
 
 
-def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_log: str | Path, threads: int = 1,
-             snapshot_steps=(), snapshot_dir: str | Path | None = None) -> None:
-    """Pretrain for `settings["train"]["steps"]` steps and save the model to `out_dir`.
+def training_corpus(seed, corpus_settings: dict, mix: dict, held_out_per_mille: int) -> list[str]:
+    """The documents a stage trains on: its generated corpus without the held-out ones."""
+    documents = corpus.generate_corpus(seed, corpus_settings["n_documents"], mix, held_out_per_mille)
+    return [d for d in documents if not is_held_out(d, held_out_per_mille)]
 
-    `snapshot_steps` (off by default; research use, not the DAG): also save a probe-able model dir
-    `snapshot_dir/step-<N>` after each listed step N. These are points along ONE cosine schedule (the learning rate
-    at step N is still that of the full run), not the models separate N-step runs would give."""
+
+def continuation_seed(seed: int) -> list[int]:
+    """The continuation stage's corpus seed: its own stream, so stage 1's corpus is the same with or without it."""
+    return [seed, 1]
+
+
+def stage_one_settings(settings: dict) -> dict:
+    """The settings of the first stage alone (what a model given as `init_from` must have been made with)."""
+    return {key: value for key, value in shipped.weight_settings(settings).items() if key != "continuation"}
+
+
+def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_log: str | Path, threads: int = 1,
+             snapshot_steps=(), snapshot_dir: str | Path | None = None, init_from: str | Path | None = None) -> None:
+    """Pretrain for `settings["train"]["steps"]` steps, then (if `settings["continuation"]`) continue from those
+    weights for `continuation.train.steps` steps on the continuation corpus, with a fresh optimizer and the same
+    tokenizer; save the model to `out_dir`. Steps are numbered globally (the continuation's first is
+    `train.steps + 1`), in the loss log, in batch seeds and in snapshots.
+
+    `init_from` (shipping a continuation; not the DAG): a model dir that IS the first stage's result (its recorded
+    settings must equal this section's first stage): its weights and tokenizer are loaded and only the continuation
+    runs. `snapshot_steps` (off by default; research use): also save a probe-able model dir `snapshot_dir/step-<N>`
+    after each listed global step N — points along ONE cosine schedule, not the models shorter runs would give."""
     import torch
     from tqdm import tqdm
 
@@ -109,90 +129,128 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     seed = settings["seed"]
-    train = settings["train"]
-    documents = corpus.generate_corpus(seed, settings["corpus"]["n_documents"], settings["corpus"]["mix"])
     held_out = settings["corpus"]["held_out_per_mille"]
-    documents = [d for d in documents if not is_held_out(d, held_out)]
-    tokenizer = build_tokenizer(
-        documents + task_format_texts(seed), settings["vocab_size"], settings["architecture"]["max_position_embeddings"]
-    )
-    stream, document_starts = pack(tokenizer, documents)
-    document_starts = document_starts[document_starts < len(stream) - train["seq_len"] - 1]
-    if not len(document_starts):  # rng.choice would fail later with a message that names nothing
-        raise ValueError(f"base.train.seq_len = {train['seq_len']} is longer than the whole corpus ({len(stream)} "
-                         f"tokens from base.corpus.n_documents = {settings['corpus']['n_documents']})")
-    stream = torch.from_numpy(stream)
-    log.info("corpus: %d documents, %d tokens, vocabulary %d", len(documents), len(stream), len(tokenizer))
+    continuation = settings.get("continuation")
+    if init_from is not None and not continuation:
+        raise ValueError(f"pretrain: init_from = {init_from} but config base.continuation is null (nothing to run)")
+    first_steps = settings["train"]["steps"]
+    stages = [("pretrain", settings["train"], 0)]
+    if continuation:
+        stages.append(("continuation", continuation["train"], first_steps))
+    last_step = sum(train["steps"] for _, train, _ in stages)
 
-    model = build_tiny_llama(tokenizer, settings["architecture"], seed)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=train["lr"], betas=(0.9, 0.95), weight_decay=train["weight_decay"]
-    )
     state_path = Path(state_dir) / "state.pt"
     # Settings and the code that generates data and trains (this module's import closure): state made by anything
     # else is not resumed.
     made_from = fingerprint({"settings": settings, "code": codegraph.code_hash([__name__])})
-    start = 0
     state = read_state(state_path)
-    if state is not None:
-        if state["fingerprint"] == made_from:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start = state["step"]
-            log.info("resuming pretraining from step %d (%s)", start, state_path)
-        else:
-            log.warning("discarding %s: it was made with other settings or code; starting over", state_path)
-            state_path.unlink()
+    if state is not None and (state["fingerprint"] != made_from
+                              or (init_from is not None and state["step"] < first_steps)):
+        log.warning("discarding %s: it was made with other settings or code; starting over", state_path)
+        state_path.unlink()
+        state = None
+    start = state["step"] if state else 0
+
+    if init_from is not None:
+        from ..modeling import load_tokenizer
+        from transformers import AutoModelForCausalLM
+
+        recorded = read_json(Path(init_from) / "sftrl_base.json")["settings"]
+        if stage_one_settings(recorded) != stage_one_settings(settings):
+            raise ValueError(f"pretrain: init_from = {init_from} was made with other first-stage settings than "
+                             "config base (all keys but continuation, shipped and probe must match)")
+        tokenizer = load_tokenizer(init_from)
+        model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+        start = max(start, first_steps)
+    else:
+        documents = training_corpus(seed, settings["corpus"], settings["corpus"]["mix"], held_out)
+        tokenizer = build_tokenizer(documents + task_format_texts(seed), settings["vocab_size"],
+                                    settings["architecture"]["max_position_embeddings"])
+        model = build_tiny_llama(tokenizer, settings["architecture"], seed)
+    if state:
+        model.load_state_dict(state["model"])
+        log.info("resuming pretraining from step %d (%s)", start, state_path)
 
     n_params = sum(p.numel() for p in model.parameters())
     snapshot_steps = {int(s) for s in snapshot_steps}
     if snapshot_steps and snapshot_dir is None:
         raise ValueError("pretrain: snapshot_steps given without snapshot_dir")
     log.info("model: %.2f M parameters", n_params / 1e6)
-    batch_size, seq_len = train["batch_size"], train["seq_len"]
     # The loss log is written beside the resumable state and published to `loss_log` at the end: Snakemake deletes
     # a job's `log:` files before it starts, so a log kept only there would lose its pre-interruption rows.
     working_log = Path(state_dir) / "pretrain_loss.csv"
     working_log.parent.mkdir(parents=True, exist_ok=True)
     # On resume keep the rows up to the resumed step; later ones are recomputed (and identical).
     kept = [row for row in csv.reader(open(working_log))][1:] if start and working_log.exists() else []
+    if init_from is not None and not kept:  # the first stage's rows, from the model it made
+        first_log = Path(init_from) / shipped.LOSS_LOG
+        kept = [row for row in csv.reader(open(first_log))][1:] if first_log.exists() else []
     with open(working_log, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "lr", "loss"])
         writer.writerows(row for row in kept if int(row[0]) <= start)
         model.train()
-        progress = tqdm(range(start, train["steps"]), initial=start, total=train["steps"], desc="pretrain", mininterval=5)
-        for step in progress:
-            rng = np.random.default_rng([seed, step])
-            starts = rng.choice(document_starts, size=batch_size)
-            windows = torch.stack([stream[s : s + seq_len + 1] for s in starts])
-            inputs, targets = windows[:, :-1], windows[:, 1:]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, train)
-            logits = model(input_ids=inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            if step % train["log_every"] == 0 or step + 1 == train["steps"]:
-                writer.writerow([step + 1, f"{lr_at(step, train):.6g}", f"{loss.item():.5f}"])
-                f.flush()
-                progress.set_postfix(loss=f"{loss.item():.3f}")
-            if step + 1 in snapshot_steps:
-                with atomic_dir(Path(snapshot_dir) / f"step-{step + 1}") as tmp:
-                    save_model(model, tokenizer, tmp)
-                    write_json(Path(tmp) / "sftrl_base.json",
-                               {"settings": settings, "parameters": n_params, "snapshot_step": step + 1})
-            if (step + 1) % train["save_every"] == 0 and step + 1 < train["steps"]:
-                f.flush()
-                state_path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(state_path) as tmp:
-                    torch.save(
-                        {"fingerprint": made_from, "step": step + 1, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict()},
-                        tmp,
-                    )
+        for name, train, offset in stages:
+            if start >= offset + train["steps"]:
+                continue
+            if name == "pretrain":
+                stage_documents = documents
+                stage_seed = seed
+            else:
+                stage_seed = continuation_seed(seed)
+                stage_documents = training_corpus(stage_seed, continuation["corpus"], continuation["corpus"]["mix"],
+                                                  held_out)
+            batch_size, seq_len = train["batch_size"], train["seq_len"]
+            stream, document_starts = pack(tokenizer, stage_documents)
+            document_starts = document_starts[document_starts < len(stream) - seq_len - 1]
+            if not len(document_starts):  # rng.choice would fail later with a message that names nothing
+                key = "base" if name == "pretrain" else "base.continuation"
+                raise ValueError(f"{key}.train.seq_len = {seq_len} is longer than the whole corpus ({len(stream)} "
+                                 f"tokens from {key}.corpus.n_documents)")
+            stream = torch.from_numpy(stream)
+            log.info("%s: %d documents, %d tokens, vocabulary %d", name, len(stage_documents), len(stream),
+                     len(tokenizer))
+            # A fresh optimizer per stage (the shipped first stage keeps no optimizer state).
+            optimizer = torch.optim.AdamW(
+                model.parameters(), lr=train["lr"], betas=(0.9, 0.95), weight_decay=train["weight_decay"]
+            )
+            if state and offset <= state["step"] < offset + train["steps"]:
+                optimizer.load_state_dict(state["optimizer"])
+            first = max(start, offset)
+            progress = tqdm(range(first, offset + train["steps"]), initial=first - offset, total=train["steps"],
+                            desc=name, mininterval=5)
+            for step in progress:
+                local = step - offset
+                rng = np.random.default_rng([seed, step])
+                starts = rng.choice(document_starts, size=batch_size)
+                windows = torch.stack([stream[s : s + seq_len + 1] for s in starts])
+                inputs, targets = windows[:, :-1], windows[:, 1:]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(local, train)
+                logits = model(input_ids=inputs).logits
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                if local % train["log_every"] == 0 or local + 1 == train["steps"]:
+                    writer.writerow([step + 1, f"{lr_at(local, train):.6g}", f"{loss.item():.5f}"])
+                    f.flush()
+                    progress.set_postfix(loss=f"{loss.item():.3f}")
+                if step + 1 in snapshot_steps:
+                    with atomic_dir(Path(snapshot_dir) / f"step-{step + 1}") as tmp:
+                        save_model(model, tokenizer, tmp)
+                        write_json(Path(tmp) / "sftrl_base.json",
+                                   {"settings": settings, "parameters": n_params, "snapshot_step": step + 1})
+                if (local + 1) % train["save_every"] == 0 and step + 1 < last_step:
+                    f.flush()
+                    state_path.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(state_path) as tmp:
+                        torch.save(
+                            {"fingerprint": made_from, "step": step + 1, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict()},
+                            tmp,
+                        )
 
     with atomic_dir(out_dir) as tmp:
         save_model(model, tokenizer, tmp)
@@ -202,8 +260,8 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
     working_log.unlink()
     if state_path.exists():
         state_path.unlink()
-    log.info("pretrained %d steps (%d this run): model -> %s, loss log -> %s, in %.0f s", train["steps"],
-             train["steps"] - start, out_dir, loss_log, time.perf_counter() - began)
+    log.info("pretrained %d steps (%d this run): model -> %s, loss log -> %s, in %.0f s", last_step,
+             last_step - start, out_dir, loss_log, time.perf_counter() - began)
 
 
 # -----------------------------------------------------------------------------
@@ -219,6 +277,11 @@ def command(parser):
     parser.add_argument("--loss-log", required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shipped", help="install this shipped base (config base.shipped) instead of pretraining")
+    parser.add_argument("--init-from", help="a model dir that is the first stage's result: run only base.continuation "
+                        "from it (making a shipped continuation; not the DAG)")
+    parser.add_argument("--snapshot-steps", type=int, nargs="*", default=(),
+                        help="also save the model after these global steps (research use)")
+    parser.add_argument("--snapshot-dir", help="where --snapshot-steps go (step-<N>/)")
 
     def run(args):
         if args.shipped:
@@ -226,6 +289,7 @@ def command(parser):
             log.info("installed the shipped base %s (%d files, made by commit %s) -> %s", args.shipped,
                      len(manifest["files"]), manifest.get("code_commit"), args.out)
         else:
-            pretrain(args.settings, args.out, args.state_dir, args.loss_log, threads=args.threads)
+            pretrain(args.settings, args.out, args.state_dir, args.loss_log, threads=args.threads,
+                     snapshot_steps=args.snapshot_steps, snapshot_dir=args.snapshot_dir, init_from=args.init_from)
 
     return run

@@ -17,6 +17,11 @@ Probes, each on problems the model did not train on (documents held out of the c
   game's own prompt, answered in the base's own notation / the authors' JSON: does the base read the stated rule
   where the study measures it? A rule-blind model scores exactly 50 % (accuracy = the mean over all hands; the four
   cells and the log-prob margin beside it).
+* copy_hand_id / copy_hand_ood — copying the hand inside the game's prompt: the authors' prompt (the split's rule and
+  dealing) through the chat template, then the base's own answer prefix ``Cards: [``; the greedy continuation must
+  reproduce the hand's list exactly. Hands held out of the cardgame families (`corpus.is_held_out_hand`).
+* rule_reading_own_held_out — the own-prefix rule reading again, on hands held out of the cardgame families (what a
+  base continued on card-game prompts is judged on: config/README.md, issue 24's preconditions).
 Greedy decoding throughout (temperature from the probe is always 0: it measures ability, not luck). Every ability
 has a 95 % Wilson score interval (`ci95`) on its n problems.
 """
@@ -27,9 +32,9 @@ import logging
 import numpy as np
 
 from ..generation.backends import make_backend
-
 from ..generation.sampling import Sampling
 from ..io import read_json, write_json
+from ..modeling import chat_prompt
 from ..stats import wilson_interval
 from ..task import points
 from ..task.data import eval_problems
@@ -82,6 +87,68 @@ def _ability(correct, prompts, outputs, **extra) -> dict:
     k = int(sum(bool(c) for c in correct))
     lo, hi = wilson_interval(k, n)
     return {"accuracy": k / n, "n": n, "ci95": [lo, hi], **extra, "examples": list(zip(prompts, outputs))[:5]}
+
+
+# The base's own answer prefix for a hand (corpus.own_answer), cut inside the list so that what follows is the copy.
+COPY_PREFIX = "Cards: ["
+
+
+def held_out_hands(rule: points.Rule, n: int, seed: int, held_out_per_mille: int, target: int = 24) -> list:
+    """`n` hands dealt as the evaluation deals them under `rule`, keeping only the held-out ones."""
+    rng = np.random.default_rng(seed)
+    hands = []
+    max_draws = 100 * n * 1000 // max(1, held_out_per_mille)  # as held_out_documents: cannot fail by chance
+    for _ in range(max_draws):
+        hand = points.deal(rng, rule, target)
+        if corpus.is_held_out_hand(hand.cards, held_out_per_mille):
+            hands.append(hand)
+            if len(hands) == n:
+                return hands
+    raise ValueError(f"base.corpus.held_out_per_mille = {held_out_per_mille}: only {len(hands)} of {n} held-out "
+                     f"hands in {max_draws} deals")
+
+
+def copy_hand(backend, hands, rule: points.Rule, sampling: Sampling, target: int = 24) -> dict:
+    """Copying the hand in the authors' prompt, own notation (module docstring), greedy: an ability dict."""
+    prompts = [chat_prompt(backend.tokenizer, [{"role": "user", "content": points.render_prompt(h.cards, rule, target)}],
+                           backend.date_string) + COPY_PREFIX for h in hands]
+    outputs = backend.generate(prompts, sampling)
+    correct = [(COPY_PREFIX + o).startswith(f"Cards: {list(h.cards)}") for o, h in zip(outputs, hands)]
+    # Examples show the hand and what the model wrote (the ~450-character prompt is the authors' template).
+    return _ability(correct, [str(list(h.cards)) for h in hands], [COPY_PREFIX + o for o in outputs])
+
+
+def held_out_rule_reading_hands(n: int, seed: int, held_out_per_mille: int, target: int = 24) -> list[dict]:
+    """`n` held-out hands with a face card per split (ID dealing, then OOD dealing), as rule-reading hand records."""
+    from ..evaluation.rule_reading import FACE_CARDS, SPLITS
+
+    records = []
+    for i, split in enumerate(SPLITS):
+        rule = points.RULES[split]
+        rng = np.random.default_rng([seed, i])
+        found = 0
+        for _ in range(100 * n * 1000 // max(1, held_out_per_mille)):  # as held_out_hands: cannot fail by chance
+            hand = points.deal(rng, rule, target)
+            if any(c in FACE_CARDS for c in hand.cards) and corpus.is_held_out_hand(hand.cards, held_out_per_mille):
+                records.append({"id": f"{split}-held-out-{found}", "split": split, "cards": list(hand.cards),
+                                **{f"numbers_{r}": [points.RULES[r].value(c) for c in hand.cards] for r in SPLITS}})
+                found += 1
+                if found == n:
+                    break
+        else:
+            raise ValueError(f"base.corpus.held_out_per_mille = {held_out_per_mille}: too few held-out {split} hands")
+    return records
+
+
+def rule_reading_ability(backend, hands: list[dict], prefix: str, batch_size: int, target: int = 24) -> dict:
+    """The forced-choice rule reading (evaluation.rule_reading) on `hands`, as an ability: accuracy = the mean over
+    all hands, with its interval, the log-prob margin and the four cells; a rule-blind model scores exactly 50 %."""
+    from ..evaluation.rule_reading import rule_reading
+
+    result = rule_reading(backend.model, backend.tokenizer, hands, prefix, batch_size, target)
+    return {"accuracy": result["mean"], "n": result["n"], "ci95": result["ci95"], "margin": result["margin"],
+            "cells": {f"{c['hands']}_hands_{c['prompt']}_prompt": c["accuracy"] for c in result["cells"]},
+            "rule_blind": 0.5}
 
 
 def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, out, target: int = 24,
@@ -155,6 +222,13 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
                    for o, (_, numbers) in zip(outputs, items)]
         abilities[name] = _ability([r == 5 for r in rewards], prompts, outputs)
 
+    for i, rule in enumerate((points.ID_RULE, points.OOD_RULE)):
+        hands = held_out_hands(rule, n, seed + 9 + i, held_out, target)
+        # the hand's list is at most ~30 tokens: the probe's own budget may be shorter
+        abilities[f"copy_hand_{rule.name}"] = copy_hand(backend, hands, rule, greedy.with_max_new_tokens(32), target)
+    hands = held_out_rule_reading_hands(n, seed + 11, held_out, target)
+    abilities["rule_reading_own_held_out"] = rule_reading_ability(backend, hands, "own", rule_reading_batch_size, target)
+
     task_sampling = greedy.with_max_new_tokens(eval_settings["max_new_tokens"])
     for split in ("id", "ood") if generalpoints else ():
         problems = eval_problems(split, n, seed + 3, target)
@@ -166,15 +240,12 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
                                                "format_error_rate": summary["format_error_rate"],
                                                "examples": [r["attempts"][0]["output"] for r in records[:3]]}
     if rule_reading_hands is not None:
-        from ..evaluation.rule_reading import read_hands, rule_reading
+        from ..evaluation.rule_reading import read_hands
 
         hands = read_hands(rule_reading_hands)
         for prefix in ("own", "json"):
-            result = rule_reading(backend.model, backend.tokenizer, hands, prefix, rule_reading_batch_size, target)
-            abilities[f"rule_reading_{prefix}"] = {
-                "accuracy": result["mean"], "n": result["n"], "ci95": result["ci95"], "margin": result["margin"],
-                "cells": {f"{c['hands']}_hands_{c['prompt']}_prompt": c["accuracy"] for c in result["cells"]},
-                "rule_blind": 0.5}
+            abilities[f"rule_reading_{prefix}"] = rule_reading_ability(backend, hands, prefix, rule_reading_batch_size,
+                                                                     target)
     report = {"model": str(model_dir), "abilities": abilities}
     for name, value in abilities.items():
         log.info("%-22s accuracy %.3f  [%.3f, %.3f]", name, value["accuracy"], *value["ci95"])

@@ -23,8 +23,10 @@ NOT_WEIGHT_SETTINGS = ("shipped", "probe")
 
 
 def weight_settings(settings: dict) -> dict:
-    """The part of config `base` that determines the pretrained weights."""
-    return {key: value for key, value in settings.items() if key not in NOT_WEIGHT_SETTINGS}
+    """The part of config `base` that determines the pretrained weights (`continuation: null` is the same as no
+    continuation key: bases shipped before the key existed keep matching)."""
+    return {key: value for key, value in settings.items()
+            if key not in NOT_WEIGHT_SETTINGS and not (key == "continuation" and value is None)}
 
 
 def sha256(path) -> str:
