@@ -120,7 +120,7 @@ def test_missing_model_dir_names_the_path(tmp_path):
 PROBE_MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 ABILITIES = {"arithmetic", "target", "rule_10", "rule_11_12_13", "rule_random", "cards_rule_10", "cards_rule_11_12_13",
              "puzzle24_rule_10", "puzzle24_rule_11_12_13", "generalpoints_id", "generalpoints_ood", "copy_hand_id",
-             "copy_hand_ood", "rule_reading_own"}
+             "copy_hand_ood", "rule_reading_own_held_out"}
 
 
 def test_probe_reports_every_ability(tmp_path, micro_base, micro_base_settings):
@@ -132,9 +132,9 @@ def test_probe_reports_every_ability(tmp_path, micro_base, micro_base_settings):
     assert report["model"] == str(micro_base) and set(report["abilities"]) == ABILITIES
     for name, value in report["abilities"].items():
         # rule reading counts hands over both splits (n per split)
-        assert 0.0 <= value["accuracy"] <= 1.0 and value["n"] == settings["n"] * (name == "rule_reading_own" and 2 or 1), name
+        assert 0.0 <= value["accuracy"] <= 1.0 and value["n"] == settings["n"] * (name == "rule_reading_own_held_out" and 2 or 1), name
         assert value["ci95"][0] <= value["accuracy"] <= value["ci95"][1], name  # the 95 % Wilson interval
-        assert value["examples"], name
+        assert value["cells"] if name.startswith("rule_reading") else value["examples"], name
     for split in ("id", "ood"):
         task = report["abilities"][f"generalpoints_{split}"]
         assert 0.0 <= task["format_error_rate"] <= 1.0 and len(task["examples"]) == 3
@@ -183,7 +183,7 @@ def test_probe_reports_every_ability_with_an_interval(tmp_path, micro_base):
     assert set(report["abilities"]) == ABILITIES
     for name, value in report["abilities"].items():
         lo, hi = value["ci95"]
-        assert value["n"] == (8 if name == "rule_reading_own" else 4) and 0 <= lo <= value["accuracy"] <= hi <= 1, name
+        assert value["n"] == (8 if name == "rule_reading_own_held_out" else 4) and 0 <= lo <= value["accuracy"] <= hi <= 1, name
     # the OOD rule-application probe states the OOD rule and shows a face card in every prompt
     for prompt, _ in report["abilities"]["rule_11_12_13"]["examples"]:
         assert prompt.startswith(f"Note that {points.OOD_RULE.face_card_msg} Cards: ") and prompt.endswith("Numbers:")

@@ -21,6 +21,7 @@ from sftrl.evaluation.measures import set_nll
 from sftrl.modeling import load_model, load_tokenizer
 from sftrl.task import points
 from sftrl.task.data import eval_problems, sft_example
+from sftrl.task.rule_hands import read_hands, rule_reading_hands
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "resources" / "base"
@@ -87,7 +88,7 @@ def _preferences(tokenizer, hands, prefix, choose):
 
 @pytest.mark.parametrize("prefix", ["json", "own"])
 def test_a_scripted_rule_reader_scores_100_and_a_rule_blind_model_exactly_50(tokenizer, prefix):
-    hands = rr.rule_reading_hands(4, 42)
+    hands = rule_reading_hands(4, 42)
     vocab = len(tokenizer)
 
     reader = ScriptedLM(vocab, _preferences(tokenizer, hands, prefix, lambda hand, rule: rule))
@@ -112,7 +113,7 @@ def test_a_scripted_rule_reader_scores_100_and_a_rule_blind_model_exactly_50(tok
 
 
 def test_batched_log_probs_equal_unbatched_ones_on_a_real_model(tokenizer, base_model):
-    hands = rr.rule_reading_hands(3, 42)
+    hands = rule_reading_hands(3, 42)
     contexts, forks = [], []
     for hand in hands:
         for rule in rr.SPLITS:
@@ -151,11 +152,11 @@ def test_set_nll_is_the_mean_completion_token_nll(tokenizer, base_model):
 
 
 def test_the_hand_set_is_deterministic_and_drawn_from_the_evaluation_deal(tmp_path):
-    hands = rr.rule_reading_hands(30, 42)
-    assert hands == rr.rule_reading_hands(30, 42)
-    assert rr.rule_reading_hands(10, 42) == [h for h in hands if h["split"] == "id"][:10] + \
+    hands = rule_reading_hands(30, 42)
+    assert hands == rule_reading_hands(30, 42)
+    assert rule_reading_hands(10, 42) == [h for h in hands if h["split"] == "id"][:10] + \
         [h for h in hands if h["split"] == "ood"][:10]
-    assert rr.rule_reading_hands(30, 43) != hands
+    assert rule_reading_hands(30, 43) != hands
     for split in rr.SPLITS:
         mine = [h for h in hands if h["split"] == split]
         assert len(mine) == 30
@@ -171,19 +172,19 @@ def test_the_hand_set_is_deterministic_and_drawn_from_the_evaluation_deal(tmp_pa
         assert order == sorted(order) and not any(set(p["cards"]) & set("JQK") for p in skipped)
     path = tmp_path / "hands.jsonl"
     path.write_text("".join(json.dumps(h) + "\n" for h in hands))
-    assert rr.read_hands(path) == hands
+    assert read_hands(path) == hands
 
 
 def test_a_bad_hand_set_fails_naming_file_and_line(tmp_path):
-    hands = rr.rule_reading_hands(2, 42)
+    hands = rule_reading_hands(2, 42)
     bad = dict(hands[1], numbers_ood=[1, 2, 3, 4])
     path = tmp_path / "hands.jsonl"
     path.write_text("".join(json.dumps(h) + "\n" for h in [hands[0], bad, *hands[2:]]))
     with pytest.raises(ValueError, match=r"hands.jsonl, line 2: numbers"):
-        rr.read_hands(path)
+        read_hands(path)
     path.write_text("".join(json.dumps(h) + "\n" for h in hands[:3]))
     with pytest.raises(ValueError, match="2 ID and 1 OOD hands"):
-        rr.read_hands(path)
+        read_hands(path)
 
 
 def test_the_prefixes_are_the_sft_answer_and_the_corpus_rule_notation():

@@ -205,8 +205,9 @@ def pretrain(settings: dict, out_dir: str | Path, state_dir: str | Path, loss_lo
             document_starts = document_starts[document_starts < len(stream) - seq_len - 1]
             if not len(document_starts):  # rng.choice would fail later with a message that names nothing
                 key = "base" if name == "pretrain" else "base.continuation"
+                stage_corpus = settings["corpus"] if name == "pretrain" else continuation["corpus"]
                 raise ValueError(f"{key}.train.seq_len = {seq_len} is longer than the whole corpus ({len(stream)} "
-                                 f"tokens from {key}.corpus.n_documents)")
+                                 f"tokens from {key}.corpus.n_documents = {stage_corpus['n_documents']})")
             stream = torch.from_numpy(stream)
             log.info("%s: %d documents, %d tokens, vocabulary %d", name, len(stage_documents), len(stream),
                      len(tokenizer))

@@ -120,7 +120,7 @@ def copy_hand(backend, hands, rule: points.Rule, sampling: Sampling, target: int
 
 def held_out_rule_reading_hands(n: int, seed: int, held_out_per_mille: int, target: int = 24) -> list[dict]:
     """`n` held-out hands with a face card per split (ID dealing, then OOD dealing), as rule-reading hand records."""
-    from ..evaluation.rule_reading import FACE_CARDS, SPLITS
+    from ..task.rule_hands import FACE_CARDS, SPLITS
 
     records = []
     for i, split in enumerate(SPLITS):
@@ -240,7 +240,7 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
                                                "format_error_rate": summary["format_error_rate"],
                                                "examples": [r["attempts"][0]["output"] for r in records[:3]]}
     if rule_reading_hands is not None:
-        from ..evaluation.rule_reading import read_hands
+        from ..task.rule_hands import read_hands
 
         hands = read_hands(rule_reading_hands)
         for prefix in ("own", "json"):

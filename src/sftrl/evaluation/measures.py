@@ -13,7 +13,8 @@ from ..io import read_jsonl, write_json
 from ..task import points
 from ..train.sft import tokenize_example
 from .logprob import forked_logprobs
-from .rule_reading import PREFIXES, cell_label, read_hands, rule_reading
+from ..task.rule_hands import read_hands
+from .rule_reading import PREFIXES, cell_label, rule_reading
 
 log = logging.getLogger(__name__)
 

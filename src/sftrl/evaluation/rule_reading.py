@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from ..stats import wilson_interval
 from ..task import points
-from ..task.rule_hands import SPLITS, read_hands, rule_reading_hands  # noqa: F401  (public here too)
+from ..task.rule_hands import SPLITS
 from .logprob import chat_prompt_ids, forked_logprobs
 
 # The json prefix is the authors' answer cut where the numbers begin; the own prefix is corpus.rule_document's
