@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..io import atomic_dir, read_json, write_json
-from .shipped import sha256
+from .shipped import check_listed_files, sha256
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +112,7 @@ def verify_import(model_dir, gguf_file=None) -> dict:
     if not (model_dir / MANIFEST).is_file():
         raise FileNotFoundError(f"{model_dir}: no {MANIFEST} (not made by `sftrl import-gguf`)")
     manifest = read_json(model_dir / MANIFEST)
-    for name, recorded in manifest["files"].items():
-        path = model_dir / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{model_dir}: {name} is listed in {MANIFEST} but missing")
-        if sha256(path) != recorded["sha256"]:
-            raise ValueError(f"{model_dir}: {name} does not match its sha256 in {MANIFEST} (modified or truncated; "
-                             "import again)")
+    check_listed_files(model_dir, manifest["files"], str(model_dir), "import again")
     if gguf_file is not None and sha256(gguf_file) != manifest["source"]["sha256"]:
         raise ValueError(f"{model_dir} was imported from a different file than {gguf_file} "
                          f"(source sha256 {manifest['source']['sha256'][:12]}...)")

@@ -37,6 +37,18 @@ def sha256(path) -> str:
     return digest.hexdigest()
 
 
+def check_listed_files(directory: Path, files: dict, label: str, remedy: str) -> None:
+    """Every file a manifest lists ({name: {"sha256": ...}}) is in `directory` with its recorded sha256; a missing or
+    changed one raises naming it (`label`: what the directory is; `remedy`: how to mend it)."""
+    for name, recorded in files.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{label}: {name} is listed in {MANIFEST} but missing")
+        if sha256(path) != recorded["sha256"]:
+            raise ValueError(f"{label}: {name} does not match its sha256 in {MANIFEST} (modified or truncated; "
+                             f"{remedy})")
+
+
 def _flat(tree: dict, prefix: str = "base") -> dict:
     flat = {}
     for key, value in tree.items():
@@ -84,13 +96,8 @@ def verify(shipped_dir) -> dict:
     if not manifest_path.is_file():
         raise FileNotFoundError(f"config base.shipped = {str(shipped_dir)!r}: no {MANIFEST} there")
     manifest = read_json(manifest_path)
-    for name, recorded in manifest["files"].items():
-        path = shipped_dir / name
-        if not path.is_file():
-            raise FileNotFoundError(f"shipped base {shipped_dir}: {name} is listed in {MANIFEST} but missing")
-        if sha256(path) != recorded["sha256"]:
-            raise ValueError(f"shipped base {shipped_dir}: {name} does not match its sha256 in {MANIFEST} "
-                             "(modified or truncated; git checkout it, or regenerate with base.shipped: null)")
+    check_listed_files(shipped_dir, manifest["files"], f"shipped base {shipped_dir}",
+                       "git checkout it, or regenerate with base.shipped: null")
     unlisted = sorted(p.name for p in shipped_dir.iterdir()
                       if p.is_file() and p.name != MANIFEST and p.name not in manifest["files"])
     if unlisted:

@@ -80,14 +80,7 @@ def recovery_window(table: pd.DataFrame, selection: dict, stem) -> None:
     ax, bx = axes[0], axes[-1]
     if reading:
         _rule_reading_window(axes[1], data, selection)
-    long = data.melt(id_vars=["start_step"], value_vars=["ood_start", "ood_rl"], var_name="model",
-                     value_name="OOD accuracy")
-    long["OOD accuracy (%)"] = 100 * long["OOD accuracy"]
-    long["model"] = long["model"].map({"ood_start": "SFT start", "ood_rl": "after PPO"})
-    sns.lineplot(data=long, x="start_step", y="OOD accuracy (%)", hue="model", style="model", markers=True,
-                 dashes=False, ax=ax)
-    for key, color in ((INTER_SFT, "tab:green"), (END_SFT, "tab:red")):
-        ax.axvline(selection[key]["step"], color=color, linestyle="--", linewidth=1, label=SELECTIONS[key])
+    _before_after(ax, data, ("ood_start", "ood_rl"), "OOD accuracy (%)", selection, label_selections=True)
     ax.set_xlabel("SFT step PPO starts from")
     ax.set_title("OOD accuracy before and after PPO")
     ax.legend(title=None, fontsize=7)
@@ -107,16 +100,23 @@ def recovery_window(table: pd.DataFrame, selection: dict, stem) -> None:
     save(fig, stem)
 
 
-def _rule_reading_window(ax, data: pd.DataFrame, selection: dict) -> None:
+def _before_after(ax, data: pd.DataFrame, columns: tuple[str, str], ylabel: str, selection: dict,
+                  label_selections: bool = False) -> None:
+    """One measure (a fraction) of each SFT start and after PPO from it, against the start step, with Inter_SFT and
+    End_SFT marked."""
     sns, _ = style()
-    long = data.melt(id_vars=["start_step"], value_vars=["rule_reading_start", "rule_reading_rl"], var_name="model",
-                     value_name="rule reading")
-    long["OOD rule reading (%)"] = 100 * long["rule reading"]
-    long["model"] = long["model"].map({"rule_reading_start": "SFT start", "rule_reading_rl": "after PPO"})
-    sns.lineplot(data=long, x="start_step", y="OOD rule reading (%)", hue="model", style="model", markers=True,
-                 dashes=False, ax=ax)
+    start, rl = columns
+    long = data.melt(id_vars=["start_step"], value_vars=[start, rl], var_name="model", value_name="value")
+    long[ylabel] = 100 * long["value"]
+    long["model"] = long["model"].map({start: "SFT start", rl: "after PPO"})
+    sns.lineplot(data=long, x="start_step", y=ylabel, hue="model", style="model", markers=True, dashes=False, ax=ax)
     for key, color in ((INTER_SFT, "tab:green"), (END_SFT, "tab:red")):
-        ax.axvline(selection[key]["step"], color=color, linestyle="--", linewidth=1)
+        ax.axvline(selection[key]["step"], color=color, linestyle="--", linewidth=1,
+                   label=SELECTIONS[key] if label_selections else None)
+
+
+def _rule_reading_window(ax, data: pd.DataFrame, selection: dict) -> None:
+    _before_after(ax, data, ("rule_reading_start", "rule_reading_rl"), "OOD rule reading (%)", selection)
     rule_blind_line(ax)
     ax.set_ylim(-2, 102)
     ax.set_xlabel("SFT step PPO starts from")
