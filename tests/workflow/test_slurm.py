@@ -45,7 +45,8 @@ PINNED_THREADS = {"pretrain_base": 2, "probe_base": 2, "sft": 2}
 TARGETS = ["results/base/abilities.json", "results/tables/eval_sft.csv", "results/sft/selection.json",
            "results/figs/fig4.pdf", "results/cluster/gpu_check.txt"]
 SLURM_RULES = {"pretrain_base", "probe_base", "sft_data", "sft", "eval_set", "eval_checkpoint", "eval_table_sft",
-               "select_sft", "svd", "spectral_pair", "spectral_tables", "fig4", "gpu_check"}
+               "select_sft", "svd", "spectral_pair", "spectral_tables", "fig4", "gpu_check", "rule_reading_hands",
+               "rule_reading"}
 
 pytestmark = pytest.mark.workflow
 
