@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The prepared first GPU check (issue 26 §3; `make gpu-check`): ≤ 8 min on one H100 / H200, SmolLM2-135M-Instruct:
-# vLLM evaluation of 234 + 234 episodes against the kv backend (same checkpoint, greedy sampling), bf16 SFT under
+# vLLM evaluation of 64 + 64 episodes against the kv backend (same checkpoint, greedy sampling), bf16 SFT under
 # DeepSpeed, 2 PPO + 2 GRPO updates, the CUDA SVD of one checkpoint against the CPU's. Report: OUT/report.json
 # (default results/gpu_check/report.json): every step's command, seconds, ok, and each comparison's numbers.
 # Steps and tolerances: scripts/gpu_check.py. (Not the Slurm rule `gpu_check`, which records what GPUs a job sees.)
+# What the first run on an H200 found: README.md, "The GPU check".
 #
 #   scripts/gpu_check.sh              # GPU mode
 #   scripts/gpu_check.sh --dry        # or GPU_CHECK_DRY=1: the CPU-possible parts on resources/base, in seconds

@@ -42,6 +42,21 @@ def test_sft_exports_checkpoints_and_losses(micro_base, sft_data, tmp_path):
                            weights(tmp_path / "export" / "checkpoint-6")["lm_head.weight"])
 
 
+def test_step0_losses_are_the_starting_models(micro_base, sft_data, tmp_path):
+    """The step-0 row is evaluated once training has begun (never before train(): DeepSpeed breaks), but before
+    any update: two runs from the same model with different learning rates share it and part at step 3."""
+    import pandas as pd
+
+    tables = []
+    for lr in (0.001, 0.01):
+        root = tmp_path / str(lr)
+        run(micro_base, sft_data, root, {**SFT_SETTINGS, "lr": lr, "max_steps": 3})
+        tables.append(pd.read_csv(root / "loss.csv").set_index(["step", "split"])["loss"])
+    splits = ("id_train", "id_test", "ood")
+    assert [tables[0][0, s] for s in splits] == [tables[1][0, s] for s in splits]
+    assert all(tables[0][3, s] != tables[1][3, s] for s in splits)
+
+
 def test_interrupted_sft_resumes_without_recomputing(micro_base, sft_data, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     run(micro_base, sft_data, reference)

@@ -285,10 +285,20 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
         callbacks=[ExportOnSave()],
     )
     # The step-0 point of every loss curve (the starting model itself), kept beside the trainer state because
-    # Trainer.train() starts a fresh log history.
+    # Trainer.train() starts a fresh log history. Evaluated once training has begun, never before train(): under
+    # DeepSpeed an evaluate() first builds an inference engine that train() then leaves unwrapped (accelerate's
+    # deepspeed_engine_wrapped stays None: "'NoneType' object has no attribute 'backward'", first GPU check).
     step0_path = work_dir / "step0_eval.json"
-    if not step0_path.exists():
-        write_json(step0_path, {**trainer.evaluate(), "step": 0})
+    evaluate_step0 = not step0_path.exists()  # decided before any process writes it (evaluate() is collective)
+
+    class EvaluateStartingModel(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if evaluate_step0 and state.global_step == 0:
+                metrics = trainer.evaluate()
+                if state.is_world_process_zero:
+                    write_json(step0_path, {**metrics, "step": 0})
+
+    trainer.add_callback(EvaluateStartingModel())
     resume = resume_checkpoint(work_dir)
     if resume and trainer_step(resume) >= settings["max_steps"]:
         # Nothing left to train. transformers 5.24's Trainer, resumed from a checkpoint at max_steps, trains and
