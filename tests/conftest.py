@@ -74,9 +74,27 @@ def micro_run(tmp_path_factory, micro_snakefile):
     return workdir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def slurm_run(request, tmp_path_factory):
+    """When tests/workflow/test_slurm.py is among the selected tests: the SLURM cluster and the micro targets' SLURM
+    run, started before the first test (tests/slurm_run.py says why) and stopped after the last; else None."""
+    wanted = any(item.path.name == "test_slurm.py" for item in request.session.items)
+    if not wanted or os.environ.get("SFTRL_SKIP_SLURM") == "1":
+        yield None
+        return
+    from slurm_run import SlurmRun, why_not_runnable
+
+    run = SlurmRun(tmp_path_factory.mktemp("slurm_run"))
+    run.error = why_not_runnable()
+    try:
+        if run.error is None:
+            run.start()
+        yield run
+    finally:
+        run.stop()
+
+
 def pytest_collection_modifyitems(config, items):
-    """Run the SLURM test last. Once it has installed the SLURM client, every later `snakemake` call (any command,
-    local runs and dry runs too) spends ~9 s at import in the SLURM executor plugin, which asks `scontrol show
-    config` for MinJobAge and waits for the stopped controller to time out (plugin 2.8.0, job_status_query.py);
-    test_rerun alone makes ~70 calls."""
+    """Run the SLURM test last: its run (started with the session, conftest `slurm_run`) has then had the longest
+    time to finish, and the shared micro run it compares with is built by then."""
     items.sort(key=lambda item: item.path.name == "test_slurm.py")  # stable: the rest keep their order

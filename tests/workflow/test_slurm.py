@@ -7,7 +7,9 @@ as in CI (`--profile profiles/slurm --profile profiles/slurm-localhost`), and th
     SFT loss table and every evaluation episode) is identical to the local `--cores 2` run of the same config (the
     shared micro run, conftest `micro_run`);
   * `gpu_check` (not part of `all`) ran in a job with the SFT rule's GPU request and recorded what it saw.
-The cluster is stopped afterwards by scripts/slurm/down.sh, unless it was already running before the test.
+The cluster and the SLURM run start with the test session (conftest `slurm_run`, tests/slurm_run.py: the run's
+polling waits overlap the other tests); the cluster is stopped afterwards by scripts/slurm/down.sh, unless it was
+already running before.
 
 Needs root and Debian's apt (or the slurm packages already installed); otherwise it FAILS and says why.
 Opt out explicitly with SFTRL_SKIP_SLURM=1 (e.g. on a developer machine without root).
@@ -15,103 +17,24 @@ Knobs: SFTRL_SLURM_STATE (state dir of up.sh/down.sh, default /tmp/sftrl-slurm),
 SLURM Snakemake run, default 1200).
 """
 import datetime
-import os
 import re
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from helpers import REPO  # noqa: E402
-MICRO = REPO / ".test" / "config" / "config.yaml"
-SCRIPTS = REPO / "scripts" / "slurm"
-PROFILES = [REPO / "profiles" / "slurm", REPO / "profiles" / "slurm-localhost"]
-STATE = Path(os.environ.get("SFTRL_SLURM_STATE", "/tmp/sftrl-slurm"))
-TIMEOUT = int(os.environ.get("SFTRL_SLURM_TIMEOUT", "1200"))
-PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+from slurm_run import PROFILES, STATE, TIMEOUT
+
 # Columns of eval.csv that legitimately differ between two runs: wall-clock seconds of the evaluation.
 IGNORED_COLUMNS = ["seconds"]
 # Rules whose `threads: workflow.cores` the CI profile pins (set-threads) to the local --cores 2 value.
 PINNED_THREADS = {"pretrain_base": 2, "probe_base": 2, "sft": 2}
-# The part of the micro DAG run through SLURM: each kind of job the profiles shape (thread-pinned CPU rules, fake-GPU
-# rules: SFT, evaluations, SVDs; the select_sft checkpoint and the jobs planned after it; plain CPU jobs), not the
-# whole DAG: every SLURM job waits on the plugin's status polling, so `all` (~90 jobs) took 13 minutes of `make test`.
-# The RL and restoration jobs are the same kinds of job again (their resources are in profiles/slurm).
-TARGETS = ["results/base/abilities.json", "results/tables/eval_sft.csv", "results/sft/selection.json",
-           "results/figs/fig4.pdf", "results/cluster/gpu_check.txt"]
 SLURM_RULES = {"pretrain_base", "probe_base", "sft_data", "sft", "eval_set", "eval_checkpoint", "eval_table_sft",
                "select_sft", "svd", "spectral_pair", "spectral_tables", "fig4", "gpu_check", "rule_reading_hands",
                "rule_reading"}
 
 pytestmark = pytest.mark.workflow
-
-
-def env() -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "SFTRL_SLURM_STATE": str(STATE)}
-
-
-def preflight() -> None:
-    if os.environ.get("SFTRL_SKIP_SLURM") == "1":
-        pytest.skip("SFTRL_SKIP_SLURM=1: SLURM integration test skipped on request")
-    if os.geteuid() != 0:
-        pytest.fail("tests/workflow/test_slurm.py must run as root: scripts/slurm/up.sh installs Debian's slurm packages and "
-                    "starts slurmctld/slurmd. Run the tests as root (CI does), or set SFTRL_SKIP_SLURM=1 to skip it.",
-                    pytrace=False)
-    installed = all(subprocess.run(["dpkg", "-s", p], capture_output=True).returncode == 0 for p in PACKAGES) \
-        if shutil.which("dpkg") else False
-    if not installed and shutil.which("apt-get") is None:
-        pytest.fail("tests/workflow/test_slurm.py needs apt-get to install the slurm packages "
-                    f"({', '.join(PACKAGES)}; Debian/Ubuntu) or them already installed. "
-                    "Set SFTRL_SKIP_SLURM=1 to skip it.", pytrace=False)
-
-
-def ours_running() -> bool:
-    """A cluster started by up.sh from STATE is running (then the test leaves it running afterwards)."""
-    def alive(name):
-        try:
-            pid = int((STATE / f"{name}.pid").read_text())
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            return Path(f"/proc/{pid}/comm").read_text().strip() == name and stat.split()[2] != "Z"
-        except (OSError, ValueError, IndexError):
-            return False
-    return alive("slurmctld") and alive("slurmd")
-
-
-@pytest.fixture(scope="module")
-def cluster(request):
-    preflight()
-    was_running = ours_running()
-
-    def down():
-        if not was_running:
-            result = subprocess.run(["bash", str(SCRIPTS / "down.sh")], env=env(), capture_output=True, text=True,
-                                    timeout=120)
-            print(result.stdout + result.stderr)
-    request.addfinalizer(down)  # registered before up.sh, so a half-started cluster is stopped too
-    start = time.monotonic()
-    up = subprocess.run(["bash", str(SCRIPTS / "up.sh")], env=env(), capture_output=True, text=True, timeout=900)
-    seconds = time.monotonic() - start
-    if up.returncode != 0:
-        pytest.fail(f"scripts/slurm/up.sh failed (rc={up.returncode}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}",
-                    pytrace=False)
-    print(f"\nup.sh: {seconds:.1f} s ({'already running' if was_running else 'started'})\n{up.stdout}")
-    return {"up_seconds": seconds, "was_running": was_running}
-
-
-def make_workdir(root: Path) -> Path:
-    (root / "config").mkdir(parents=True)
-    shutil.copy(MICRO, root / "config" / "config.yaml")
-    return root
-
-
-def snakemake_cmd(workdir: Path, *args) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
 
 
 def rule_blocks(log: str) -> dict[int, dict]:
@@ -142,24 +65,19 @@ def controller_log_since(since: datetime.datetime) -> str:
     return "\n".join(lines)
 
 
-def test_micro_dag_through_slurm(cluster, micro_run, tmp_path):
-    slurm_dir, local_dir = make_workdir(tmp_path / "slurm"), micro_run
+def test_micro_dag_through_slurm(slurm_run, micro_run):
+    if slurm_run is None:
+        pytest.skip("SFTRL_SKIP_SLURM=1: SLURM integration test skipped on request")
+    if slurm_run.error:
+        pytest.fail(slurm_run.error, pytrace=False)
+    print(f"\nup.sh: {slurm_run.up_seconds:.1f} s ({'already running' if slurm_run.was_running else 'started'})")
+    slurm_dir, local_dir = slurm_run.workdir, micro_run
     # the reference: the shared local `--cores 2` run of the same config (its first Snakemake log is that run's)
     local_out = sorted((local_dir / ".snakemake" / "log").glob("*.snakemake.log"))[0].read_text()
-    start, started = time.monotonic(), datetime.datetime.now().replace(microsecond=0)
-    profile_args = [arg for profile in PROFILES for arg in ("--profile", str(profile))]
-    # SIGINT, not SIGTERM: a Snakemake waiting on SLURM ignores SIGTERM (slurm_notes.md); KILL 60 s later anyway.
-    slurm = subprocess.run(["timeout", "-s", "INT", "-k", "60", str(TIMEOUT),
-                            *snakemake_cmd(slurm_dir, *profile_args, *TARGETS)],
-                           env=env(), capture_output=True, text=True, timeout=TIMEOUT + 120)
-    slurm_seconds = time.monotonic() - start
-    output = slurm.stdout + slurm.stderr
-    if slurm.returncode != 0:
-        # An interrupted Snakemake may leave submitted jobs behind: cancel this run's jobs (by id).
-        ids = re.findall(r"submitted with SLURM jobid (\d+)", output)
-        if ids:
-            subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
-        pytest.fail(f"SLURM run failed (rc={slurm.returncode}; 124 or 137 = timed out after {TIMEOUT} s, "
+    slurm = slurm_run.finish()
+    slurm_seconds, output = slurm["seconds"], slurm["output"]
+    if slurm["returncode"] != 0:
+        pytest.fail(f"SLURM run failed (rc={slurm['returncode']}; 124 or 137 = timed out after {TIMEOUT} s, "
                     f"SFTRL_SLURM_TIMEOUT):\n{output[-6000:]}", pytrace=False)
 
     # --- every job went through sbatch ---
@@ -173,7 +91,7 @@ def test_micro_dag_through_slurm(cluster, micro_run, tmp_path):
     assert not local_jobs, f"jobs run by Snakemake itself instead of SLURM: {local_jobs}"
     not_submitted = {jobs[j]["rule"] for j in jobs if not jobs[j]["local"] and j not in submitted}
     assert not not_submitted, f"jobs without a SLURM job id: {not_submitted}"
-    controller_log = controller_log_since(started)
+    controller_log = controller_log_since(slurm_run.started)
     # the main scheduler logs "sched: Allocate JobId=N", the backfill scheduler "_start_job: Started JobId=N"
     allocated = set(map(int, re.findall(r"(?:sched: Allocate|_start_job: Started) JobId=(\d+) ", controller_log)))
     completed = set(map(int, re.findall(r"_job_complete: JobId=(\d+) WEXITSTATUS 0", controller_log)))
