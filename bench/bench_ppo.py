@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from bench_eval import ceiling, linear_shapes  # bench/ is on the path of a script run from it
 
 from sftrl.checkpoint import Checkpoint
 from sftrl.modeling import load_model
@@ -94,18 +95,9 @@ def linear_parameters(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def ceiling_flops(model, tokens: int, repeats: int = 10) -> float:
-    """FLOP per CPU second of the model's linear layers as bare fp32 matmuls on `tokens` rows (best of `repeats`)."""
-    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    weights = [torch.randn(o, i) for i, o in shapes]
-    inputs = [torch.randn(tokens, i) for i, _ in shapes]
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first pass warms up
-        start = time.process_time()
-        for x, w in zip(inputs, weights):
-            torch.nn.functional.linear(x, w)
-        best = min(best, time.process_time() - start)
-    return 2 * tokens * sum(i * o for i, o in shapes) / best
+def ceiling_flops(model, tokens: int) -> float:
+    """FLOP per CPU second of the model's linear layers as bare fp32 matmuls on `tokens` rows (bench_eval's)."""
+    return ceiling(model, tokens) * 2 * sum(i * o for i, o in linear_shapes(model))
 
 
 def settings_from_config(config: dict) -> dict:
