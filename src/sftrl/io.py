@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -46,9 +48,17 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path` as a whole."""
+    """Yield a temporary directory beside `path`; on success it replaces `path` as a whole. Temporaries of `path`
+    that a writer killed before publishing left behind (kill -9 runs no cleanup) are removed first: one job writes
+    a path, so nothing else is writing them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkdtemp's names: prefix + 8 of [a-z0-9_] (tempfile._RandomNameSequence); nothing else, so the temporaries of
+    # a longer sibling name (.k0.5.<random> beside k0) are never taken for this path's
+    mine = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if mine.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
