@@ -14,14 +14,15 @@ import time
 
 import torch
 
-from sftrl.task import points
-from sftrl.task.data import eval_problems
 from sftrl.generation.hf import HFBackend
 from sftrl.generation.sampling import Sampling
 from sftrl.modeling import chat_prompt
+from sftrl.task.cards import RULES
+from sftrl.task.data import eval_problems
+from sftrl.task.prompt import render_prompt
 def prompts_for(tokenizer, n: int) -> list[str]:
     problems = eval_problems("id", n // 2, 42, 24) + eval_problems("ood", n - n // 2, 42, 24)
-    return [chat_prompt(tokenizer, [{"role": "user", "content": points.render_prompt(p["cards"], points.RULES[p["rule"]])}])
+    return [chat_prompt(tokenizer, [{"role": "user", "content": render_prompt(p["cards"], RULES[p["rule"]])}])
             for p in problems]
 
 

@@ -33,10 +33,11 @@ from safetensors.torch import save_file
 
 from sftrl.restore.arms import restore_matrix
 from sftrl.restore.spec import RestoreSpec, select
-from sftrl.restore.surgery import FactorSource, restore_model, restore_models, tensor_shapes
+from sftrl.restore.surgery import FactorSource, restore_model, restore_models
 from sftrl.weights.names import plan_shards
 from sftrl.weights.svd import ensure_svd_shard
-from sftrl.weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors
+from sftrl.weights.stored import checkpoint_parameter_names, checkpoint_parameter_shapes
+from sftrl.weights.tensors import iter_checkpoint_tensors
 
 K_POINTS = [round(0.1 * i, 1) for i in range(1, 11)]
 
@@ -68,7 +69,7 @@ def authors_matrix(W_b: torch.Tensor, W_t: torch.Tensor, top: float) -> torch.Te
 
 def authors_point(reference, target, names, top: float, out: Path) -> None:
     """svd_recover_dir.py's R(W_b, W_t) for one point, without its k = full early return (direction mode)."""
-    tensors = dict(iter_checkpoint_tensors(target, list_checkpoint_tensors(target)))
+    tensors = dict(iter_checkpoint_tensors(target, checkpoint_parameter_names(target)))
     W_B = dict(iter_checkpoint_tensors(reference, names))
     for name in names:
         tensors[name] = authors_matrix(W_B[name], tensors[name], top).to(tensors[name].dtype).contiguous()
@@ -107,7 +108,7 @@ def main() -> None:
         tmp = Path(tmp)
         reference, target = ((Path(args.reference), Path(args.target)) if args.reference
                              else tiny_pair(tmp, args.hidden, args.layers))
-        shapes = tensor_shapes(target)
+        shapes = checkpoint_parameter_shapes(target)
         num_layers = json.loads((target / "config.json").read_text())["num_hidden_layers"]
         names = select(RestoreSpec(), [n for n, s in shapes.items() if len(s) == 2], num_layers)
         caches = {}

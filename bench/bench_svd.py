@@ -27,8 +27,10 @@ import torch
 from safetensors.torch import save_file
 
 from sftrl.weights.names import plan_shards, select_matrices
-from sftrl.weights.svd import compute_svd_shard, save_svd_shard, thin_svd
-from sftrl.weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors, tensor_sha256
+from sftrl.weights.svd import compute_svd_shard, save_svd_shard
+from sftrl.weights.thin_svd import thin_svd
+from sftrl.weights.stored import checkpoint_parameter_names
+from sftrl.weights.tensors import iter_checkpoint_tensors, tensor_sha256
 
 SHAPES = [(256, 256), (192, 768), (768, 192), (1024, 1024), (512, 2048)]
 
@@ -114,7 +116,7 @@ def main() -> None:
             report(f"{m}x{n}", 1, raw, ours, full)
 
         ckpt = tiny_checkpoint(tmp / "tiny")
-        names = select_matrices(list_checkpoint_tensors(ckpt))
+        names = select_matrices(checkpoint_parameter_names(ckpt))
         shards = plan_shards(names, args.layers_per_shard)
         weights = {name: W.to(dtype) for name, W in iter_checkpoint_tensors(ckpt, names)}
 

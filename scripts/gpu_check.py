@@ -183,9 +183,11 @@ def run_checks(args) -> dict:
                                "--work-dir", str(out / "work" / algo), "--log", str(out / "rl" / algo / "log.csv")))
 
     # SVD of one checkpoint on two devices (GPU mode) / in two precisions (dry)
-    from sftrl.weights.names import checkpoint_parameter_ndims, shard_plan
+    from sftrl.weights.names import plan_shards
+    from sftrl.weights.stored import checkpoint_parameter_ndims
 
-    shards = shard_plan(checkpoint_parameter_ndims(start_model), {**config["spectral"], "layers_per_shard": 1})
+    shards = plan_shards(checkpoint_parameter_ndims(start_model), 1, config["spectral"]["include"],
+                         config["spectral"]["exclude"])
     # GPU: the first layer shard and the embedding shard; dry: the embedding shard only (seconds count there)
     wanted = ("embed",) if args.dry else (next(iter(shards)), "embed")
     chosen = {shard: shards[shard] for shard in wanted if shard in shards}

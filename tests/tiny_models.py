@@ -17,8 +17,11 @@ from pathlib import Path
 
 import torch
 
-from sftrl.task import points
+from sftrl.task.cards import RULES, Hand
 from sftrl.task.data import eval_problems
+from sftrl.task.prompt import render_answer, render_prompt
+from sftrl.task.solver import is_solvable, solve
+from sftrl.task.verifier import FEEDBACK_PREFIX
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
@@ -35,11 +38,11 @@ def _texts() -> list[str]:
     texts = []
     for rule in ("id", "ood"):
         for p in eval_problems(rule, 40, 1, 24):
-            hand = points.Hand(tuple(p["cards"]), tuple(p["numbers"]))
-            texts.append(points.render_prompt(p["cards"], points.RULES[rule]))
-            texts.append(points.render_answer(hand, points.solve(p["numbers"])[0] if points.is_solvable(p["numbers"])
+            hand = Hand(tuple(p["cards"]), tuple(p["numbers"]))
+            texts.append(render_prompt(p["cards"], RULES[rule]))
+            texts.append(render_answer(hand, solve(p["numbers"])[0] if is_solvable(p["numbers"])
                                               else "1+2+3+4"))
-    texts += [points.FEEDBACK_PREFIX + "your formula is incorrect.", "You are a helpful assistant.",
+    texts += [FEEDBACK_PREFIX + "your formula is incorrect.", "You are a helpful assistant.",
               "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nsystem user assistant"]
     return texts
 

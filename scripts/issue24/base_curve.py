@@ -8,8 +8,8 @@ from sftrl.base import probe as P
 from sftrl.evaluation.rule_reading import rule_reading
 from sftrl.generation.backends import make_backend
 from sftrl.generation.sampling import Sampling
+from sftrl.task.cards import ID_RULE, OOD_RULE
 from sftrl.task.rule_hands import rule_reading_hands
-from sftrl.task import points
 model_dir, out = sys.argv[1], sys.argv[2]
 cfg = yaml.safe_load(open("config/config.yaml"))
 n, seed, held = cfg["base"]["probe"]["n"], cfg["base"]["probe"]["seed"], cfg["base"]["corpus"]["held_out_per_mille"]
@@ -23,7 +23,7 @@ for p in ("json", "own"):
 res["rr_heldout_own"] = P.rule_reading_ability(backend, P.held_out_rule_reading_hands(n, seed + 11, held), "own", 64)
 greedy = Sampling.from_settings(cfg["eval"], temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                                 max_new_tokens=32, seed=seed)
-for i, rule in enumerate((points.ID_RULE, points.OOD_RULE)):
+for i, rule in enumerate((ID_RULE, OOD_RULE)):
     res[f"copy_{rule.name}"] = P.copy_hand(backend, P.held_out_hands(rule, n, seed + 9 + i, held), rule, greedy)
 res["seconds"] = time.time() - t
 json.dump(res, open(out, "w"), indent=1)

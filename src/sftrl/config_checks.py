@@ -121,11 +121,13 @@ def episode_fixed_tokens(tokenizer, target: int, verify_iter: int, model_dir=Non
     """Tokens of an episode that are not answers: the prompt (the shortest of any rule), verify_iter - 1 feedback
     turns of an unparseable answer (what a truncated attempt gets; feedback that echoes the answer is longer), the
     chat template around them (the model directory's, when it has one that renders) and the generation prompt."""
-    from .task import points
+    from .task.cards import RULES
+    from .task.prompt import render_prompt
+    from .task.verifier import feedback_turn, score
 
-    prompt = min((points.render_prompt(("A", "2", "3", "4"), rule, target) for rule in points.RULES.values()),
+    prompt = min((render_prompt(("A", "2", "3", "4"), rule, target) for rule in RULES.values()),
                  key=lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids))
-    feedback = points.feedback_turn(points.score(None, (1, 2, 3, 4), target))
+    feedback = feedback_turn(score(None, (1, 2, 3, 4), target))
     messages = [{"role": "user", "content": prompt}]
     for _ in range(verify_iter - 1):
         messages += [{"role": "assistant", "content": ""}, {"role": "user", "content": feedback}]
@@ -256,7 +258,8 @@ def check_with_model(config: Mapping, model_dir=None, tokenizer_dir=None) -> lis
     (a real model, or the shipped base; None where none exists yet: a base pretrained here). Raises ValueError
     naming the key; returns warnings to log."""
     from .restore.spec import SWEEPS, sweep_points
-    from .weights.names import checkpoint_parameter_shapes, select_matrices, tied_embeddings
+    from .weights.names import select_matrices
+    from .weights.stored import checkpoint_parameter_shapes, tied_embeddings
 
     if model_dir is not None:
         shapes = checkpoint_parameter_shapes(model_dir)

@@ -15,9 +15,9 @@ from sftrl.analysis.drift import drift_correlation, drift_series, with_accuracy,
 from sftrl.analysis.embed_lmhead import embed_lmhead_series
 from sftrl.analysis.spectral import collect_pair_tables, pair_labels, pair_summary, pair_tables
 from sftrl.checkpoint import Checkpoint
-from sftrl.weights.names import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, checkpoint_parameter_names, checkpoint_parameter_ndims,
-                                 llama_parameter_names, llama_parameter_ndims,
-                                 shard_plan)
+from sftrl.weights.names import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, llama_parameter_names, llama_parameter_ndims,
+                                 plan_shards)
+from sftrl.weights.stored import checkpoint_parameter_names, checkpoint_parameter_ndims
 from sftrl.weights.subspace import embed_lmhead_angles, principal_angles
 from sftrl.weights.svd import StaleSVDCache, ensure_svd_shard, group_shards, load_checkpoint_svd, load_svd_shard
 
@@ -59,7 +59,8 @@ def derived_checkpoint(base, out, edit):
 def cache(model, root, checkpoint, settings=SETTINGS):
     """SVD shards of one checkpoint (a name: base, sft-<step>) at root/{checkpoint}/{shard}.safetensors, the
     workflow's layout (Checkpoint.results_dir(results, "svd"), with root = <results>/svd)."""
-    plan = shard_plan(checkpoint_parameter_ndims(model), settings)
+    plan = plan_shards(checkpoint_parameter_ndims(model), settings["layers_per_shard"], settings["include"],
+                       settings["exclude"])
     paths = []
     for shard, names in plan.items():
         path = root / Checkpoint.parse(checkpoint).name / f"{shard}.safetensors"
@@ -111,21 +112,22 @@ def test_llama_names_match_the_embedded_base_model(micro_base, micro_base_settin
     assert sorted(names) == sorted(checkpoint_parameter_names(micro_base))
 
 
-def test_shard_plan():
+def test_plan_shards_of_the_spectral_selection():
     names = llama_parameter_ndims(5)
-    plan = shard_plan(names, {**SETTINGS, "layers_per_shard": 2})
+    include, exclude = SETTINGS["include"], SETTINGS["exclude"]
+    plan = plan_shards(names, 2, include, exclude)
     assert list(plan) == ["layers000-001", "layers002-003", "layers004-005", "embed"]
     assert plan["embed"] == ["model.embed_tokens.weight", "lm_head.weight"]
     assert len(plan["layers000-001"]) == 14 and len(plan["layers004-005"]) == 7  # 7 matrices per layer, no norms
     assert not any("norm" in n for shard in plan.values() for n in shard)
-    only_mlp = shard_plan(names, {**SETTINGS, "include": [r"\.mlp\."], "exclude": [r"down_proj"]})
+    only_mlp = plan_shards(names, 1, [r"\.mlp\."], [r"down_proj"])
     assert {n.split(".")[-2] for shard in only_mlp.values() for n in shard} == {"gate_proj", "up_proj"}
     with pytest.raises(ValueError, match="select no weight matrix"):
-        shard_plan(names, {**SETTINGS, "include": ["nothing-matches"]})
+        plan_shards(names, 1, ["nothing-matches"], exclude)
     with pytest.raises(ValueError, match=r"spectral.include selects 11 tensor\(s\) that are not matrices"):
-        shard_plan(names, {**SETTINGS, "include": [r"\.weight$"], "exclude": []})  # 2 norms x 5 layers + the final norm
+        plan_shards(names, 1, [r"\.weight$"])  # 2 norms x 5 layers + the final norm
     with pytest.raises(ValueError, match=r"spectral.include: '\(' is not a valid regular expression"):
-        shard_plan(names, {**SETTINGS, "include": ["("]})
+        plan_shards(names, 1, ["("], exclude)
 
 
 def test_group_shards():

@@ -11,9 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftrl.base import corpus, pretrain
 from sftrl.base.probe import probe
-from sftrl.task import points
-from sftrl.task.data import eval_problems
 from sftrl.modeling import ModelDirError, chat_prompt, check_model_dir, load_model, load_tokenizer
+from sftrl.task.cards import OOD_RULE, RULES, Hand, deal
+from sftrl.task.data import eval_problems
+from sftrl.task.episode import Episode
+from sftrl.task.prompt import render_answer, render_prompt
+from sftrl.task.solver import solve
+from sftrl.task.verifier import feedback_turn, score
 
 
 def pipeline_strings():
@@ -21,13 +25,13 @@ def pipeline_strings():
     chat-templated multi-turn conversations, and pretraining documents."""
     rng = np.random.default_rng(3)
     strings = []
-    for rule in points.RULES.values():
+    for rule in RULES.values():
         for _ in range(20):
-            hand = points.deal(rng, rule)
-            strings.append(points.render_prompt(hand.cards, rule))
-            for formula in points.solve(hand.numbers)[:2]:
-                strings.append(points.render_answer(hand, formula))
-            strings.append(points.feedback_turn(points.score("1+2*(3", hand.numbers)))
+            hand = deal(rng, rule)
+            strings.append(render_prompt(hand.cards, rule))
+            for formula in solve(hand.numbers)[:2]:
+                strings.append(render_answer(hand, formula))
+            strings.append(feedback_turn(score("1+2*(3", hand.numbers)))
     strings += corpus.generate_corpus(1, 200, {f: 1.0 for f in corpus.FAMILIES})
     strings += ["", " ", "\n\n", "  \"formula\": '10*2'  ", "ünïcode × ÷ – ok"]
     return strings
@@ -44,7 +48,7 @@ def test_tokenizer_round_trip_after_reload(micro_base):
 def test_chat_template_multi_turn_round_trip(micro_base):
     tokenizer = load_tokenizer(micro_base)
     problem = eval_problems("ood", 1, 0, 24)[0]
-    episode = points.Episode(points.Hand(tuple(problem["cards"]), tuple(problem["numbers"])), points.OOD_RULE)
+    episode = Episode(Hand(tuple(problem["cards"]), tuple(problem["numbers"])), OOD_RULE)
     episode.submit('{ "formula": "1+2", }')
     text = chat_prompt(tokenizer, episode.messages)
     assert text.endswith("<|im_start|>assistant\n")
@@ -186,7 +190,7 @@ def test_probe_reports_every_ability_with_an_interval(tmp_path, micro_base):
         assert value["n"] == (8 if name == "rule_reading_own_held_out" else 4) and 0 <= lo <= value["accuracy"] <= hi <= 1, name
     # the OOD rule-application probe states the OOD rule and shows a face card in every prompt
     for prompt, _ in report["abilities"]["rule_11_12_13"]["examples"]:
-        assert prompt.startswith(f"Note that {points.OOD_RULE.face_card_msg} Cards: ") and prompt.endswith("Numbers:")
+        assert prompt.startswith(f"Note that {OOD_RULE.face_card_msg} Cards: ") and prompt.endswith("Numbers:")
 
 
 def _continued(settings: dict) -> dict:

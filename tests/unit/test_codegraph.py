@@ -16,7 +16,8 @@ from sftrl.codegraph import ROOT, closure, code_hash, direct_imports, files, mod
 # they run on login nodes and in Snakemake's own environment, and importing torch would cost seconds each.
 TORCH_FREE_COMMANDS = ["data eval-set", "table", "select", "spectral-collect", "restore-table", "claims"] + \
     [c for c in cli.COMMANDS if c.startswith("figure ")]
-TORCH_FREE_MODULES = ["sftrl.checkpoint", "sftrl.codegraph", "sftrl.cli", "sftrl.weights.names", "sftrl.restore.spec",
+TORCH_FREE_MODULES = ["sftrl.checkpoint", "sftrl.codegraph", "sftrl.cli", "sftrl.weights.names", "sftrl.weights.stored",
+                      "sftrl.restore.spec",
                       "sftrl.config_checks"]
 
 
@@ -56,7 +57,7 @@ def test_module_file(package):
     assert module_file("sftrl.a.b", package) == package / "a" / "b.py"
     assert module_file("sftrl.a.missing", package) is None
     assert module_file("numpy", package) is None
-    assert module_file("sftrl.task.points") == ROOT / "task" / "points.py"
+    assert module_file("sftrl.task.solver") == ROOT / "task" / "solver.py"
 
 
 def test_direct_imports(package):
@@ -82,7 +83,8 @@ def test_closure_follows_imports_and_parent_packages(package):
 def test_closure_of_the_real_pretrain_command():
     found = closure(["sftrl.base.pretrain"])
     for module in ("sftrl", "sftrl.base", "sftrl.base.pretrain", "sftrl.base.corpus", "sftrl.task",
-                   "sftrl.task.points", "sftrl.modeling", "sftrl.io"):
+                   "sftrl.task.cards", "sftrl.task.solver", "sftrl.task.prompt", "sftrl.task.verifier",
+                   "sftrl.modeling", "sftrl.io"):
         assert module in found, module
     # the pretraining command does not run the SFT trainer, the SVD cache or the figures
     assert not any(m.startswith(("sftrl.train", "sftrl.weights", "sftrl.figures", "sftrl.analysis")) for m in found)

@@ -72,7 +72,7 @@ def test_non_finite_numbers_are_named_with_their_key():
 def test_embedded_shapes_match_the_shipped_base():
     """The parse-time shapes of the embedded base (base.architecture) are those of the saved model."""
     from sftrl.config_checks import llama_shapes
-    from sftrl.weights.names import checkpoint_parameter_shapes
+    from sftrl.weights.stored import checkpoint_parameter_shapes
 
     assert llama_shapes(DEFAULT["base"]["architecture"], DEFAULT["base"]["vocab_size"]) == \
         checkpoint_parameter_shapes(SHIPPED)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from sftrl.base import corpus
-from sftrl.task import points
+from sftrl.task.cards import OOD_RULE, RANKS
+from sftrl.task.prompt import PROMPT_TEMPLATE
+from sftrl.task.verifier import score
 from sftrl.base.probe import wilson_interval
 
 from helpers import REPO  # noqa: E402
@@ -77,13 +79,13 @@ def test_every_puzzle24_document_is_a_correct_solution_under_its_rule():
         assert rule, document
         face_values = tuple(int(rule[1]) for _ in range(3)) if rule[2] is None else tuple(int(x) for x in rule.groups())
         cards = fields["cards"].split(", ")
-        assert len(cards) == 4 and all(c in corpus.RANKS for c in cards), document
+        assert len(cards) == 4 and all(c in RANKS for c in cards), document
         seen_face_cards += any(c in "JQK" for c in cards)
         numbers = [corpus.card_value(c, face_values) for c in cards]
         if fields.get("numbers") is not None:
             assert fields["numbers"] == ", ".join(map(str, numbers)), document
-        # the formula uses exactly the mapped values, each once, and is exactly 24 (points.score evaluates fractions)
-        verdict = points.score(fields["formula"], numbers, 24)
+        # the formula uses exactly the mapped values, each once, and is exactly 24 (score evaluates fractions)
+        verdict = score(fields["formula"], numbers, 24)
         assert verdict.reward == 5, (document, verdict)
         # what the probe cuts off as the answer parses back to the same formula
         prompt = corpus.puzzle24_prompt(document)
@@ -93,7 +95,7 @@ def test_every_puzzle24_document_is_a_correct_solution_under_its_rule():
 
 
 def test_puzzle24_is_not_the_generalpoints_format():
-    task_lines = {line.strip() for line in points.PROMPT_TEMPLATE.splitlines() if line.strip()}
+    task_lines = {line.strip() for line in PROMPT_TEMPLATE.splitlines() if line.strip()}
     rng = np.random.default_rng(1)
     for _ in range(300):
         document = corpus.make_document(rng, "puzzle24")
@@ -101,7 +103,7 @@ def test_puzzle24_is_not_the_generalpoints_format():
         assert '"formula"' not in document and '"cards"' not in document and "{" not in document
         assert not any(line in document for line in task_lines if len(line) > 12)
     for phrasing in corpus.PUZZLE24_PHRASINGS:
-        assert phrasing not in points.PROMPT_TEMPLATE and "[Input]" not in phrasing
+        assert phrasing not in PROMPT_TEMPLATE and "[Input]" not in phrasing
 
 
 def test_all_1362_solvable_multisets_are_reachable():
@@ -125,9 +127,9 @@ def test_all_1362_solvable_multisets_are_reachable():
 def test_rule_document_under_a_given_rule():
     rng = np.random.default_rng(0)
     for _ in range(50):
-        document = corpus.rule_document(rng, points.OOD_RULE.face_values, points.OOD_RULE.face_card_msg)
+        document = corpus.rule_document(rng, OOD_RULE.face_values, OOD_RULE.face_card_msg)
         cards = re.search(r"Cards: (\[.*?\])", document)[1]
-        values = [points.OOD_RULE.value(c) for c in eval(cards)]
+        values = [OOD_RULE.value(c) for c in eval(cards)]
         assert document.endswith(f"Numbers: {values}") and any(c in cards for c in "JQK")
 
 
@@ -140,10 +142,10 @@ def test_wilson_interval(k, n, lo, hi):
 
 # ---- cardgame (issue 24): the game's kind of prompt, never the studied rules, never the authors' wording or JSON
 
-# Every fixed piece of the authors' prompt (points.PROMPT_TEMPLATE) and of their JSON answer, read off the template
+# Every fixed piece of the authors' prompt (PROMPT_TEMPLATE) and of their JSON answer, read off the template
 # itself: its lines without their placeholders (pieces over 6 characters: "Cards:" is also the base's own notation, in
 # the `rule` family since the first base), and the answer's keys.
-AUTHORS_PIECES = sorted({piece.strip() for line in points.PROMPT_TEMPLATE.splitlines()
+AUTHORS_PIECES = sorted({piece.strip() for line in PROMPT_TEMPLATE.splitlines()
                          for piece in re.split(r"\{[a-z_]+\}", line.replace("{{", "").replace("}}", ""))
                          if len(piece.strip()) > 6} | {'"cards":', '"number":', '"formula":'})
 _CARDGAME_RE = re.compile(r"<\|im_start\|>user\n(?P<prompt>.*)<\|im_end\|>\n<\|im_start\|>assistant\n"
@@ -173,7 +175,7 @@ def test_cardgame_never_states_a_studied_rule_nor_uses_the_authors_wording():
         assert face_values not in corpus.STUDIED_FACE_VALUES, document
         assert not [piece for piece in AUTHORS_PIECES if piece in document], document
         cards = eval(match["cards"], {})  # a list literal of rank strings, written by the corpus itself
-        assert len(cards) == 4 and all(c in corpus.RANKS for c in cards)
+        assert len(cards) == 4 and all(c in RANKS for c in cards)
         assert str(cards) in prompt or ", ".join(cards) in prompt  # the hand is the prompt's
         assert eval(match["numbers"], {}) == [corpus.card_value(c, face_values) for c in cards]
         assert not corpus.is_held_out_hand(cards, 50)

@@ -1,17 +1,20 @@
 """The stages of an answer (sftrl.task.diagnose): cards read, stated rule followed, numbers used, value."""
-from sftrl.task import points
+from sftrl.task.cards import Hand
 from sftrl.task.diagnose import answer_stages
+from sftrl.task.prompt import parse_formula, render_answer
+from sftrl.task.solver import solve
+from sftrl.task.verifier import score
 
-OOD_HAND = points.Hand(("K", "3", "J", "2"), (13, 3, 11, 2))
+OOD_HAND = Hand(("K", "3", "J", "2"), (13, 3, 11, 2))
 
 
 def stages(text, hand=OOD_HAND):
-    formula = points.parse_formula(text)
-    return answer_stages(text, formula, points.score(formula, hand.numbers).reward, hand)
+    formula = parse_formula(text)
+    return answer_stages(text, formula, score(formula, hand.numbers).reward, hand)
 
 
 def test_a_correct_answer_passes_every_stage():
-    text = points.render_answer(OOD_HAND, points.solve(OOD_HAND.numbers)[0])
+    text = render_answer(OOD_HAND, solve(OOD_HAND.numbers)[0])
     assert stages(text) == {"cards": True, "numbers": True, "formula_numbers": True, "value": True}
 
 

@@ -5,14 +5,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sftrl.task import points
-from sftrl.task.data import eval_problems
-from sftrl.task.rollout import run_episodes
 from sftrl.generation.hf import HFBackend
 from sftrl.generation.kv import KV_SDPA, KVBackend
 from sftrl.generation.sampling import Sampling, generated_lengths
 from sftrl.modeling import chat_prompt
 from sftrl.modeling import load_tokenizer as load_tok
+from sftrl.task.cards import RULES
+from sftrl.task.data import eval_problems
+from sftrl.task.prompt import render_prompt
+from sftrl.task.rollout import run_episodes
 
 MODEL = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=24, seed=0)
@@ -27,7 +28,7 @@ def backends(micro_base):
 def conversation(rule="ood", n=3):
     """First-turn chats of n eval hands, and a second turn built the way an episode builds it."""
     problems = eval_problems(rule, n, 42, 24)
-    return [[{"role": "user", "content": points.render_prompt(p["cards"], points.RULES[p["rule"]])}] for p in problems]
+    return [[{"role": "user", "content": render_prompt(p["cards"], RULES[p["rule"]])}] for p in problems]
 
 
 def second_turn(first: list[dict], answer: str) -> list[dict]:

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 from sftrl.checkpoint import Checkpoint
 from sftrl.generation.sampling import Sampling, stop_token_ids
 from sftrl.modeling import IM_END, IM_START, chat_prompt, load_model, load_tokenizer
-from sftrl.task import points
+from sftrl.task.cards import ID_RULE, Hand
+from sftrl.task.prompt import parse_formula, render_answer, render_prompt
+from sftrl.task.verifier import FEEDBACK_PREFIX, REWARD_FN, feedback_turn, score
 from sftrl.train import grpo, rl
 
 MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
@@ -74,7 +76,7 @@ def test_episode_masks_exactly_the_feedback_turns(stopping_base):
                        Sampling(1.0, 1.0, 8, 3), verify_iter=3, batch_size=4)
     endings = Counter()
     for i, problem in enumerate(hands):
-        first = [{"role": "user", "content": points.render_prompt(problem["cards"], points.ID_RULE, 24)}]
+        first = [{"role": "user", "content": render_prompt(problem["cards"], ID_RULE, 24)}]
         assert played["prompt_ids"][i] == tokenizer(chat_prompt(tokenizer, first), add_special_tokens=False).input_ids
         completion, mask = played["completion_ids"][i], played["env_mask"][i]
         assert len(completion) == len(mask) == len(played["env_mask"][i])
@@ -84,9 +86,9 @@ def test_episode_masks_exactly_the_feedback_turns(stopping_base):
         assert segments[0][0] == 1 and segments[-1][0] == 1  # starts and ends with the policy's tokens
         assert len(feedback) == len(attempts) - 1 and 1 <= len(attempts) <= 3
         # the task's own scoring of each decoded attempt
-        verdicts = [points.score(points.parse_formula(tokenizer.decode(a, skip_special_tokens=True)),
+        verdicts = [score(parse_formula(tokenizer.decode(a, skip_special_tokens=True)),
                                  problem["numbers"]) for a in attempts]
-        solved = [v.reward == points.REWARD_FN["CORRECT_SOLUTION"] for v in verdicts]
+        solved = [v.reward == REWARD_FN["CORRECT_SOLUTION"] for v in verdicts]
         assert not any(solved[:-1]) and (solved[-1] or len(attempts) == 3)
         for attempt, turn, verdict in zip(attempts, feedback, verdicts):
             stopped = attempt[-1] in stops
@@ -96,7 +98,7 @@ def test_episode_masks_exactly_the_feedback_turns(stopping_base):
             # answer is the policy's own token when it stopped with it, else (ran out of tokens, or stopped with
             # <|endoftext|>) the template's, masked
             closed = attempt[-1] == tokenizer.convert_tokens_to_ids(IM_END)
-            expected = (f"{'' if closed else IM_END}\n{IM_START}user\n{points.feedback_turn(verdict)}{IM_END}\n"
+            expected = (f"{'' if closed else IM_END}\n{IM_START}user\n{feedback_turn(verdict)}{IM_END}\n"
                         f"{IM_START}assistant\n")
             assert tokenizer.decode(turn, skip_special_tokens=False) == expected
         assert played["episode_reward"][i] == sum(v.reward for v in verdicts)
@@ -124,18 +126,18 @@ def test_episode_extension_keeps_sampled_whitespace_under_real_templates(family,
     the policy sampled it, the feedback turn, the next assistant header). The old extension raised here."""
     tokenizer = family_tokenizer(family)
     eot = tokenizer.eos_token
-    hand = points.Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
-    answer = "\n" + points.render_answer(hand, "4") + "\n"
+    hand = Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
+    answer = "\n" + render_answer(hand, "4") + "\n"
     sampled = tokenizer(answer, add_special_tokens=False).input_ids
     if stopped:
         sampled = sampled + [tokenizer.convert_tokens_to_ids(eot)]
-    user = {"role": "user", "content": points.render_prompt(hand.cards, points.ID_RULE, 24)}
+    user = {"role": "user", "content": render_prompt(hand.cards, ID_RULE, 24)}
     episode = grpo.EpisodeTokens(tokenizer, stop_token_ids(tokenizer))
     first = chat_prompt(tokenizer, [user])
     first_ids = episode.extend(first)
     assert first_ids == tokenizer(first, add_special_tokens=False).input_ids
     episode.add_sampled(sampled)
-    feedback = points.FEEDBACK_PREFIX + "your formula is incorrect."
+    feedback = FEEDBACK_PREFIX + "your formula is incorrect."
     decoded = tokenizer.decode(sampled, skip_special_tokens=True)  # what run_episodes puts in the conversation
     second = chat_prompt(tokenizer, [user, {"role": "assistant", "content": decoded},
                                      {"role": "user", "content": feedback}])

@@ -1,4 +1,5 @@
-"""GeneralPoints environment (sftrl.task.points): golden texts, the authors' worked examples, properties, brute force."""
+"""GeneralPoints environment (sftrl.task: cards, solver, prompt, verifier, episode): golden texts, the authors'
+worked examples, properties, brute force."""
 import functools
 import re
 import time
@@ -12,8 +13,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from helpers import REPO
 
-from sftrl.task import points
-from sftrl.task.points import ID_RULE, OOD_RULE, Episode, Hand, parse_formula, score, solve
+from sftrl.task.cards import ID_RULE, OOD_RULE, RANKS, RULES, Hand, deal
+from sftrl.task.episode import Episode
+from sftrl.task.prompt import parse_formula, render_answer, render_prompt
+from sftrl.task.solver import _solutions, is_solvable, solve
+from sftrl.task.verifier import OUTCOMES, REWARD_FN, Verdict, feedback_turn, score
 
 hands = st.lists(st.integers(1, 13), min_size=4, max_size=4)
 fast = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -61,8 +65,8 @@ Cards: ['A', '10', 'K', '5']
 
 def test_prompt_is_the_authors_template_byte_for_byte():
     cards = ("A", "10", "K", "5")
-    assert points.render_prompt(cards, ID_RULE) == EXPECTED_ID_PROMPT
-    assert points.render_prompt(list(cards), OOD_RULE) == EXPECTED_OOD_PROMPT
+    assert render_prompt(cards, ID_RULE) == EXPECTED_ID_PROMPT
+    assert render_prompt(list(cards), OOD_RULE) == EXPECTED_OOD_PROMPT
     # Spec §1.4: starts with a newline, ends with two, 16 lines, the double punctuation.
     assert EXPECTED_ID_PROMPT.startswith("\n[Task Description]\n") and EXPECTED_ID_PROMPT.endswith("}\n\n")
     assert len(EXPECTED_ID_PROMPT.split("\n")) == 17
@@ -70,27 +74,27 @@ def test_prompt_is_the_authors_template_byte_for_byte():
 
 
 def test_prompt_substitutes_the_target_where_the_authors_do():
-    text = points.render_prompt(("A", "2", "3", "4"), ID_RULE, target=10)
+    text = render_prompt(("A", "2", "3", "4"), ID_RULE, target=10)
     assert "expert 10 points" in text and "evaluates to 10 using" in text and "'an equation that equals 10'" in text
     assert "24" not in text
 
 
 def test_answer_and_feedback_texts():
     hand = Hand(("10", "K", "2", "2"), (10, 10, 2, 2))
-    assert points.render_answer(hand, "(10+10)+2+2") == (
+    assert render_answer(hand, "(10+10)+2+2") == (
         "\n{\n  \"cards\": ['10', 'K', '2', '2'],\n  \"number\": [10, 10, 2, 2],\n"
         "  \"formula\": \"(10+10)+2+2=24\",\n}")
-    assert parse_formula(points.render_answer(hand, "(10+10)+2+2")) == "(10+10)+2+2"
+    assert parse_formula(render_answer(hand, "(10+10)+2+2")) == "(10+10)+2+2"
     verdict = score("1+2+3", (1, 2, 3, 4))
-    assert points.feedback_turn(verdict) == "You failed this trial because you didn't use numbers: [4]."
+    assert feedback_turn(verdict) == "You failed this trial because you didn't use numbers: [4]."
 
 
 def test_rules():
-    assert points.REWARD_FN == {"CORRECT_SOLUTION": 5, "PARTIAL_SOLUTION": 1, "NO_SOLUTION": -1,
+    assert REWARD_FN == {"CORRECT_SOLUTION": 5, "PARTIAL_SOLUTION": 1, "NO_SOLUTION": -1,
                                 "INCORRECT_VISION": -1.5, "INCORRECT_NUMBER": -2, "ILLEGAL_FORMULA": -3}
-    assert [ID_RULE.value(r) for r in points.RANKS] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 10, 10]
-    assert [OOD_RULE.value(r) for r in points.RANKS] == list(range(1, 14))
-    assert points.RULES == {"id": ID_RULE, "ood": OOD_RULE}
+    assert [ID_RULE.value(r) for r in RANKS] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 10, 10]
+    assert [OOD_RULE.value(r) for r in RANKS] == list(range(1, 14))
+    assert RULES == {"id": ID_RULE, "ood": OOD_RULE}
     with pytest.raises(ValueError):
         ID_RULE.value("T")
 
@@ -169,7 +173,7 @@ def test_solve_basics():
     sols = solve((10, 10, 2, 2))
     assert "(10+10)+2+2" in sols and len(sols) == len(set(sols))
     assert all(re.fullmatch(r"[0-9+\-*/()]+", s) for s in sols)
-    assert solve((1, 1, 1, 1)) == [] and not points.is_solvable((1, 1, 1, 1))
+    assert solve((1, 1, 1, 1)) == [] and not is_solvable((1, 1, 1, 1))
     assert "1+2+3+4" in solve((4, 3, 2, 1), target=10)
     sols.append("tampered")
     assert "tampered" not in solve((10, 10, 2, 2))  # a new list every call
@@ -219,7 +223,7 @@ def allowed_rewards():
 
 def check_verdict(verdict):
     assert verdict.reward in allowed_rewards()
-    assert verdict.outcome in points.OUTCOMES
+    assert verdict.outcome in OUTCOMES
     assert verdict.reward != 0  # FIX(float-eval): every prefix matching now implies the value is right
     r = verdict.reward
     expected = {"correct": r == 5, "partial": r == 1, "no_solution": r == -1, "incorrect_number": r in (-2, -4),
@@ -227,7 +231,7 @@ def check_verdict(verdict):
                 "mixed": r < 0 and any(-r - 2 * m > 0 and (-r - 2 * m) % 3 == 0 for m in (1, 2))}
     assert expected[verdict.outcome], verdict
     assert verdict.message.endswith(".")
-    assert not verdict.format_error or verdict == points.Verdict(-3.0, "illegal_formula", "illegal characters.")
+    assert not verdict.format_error or verdict == Verdict(-3.0, "illegal_formula", "illegal characters.")
 
 
 @fast
@@ -247,7 +251,7 @@ def test_a_number_outside_the_hand_never_scores_above_minus_2(data, numbers):
 
 
 @fast
-@given(hands.filter(points.is_solvable), st.data())
+@given(hands.filter(is_solvable), st.data())
 def test_replacing_a_number_of_a_solution_by_a_foreign_one(numbers, data):
     formula = data.draw(st.sampled_from(solve(numbers)))
     foreign = data.draw(st.integers(1, 200).filter(lambda n: n not in numbers))
@@ -289,21 +293,21 @@ def test_a_complete_formula_is_correct_iff_its_exact_value_is_the_target(numbers
 
 def test_deal_is_reproducible_and_solvable():
     for rule in (ID_RULE, OOD_RULE):
-        a = [points.deal(np.random.default_rng(7), rule) for _ in range(3)]
+        a = [deal(np.random.default_rng(7), rule) for _ in range(3)]
         rng1, rng2 = np.random.default_rng(11), np.random.default_rng(11)
-        seq1 = [points.deal(rng1, rule) for _ in range(50)]
-        seq2 = [points.deal(rng2, rule) for _ in range(50)]
+        seq1 = [deal(rng1, rule) for _ in range(50)]
+        seq2 = [deal(rng2, rule) for _ in range(50)]
         assert seq1 == seq2 and a[0] == a[1] == a[2]
-        assert seq1 != [points.deal(np.random.default_rng(12), rule) for _ in range(50)]
+        assert seq1 != [deal(np.random.default_rng(12), rule) for _ in range(50)]
         for hand in seq1:
-            assert len(hand.cards) == 4 and all(c in points.RANKS for c in hand.cards)
+            assert len(hand.cards) == 4 and all(c in RANKS for c in hand.cards)
             assert hand.numbers == tuple(rule.value(c) for c in hand.cards)
             assert all(type(n) is int for n in hand.numbers)
-            assert points.is_solvable(hand.numbers)
+            assert is_solvable(hand.numbers)
             if rule.ood_hands:
                 assert any(c in ("J", "Q", "K") for c in hand.cards)
-    hand = points.deal(np.random.default_rng(0), ID_RULE, target=100)
-    assert points.is_solvable(hand.numbers, 100)
+    hand = deal(np.random.default_rng(0), ID_RULE, target=100)
+    assert is_solvable(hand.numbers, 100)
 
 
 def expected_card_marginal(rule):
@@ -315,7 +319,7 @@ def expected_card_marginal(rule):
     else:
         draws = product(range(1, 14), repeat=4)
     for ranks in draws:
-        if points.is_solvable([rule.value(points.RANKS[r - 1]) for r in ranks]):
+        if is_solvable([rule.value(RANKS[r - 1]) for r in ranks]):
             for r in ranks:
                 weights[r] += 1
     total = sum(weights.values())
@@ -326,8 +330,8 @@ def expected_card_marginal(rule):
 def test_deal_distribution(rule):
     rng = np.random.default_rng(2024)
     n = 4000
-    counts = Counter(c for _ in range(n) for c in points.deal(rng, rule).cards)
-    observed = np.array([counts[r] / (4 * n) for r in points.RANKS])
+    counts = Counter(c for _ in range(n) for c in deal(rng, rule).cards)
+    observed = np.array([counts[r] / (4 * n) for r in RANKS])
     expected = expected_card_marginal(rule)
     assert np.abs(observed - expected).max() < 0.012, (observed, expected)
     if not rule.ood_hands:
@@ -381,19 +385,19 @@ def brute_force_solvable(numbers, target):
 
 
 def test_solver_agrees_with_brute_force_on_all_1820_rank_multisets():
-    multisets = list(combinations_with_replacement(points.RANKS, 4))
+    multisets = list(combinations_with_replacement(RANKS, 4))
     assert len(multisets) == 1820
-    points._solutions.cache_clear()
+    _solutions.cache_clear()
     start = time.perf_counter()
     for combo in multisets:
-        points.solve([OOD_RULE.value(c) for c in combo])  # values 1..13: every multiset of 4 values
+        solve([OOD_RULE.value(c) for c in combo])  # values 1..13: every multiset of 4 values
     seconds = time.perf_counter() - start
     assert seconds < 10
 
     counts = {}
     for rule in (ID_RULE, OOD_RULE):
         values = {combo: tuple(sorted(rule.value(c) for c in combo)) for combo in multisets}
-        solvable = {combo for combo, v in values.items() if points.is_solvable(v)}
+        solvable = {combo for combo, v in values.items() if is_solvable(v)}
         brute = {combo for combo, v in values.items() if brute_force_solvable(v, 24)}
         # The authors' 7 bracket patterns write only 272 of the 320 (tree, operator) combinations, but over all
         # orders of the hand they reach every value any expression reaches: no discrepancy.
@@ -413,7 +417,7 @@ def test_solver_agrees_with_brute_force_for_other_targets():
     for target in (1, 2, 10, 17, 36, 60, 100, 143):
         for _ in range(60):
             numbers = [int(x) for x in rng.integers(1, 14, size=4)]
-            assert points.is_solvable(numbers, target) == brute_force_solvable(numbers, target), (numbers, target)
+            assert is_solvable(numbers, target) == brute_force_solvable(numbers, target), (numbers, target)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,12 +427,12 @@ HAND = Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
 
 
 def answer(formula):
-    return points.render_answer(HAND, formula)
+    return render_answer(HAND, formula)
 
 
 def test_episode_feedback_turns_and_stop_on_success():
     episode = Episode(HAND, ID_RULE)
-    assert episode.messages == [{"role": "user", "content": points.render_prompt(HAND.cards, ID_RULE)}]
+    assert episode.messages == [{"role": "user", "content": render_prompt(HAND.cards, ID_RULE)}]
     assert episode.submit("I think the answer is 24.").reward == -3
     assert episode.submit('{"formula": "1+2+3"}').reward == -2
     assert not episode.done and not episode.success
@@ -461,7 +465,7 @@ def test_episode_stops_after_verify_iter_attempts():
 
 def test_episode_other_target_and_one_attempt():
     episode = Episode(HAND, ID_RULE, verify_iter=1, target=10)
-    assert episode.submit(points.render_answer(HAND, "1+2+3+4", 10)).reward == 5 and episode.done
+    assert episode.submit(render_answer(HAND, "1+2+3+4", 10)).reward == 5 and episode.done
     episode = Episode(HAND, ID_RULE, verify_iter=1)
     episode.submit(answer("1+2+3+4"))
     assert episode.done and not episode.success and len(episode.messages) == 2

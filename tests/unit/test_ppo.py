@@ -8,7 +8,9 @@ import torch
 
 from sftrl.checkpoint import Checkpoint
 from sftrl.modeling import load_model, load_tokenizer
-from sftrl.task import points
+from sftrl.task.cards import ID_RULE, Hand
+from sftrl.task.prompt import parse_formula, render_answer, render_prompt
+from sftrl.task.verifier import score
 from sftrl.train import ppo, rl
 
 MODEL_SETTINGS = {"path": None, "dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
@@ -87,8 +89,8 @@ def tokenizer(micro_base):
 
 
 def test_formula_split_from_decoded_text(tokenizer):
-    hand = points.Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
-    text = points.render_answer(hand, "1*2*3*4")
+    hand = Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
+    text = render_answer(hand, "1*2*3*4")
     ids = tokenizer(text, add_special_tokens=False).input_ids
     split = ppo.formula_split(tokenizer, ids)
     before, after = tokenizer.decode(ids[:split]), tokenizer.decode(ids[split:])
@@ -101,13 +103,13 @@ def test_formula_split_from_decoded_text(tokenizer):
 
 
 def records_with_rewards(tokenizer):
-    """Two episodes whose attempts are scored by points.score: solved at once; wrong (one card) then solved."""
-    hand = points.Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
-    right, wrong = points.render_answer(hand, "1*2*3*4"), points.render_answer(hand, "4")
+    """Two episodes whose attempts are scored by score: solved at once; wrong (one card) then solved."""
+    hand = Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
+    right, wrong = render_answer(hand, "1*2*3*4"), render_answer(hand, "4")
     prompt_ids = tokenizer("prompt", add_special_tokens=False).input_ids
 
     def attempt(text):
-        return {"reward": points.score(points.parse_formula(text), hand.numbers).reward, "prompt_ids": prompt_ids,
+        return {"reward": score(parse_formula(text), hand.numbers).reward, "prompt_ids": prompt_ids,
                 "response_ids": tokenizer(text, add_special_tokens=False).input_ids}
 
     return [{"success": True, "attempts": [attempt(right)]},
@@ -337,12 +339,12 @@ DDP_LEARN = {**SETTINGS["rl"]["ppo"], "lr": 1e-3, "ppo_epochs": 2, "minibatch_si
 def learn_records(tokenizer, rank):
     """Hand-made rollouts of unequal size: process 0 has 3 attempts (episodes of 1 and 2), process 1 has 2 (one
     episode); rank None: the union, in process order."""
-    hand = points.Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
-    prompt = tokenizer(points.render_prompt(hand.cards, points.ID_RULE, 24), add_special_tokens=False).input_ids
+    hand = Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
+    prompt = tokenizer(render_prompt(hand.cards, ID_RULE, 24), add_special_tokens=False).input_ids
 
     def attempt(formula, cut):
-        text = points.render_answer(hand, formula)
-        return {"reward": points.score(points.parse_formula(text), hand.numbers).reward, "prompt_ids": prompt[cut:],
+        text = render_answer(hand, formula)
+        return {"reward": score(parse_formula(text), hand.numbers).reward, "prompt_ids": prompt[cut:],
                 "response_ids": tokenizer(text, add_special_tokens=False).input_ids}
 
     parts = [[{"success": True, "attempts": [attempt("1*2*3*4", 0)]},

@@ -12,8 +12,8 @@ from sftrl.generation.sampling import Sampling
 from sftrl.modeling import load_model
 from sftrl.task.data import eval_problems
 from sftrl.task.rollout import run_episodes
-from sftrl.weights.names import (canonical_name, canonical_names, checkpoint_parameter_names,
-                                 cross_attention_layers, shard_plan)
+from sftrl.weights.names import canonical_name, canonical_names, cross_attention_layers, plan_shards
+from sftrl.weights.stored import checkpoint_parameter_names
 from sftrl.weights.tensors import iter_checkpoint_tensors
 
 MODEL = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
@@ -72,7 +72,8 @@ def test_mllama_base_and_sft_layouts_pair(mllama, mllama_text):
     settings = {"include": [r"\.self_attn\.(q|k|v|o)_proj\.weight$", r"\.mlp\.(gate|up|down)_proj\.weight$",
                             r"(^|\.)embed_tokens\.weight$", r"(^|\.)lm_head\.weight$"],
                 "exclude": [r"(^|\.)vision_model\."], "layers_per_shard": 2}
-    plan = shard_plan(dict.fromkeys(base, 2) | {n: 1 for n in base if n.endswith("norm.weight")}, settings)
+    plan = plan_shards(dict.fromkeys(base, 2) | {n: 1 for n in base if n.endswith("norm.weight")},
+                       settings["layers_per_shard"], settings["include"], settings["exclude"])
     names = [n for members in plan.values() for n in members]
     assert "model.layers.1.mlp.up_proj.weight" in names and "model.layers.1.self_attn.q_proj.weight" not in names
     pairs = zip(iter_checkpoint_tensors(mllama, names), iter_checkpoint_tensors(mllama_text, names))

@@ -12,8 +12,10 @@ from sftrl.checkpoint import Checkpoint
 from sftrl.cli import main
 from sftrl.restore.arms import ARMS, rank_mask, restore_matrix
 from sftrl.restore.spec import (RestoreSpec, parse_layers, restored_indices, select, sweep_points)
-from sftrl.weights.svd import StaleSVDCache, compute_svd_shard, thin_svd
-from sftrl.weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors
+from sftrl.weights.svd import StaleSVDCache, compute_svd_shard
+from sftrl.weights.thin_svd import thin_svd
+from sftrl.weights.stored import checkpoint_parameter_names
+from sftrl.weights.tensors import iter_checkpoint_tensors
 
 # -----------------------------------------------------------------------------
 # the arms' algebra, in float64 on random matrices (wide, tall, square)
@@ -182,7 +184,7 @@ def two_checkpoints(micro_base, tmp_path_factory):
 
 
 def _weights(model_dir):
-    return dict(iter_checkpoint_tensors(model_dir, list_checkpoint_tensors(model_dir)))
+    return dict(iter_checkpoint_tensors(model_dir, checkpoint_parameter_names(model_dir)))
 
 
 def test_cli_full_direction_on_real_checkpoints(two_checkpoints, tmp_path):
@@ -220,7 +222,7 @@ def test_cli_full_direction_on_real_checkpoints(two_checkpoints, tmp_path):
 
 def test_cli_uses_and_verifies_a_given_svd_cache(two_checkpoints, tmp_path):
     B_dir, T_dir, _ = two_checkpoints
-    names = [n for n in list_checkpoint_tensors(T_dir) if "layers.1." in n and n.endswith("proj.weight")]
+    names = [n for n in checkpoint_parameter_names(T_dir) if "layers.1." in n and n.endswith("proj.weight")]
     shards = {}
     for role, path in (("reference", B_dir), ("target", T_dir)):
         shards[role] = tmp_path / role / "layers.safetensors"

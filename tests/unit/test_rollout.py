@@ -14,9 +14,13 @@ from sftrl.generation.backends import make_backend
 from sftrl.generation.sampling import Sampling
 
 from sftrl.modeling import chat_prompt, load_tokenizer
-from sftrl.task import points
+from sftrl.task.cards import ID_RULE, RULES, Hand
 from sftrl.task.data import eval_problems
+from sftrl.task.episode import Episode
+from sftrl.task.prompt import parse_formula, render_answer, render_prompt
 from sftrl.task.rollout import episode_record, run_episodes, summarize
+from sftrl.task.solver import solve
+from sftrl.task.verifier import FEEDBACK_PREFIX, OUTCOMES, score
 
 MODEL_SETTINGS = {"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=64, seed=11)
@@ -34,11 +38,11 @@ SCRIPTS = [
 
 
 def answer(kind: str, problem: dict) -> str:
-    hand = points.Hand(tuple(problem["cards"]), tuple(problem["numbers"]))
+    hand = Hand(tuple(problem["cards"]), tuple(problem["numbers"]))
     if kind == CORRECT:
-        return points.render_answer(hand, points.solve(problem["numbers"], problem["target"])[0], problem["target"])
+        return render_answer(hand, solve(problem["numbers"], problem["target"])[0], problem["target"])
     if kind == ONE_CARD:
-        return points.render_answer(hand, str(problem["numbers"][0]), problem["target"])
+        return render_answer(hand, str(problem["numbers"][0]), problem["target"])
     return "I would rather not play cards."
 
 
@@ -65,7 +69,7 @@ class ScriptedPolicy:
     def locate(self, prompt: str) -> tuple[int, int]:
         matches = [i for i, p in enumerate(self.problems) if f"Cards: {list(p['cards'])}\n" in prompt]
         assert len(matches) == 1, prompt
-        return matches[0], prompt.count(points.FEEDBACK_PREFIX) + 1
+        return matches[0], prompt.count(FEEDBACK_PREFIX) + 1
 
     def generate(self, prompts, sampling, keys=None, keep=False):  # keys / keep: the backend protocol (kv caching)
         self.calls.append((list(prompts), sampling))
@@ -99,7 +103,7 @@ def test_attempts_and_success(tokenizer, problems):
         assert set(record) == set(problem) | {"success", "attempts"}
         for attempt in record["attempts"]:
             assert set(attempt) == ATTEMPT_KEYS
-            assert attempt["formula"] == points.parse_formula(attempt["output"])
+            assert attempt["formula"] == parse_formula(attempt["output"])
     assert records[3]["attempts"][0]["formula"] is None  # gibberish has no formula
     assert records[2]["attempts"][0]["formula"] == str(problems[2]["numbers"][0])
     json.dumps(records)  # written as JSONL as is
@@ -119,16 +123,16 @@ def test_feedback_turns_are_appended(tokenizer, problems):
     prompts_of_1 = [p for prompts, _ in policy.calls for p in prompts if policy.locate(p)[0] == 1]
     assert len(prompts_of_1) == 3
     first = prompts_of_1[0]
-    assert first == chat_prompt(tokenizer, [{"role": "user", "content": points.render_prompt(
-        problems[1]["cards"], points.RULES[problems[1]["rule"]], 24)}])
+    assert first == chat_prompt(tokenizer, [{"role": "user", "content": render_prompt(
+        problems[1]["cards"], RULES[problems[1]["rule"]], 24)}])
     # attempt k sees the conversation so far: every earlier answer, each followed by its feedback turn
     attempts = records[1]["attempts"]
     for k, prompt in enumerate(prompts_of_1):
         assert prompt.startswith(first[: first.rindex("<|im_start|>assistant")])
-        assert prompt.count(points.FEEDBACK_PREFIX) == k
+        assert prompt.count(FEEDBACK_PREFIX) == k
         for earlier in attempts[:k]:
             assert earlier["output"] in prompt
-            assert points.FEEDBACK_PREFIX + earlier["message"] in prompt
+            assert FEEDBACK_PREFIX + earlier["message"] in prompt
     assert "You failed this trial because you didn't use numbers" in prompts_of_1[1]
     assert "You failed this trial because illegal characters." in prompts_of_1[2]
     # the feedback is the verdict of the attempt it follows, in order
@@ -142,7 +146,7 @@ def test_verify_iter_caps_the_attempts(tokenizer, problems, verify_iter):
     assert [len(r["attempts"]) for r in records] == [1] + [verify_iter] * 3
     assert [r["success"] for r in records] == [True, verify_iter >= 3, False, False]
     assert len(policy.calls) == verify_iter  # no extra, unscored call after the last attempt
-    assert max(p.count(points.FEEDBACK_PREFIX) for prompts, _ in policy.calls for p in prompts) == verify_iter - 1
+    assert max(p.count(FEEDBACK_PREFIX) for prompts, _ in policy.calls for p in prompts) == verify_iter - 1
 
 
 def test_summarize_exact(tokenizer, problems):
@@ -184,7 +188,7 @@ def test_summarize_no_records():
 
 def test_episode_record_of_an_unplayed_episode(problems):
     problem = problems[0]
-    episode = points.Episode(points.Hand(tuple(problem["cards"]), tuple(problem["numbers"])), points.ID_RULE)
+    episode = Episode(Hand(tuple(problem["cards"]), tuple(problem["numbers"])), ID_RULE)
     assert episode_record(problem, episode) == {**problem, "success": False, "attempts": []}
 
 
@@ -203,11 +207,11 @@ def test_real_hf_backend(micro_base):
         for attempt in record["attempts"]:
             assert set(attempt) == ATTEMPT_KEYS
             assert isinstance(attempt["output"], str)
-            verdict = points.score(points.parse_formula(attempt["output"]), problem["numbers"], problem["target"])
+            verdict = score(parse_formula(attempt["output"]), problem["numbers"], problem["target"])
             assert (attempt["formula"], attempt["reward"], attempt["outcome"], attempt["message"],
-                    attempt["format_error"]) == (points.parse_formula(attempt["output"]), verdict.reward,
+                    attempt["format_error"]) == (parse_formula(attempt["output"]), verdict.reward,
                                                  verdict.outcome, verdict.message, verdict.format_error)
-            assert attempt["outcome"] in points.OUTCOMES
+            assert attempt["outcome"] in OUTCOMES
         assert record["success"] == any(a["reward"] == 5 for a in record["attempts"])
     json.dumps(records)
     summary = summarize(records)

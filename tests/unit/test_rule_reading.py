@@ -7,23 +7,23 @@ model; the hand set is deterministic, from the evaluation's deal, and the prefix
 import ast
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 
 from sftrl.base import corpus
 from sftrl.evaluation import rule_reading as rr
 from sftrl.evaluation.logprob import chat_prompt_ids, forked_logprobs
 from sftrl.evaluation.measures import set_nll
 from sftrl.modeling import load_model, load_tokenizer
-from sftrl.task import points
+from sftrl.task.cards import OOD_RULE, RULES, Hand, deal
 from sftrl.task.data import eval_problems, sft_example
+from sftrl.task.prompt import render_answer, render_prompt
 from sftrl.task.rule_hands import read_hands, rule_reading_hands
 
-REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "resources" / "base"
 
 
@@ -79,7 +79,7 @@ def _preferences(tokenizer, hands, prefix, choose):
     prefer = {}
     for hand in hands:
         for rule in rr.SPLITS:
-            messages = [{"role": "user", "content": points.render_prompt(hand["cards"], points.RULES[rule])}]
+            messages = [{"role": "user", "content": render_prompt(hand["cards"], RULES[rule])}]
             text = rr.answer_text(prefix, hand["cards"], hand[f"numbers_{choose(hand, rule)}"])
             completion = tokenizer(text, add_special_tokens=False).input_ids
             prefer[tuple(chat_prompt_ids(tokenizer, messages))] = tuple(completion)
@@ -117,7 +117,7 @@ def test_batched_log_probs_equal_unbatched_ones_on_a_real_model(tokenizer, base_
     contexts, forks = [], []
     for hand in hands:
         for rule in rr.SPLITS:
-            messages = [{"role": "user", "content": points.render_prompt(hand["cards"], points.RULES[rule])}]
+            messages = [{"role": "user", "content": render_prompt(hand["cards"], RULES[rule])}]
             contexts.append(chat_prompt_ids(tokenizer, messages))
             forks.append([tokenizer(rr.answer_text("json", hand["cards"], hand[f"numbers_{r}"]),
                                     add_special_tokens=False).input_ids for r in ("ood", "id")])
@@ -143,7 +143,7 @@ def test_batched_log_probs_equal_unbatched_ones_on_a_real_model(tokenizer, base_
 
 def test_set_nll_is_the_mean_completion_token_nll(tokenizer, base_model):
     rng = np.random.default_rng(0)
-    examples = [sft_example(points.deal(rng, points.OOD_RULE), points.OOD_RULE, rng, 24) for _ in range(3)]
+    examples = [sft_example(deal(rng, OOD_RULE), OOD_RULE, rng, 24) for _ in range(3)]
     result = set_nll(base_model, tokenizer, examples, "model", batch_size=2)
     singles = [set_nll(base_model, tokenizer, [e], "model", batch_size=1) for e in examples]
     assert result["n"] == 3 and result["tokens"] == sum(s["tokens"] for s in singles)
@@ -188,8 +188,8 @@ def test_a_bad_hand_set_fails_naming_file_and_line(tmp_path):
 
 
 def test_the_prefixes_are_the_sft_answer_and_the_corpus_rule_notation():
-    hand = points.Hand(("10", "K", "5", "3"), (10, 13, 5, 3))
-    answer = points.render_answer(hand, "(13-5)*3")
+    hand = Hand(("10", "K", "5", "3"), (10, 13, 5, 3))
+    answer = render_answer(hand, "(13-5)*3")
     assert answer.startswith(rr.answer_text("json", hand.cards, hand.numbers))
     assert rr.answer_text("json", hand.cards, hand.numbers).endswith('"number": [10, 13, 5, 3]')
     rng = np.random.default_rng(0)

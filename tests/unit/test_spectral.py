@@ -19,9 +19,10 @@ from sftrl.weights import svd
 from sftrl.weights.names import DEFAULT_EXCLUDE, layer_index, matrix_kind, plan_shards, select_matrices
 from sftrl.weights.subspace import (embed_lmhead_angles, energy_split, mean_topk_angle, principal_angles,
                                     shard_pair_metrics, spectral_pair_metrics, trivially_zero_count)
-from sftrl.weights.svd import (SVDFactors, StaleSVDCache, compute_svd_shard, ensure_svd_shard, load_svd_shard,
-                               svd_errors, svd_tolerances, thin_svd)
-from sftrl.weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors, tensor_sha256
+from sftrl.weights.svd import StaleSVDCache, compute_svd_shard, ensure_svd_shard, load_svd_shard
+from sftrl.weights.thin_svd import SVDFactors, svd_errors, svd_tolerances, thin_svd
+from sftrl.weights.stored import checkpoint_parameter_names
+from sftrl.weights.tensors import iter_checkpoint_tensors, tensor_sha256
 
 PROPERTY = settings(deadline=None, max_examples=40)
 
@@ -393,7 +394,7 @@ def ckpt(tiny_ckpt, tmp_path):
 
 
 def test_checkpoint_reading(tiny_ckpt, tmp_path):
-    names = select_matrices(list_checkpoint_tensors(tiny_ckpt))
+    names = select_matrices(checkpoint_parameter_names(tiny_ckpt))
     assert len(names) == 2 * 7 + 2
     single = dict(iter_checkpoint_tensors(tiny_ckpt, names))
     assert single["model.layers.1.mlp.down_proj.weight"].shape == (32, 64)
@@ -408,7 +409,7 @@ def test_checkpoint_reading(tiny_ckpt, tmp_path):
         save_file({k: all_tensors[k] for k in group}, sharded / shard, metadata={"format": "pt"})
         weight_map.update({k: shard for k in group})
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    assert list_checkpoint_tensors(sharded) == list_checkpoint_tensors(tiny_ckpt)
+    assert checkpoint_parameter_names(sharded) == checkpoint_parameter_names(tiny_ckpt)
     for name, tensor in iter_checkpoint_tensors(sharded, names):
         assert torch.equal(tensor, single[name])
     assert [n for n, _ in iter_checkpoint_tensors(sharded, names[::-1])] == names[::-1]
@@ -419,16 +420,16 @@ def test_checkpoint_reading(tiny_ckpt, tmp_path):
         list(iter_checkpoint_tensors(tmp_path / "does-not-exist", names))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
-        list_checkpoint_tensors(tmp_path / "empty")
+        checkpoint_parameter_names(tmp_path / "empty")
     (sharded / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
-        list_checkpoint_tensors(sharded)
+        checkpoint_parameter_names(sharded)
     with pytest.raises(KeyError, match="nope"):
         list(iter_checkpoint_tensors(tiny_ckpt, ["nope.weight"]))
 
 
 def test_svd_shard_roundtrip(tiny_ckpt, tmp_path):
-    names = select_matrices(list_checkpoint_tensors(tiny_ckpt))
+    names = select_matrices(checkpoint_parameter_names(tiny_ckpt))
     out = tmp_path / "svd" / "layers000-001.safetensors"
     computed = compute_svd_shard(tiny_ckpt, names, out, dtype="float32")
     loaded = load_svd_shard(out, model_dir=tiny_ckpt, sample=None)
@@ -466,7 +467,7 @@ def _rewrite_shard(path, mutate, rehash=False):
 
 
 def test_corrupt_shard_is_stale_and_recomputed(ckpt, tmp_path, caplog):
-    names = select_matrices(list_checkpoint_tensors(ckpt))
+    names = select_matrices(checkpoint_parameter_names(ckpt))
     out = tmp_path / "shard.safetensors"
     compute_svd_shard(ckpt, names, out)
     key = "model.layers.1.self_attn.v_proj.weight::U"
@@ -504,7 +505,7 @@ def test_corrupt_shard_is_stale_and_recomputed(ckpt, tmp_path, caplog):
 
 
 def test_changed_checkpoint_is_stale_and_recomputed(ckpt, tmp_path, caplog):
-    names = select_matrices(list_checkpoint_tensors(ckpt))
+    names = select_matrices(checkpoint_parameter_names(ckpt))
     out = tmp_path / "shard.safetensors"
     before = ensure_svd_shard(ckpt, names, out)
     # same shapes and file size, one matrix nudged: a header/size hash could not see this
@@ -533,7 +534,7 @@ def test_changed_checkpoint_is_stale_and_recomputed(ckpt, tmp_path, caplog):
 
 
 def test_shard_write_is_atomic(ckpt, tmp_path, monkeypatch):
-    names = select_matrices(list_checkpoint_tensors(ckpt))
+    names = select_matrices(checkpoint_parameter_names(ckpt))
     out = tmp_path / "svd" / "shard.safetensors"
 
     def crash_mid_write(tensors, filename, metadata=None):
@@ -556,7 +557,7 @@ def test_shard_write_is_atomic(ckpt, tmp_path, monkeypatch):
 
 
 def test_shard_pair_metrics_on_checkpoints(ckpt, tiny_ckpt, tmp_path):
-    names = select_matrices(list_checkpoint_tensors(tiny_ckpt), [r"self_attn\.k_proj", r"lm_head"])
+    names = select_matrices(checkpoint_parameter_names(tiny_ckpt), [r"self_attn\.k_proj", r"lm_head"])
     tensors = load_file(ckpt / "model.safetensors")
     for name in names:
         tensors[name] += 0.01 * torch.randn_like(tensors[name])

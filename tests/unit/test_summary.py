@@ -8,7 +8,7 @@ import pytest
 from sftrl import checkpoint
 from sftrl.cli import main
 from sftrl.evaluation.select import select_sft
-from sftrl.report.summary import recovery, write_summary
+from sftrl.report.summary import write_summary
 
 # checkpoint name -> (ID solved, OOD solved, ID format-error rate, OOD format-error rate), 20 problems per split
 MEASURED = {"base": (2, 1, 0.5, 0.6), "sft-10": (8, 6, 0.1, 0.2), "sft-20": (12, 4, 0.0, 0.25),
@@ -94,11 +94,6 @@ def test_a_later_stage_gets_its_last_checkpoint_and_the_recovery(tmp_path):
             "| 0.0 % | 66.7 % |") in text
     assert "| GRPO from SFT step 10, update 100 | `grpo-from-sft-10-u100` |" in text
     assert "update 50" not in text
-
-
-def test_recovery_definition():
-    assert recovery(0.25, 0.30, 0.15) == pytest.approx(2 / 3)
-    assert recovery(0.10, 0.15, 0.15) is None  # nothing was lost: no fraction to state
 
 
 def test_bad_tables_are_named(tmp_path):

@@ -10,9 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from sftrl.restore.spec import RestoreSpec, select
 from sftrl.restore.surgery import restore_model
-from sftrl.weights.names import (DEFAULT_INCLUDE, checkpoint_parameter_ndims, llama_parameter_names, shard_plan,
-                                 tied_embeddings, without_tied_head)
-from sftrl.weights.tensors import list_checkpoint_tensors
+from sftrl.weights.names import DEFAULT_INCLUDE, llama_parameter_names, plan_shards, without_tied_head
+from sftrl.weights.stored import checkpoint_parameter_names, checkpoint_parameter_ndims, tied_embeddings
 
 SETTINGS = {"include": list(DEFAULT_INCLUDE), "exclude": [], "layers_per_shard": 2}
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -65,10 +64,10 @@ def test_without_tied_head_keeps_untied_models_and_a_lone_head():
 @pytest.mark.parametrize("stored", ["once", "both"])
 def test_the_shared_matrix_is_listed_and_planned_once(tied, stored):
     model = tied[stored]
-    assert HEAD not in list_checkpoint_tensors(model)
+    assert HEAD not in checkpoint_parameter_names(model)
     ndims = checkpoint_parameter_ndims(model)
     assert sorted(ndims) == sorted(llama_parameter_names(2, tie_word_embeddings=True))
-    plan = shard_plan(ndims, SETTINGS)
+    plan = plan_shards(ndims, SETTINGS["layers_per_shard"], SETTINGS["include"], SETTINGS["exclude"])
     assert plan["embed"] == [EMBED]  # one SVD of the one matrix; the workflow then skips embed-vs-lm_head
 
 

@@ -148,7 +148,7 @@ def test_the_shipped_base_is_installed_and_a_foreign_one_refused(tmp_path, micro
 # Cost: two evaluations of a tiny model, one SVD shard, one install of the shipped base, one dry run (~30 s).
 
 HOSTILE = "m o'd$(touch PWNED)x"
-RULES = sorted((MICRO.parents[2] / "workflow" / "rules").glob("*.smk"))
+RULES = sorted((REPO / "workflow" / "rules").glob("*.smk"))
 
 
 def test_no_rule_puts_an_unquoted_path_in_a_shell_command():

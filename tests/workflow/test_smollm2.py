@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from sftrl.base.gguf_import import MANIFEST, verify_import
 from sftrl.base.shipped import sha256
-from sftrl.weights.names import checkpoint_parameter_ndims
+from sftrl.weights.stored import checkpoint_parameter_ndims
 
 pytestmark = pytest.mark.workflow
 

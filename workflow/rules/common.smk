@@ -249,15 +249,17 @@ def svd_shards():
     for the embedded model from base.architecture (transformers' Llama naming), for a real model from its
     safetensors header / index. Every checkpoint of a run has the base's parameter names."""
     if not _SVD_SHARDS:
-        from sftrl.weights.names import (checkpoint_parameter_ndims, layer_index, llama_parameter_ndims,
-                                         matrix_kind, shard_plan)
+        from sftrl.weights.names import layer_index, llama_parameter_ndims, matrix_kind, plan_shards
+        from sftrl.weights.stored import checkpoint_parameter_ndims
 
         if config["model"]["path"]:
             names = checkpoint_parameter_ndims(real_model_dir())
         else:
             names = llama_parameter_ndims(config["base"]["architecture"]["num_layers"])
         try:
-            _SVD_SHARDS.update(shard_plan(names, config["spectral"]))
+            spectral = config["spectral"]
+            _SVD_SHARDS.update(plan_shards(names, spectral["layers_per_shard"], spectral["include"],
+                                           spectral["exclude"]))
         except ValueError as e:
             raise WorkflowError(f"config spectral: {e}")
         # the figures' matrix choices must name analysed matrices: fail now, not after hours of SVDs
@@ -277,7 +279,8 @@ def cross_attention_layers():
     base's tensor names at parse time: the spectral tables flag them, the per-kind means leave them out."""
     if not config["model"]["path"]:
         return []
-    from sftrl.weights.names import checkpoint_parameter_names, cross_attention_layers as layers
+    from sftrl.weights.names import cross_attention_layers as layers
+    from sftrl.weights.stored import checkpoint_parameter_names
 
     return sorted(layers(checkpoint_parameter_names(real_model_dir())))
 

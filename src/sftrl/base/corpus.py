@@ -14,7 +14,7 @@ all written as plain text lines, none of them the GeneralPoints prompt or its JS
 * ``cards``       — the three combined: cards + a stated rule + a target, answered with a formula over the mapped
   values.
 * ``puzzle24``    — 24-game puzzles with a solution, as puzzle sites write them (several phrasings): cards under a
-  random face-card rule, answered with a formula over the mapped values that makes exactly 24 (``points.solve``).
+  random face-card rule, answered with a formula over the mapped values that makes exactly 24 (``task.solver.solve``).
   The value multiset is drawn uniformly from the solvable multisets the rule can show, so every one of the 1,362
   solvable multisets over 1..13 is reachable (those with an 11, 12 or 13 need a rule mapping a face card there).
   Off in the default mix (weight 0); appended last so a mix without it gives the same corpus as before it existed.
@@ -23,7 +23,7 @@ all written as plain text lines, none of them the GeneralPoints prompt or its JS
   own notation ``Cards: ['J', '5', '3', 'K'] Numbers: [4, 5, 3, 2]`` (never the authors' JSON). Rules are random but
   never the two studied ones, and hands in the held-out 5 % are never dealt (issue 24: a base that reads the rule
   and copies the hand inside the game's prompt).
-* ``cardgame_authors`` — the same with the authors' exact prompt wording (``points.PROMPT_TEMPLATE``): the
+* ``cardgame_authors`` — the same with the authors' exact prompt wording (``task.prompt.PROMPT_TEMPLATE``): the
   pre-registered fallback (b), off unless that attempt is run.
 Families are appended in this order, so a mix without the later ones gives the same corpus as before they existed.
 
@@ -41,11 +41,10 @@ import jinja2
 import numpy as np
 
 from ..modeling import CHAT_TEMPLATE
-from ..task import points
-from ..task.points import apply_operator, is_solvable, solve
+from ..task.cards import RANKS
+from ..task.prompt import PROMPT_TEMPLATE
+from ..task.solver import OPS, apply_operator, is_solvable, solve
 
-RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
-OPS = "+-*/"
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 FAMILIES = ("arithmetic", "target", "rule", "cards", "puzzle24", "cardgame", "cardgame_authors")
 
@@ -111,7 +110,7 @@ def rule_document(rng: np.random.Generator, face_values, msg: str) -> str:
 
 
 # Phrasings of the puzzle24 family ({cards}: the ranks as words, {msg}: the rule statement, {numbers}: their
-# values). None is the GeneralPoints prompt (points.PROMPT_TEMPLATE) or its JSON answer.
+# values). None is the GeneralPoints prompt (task.prompt.PROMPT_TEMPLATE) or its JSON answer.
 PUZZLE24_PHRASINGS = (
     "24 game. Cards: {cards}. Note that {msg} Solution: {formula}=24",
     "Puzzle: make 24 from the cards {cards}, each used once. {msg} Answer: {formula}=24",
@@ -148,7 +147,7 @@ def puzzle24_hand(rng: np.random.Generator, face_values, multisets=None) -> tupl
 
 
 def puzzle24_render(rng: np.random.Generator, cards, numbers, msg: str) -> str:
-    """A puzzle24 document for the given hand: a solution drawn from `points.solve`, in a drawn phrasing."""
+    """A puzzle24 document for the given hand: a solution drawn from `task.solver.solve`, in a drawn phrasing."""
     solutions = solve(numbers)
     formula = solutions[int(rng.integers(len(solutions)))]
     phrasing = PUZZLE24_PHRASINGS[int(rng.integers(len(PUZZLE24_PHRASINGS)))]
@@ -189,7 +188,7 @@ def puzzle24_formula(answer: str) -> str:
 STUDIED_FACE_VALUES = ((10, 10, 10), (11, 12, 13))
 
 # Paraphrases of a GeneralPoints prompt ({target}, {msg}: the rule statement, {cards}: the hand as a list, {hand}: the
-# ranks joined by ', '). None reuses a sentence, section header or the JSON of points.PROMPT_TEMPLATE
+# ranks joined by ', '). None reuses a sentence, section header or the JSON of task.prompt.PROMPT_TEMPLATE
 # (tests/unit/test_corpus.py checks).
 CARDGAME_PHRASINGS = (
     "Card game: reach {target}.\nYou hold four cards: {cards}\nRule: {msg}\nCombine the four values with + - * / "
@@ -258,7 +257,7 @@ def cardgame_document(rng: np.random.Generator, authors_wording: bool = False, h
     numbers = [card_value(c, face_values) for c in cards]
     target = 24 if rng.random() < 0.5 else int(rng.integers(10, 100))
     if authors_wording:
-        prompt = points.PROMPT_TEMPLATE.format(target=target, face_card_msg=msg, cards=cards)
+        prompt = PROMPT_TEMPLATE.format(target=target, face_card_msg=msg, cards=cards)
     else:
         phrasing = CARDGAME_PHRASINGS[int(rng.integers(len(CARDGAME_PHRASINGS)))]
         prompt = phrasing.format(target=target, msg=msg, cards=cards, hand=", ".join(cards))

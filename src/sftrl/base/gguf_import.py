@@ -30,13 +30,14 @@ FORMAT = 1
 def import_gguf(gguf_file, out_dir, dtype: str = "float32") -> dict:
     """Dequantize `gguf_file` into the Hugging Face directory `out_dir` (written atomically) and return its
     manifest. Tied embeddings stay tied: the saved safetensors hold embed_tokens only, config.json says
-    tie_word_embeddings (sftrl.weights.names.tied_embeddings reads it)."""
+    tie_word_embeddings (sftrl.weights.stored.tied_embeddings reads it)."""
     import gguf
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors, tensor_sha256
+    from ..weights.stored import checkpoint_parameter_names
+    from ..weights.tensors import iter_checkpoint_tensors, tensor_sha256
 
     source = Path(gguf_file)
     if not source.is_file():
@@ -69,7 +70,7 @@ def import_gguf(gguf_file, out_dir, dtype: str = "float32") -> dict:
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        names = list_checkpoint_tensors(tmp)
+        names = checkpoint_parameter_names(tmp)
         tensors = {}
         for name, tensor in iter_checkpoint_tensors(tmp, names):
             digest = tensor_sha256(tensor)

@@ -21,7 +21,10 @@ import numpy as np
 from .. import codegraph
 from ..io import atomic_dir, atomic_path, fingerprint, read_json, write_json
 from ..modeling import EOT, build_tiny_llama, build_tokenizer, save_model
-from ..task import points
+from ..task.cards import RULES, deal
+from ..task.prompt import render_answer, render_prompt
+from ..task.solver import solve
+from ..task.verifier import feedback_turn, score
 from . import corpus, shipped
 
 log = logging.getLogger(__name__)
@@ -37,13 +40,13 @@ def task_format_texts(seed: int, n_hands: int = 64) -> list[str]:
     short. The model never trains on them during pretraining."""
     rng = np.random.default_rng(seed)
     texts = []
-    for rule in points.RULES.values():
+    for rule in RULES.values():
         for _ in range(n_hands):
-            hand = points.deal(rng, rule)
-            texts.append(points.render_prompt(hand.cards, rule))
-            texts.append(points.render_answer(hand, points.solve(hand.numbers)[0]))
+            hand = deal(rng, rule)
+            texts.append(render_prompt(hand.cards, rule))
+            texts.append(render_answer(hand, solve(hand.numbers)[0]))
     for formula in ("1+2+3", "3 * 8", "10*2+2+2", "(1+2", "1+2+3+4"):
-        texts.append(points.feedback_turn(points.score(formula, (1, 2, 3, 4))))
+        texts.append(feedback_turn(score(formula, (1, 2, 3, 4))))
     texts += ["user\n", "assistant\n"] * n_hands  # the chat template's role lines
     return texts
 

@@ -36,9 +36,13 @@ from ..generation.sampling import Sampling
 from ..io import read_json, write_json
 from ..modeling import chat_prompt
 from ..stats import wilson_interval
-from ..task import points
+from ..task.cards import ID_RULE, OOD_RULE, RULES, Rule, deal
 from ..task.data import eval_problems
+from ..task.episode import VERIFY_ITER
+from ..task.prompt import render_prompt
 from ..task.rollout import run_episodes, summarize
+from ..task.solver import TARGET
+from ..task.verifier import score
 from . import corpus
 from .pretrain import is_held_out
 
@@ -93,13 +97,13 @@ def _ability(correct, prompts, outputs, **extra) -> dict:
 COPY_PREFIX = "Cards: ["
 
 
-def held_out_hands(rule: points.Rule, n: int, seed: int, held_out_per_mille: int, target: int = 24) -> list:
+def held_out_hands(rule: Rule, n: int, seed: int, held_out_per_mille: int, target: int = 24) -> list:
     """`n` hands dealt as the evaluation deals them under `rule`, keeping only the held-out ones."""
     rng = np.random.default_rng(seed)
     hands = []
     max_draws = 100 * n * 1000 // max(1, held_out_per_mille)  # as held_out_documents: cannot fail by chance
     for _ in range(max_draws):
-        hand = points.deal(rng, rule, target)
+        hand = deal(rng, rule, target)
         if corpus.is_held_out_hand(hand.cards, held_out_per_mille):
             hands.append(hand)
             if len(hands) == n:
@@ -108,9 +112,9 @@ def held_out_hands(rule: points.Rule, n: int, seed: int, held_out_per_mille: int
                      f"hands in {max_draws} deals")
 
 
-def copy_hand(backend, hands, rule: points.Rule, sampling: Sampling, target: int = 24) -> dict:
+def copy_hand(backend, hands, rule: Rule, sampling: Sampling, target: int = 24) -> dict:
     """Copying the hand in the authors' prompt, own notation (module docstring), greedy: an ability dict."""
-    prompts = [chat_prompt(backend.tokenizer, [{"role": "user", "content": points.render_prompt(h.cards, rule, target)}],
+    prompts = [chat_prompt(backend.tokenizer, [{"role": "user", "content": render_prompt(h.cards, rule, target)}],
                            backend.date_string) + COPY_PREFIX for h in hands]
     outputs = backend.generate(prompts, sampling)
     correct = [(COPY_PREFIX + o).startswith(f"Cards: {list(h.cards)}") for o, h in zip(outputs, hands)]
@@ -124,14 +128,14 @@ def held_out_rule_reading_hands(n: int, seed: int, held_out_per_mille: int, targ
 
     records = []
     for i, split in enumerate(SPLITS):
-        rule = points.RULES[split]
+        rule = RULES[split]
         rng = np.random.default_rng([seed, i])
         found = 0
         for _ in range(100 * n * 1000 // max(1, held_out_per_mille)):  # as held_out_hands: cannot fail by chance
-            hand = points.deal(rng, rule, target)
+            hand = deal(rng, rule, target)
             if any(c in FACE_CARDS for c in hand.cards) and corpus.is_held_out_hand(hand.cards, held_out_per_mille):
                 records.append({"id": f"{split}-held-out-{found}", "split": split, "cards": list(hand.cards),
-                                **{f"numbers_{r}": [points.RULES[r].value(c) for c in hand.cards] for r in SPLITS}})
+                                **{f"numbers_{r}": [RULES[r].value(c) for c in hand.cards] for r in SPLITS}})
                 found += 1
                 if found == n:
                     break
@@ -152,7 +156,7 @@ def rule_reading_ability(backend, hands: list[dict], prefix: str, batch_size: in
 
 
 def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, out, target: int = 24,
-          verify_iter: int = 5, generalpoints: bool = True, rule_reading_hands=None,
+          verify_iter: int = VERIFY_ITER, generalpoints: bool = True, rule_reading_hands=None,
           rule_reading_batch_size: int = 32) -> dict:
     """Write the abilities report `out` (its figure is drawn by the figures rule). `generalpoints=False` skips the
     GeneralPoints episodes, the slowest part (research probes of pretraining snapshots; the DAG always runs them).
@@ -180,21 +184,21 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
     for d, o in zip(docs, outputs):
         numbers = [int(x) for x in d[len("Use ") : d.index(" to make")].split(", ")]
         goal = int(d[d.index("to make ") + len("to make ") : d.index(":")])
-        rewards.append(points.score(_formula_of(o), numbers, goal).reward)
+        rewards.append(score(_formula_of(o), numbers, goal).reward)
     abilities["target"] = _ability([r == 5 for r in rewards], prompts, outputs)
 
     rng = np.random.default_rng(seed + 2)
-    for name, rule in (("cards_rule_10", points.ID_RULE), ("cards_rule_11_12_13", points.OOD_RULE)):
-        hands = [points.deal(rng, rule, target) for _ in range(n)]
+    for name, rule in (("cards_rule_10", ID_RULE), ("cards_rule_11_12_13", OOD_RULE)):
+        hands = [deal(rng, rule, target) for _ in range(n)]
         prompts = [f"Cards: {list(h.cards)}. Note that {rule.face_card_msg} Make {target}: " for h in hands]
         outputs = backend.generate(prompts, greedy)
-        rewards = [points.score(_formula_of(o), h.numbers, target).reward for o, h in zip(outputs, hands)]
+        rewards = [score(_formula_of(o), h.numbers, target).reward for o, h in zip(outputs, hands)]
         abilities[name] = _ability([r == 5 for r in rewards], prompts, outputs)
 
     rule_draws = {
         "rule_random": corpus.random_face_rule,
-        "rule_10": lambda rng: (points.ID_RULE.face_values, points.ID_RULE.face_card_msg),
-        "rule_11_12_13": lambda rng: (points.OOD_RULE.face_values, points.OOD_RULE.face_card_msg),
+        "rule_10": lambda rng: (ID_RULE.face_values, ID_RULE.face_card_msg),
+        "rule_11_12_13": lambda rng: (OOD_RULE.face_values, OOD_RULE.face_card_msg),
     }
     for i, (name, draw) in enumerate(rule_draws.items()):
         docs = [d for (d,) in held_out_rule_documents(lambda rng: (corpus.rule_document(rng, *draw(rng)),), n,
@@ -208,7 +212,7 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
 
     # The puzzle24 family is the 24 game whatever env.target is.
     multisets = corpus.solvable_multisets(24)
-    for i, (name, rule) in enumerate((("puzzle24_rule_10", points.ID_RULE), ("puzzle24_rule_11_12_13", points.OOD_RULE))):
+    for i, (name, rule) in enumerate((("puzzle24_rule_10", ID_RULE), ("puzzle24_rule_11_12_13", OOD_RULE))):
         split = tuple(m for m in multisets if (max(m) > 10) == rule.ood_hands)
 
         def make(rng, rule=rule, split=split):
@@ -218,11 +222,11 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
         items = held_out_rule_documents(make, n, seed + 7 + i, held_out)
         prompts = [corpus.puzzle24_prompt(d) for d, _ in items]
         outputs = backend.generate(prompts, greedy)
-        rewards = [points.score(corpus.puzzle24_formula(o), numbers, 24).reward
+        rewards = [score(corpus.puzzle24_formula(o), numbers, 24).reward
                    for o, (_, numbers) in zip(outputs, items)]
         abilities[name] = _ability([r == 5 for r in rewards], prompts, outputs)
 
-    for i, rule in enumerate((points.ID_RULE, points.OOD_RULE)):
+    for i, rule in enumerate((ID_RULE, OOD_RULE)):
         hands = held_out_hands(rule, n, seed + 9 + i, held_out, target)
         # the hand's list is at most ~30 tokens: the probe's own budget may be shorter
         abilities[f"copy_hand_{rule.name}"] = copy_hand(backend, hands, rule, greedy.with_max_new_tokens(32), target)
@@ -265,8 +269,8 @@ def command(parser):
     parser.add_argument("--eval-settings", type=settings, required=True,
                         help="JSON of the config eval knobs the probe uses (batch_size, max_new_tokens, stop_tokens)")
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
-    parser.add_argument("--target", type=int, default=points.TARGET)
-    parser.add_argument("--verify-iter", type=int, default=5)
+    parser.add_argument("--target", type=int, default=TARGET)
+    parser.add_argument("--verify-iter", type=int, default=VERIFY_ITER)
     parser.add_argument("--rule-reading-hands", help="the rule-reading hand set (sftrl data rule-reading-hands)")
     parser.add_argument("--rule-reading-batch-size", type=int, default=32, help="config rule_reading.batch_size")
     parser.add_argument("--out", required=True)

@@ -11,6 +11,7 @@ from ..generation.backends import make_backend
 from ..generation.sampling import Sampling
 from ..io import write_json, write_jsonl
 from ..task.data import read_problems
+from ..task.episode import VERIFY_ITER
 from ..task.rollout import run_episodes, summarize
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def command(parser):
     parser.add_argument("--problems", required=True, nargs="+", help="problem sets (JSONL), evaluated in order")
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config eval")
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
-    parser.add_argument("--verify-iter", type=int, default=5)
+    parser.add_argument("--verify-iter", type=int, default=VERIFY_ITER)
     parser.add_argument("--run", required=True)
     parser.add_argument("--checkpoint", type=Checkpoint.parse, required=True, help="a concrete checkpoint name (sftrl.checkpoint)")
     parser.add_argument("--out", required=True, nargs="+", help="per-episode JSONL, one per problem set")

@@ -10,7 +10,7 @@ import time
 
 from ..checkpoint import Checkpoint
 from ..io import read_jsonl, write_json
-from ..task import points
+from ..task.solver import TARGET
 from ..train.sft import tokenize_example
 from .logprob import forked_logprobs
 from ..task.rule_hands import read_hands
@@ -89,7 +89,7 @@ def command(parser):
     parser.add_argument("--chat-format", default="model", help="config sft.chat_format (how the loss sets are read)")
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config eval (batch_size)")
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
-    parser.add_argument("--target", type=int, default=points.TARGET)
+    parser.add_argument("--target", type=int, default=TARGET)
     parser.add_argument("--run", required=True)
     parser.add_argument("--checkpoint", type=Checkpoint.parse, required=True)
     parser.add_argument("--out", required=True)

@@ -12,7 +12,7 @@ whichever list it prefers (a tie, margin exactly 0, counts 1/2 for the same reas
 mean over its hands; `mean` is over all hands (the four cells' mean, as both splits hold the same number of hands).
 
 Answer prefixes (`PREFIXES`):
-* json — the authors' answer (points.ANSWER_TEMPLATE) up to `"number": `: what every SFT checkpoint writes;
+* json — the authors' answer (task.prompt.ANSWER_TEMPLATE) up to `"number": `: what every SFT checkpoint writes;
 * own  — the base corpus's rule notation `Cards: [...] Numbers: ` (corpus.rule_document), where a base that never
   saw the JSON answer shows whether it reads the rule inside the game's prompt.
 
@@ -24,13 +24,15 @@ per split (386 in all; config rule_reading.n).
 from __future__ import annotations
 
 from ..stats import wilson_interval
-from ..task import points
+from ..task.cards import RULES
+from ..task.prompt import ANSWER_TEMPLATE, render_prompt
 from ..task.rule_hands import SPLITS
+from ..task.solver import TARGET
 from .logprob import chat_prompt_ids, forked_logprobs
 
 # The json prefix is the authors' answer cut where the numbers begin; the own prefix is corpus.rule_document's
 # "Note that <rule> Cards: {cards} Numbers: {numbers}" after its rule statement (tests check both stay in step).
-JSON_PREFIX = points.ANSWER_TEMPLATE.split("{numbers}")[0]
+JSON_PREFIX = ANSWER_TEMPLATE.split("{numbers}")[0]
 OWN_PREFIX = "Cards: {cards} Numbers: "
 PREFIXES = {"json": JSON_PREFIX, "own": OWN_PREFIX}
 
@@ -63,14 +65,14 @@ def _summary(scores: list[float], margins: list[float]) -> dict:
 
 
 def rule_reading(model, tokenizer, hands: list[dict], prefix: str, batch_size: int,
-                 target: int = points.TARGET) -> dict:
+                 target: int = TARGET) -> dict:
     """The probe on `hands` (records of `rule_reading_hands`) with one answer prefix: accuracy, n, 95 % interval
     and mean log-prob margin (nats, numbers under the prompt's rule minus the other's) of every cell, of each split's
     hands (both prompts) and of all hands (`mean`, `ci95`, `margin`)."""
     contexts, forks = [], []
     for hand in hands:
         for prompt_rule in SPLITS:
-            messages = [{"role": "user", "content": points.render_prompt(hand["cards"], points.RULES[prompt_rule],
+            messages = [{"role": "user", "content": render_prompt(hand["cards"], RULES[prompt_rule],
                                                                           target)}]
             # the answer under the prompt's rule first; the two share their tokens up to the first differing number
             answers = [tokenizer(answer_text(prefix, hand["cards"], hand[f"numbers_{rule}"]),

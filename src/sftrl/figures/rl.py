@@ -8,8 +8,8 @@ import pandas as pd
 
 from ..checkpoint import ALGORITHMS, END_SFT, INTER_SFT, SELECTIONS, Checkpoint
 from ..io import read_json
-from ..report.summary import recovery
-from .sft import SPLIT_NAMES, rl_endpoints
+from ..evaluation.recovery import recovered_fraction, rl_endpoints
+from .sft import SPLIT_NAMES
 from .style import RULE_BLIND, rule_blind_line, save, style
 
 
@@ -51,17 +51,17 @@ def fig1b(eval_table: pd.DataFrame, selection: dict, stem) -> None:
 
 def recovery_table(table: pd.DataFrame, selection: dict) -> pd.DataFrame:
     """Per PPO run from an SFT step: OOD of its start, OOD after PPO, and the recovered fraction
-    (OOD_RL − OOD_End) / (OOD_Inter − OOD_End) (NaN when Inter_SFT's OOD is not above End_SFT's: 0/0 or a gain)."""
+    (OOD_RL − OOD_End) / (OOD_Inter − OOD_End) (evaluation.recovery.recovered_fraction; NaN where there is no
+    drop)."""
     inter, end = (_ood(table, Checkpoint.resolve(key, selection)) for key in (INTER_SFT, END_SFT))
     ends = rl_endpoints(table)
     ends = ends[(ends["algorithm"] == "ppo") & (ends["split"] == "ood")]
     rows = []
     for _, row in ends.sort_values("start_step").iterrows():
         start_ood = _ood(table, Checkpoint.parse(row["start"]))
-        fraction = recovery(row["accuracy"], inter, end)
         rows.append({"start": row["start"], "start_step": row["start_step"], "checkpoint": row["checkpoint"],
                      "ood_start": start_ood, "ood_rl": row["accuracy"], "ood_inter": inter, "ood_end": end,
-                     "recovered_fraction": math.nan if fraction is None else fraction,
+                     "recovered_fraction": recovered_fraction(row["accuracy"], inter, end),
                      "rule_reading_start": _ood(table, Checkpoint.parse(row["start"]), "rule_reading"),
                      "rule_reading_rl": row.get("rule_reading", math.nan)})
     return pd.DataFrame(rows, columns=["start", "start_step", "checkpoint", "ood_start", "ood_rl", "ood_inter",

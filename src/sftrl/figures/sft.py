@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..checkpoint import ALGORITHMS, END_SFT, INTER_SFT, SELECTIONS
+from ..evaluation.recovery import rl_endpoints
 from ..io import read_json
 from .style import RULE_BLIND, rule_blind_line, save, style
 
@@ -86,19 +87,6 @@ def rule_reading_panel(ax, data: pd.DataFrame, ends: pd.DataFrame) -> None:
     ax.set_xlabel("SFT step")
     ax.set_title(f"Rule reading, forced choice (rule-blind = {RULE_BLIND:.0f} %)", fontsize=10)
     ax.legend(title="hands", fontsize=7)
-
-
-def rl_endpoints(table: pd.DataFrame) -> pd.DataFrame:
-    """The last evaluated checkpoint of every RL run, one row per split, with its start's SFT step
-    (`start_step`; 0 for base). Empty when the table has no RL rows."""
-    from ..checkpoint import Checkpoint
-
-    rl = table[table["stage"] == "rl"].copy() if "algorithm" in table.columns else table.iloc[:0].copy()
-    if rl.empty:
-        return rl.assign(start_step=pd.Series(dtype=int))
-    rl = rl[rl["step"] == rl.groupby(["algorithm", "start"])["step"].transform("max")].copy()
-    rl["start_step"] = [Checkpoint.parse(s).step for s in rl["start"]]
-    return rl
 
 
 def fig2(loss_table: pd.DataFrame, stem) -> None:

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from ..evaluation.recovery import recovered_fraction, rl_endpoints
 from ..io import read_json, write_csv, write_text
 
 DRAWS, SEED = 2000, 0
@@ -60,11 +61,6 @@ def _interval(point: float, draws: np.ndarray) -> tuple[float, float, float]:
     return float(point), float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(np.abs(den) > 1e-12, num / np.where(den == 0, 1, den), np.nan)
-
-
 def _claim(claim, statement, paper, unit, criterion, source, value=None, verdict_if=None, reason="no data",
            metric="accuracy"):
     """A row; `value` = (point, low, high) or None, `verdict_if(point, low, high)` -> bool."""
@@ -95,13 +91,6 @@ class Claims:
         step = self.selection[key]["step"]
         return self._acc(self.eval[(self.eval["stage"] == "sft") & (self.eval["step"] == step)], split, metric)
 
-    def rl_runs(self) -> pd.DataFrame:
-        """RL rows, the last update of each run (algorithm x start)."""
-        if "start" not in self.eval.columns:
-            return self.eval.iloc[:0]
-        rl = self.eval[self.eval["stage"] == "rl"]
-        return rl[rl["step"] == rl.groupby(["algorithm", "start"])["step"].transform("max")]
-
     # -- the claims ----------------------------------------------------------------------------------------------
 
     def ood_falls(self, metric="accuracy"):
@@ -126,15 +115,15 @@ class Claims:
 
     def rl_recovery(self, metric="accuracy"):
         end_name = f"sft-{self.selection['end_sft']['step']}"
-        runs = self.rl_runs()
+        runs = rl_endpoints(self.eval)
         runs = runs[runs["start"] == end_name] if len(runs) else runs
         inter, end = self.sft("inter_sft", "ood", metric), self.sft("end_sft", "ood", metric)
         value = None
         if len(runs) and inter and end:
             rl = self._acc(runs[runs["algorithm"] == sorted(runs["algorithm"])[0]], "ood", metric)
             if rl:
-                value = _interval(100 * _ratio(np.array(rl.value - end.value), np.array(inter.value - end.value)),
-                                  100 * _ratio(rl.draws - end.draws, inter.draws - end.draws))
+                value = _interval(100 * recovered_fraction(rl.value, inter.value, end.value),
+                                  100 * recovered_fraction(rl.draws, inter.draws, end.draws))
         return _claim("rl_recovery", f"RL from End_SFT recovers the OOD {METRICS[metric][3]} SFT lost (Inter_SFT − "
                       "End_SFT)", "up to 99 % (Qwen-2.5-7B), 85 % (Llama-3.2-11B)", "% of the OOD loss recovered",
                       "≥ 50 % and the interval's lower bound > 0", "eval.csv (stage rl, start = End_SFT)", value,
@@ -169,8 +158,8 @@ class Claims:
             T = self._acc(table[table["role"].isin(["target", "both"])], "ood", metric)
             R = self._acc(point, "ood", metric)
             if B and T and R:
-                value = _interval(100 * _ratio(np.array(R.value - T.value), np.array(B.value - T.value)),
-                                  100 * _ratio(R.draws - T.draws, B.draws - T.draws))
+                value = _interval(100 * recovered_fraction(R.value, B.value, T.value),
+                                  100 * recovered_fraction(R.draws, B.draws, T.draws))
         return _claim(claim, statement.replace("OOD", f"OOD {METRICS[metric][3]}"), paper,
                       "% of the OOD gap (B − T) recovered", "≥ 70 %", f"restore_{sweep}.csv", value,
                       lambda p, lo, hi: p >= 70, metric=metric)
@@ -203,7 +192,7 @@ class Claims:
                       "interval above 0", "restore_reverse.csv", value, lambda p, lo, hi: lo > 0, metric=metric)
 
     def late_sft(self, metric="accuracy"):
-        runs = self.rl_runs()
+        runs = rl_endpoints(self.eval)
         value = None
         if len(runs):
             algo = sorted(runs["algorithm"])[0]

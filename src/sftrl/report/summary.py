@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..checkpoint import END_SFT, INTER_SFT, SELECTIONS, STAGES, Checkpoint
+from ..evaluation.recovery import recovered_fraction, rl_endpoints
 from ..io import read_json, write_text
 
 # Figure file stem -> what it plots and its place in the paper (the captions under workflow/report/ say more).
@@ -79,18 +80,9 @@ def headline_rows(table: pd.DataFrame, selection: dict) -> list[dict]:
     headline = [evaluated(Checkpoint("base"), STAGES["base"])]
     headline += [evaluated(Checkpoint.resolve(key, selection), SELECTIONS[key]) for key in SELECTION_ORDER]
     # RL runs, in study order: the last checkpoint each one evaluated (its end point)
-    rl = [Checkpoint.parse(name) for name in set(table.loc[table["stage"] == "rl", "checkpoint"])]
-    for run in sorted({c.run for c in rl}, key=lambda run: Checkpoint("rl", 0, run).sort_key):
-        last = max((c for c in rl if c.run == run), key=lambda c: c.step)
-        headline.append(evaluated(last, last.label))
+    ends = {Checkpoint.parse(name) for name in rl_endpoints(table)["checkpoint"]}
+    headline += [evaluated(last, last.label) for last in sorted(ends, key=lambda c: c.sort_key)]
     return headline
-
-
-def recovery(ood: float, inter: float, end: float) -> float | None:
-    """Share of the OOD accuracy lost from Inter_SFT to End_SFT that a later checkpoint regains (the paper's
-    "RL recovers 85 % / 99 %"): (OOD - OOD_End) / (OOD_Inter - OOD_End); None when nothing was lost."""
-    drop = inter - end
-    return None if drop <= 0 else (ood - end) / drop
 
 
 def headline_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -106,7 +98,7 @@ def headline_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                _format_errors(r["ood"])]
         if later:
             row.append("" if r["stage"] in ("base", "sft") or r["ood"] is None
-                       else _percent(recovery(r["ood"]["accuracy"], inter, end)))
+                       else _percent(recovered_fraction(r["ood"]["accuracy"], inter, end)))
         cells.append(row)
     return header, cells
 

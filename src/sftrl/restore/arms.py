@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..weights.svd import SVDFactors
+from ..weights.thin_svd import SVDFactors
 from .spec import ARM_NAMES
 
 Arm = Callable[[SVDFactors, SVDFactors, torch.Tensor], torch.Tensor]

@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
-from ..weights.names import DEFAULT_INCLUDE, layer_index, matrix_kind, select_matrices, without_tied_head
+from ..weights.names import DEFAULT_INCLUDE, kind_or_none, layer_index, select_matrices, without_tied_head
 
 # The arms (sftrl.restore.arms registers one function each under these names). `reset` ignores the rank selection.
 ARM_NAMES = ("direction", "triplet", "reset", "sigma_only")
@@ -140,22 +140,15 @@ def select(spec: RestoreSpec, names: Iterable[str], num_layers: int, tied: bool 
     chosen = [n for n in select_matrices(names, spec.matrices) if layer_index(n) in layers]
     for kind, wanted in (("embed_tokens", spec.embed_tokens), ("lm_head", spec.lm_head and not tied)):
         if wanted:
-            found = [n for n in names if _kind(n) == kind]
+            found = [n for n in names if kind_or_none(n) == kind]
             if not found:
                 raise ValueError(f"{kind}: asked for, but this model has no {kind} matrix (tied embeddings?)")
             chosen += found
         else:  # only when asked, whatever the patterns say
-            chosen = [n for n in chosen if _kind(n) != kind]
+            chosen = [n for n in chosen if kind_or_none(n) != kind]
     if not chosen:
         raise ValueError(f"layers {spec.layers!r} x matrices {list(spec.matrices)} select no weight matrix")
     return select_matrices(chosen, [r".*"])  # natural order, deduplicated
-
-
-def _kind(name: str) -> str | None:
-    try:
-        return matrix_kind(name)
-    except ValueError:
-        return None
 
 
 # -----------------------------------------------------------------------------

@@ -23,9 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..io import atomic_dir, write_json
-from ..weights.names import _safetensors_header, plan_shards, tied_embeddings, without_tied_head
-from ..weights.svd import SVDFactors, ensure_svd_shard, load_svd_shard
-from ..weights.tensors import iter_checkpoint_tensors, list_checkpoint_tensors
+from ..weights.names import plan_shards
+from ..weights.stored import checkpoint_parameter_names, checkpoint_parameter_shapes, tied_embeddings
+from ..weights.svd import ensure_svd_shard, load_svd_shard
+from ..weights.thin_svd import SVDFactors
+from ..weights.tensors import iter_checkpoint_tensors
 from .arms import ARMS, rank_mask
 from .spec import RestoreSpec, select
 
@@ -36,18 +38,6 @@ ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidd
                      "num_key_value_heads", "vocab_size", "tie_word_embeddings")
 LAYERS_PER_FILE = 8  # decoder layers per output safetensors file (the unit of streaming)
 _WEIGHT_FILES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".ckpt")
-
-
-def tensor_shapes(model_dir) -> dict[str, tuple]:
-    """Tensor name -> shape of a saved checkpoint, from its safetensors headers only."""
-    path = Path(model_dir)
-    index = path / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else ["model.safetensors"])
-    shapes = {}
-    for file in files:
-        shapes.update({name: tuple(info["shape"]) for name, info in _safetensors_header(path / file).items()})
-    return shapes
 
 
 def check_output_apart(out, reference, target) -> None:
@@ -75,9 +65,9 @@ def check_same_architecture(reference, target) -> dict[str, tuple]:
     if differ:
         raise ValueError(f"mismatched architectures: reference {reference} and target {target} differ in "
                          + ", ".join(f"{k} ({a} vs {b})" for k, (a, b) in differ.items()))
-    # a tied lm_head stored beside embed_tokens is the same matrix: it does not make two architectures differ
-    ref_shapes, tgt_shapes = ({name: shapes[name] for name in without_tied_head(shapes, tied_embeddings(path))}
-                              for path, shapes in ((path, tensor_shapes(path)) for path in (reference, target)))
+    # canonical names, without a tied lm_head stored beside embed_tokens (the same matrix): a stored layout or a
+    # duplicate head does not make two architectures differ
+    ref_shapes, tgt_shapes = (checkpoint_parameter_shapes(path) for path in (reference, target))
     if ref_shapes != tgt_shapes:
         names = sorted(set(ref_shapes) ^ set(tgt_shapes)) or [n for n in tgt_shapes if ref_shapes[n] != tgt_shapes[n]]
         raise ValueError(f"mismatched architectures: reference {reference} and target {target} differ in the tensors "
@@ -156,7 +146,7 @@ def restore_models(reference, target, points: Sequence[tuple[RestoreSpec, str | 
     sources = {role: FactorSource(path, wanted, shards, cache_dir, svd_dtype)
                for role, path, shards in (("reference", reference, reference_svd), ("target", target, target_svd))}
     restored_counts = [{} for _ in points]
-    files = plan_shards(list_checkpoint_tensors(target), LAYERS_PER_FILE)
+    files = plan_shards(checkpoint_parameter_names(target), LAYERS_PER_FILE)
     weight_map, total = {}, 0
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_dir(out)) for _, out in points]

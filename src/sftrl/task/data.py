@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import points
+from .cards import Hand, ID_RULE, MAX_DRAWS, OOD_RULE, RANKS, RULES, Rule, deal, solvable_hand_exists
+from .prompt import render_answer, render_prompt
+from .solver import TARGET, is_solvable, solve
 from ..io import iter_jsonl, write_json, write_jsonl
 
 
@@ -27,21 +29,21 @@ def multiset_key(cards) -> str:
 
 def eval_problems(rule_name: str, n: int, seed: int, target: int, hands: str = "seeded") -> list[dict]:
     """`n` evaluation problems under a rule. hands = "seeded": dealt from one seeded numpy Generator (the default;
-    DEVIATION: seeded dealing, see points.deal); "authors": the authors' own sequence (`authors_hands`), so a
+    DEVIATION: seeded dealing, see cards.deal); "authors": the authors' own sequence (`authors_hands`), so a
     real-model run is comparable hand for hand with the paper."""
-    rule = points.RULES[rule_name]
+    rule = RULES[rule_name]
     if hands == "authors":
         dealt = authors_hands(rule, n, seed, target)
     elif hands == "seeded":
         rng = np.random.default_rng(seed)
-        dealt = [points.deal(rng, rule, target) for _ in range(n)]
+        dealt = [deal(rng, rule, target) for _ in range(n)]
     else:
         raise ValueError(f"data.eval.hands = {hands!r}; expected seeded or authors")
     return [{"id": f"{rule_name}-{index:04d}", "rule": rule_name, "cards": list(hand.cards),
              "numbers": list(hand.numbers), "target": target} for index, hand in enumerate(dealt)]
 
 
-def authors_hands(rule: points.Rule, n: int, seed: int = 42, target: int = points.TARGET) -> list[points.Hand]:
+def authors_hands(rule: Rule, n: int, seed: int = 42, target: int = TARGET) -> list[Hand]:
     """The hands the authors' evaluation plays, replayed draw for draw: their `init_seed(42)` seeds Python's
     global `random`; their environment's constructor deals one hand (discarded, as its reset() is called again per
     episode); every deal draws ranks (OOD: 3 of 1..13 + one of 11..13, shuffled) and four suits, and their solver
@@ -58,31 +60,31 @@ def authors_hands(rule: points.Rule, n: int, seed: int = 42, target: int = point
             ranks = [rng.randint(1, 13) for _ in range(4)]
         for _ in range(4):
             rng.choice("HSDC")  # the suit: drawn by the authors (it picks a card image), unused in language
-        cards = [points.RANKS[rank - 1] for rank in ranks]
+        cards = [RANKS[rank - 1] for rank in ranks]
         return cards, [rule.value(card) for card in cards]
 
     def solvable(numbers) -> bool:
         rng.shuffle(sorted(set(permutations(numbers))))  # the authors' solver shuffles before it searches
-        return points.is_solvable(numbers, target)
+        return is_solvable(numbers, target)
 
     hands = []
     for _ in range(n + 1):
         cards, numbers = draw()
         while not solvable(numbers):
             cards, numbers = draw()
-        hands.append(points.Hand(tuple(cards), tuple(numbers)))
+        hands.append(Hand(tuple(cards), tuple(numbers)))
     return hands[1:]
 
 
-def solvable_multisets(rule: points.Rule, target: int) -> list[str]:
+def solvable_multisets(rule: Rule, target: int) -> list[str]:
     return list(_solvable_multisets(rule, target))
 
 
 @functools.lru_cache(maxsize=None)
-def _solvable_multisets(rule: points.Rule, target: int) -> tuple[str, ...]:
+def _solvable_multisets(rule: Rule, target: int) -> tuple[str, ...]:
     keys = []
-    for combo in combinations_with_replacement(points.RANKS, 4):
-        if points.is_solvable([rule.value(card) for card in combo], target):
+    for combo in combinations_with_replacement(RANKS, 4):
+        if is_solvable([rule.value(card) for card in combo], target):
             keys.append(multiset_key(combo))
     return tuple(sorted(keys))
 
@@ -91,46 +93,46 @@ def check_data_settings(sft_settings: dict, target: int) -> None:
     """Fail, naming the key, when config `env.target` / `data.sft` make a problem set or SFT split impossible to
     deal (dealing for it would otherwise spin forever). Exact and cheap (< 1 s: 1820 multisets per rule), so the
     workflow can call it at parse time; build_sft_data calls it too."""
-    for rule in points.RULES.values():
-        if not points.solvable_hand_exists(rule, target):
+    for rule in RULES.values():
+        if not solvable_hand_exists(rule, target):
             raise ValueError(f"env.target = {target}: no hand of 4 cards is solvable under the {rule.name} rule "
                              f"(J, Q, K = {rule.face_values}); choose a target the cards can make, e.g. 24")
-    keys = _solvable_multisets(points.ID_RULE, target)
+    keys = _solvable_multisets(ID_RULE, target)
     if max(1, round(sft_settings["id_test_fraction"] * len(keys))) >= len(keys):
         raise ValueError(f"data.sft.id_test_fraction = {sft_settings['id_test_fraction']} holds out all {len(keys)} "
                          f"solvable ID multisets (env.target = {target}): the SFT training split would be empty")
 
 
-def sft_example(hand: points.Hand, rule: points.Rule, rng: np.random.Generator, target: int) -> dict:
+def sft_example(hand: Hand, rule: Rule, rng: np.random.Generator, target: int) -> dict:
     """One conversational prompt/completion example; the answer uses a solution drawn at random (not always the
     first one the solver lists, so the model sees varied but correct formulas)."""
-    solutions = points.solve(hand.numbers, target)
+    solutions = solve(hand.numbers, target)
     formula = solutions[int(rng.integers(len(solutions)))]
     return {
-        "prompt": [{"role": "user", "content": points.render_prompt(hand.cards, rule, target)}],
-        "completion": [{"role": "assistant", "content": points.render_answer(hand, formula, target)}],
+        "prompt": [{"role": "user", "content": render_prompt(hand.cards, rule, target)}],
+        "completion": [{"role": "assistant", "content": render_answer(hand, formula, target)}],
         "cards": list(hand.cards),
         "numbers": list(hand.numbers),
         "rule": rule.name,
     }
 
 
-def _deal_from(rng, rule, target, allowed: set[str], split: str) -> points.Hand:
+def _deal_from(rng, rule, target, allowed: set[str], split: str) -> Hand:
     """Deal until the hand's multiset is in `allowed` (non-empty, so each draw hits with probability
     >= 1/13^4; the limit only stops a loop that a bug would make endless)."""
-    for _ in range(points.MAX_DRAWS):
-        hand = points.deal(rng, rule, target)
+    for _ in range(MAX_DRAWS):
+        hand = deal(rng, rule, target)
         if multiset_key(hand.cards) in allowed:
             return hand
     raise ValueError(f"no hand of the SFT {split} split ({len(allowed)} multisets; data.sft.id_test_fraction, "
-                     f"env.target = {target}) dealt in {points.MAX_DRAWS} draws")
+                     f"env.target = {target}) dealt in {MAX_DRAWS} draws")
 
 
 def id_split(rng: np.random.Generator, id_test_fraction: float, target: int) -> tuple[set[str], set[str]]:
     """(train, test) card multisets of the ID rule: a seeded shuffle of the solvable ones, the first
     `id_test_fraction` held out. Called on a fresh Generator seeded with data.sft.seed it gives SFT's split (RL
     deals its hands from the same train side: train/rl.py)."""
-    keys = solvable_multisets(points.ID_RULE, target)
+    keys = solvable_multisets(ID_RULE, target)
     shuffled = [keys[i] for i in rng.permutation(len(keys))]
     n_test = max(1, round(id_test_fraction * len(keys)))
     return set(shuffled[n_test:]), set(shuffled[:n_test])
@@ -140,16 +142,16 @@ def build_sft_data(settings: dict, target: int, out_dir: str | Path) -> dict:
     """Write train.jsonl, train_loss.jsonl, id_test.jsonl and ood_loss.jsonl; return a summary."""
     check_data_settings(settings, target)  # an empty side of the split would make dealing for it spin forever
     rng = np.random.default_rng(settings["seed"])
-    keys = solvable_multisets(points.ID_RULE, target)
+    keys = solvable_multisets(ID_RULE, target)
     train_keys, test_keys = id_split(rng, settings["id_test_fraction"], target)
 
     # Hands are dealt as the environment deals them (i.i.d. ranks), then kept only if their multiset is on the
     # right side of the split, so the training distribution matches the authors' generator.
-    train = [sft_example(_deal_from(rng, points.ID_RULE, target, train_keys, "train"), points.ID_RULE, rng, target)
+    train = [sft_example(_deal_from(rng, ID_RULE, target, train_keys, "train"), ID_RULE, rng, target)
              for _ in range(settings["n_train"])]
-    id_test = [sft_example(_deal_from(rng, points.ID_RULE, target, test_keys, "ID-test"), points.ID_RULE, rng, target)
+    id_test = [sft_example(_deal_from(rng, ID_RULE, target, test_keys, "ID-test"), ID_RULE, rng, target)
                for _ in range(settings["n_id_test"])]
-    ood = [sft_example(points.deal(rng, points.OOD_RULE, target), points.OOD_RULE, rng, target)
+    ood = [sft_example(deal(rng, OOD_RULE, target), OOD_RULE, rng, target)
            for _ in range(settings["n_ood_loss"])]
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "train.jsonl", train)
@@ -176,9 +178,9 @@ def read_problems(path) -> list[dict]:
         missing = [field for field in PROBLEM_FIELDS if field not in problem]
         if missing:
             raise ValueError(f"{where}: missing field(s) {missing}; a problem has {list(PROBLEM_FIELDS)}")
-        if problem["rule"] not in points.RULES:
-            raise ValueError(f"{where}: field 'rule' = {problem['rule']!r} is not a known rule {sorted(points.RULES)}")
-        rule = points.RULES[problem["rule"]]
+        if problem["rule"] not in RULES:
+            raise ValueError(f"{where}: field 'rule' = {problem['rule']!r} is not a known rule {sorted(RULES)}")
+        rule = RULES[problem["rule"]]
         try:
             values = [rule.value(card) for card in problem["cards"]]
         except (TypeError, ValueError) as err:
@@ -191,7 +193,7 @@ def read_problems(path) -> list[dict]:
         if problems and problem["rule"] != problems[0]["rule"]:
             raise ValueError(f"{where}: rule {problem['rule']!r}, but the file began with rule "
                              f"{problems[0]['rule']!r}; a problem set holds one split (ID or OOD), never both")
-        if not points.is_solvable(values, problem["target"]):  # every episode of it would fail, whatever the model
+        if not is_solvable(values, problem["target"]):  # every episode of it would fail, whatever the model
             raise ValueError(f"{where}: the hand {problem['cards']} (numbers {values}) cannot make the target "
                              f"{problem['target']} under the {rule.name} rule")
         if not isinstance(problem["id"], str):
@@ -210,10 +212,10 @@ def read_problems(path) -> list[dict]:
 
 
 def eval_set_command(parser):
-    parser.add_argument("--rule", choices=sorted(points.RULES), required=True)
+    parser.add_argument("--rule", choices=sorted(RULES), required=True)
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--target", type=int, default=points.TARGET)
+    parser.add_argument("--target", type=int, default=TARGET)
     parser.add_argument("--hands", choices=["seeded", "authors"], default="seeded")
     parser.add_argument("--out", required=True)
     return lambda args: write_jsonl(args.out, eval_problems(args.rule, args.n, args.seed, args.target, args.hands))
@@ -223,7 +225,7 @@ def sft_data_command(parser):
     from ..io import settings
 
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config data.sft")
-    parser.add_argument("--target", type=int, default=points.TARGET)
+    parser.add_argument("--target", type=int, default=TARGET)
     parser.add_argument("--out-dir", required=True)
 
     def run(args):

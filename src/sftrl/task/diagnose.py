@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import re
 
-from . import points
+from .cards import Hand
+from .prompt import parse_formula
+from .verifier import REWARD_FN
 
 STAGES = ("cards", "numbers", "formula_numbers", "value")
 _LIST_RE = {field: re.compile(rf'"{field}": \[([^\]]*)\]') for field in ("cards", "number")}
@@ -32,8 +34,8 @@ def _field(text: str, field: str) -> list[str] | None:
     return items if len(items) == 4 else None
 
 
-def answer_stages(text: str, formula: str | None, reward: float, hand: points.Hand) -> dict[str, bool]:
-    """The four stages of one attempt (`formula` as points.parse_formula returned it, `reward` its verdict's)."""
+def answer_stages(text: str, formula: str | None, reward: float, hand: Hand) -> dict[str, bool]:
+    """The four stages of one attempt (`formula` as prompt.parse_formula returned it, `reward` its verdict's)."""
     cards = _field(text, "cards")
     numbers = _field(text, "number")
     used = sorted(int(token) for token in _NUMBER_TOKEN.findall(formula or "") if len(token) <= 6)
@@ -41,5 +43,5 @@ def answer_stages(text: str, formula: str | None, reward: float, hand: points.Ha
         "cards": cards is not None and cards == list(hand.cards),
         "numbers": numbers is not None and numbers == [str(n) for n in hand.numbers],
         "formula_numbers": formula is not None and used == sorted(hand.numbers),
-        "value": reward == points.REWARD_FN["CORRECT_SOLUTION"],
+        "value": reward == REWARD_FN["CORRECT_SOLUTION"],
     }

@@ -10,7 +10,8 @@ import logging
 
 from ..generation.sampling import Sampling, decode_all
 from ..modeling import DATE_STRING, chat_prompt
-from . import points
+from .cards import Hand, RULES
+from .episode import Episode
 from .diagnose import STAGES, answer_stages
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ def run_episodes(backend, problems: list[dict], sampling: Sampling, verify_iter:
     attempt also records `prompt_ids` (its prompt as the backend tokenized it) and `response_ids` (the sampled ids,
     stop id included), from the backend's `generate_ids`; the texts are those ids decoded, as `generate` does."""
     episodes = [
-        points.Episode(points.Hand(tuple(p["cards"]), tuple(p["numbers"])), points.RULES[p["rule"]],
+        Episode(Hand(tuple(p["cards"]), tuple(p["numbers"])), RULES[p["rule"]],
                        verify_iter=verify_iter, target=p["target"])
         for p in problems
     ]

@@ -4,14 +4,15 @@ probe's scorer does not remake the data). The probe and its sizing: sftrl.evalua
 from __future__ import annotations
 
 from ..io import iter_jsonl, write_jsonl
-from . import points
+from .cards import RULES
+from .solver import TARGET
 from .data import eval_problems
 
 SPLITS = ("id", "ood")
 FACE_CARDS = ("J", "Q", "K")
 
 
-def rule_reading_hands(n: int, seed: int, target: int = points.TARGET, hands: str = "seeded") -> list[dict]:
+def rule_reading_hands(n: int, seed: int, target: int = TARGET, hands: str = "seeded") -> list[dict]:
     """The first `n` hands with at least one face card of each evaluation split's deal (data.task.eval_problems
     with the evaluation's seed and hand mode, continued past the evaluation's own n where needed), ID split first.
     Each record: the evaluation problem id, the split, the cards and their numbers under both rules."""
@@ -27,7 +28,7 @@ def rule_reading_hands(n: int, seed: int, target: int = points.TARGET, hands: st
                 break
             dealt *= 2  # ~65 % of ID hands hold a face card, every OOD hand does: this ends after one doubling
         found += [{"id": p["id"], "split": split, "cards": p["cards"],
-                   **{f"numbers_{rule}": [points.RULES[rule].value(card) for card in p["cards"]] for rule in SPLITS}}
+                   **{f"numbers_{rule}": [RULES[rule].value(card) for card in p["cards"]] for rule in SPLITS}}
                   for p in with_face[:n]]
     return found
 
@@ -46,7 +47,7 @@ def read_hands(path) -> list[dict]:
         if split not in SPLITS:
             raise ValueError(f"{where}: split {split!r} is not one of {SPLITS}")
         try:
-            expected = {rule: [points.RULES[rule].value(card) for card in cards] for rule in SPLITS}
+            expected = {rule: [RULES[rule].value(card) for card in cards] for rule in SPLITS}
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: cards {cards!r}: {err}") from None
         if numbers != expected or len(cards) != 4:
@@ -68,7 +69,7 @@ def read_hands(path) -> list[dict]:
 def hands_command(parser):
     parser.add_argument("--n", type=int, required=True, help="hands per split (config rule_reading.n)")
     parser.add_argument("--seed", type=int, required=True, help="the evaluation's seed (config data.eval.seed)")
-    parser.add_argument("--target", type=int, default=points.TARGET)
+    parser.add_argument("--target", type=int, default=TARGET)
     parser.add_argument("--hands", choices=["seeded", "authors"], default="seeded")
     parser.add_argument("--out", required=True)
     return lambda args: write_jsonl(args.out, rule_reading_hands(args.n, args.seed, args.target, args.hands))

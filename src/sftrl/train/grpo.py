@@ -4,7 +4,7 @@ One GRPO sample is one episode, played by the same loop as evaluation (sftrl.tas
 live policy: up to `env.verify_iter` attempts, each failed one answered by a feedback user turn. TRL's
 `rollout_func` hands the trainer the episode as one completion (every attempt and feedback turn after the first
 prompt) with `env_mask` = 0 on the feedback turns, so the loss covers only tokens the policy sampled. The reward is
-the episode's return: the sum of its attempts' rewards from `points.score` (the authors' reward table), as the
+the episode's return: the sum of its attempts' rewards from `task.verifier.score` (the authors' reward table), as the
 evaluation records them. Each update deals `hands_per_update` hands per process (train/rl.py: the same hands, seeds
 and sampling settings as PPO's update of that number) and plays each `num_generations` times; GRPO's advantage is
 an episode's reward relative to its hand's group.
@@ -34,8 +34,10 @@ from ..checkpoint import Checkpoint
 from ..generation.kv import KVBackend
 from ..generation.sampling import stop_token_ids
 from ..modeling import load_model, load_tokenizer
-from ..task import points
+from ..task.cards import RULES
+from ..task.prompt import render_prompt
 from ..task.rollout import run_episodes
+from ..task.verifier import score
 from . import rl, sft
 from .launch import check_deepspeed
 from .sft import (
@@ -144,7 +146,8 @@ class PolicyBackend(KVBackend):
 
 
 def episode_return(record: dict) -> float:
-    """An episode's reward: the sum of its attempts' rewards (points.score, as the evaluation record holds them)."""
+    """An episode's reward: the sum of its attempts' rewards (task.verifier.score, as the evaluation record holds
+    them)."""
     return float(sum(attempt["reward"] for attempt in record["attempts"]))
 
 
@@ -175,7 +178,7 @@ def play(model, model_dir, model_settings: dict, problems: list[dict], sampling,
 
 
 def prompt_text(problem: dict) -> str:
-    return points.render_prompt(problem["cards"], points.RULES[problem["rule"]], problem["target"])
+    return render_prompt(problem["cards"], RULES[problem["rule"]], problem["target"])
 
 
 def make_rollout(problems: list[dict], model_dir, settings: dict):

@@ -34,7 +34,7 @@ from .. import codegraph
 from ..checkpoint import ALGORITHMS, SFT_EXPORT, Checkpoint
 from ..generation.sampling import Sampling
 from ..io import atomic_dir, fingerprint, read_json, write_csv, write_json
-from ..task import points
+from ..task.cards import ID_RULE, deal
 from ..task.data import id_split, multiset_key
 from .launch import stamped_work_dir
 
@@ -72,7 +72,7 @@ def training_problems(settings: dict, update: int, n: int, process_index: int = 
         raise ValueError(f"rl.multisets = {rl['multisets']!r}; expected sft_train or all")
     problems = []
     while len(problems) < n:
-        hand = points.deal(rng, points.ID_RULE, target)
+        hand = deal(rng, ID_RULE, target)
         if allowed is None or multiset_key(hand.cards) in allowed:
             problems.append({"id": f"rl-u{update}-{len(problems):04d}", "rule": "id", "cards": list(hand.cards),
                              "numbers": list(hand.numbers), "target": target})

@@ -1,15 +1,11 @@
 """Which weight matrices the spectral analysis (and restoration) works on, by parameter name: selection by
 include / exclude patterns, the matrix kind and decoder layer a name denotes, the plan of SVD shards, the kinds'
-display order and labels. Names only — torch-free, so the workflow plans its jobs at parse time without
-importing torch; a real checkpoint's names come from its safetensors header / index (read as JSON).
+display order and labels. Names only — torch-free and file-free, so the workflow plans its jobs at parse time
+without importing torch; a real checkpoint's names come from sftrl.weights.stored (its safetensors headers / index).
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import struct
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 # -----------------------------------------------------------------------------
@@ -91,17 +87,24 @@ def select_matrices(names: Iterable[str], include_patterns: Sequence[str] = DEFA
     exclude = [_compile(p, "spectral.exclude") for p in exclude_patterns]
     chosen = {n for n in names
               if any(p.search(n) for p in include) and not any(p.search(n) for p in exclude)}
-    return sorted(chosen, key=_natural_key)
+    return sorted(chosen, key=natural_key)
+
+
+def kind_or_none(name: str) -> str | None:
+    """The module name in front of `.weight`: "q_proj", ..., "down_proj", "embed_tokens", "lm_head"; None for a
+    name that is not a weight parameter's (a bias). (Mllama cross-attention `cross_attn.q_proj` also maps to
+    "q_proj"; the default include patterns select `self_attn` only, and the tables flag a cross-attention layer's
+    MLP with `cross_attention`.)"""
+    match = _KIND_RE.search(name)
+    return match.group(1) if match else None
 
 
 def matrix_kind(name: str) -> str:
-    """The module name in front of `.weight`: "q_proj", ..., "down_proj", "embed_tokens", "lm_head".
-    (Mllama cross-attention `cross_attn.q_proj` also maps to "q_proj"; the default include patterns select
-    `self_attn` only, and the tables flag a cross-attention layer's MLP with `cross_attention`.)"""
-    match = _KIND_RE.search(name)
-    if match is None:
+    """kind_or_none, for a name that must be a weight parameter's."""
+    kind = kind_or_none(name)
+    if kind is None:
         raise ValueError(f"not a weight parameter name: {name!r}")
-    return match.group(1)
+    return kind
 
 
 def layer_index(name: str) -> int | None:
@@ -110,30 +113,39 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _natural_key(name: str):
+def natural_key(name: str):
+    """Sort key of the natural order: layer-less matrices (embed_tokens) first, then by layer index, lm_head last."""
     layer = layer_index(name)
-    tail = 2 if _kind_or_none(name) == "lm_head" else (0 if layer is None else 1)
+    tail = 2 if kind_or_none(name) == "lm_head" else (0 if layer is None else 1)
     return (tail, -1 if layer is None else layer, name)
 
 
-def _kind_or_none(name: str) -> str | None:
-    match = _KIND_RE.search(name)
-    return match.group(1) if match else None
-
-
-def plan_shards(names: Iterable[str], layers_per_shard: int) -> dict[str, list[str]]:
-    """Group matrices into cache shards: decoder layers in blocks of `layers_per_shard` (id "layers008-011"; ids
-    depend only on the block, so they are stable wildcards), embed_tokens + lm_head in "embed", anything else
-    without a layer index in "other". One shard is one unit of work (one SVD job, one cache file)."""
+def plan_shards(names: Iterable[str] | Mapping[str, int], layers_per_shard: int,
+                include_patterns: Sequence[str] = (r".*",),
+                exclude_patterns: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Shard id -> names: the names the patterns select (config `spectral` include / exclude; by default every
+    name) grouped into shards: decoder layers in blocks of `layers_per_shard` (id "layers008-011"; ids depend only
+    on the block, so they are stable wildcards), embed_tokens + lm_head in "embed", anything else without a layer
+    index in "other". One shard is one unit of work (one SVD job, one cache file, one restored weights file).
+    When `names` maps each name to its number of dimensions (a checkpoint's, or llama_parameter_ndims), every
+    selected name must be a matrix: only 2-D weights have singular vectors."""
     if layers_per_shard < 1:
         raise ValueError("layers_per_shard must be >= 1")
+    chosen = select_matrices(names, include_patterns, exclude_patterns)
+    if not chosen:
+        raise ValueError("spectral.include / spectral.exclude select no weight matrix")
+    if isinstance(names, Mapping):
+        vectors = [name for name in chosen if names[name] != 2]
+        if vectors:
+            raise ValueError(f"spectral.include selects {len(vectors)} tensor(s) that are not matrices, e.g. "
+                             f"{vectors[:3]}: only 2-D weights have singular vectors")
     blocks: dict[tuple, list[str]] = {}
-    for name in select_matrices(names, include_patterns=[r".*"]):
+    for name in chosen:
         layer = layer_index(name)
         if layer is not None:
             start = layer // layers_per_shard * layers_per_shard
             key = (0, start, f"layers{start:03d}-{start + layers_per_shard - 1:03d}")
-        elif _kind_or_none(name) in ("embed_tokens", "lm_head"):
+        elif kind_or_none(name) in ("embed_tokens", "lm_head"):
             key = (1, 0, "embed")
         else:
             key = (2, 0, "other")
@@ -182,85 +194,11 @@ def llama_parameter_ndims(num_layers: int, tie_word_embeddings: bool = False) ->
             for name in llama_parameter_names(num_layers, tie_word_embeddings)}
 
 
-def _safetensors_header(path: Path) -> dict:
-    """A safetensors file's header (8-byte little-endian length, then JSON), read without torch."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-    except (OSError, struct.error, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def tied_embeddings(model_dir: str | os.PathLike) -> bool:
-    """Whether a saved checkpoint ties lm_head to embed_tokens (config.json `tie_word_embeddings`, or its
-    `text_config`'s for a multimodal model; absent means untied, the default of Llama, Qwen2 and Mllama's
-    configs). A tied model has ONE output/input matrix: save_pretrained stores it as embed_tokens only."""
-    path = Path(model_dir)
-    config_file = (path.parent if path.is_file() else path) / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        return False  # a bare safetensors file (the authors' merged checkpoints) says nothing: its names decide
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{config_file}: not a readable config.json ({e})") from None
-    text = config.get("text_config") or {}
-    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-
-
 def without_tied_head(names: Iterable[str], tied: bool) -> list[str]:
     """`names` without lm_head when the embeddings are tied: a tied lm_head IS embed_tokens, so a checkpoint that
     stores both (some savers do) must not have the one matrix analysed, cached or restored twice, nor compared with
     itself (embed-vs-lm_head). Only a lm_head with an embed_tokens beside it is dropped."""
     names = list(names)
-    if not tied or not any(_kind_or_none(n) == "embed_tokens" for n in names):
+    if not tied or not any(kind_or_none(n) == "embed_tokens" for n in names):
         return names
-    return [n for n in names if _kind_or_none(n) != "lm_head"]
-
-
-def checkpoint_parameter_ndims(model_dir: str | os.PathLike) -> dict[str, int]:
-    """Canonical tensor name -> number of dimensions of a saved Hugging Face checkpoint, from its safetensors
-    headers only (one file, or the shards an index lists). A tied lm_head is not a matrix of its own
-    (without_tied_head)."""
-    return {name: len(shape) for name, shape in checkpoint_parameter_shapes(model_dir).items()}
-
-
-def checkpoint_parameter_shapes(model_dir: str | os.PathLike) -> dict[str, tuple]:
-    """Canonical tensor name -> shape of a saved Hugging Face checkpoint, from its safetensors headers only (one
-    file, or the shards an index lists), in natural order. A tied lm_head is not a matrix of its own
-    (without_tied_head)."""
-    path = Path(model_dir)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    shapes = {}
-    for file in files:
-        shapes.update({name: tuple(info["shape"]) for name, info in _safetensors_header(path / file).items()})
-    canonical = canonical_names(shapes, str(path))
-    kept = without_tied_head(canonical, tied_embeddings(path))
-    return dict(sorted(((name, shapes[canonical[name]]) for name in kept),
-                       key=lambda item: _natural_key(item[0])))
-
-
-def checkpoint_parameter_names(model_dir: str | os.PathLike) -> list[str]:
-    """Canonical tensor names of a saved Hugging Face checkpoint, from its safetensors headers only."""
-    return list(checkpoint_parameter_ndims(model_dir))
-
-
-def shard_plan(ndims: Mapping[str, int], settings: Mapping) -> dict[str, list[str]]:
-    """Shard id -> matrix names, for config `spectral` (include / exclude patterns, layers_per_shard), from the
-    checkpoint's tensor names and their number of dimensions (only matrices have an SVD)."""
-    chosen = select_matrices(ndims, settings["include"], settings["exclude"])
-    if not chosen:
-        raise ValueError("spectral.include / spectral.exclude select no weight matrix")
-    vectors = [name for name in chosen if ndims[name] != 2]
-    if vectors:
-        raise ValueError(f"spectral.include selects {len(vectors)} tensor(s) that are not matrices, e.g. "
-                         f"{vectors[:3]}: only 2-D weights have singular vectors")
-    return plan_shards(chosen, int(settings["layers_per_shard"]))
+    return [n for n in names if kind_or_none(n) != "lm_head"]

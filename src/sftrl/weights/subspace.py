@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .svd import SVDFactors
+from .thin_svd import SVDFactors
 from .tensors import iter_checkpoint_tensors
 
 def _f64(x) -> torch.Tensor:
