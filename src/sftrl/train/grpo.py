@@ -37,7 +37,7 @@ from ..modeling import load_model, load_tokenizer
 from ..task import points
 from ..task.rollout import run_episodes
 from . import rl
-from .launch import check_deepspeed
+from .launch import check_deepspeed, trainer_arguments
 from .rl_command import arm_command
 from .workdir import (
     checkpoint_step,
@@ -259,7 +259,6 @@ def grpo_config(settings: dict, work_dir, on_cpu: bool):
         seed=rl_settings["seed"],
         max_steps=grpo["updates"],
         save_strategy="no",  # saved by SaveAndExport at rl.save_updates (every save_every and the last update)
-        save_only_model=False,  # optimizer state is needed to resume exactly
         logging_steps=1,  # one log row per update
         per_device_train_batch_size=grpo["micro_batch_size"],
         gradient_accumulation_steps=micro_batches,
@@ -286,15 +285,8 @@ def grpo_config(settings: dict, work_dir, on_cpu: bool):
         mask_truncated_completions=False,  # an attempt cut at max_new_tokens is scored (penalised) like any other
         disable_dropout=True,
         use_vllm=False,
-        # Plain fp32 on CPU (TRL defaults to bf16; cpu_notes.md pitfall 2), no activation checkpointing there.
-        use_cpu=on_cpu,
-        bf16=settings["model"]["dtype"] == "bfloat16" and not on_cpu,
-        fp16=False,
-        gradient_checkpointing=not on_cpu,
-        deepspeed=grpo["deepspeed"],  # multi-GPU (rl.grpo.launcher accelerate, workflow/rules/rl.smk)
-        dataloader_num_workers=0,
-        report_to="none",
         log_completions=False,
+        **trainer_arguments(settings["model"]["dtype"], on_cpu, grpo["deepspeed"]),
     )
 
 

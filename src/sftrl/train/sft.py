@@ -16,7 +16,7 @@ from .. import codegraph
 from ..checkpoint import Checkpoint, checkpoint_folder
 from ..io import fingerprint, read_json, read_jsonl, write_csv, write_json
 from ..modeling import DATE_STRING, chat_prompt, load_model, load_tokenizer
-from .launch import check_deepspeed
+from .launch import check_deepspeed, trainer_arguments
 from .workdir import (
     checkpoint_step,
     drop_old_optimizer_states,
@@ -162,15 +162,7 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
         max_length=settings["max_length"],
         completion_only_loss=True,
         packing=False,
-        # Plain fp32 on CPU (TRL defaults to bf16 + gradient checkpointing; cpu_notes.md pitfall 2).
-        use_cpu=on_cpu,
-        bf16=model_settings["dtype"] == "bfloat16" and not on_cpu,
-        fp16=False,
-        gradient_checkpointing=not on_cpu,
-        deepspeed=settings["deepspeed"],
-        dataloader_num_workers=0,
-        report_to="none",
-        save_only_model=False,  # optimizer state is needed to resume exactly
+        **trainer_arguments(model_settings["dtype"], on_cpu, settings["deepspeed"]),
     )
     optimizers = (None, None)
     if schedule == "log_warmup_constant" and not settings["deepspeed"]:
