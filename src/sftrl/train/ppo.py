@@ -54,13 +54,19 @@ from .ppo_model import _actor_critic_class, value_head
 from .ppo_samples import attempt_samples
 from .ppo_update import explained_variance, learn
 from .rl_command import arm_command
-from .workdir import checkpoint_step, drop_old_optimizer_states, export_checkpoint, export_missing, work_checkpoints
+from .workdir import (
+    OPTIMIZER_FILE,
+    checkpoint_step,
+    drop_old_optimizer_states,
+    export_checkpoint,
+    export_missing,
+    work_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
 ALGO = "ppo"
 VALUE_HEAD_FILE = "value_head.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "rl_state.json"  # inside a work checkpoint: update, log rows so far; written last
 
 

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 # JSON below).
 MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
 WORK_ONLY_FILES = {"trainer_state.json", "training_args.bin", "rl_state.json", "sftrl_checkpoint.json"}
-OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
+# The optimizer and scheduler state of a checkpoint (transformers' OPTIMIZER_NAME, SCHEDULER_NAME; PPO's optimizer too)
+OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"
 
 
 def stamped_work_dir(work_dir, made_from: str, what: str) -> Path:
@@ -145,5 +146,5 @@ def drop_old_optimizer_states(work_dir, keep: Path) -> None:
     checkpoint."""
     for checkpoint in work_checkpoints(work_dir):
         if checkpoint != keep:
-            for name in OPTIMIZER_FILES:
+            for name in (OPTIMIZER_FILE, SCHEDULER_FILE):
                 (checkpoint / name).unlink(missing_ok=True)
