@@ -1,5 +1,5 @@
-"""Turn-level PPO (sftrl.train.ppo, ppo_samples, ppo_model, ppo_update): GAE, the clipped objectives, the action log-prob, reward plumbing and resume,
-on the real micro base model where a model is needed."""
+"""Turn-level PPO (sftrl.train.ppo, ppo_samples, ppo_model, ppo_update): GAE, the clipped objectives, the action
+log-prob, reward plumbing and resume, on the real micro base model where a model is needed."""
 import copy
 import math
 
