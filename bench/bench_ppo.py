@@ -30,7 +30,7 @@ from bench_eval import ceiling, linear_shapes  # bench/ is on the path of a scri
 
 from sftrl.checkpoint import Checkpoint
 from sftrl.modeling import load_model
-from sftrl.train import ppo, rl
+from sftrl.train import ppo, ppo_update, rl
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("rollout", "old_pass", "optimize", "save")
@@ -74,7 +74,7 @@ class PhaseClock:
         ppo.make_backend = kept
 
     def count_collate(self) -> None:
-        original = ppo.collate
+        original = ppo_update.collate
 
         def counted(samples, pad_id, device):
             batch = original(samples, pad_id, device)
@@ -83,8 +83,8 @@ class PhaseClock:
                 self.tokens[self.phase]["real"] += int(batch["attention_mask"].sum())
             return batch
 
-        self.originals.append((ppo, "collate", original))
-        ppo.collate = counted
+        self.originals.append((ppo_update, "collate", original))
+        ppo_update.collate = counted
 
     def restore(self) -> None:
         for module, name, original in reversed(self.originals):
@@ -127,9 +127,9 @@ def main() -> None:
 
     clock = PhaseClock()
     clock.wrap(ppo, "run_episodes", "rollout")
-    clock.wrap(ppo, "old_pass", "old_pass")
-    clock.wrap(ppo, "optimize", "optimize")
-    clock.wrap(rl, "save_checkpoint", "save")
+    clock.wrap(ppo_update, "old_pass", "old_pass")
+    clock.wrap(ppo_update, "optimize", "optimize")
+    clock.wrap(ppo, "save_checkpoint", "save")
     clock.count_collate()
     clock.keep_backend()
     step = int(Path(args.model).name.rsplit("-", 1)[-1])

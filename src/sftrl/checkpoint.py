@@ -41,8 +41,10 @@ _NAME = re.compile(
 # Snakemake wildcard constraint for a concrete checkpoint name (selections are resolved before they reach a path).
 # (named groups become plain ones: Snakemake wraps the pattern in a group of its own).
 NAME_PATTERN = re.sub(r"\(\?P<\w+>", "(?:", _NAME.pattern.removeprefix("^(?:").removesuffix(")$"))
-# Where an SFT run exports checkpoint `step` below its export directory (the trainer's own naming).
-SFT_EXPORT = "checkpoint-{step}"
+# The folder of a run's checkpoint `step`: in an SFT or RL run's export directory and in its trainer's work
+# directory alike (transformers' Trainer names its own folders so: PREFIX_CHECKPOINT_DIR).
+CHECKPOINT_FOLDER = "checkpoint-{step}"
+_FOLDER = re.compile(CHECKPOINT_FOLDER.format(step=r"(\d+)"))
 # Per-checkpoint results of one kind (eval, svd, ...): `name` is a checkpoint name, or a wildcard in a rule.
 RESULTS_DIR = "{results}/{kind}/{name}"
 
@@ -147,10 +149,10 @@ class Checkpoint:
         if self.stage == "base":
             return str(base_dir)
         if self.stage == "rl":
-            return f"{results}/rl/{self.run}/{SFT_EXPORT.format(step=self.step)}"
+            return f"{results}/rl/{self.run}/{checkpoint_folder(self.step)}"
         if self.stage == "restored":
             return f"{results}/restore/{self.run}"
-        return f"{results}/sft/{SFT_EXPORT.format(step=self.step)}"
+        return f"{results}/sft/{checkpoint_folder(self.step)}"
 
     def results_dir(self, results: str, kind: str) -> str:
         """Per-checkpoint results of one kind, e.g. `results/eval/sft-40`, `results/svd/base`."""
@@ -190,6 +192,18 @@ def label(name: str) -> str:
     if (match := _RL_FROM_SELECTION.match(str(name))):
         return f"{ALGORITHMS[match['algo']]} from {SELECTIONS[match['start']]}, update {match['update']}"
     return SELECTIONS.get(name) or Checkpoint.parse(name).label
+
+
+def checkpoint_folder(step: int) -> str:
+    """The folder name of a run's checkpoint `step` (CHECKPOINT_FOLDER)."""
+    return CHECKPOINT_FOLDER.format(step=int(step))
+
+
+def folder_step(name: str) -> int | None:
+    """The step of a `checkpoint-<step>` folder name; None for any other name (e.g. a save moved aside as
+    `checkpoint-6.incomplete-<time>`)."""
+    match = _FOLDER.fullmatch(str(name))
+    return int(match[1]) if match else None
 
 
 def sort_key(stage: str, step: int, run: str = "") -> tuple:

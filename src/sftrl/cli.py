@@ -27,8 +27,8 @@ COMMANDS = {
     "import-gguf": ("sftrl.base.gguf_import:command", "a GGUF model file as a verified Hugging Face directory (model.path)"),
     "probe": ("sftrl.base.probe:command", "ability probe of a base model"),
     "sft": ("sftrl.train.sft:command", "supervised fine-tuning with a checkpoint every save_steps"),
-    "rl": ("sftrl.train.rl:command", "RL (--algo ppo|grpo) from one checkpoint, a checkpoint every rl.save_every updates"),
-    # one command per arm, as the rules run them: a rule's code inputs are then its own arm (train/rl.py)
+    "rl": ("sftrl.train.rl_command:command", "RL (--algo ppo|grpo) from one checkpoint, a checkpoint every rl.save_every updates"),
+    # one command per arm, as the rules run them: a rule's code inputs are then its own arm (train/rl_command.py)
     "rl ppo": ("sftrl.train.ppo:command", "turn-level PPO from one checkpoint (sftrl rl --algo ppo)"),
     "rl grpo": ("sftrl.train.grpo:command", "GRPO (TRL) over whole episodes from one checkpoint (rl --algo grpo)"),
     "eval": ("sftrl.evaluation.evaluate:command", "multi-turn rollout evaluation of one checkpoint on one problem set"),

@@ -292,3 +292,16 @@ def test_interrupted_grpo_resumes_to_the_same_weights(stopping_base, tmp_path, m
 def test_bad_settings_name_their_key(key, value, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace(".", r"\.")):
         grpo.check_settings({**GRPO, key: value})
+
+
+def test_loss_types_and_reward_scalings_are_the_schemas():
+    """rl.grpo.loss_type and scale_rewards: the schema's enums (YAML, which cannot import the code) are the lists
+    check_settings accepts, in the same order."""
+    import yaml
+
+    from helpers import REPO
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    properties = schema["properties"]["rl"]["properties"]["grpo"]["properties"]
+    assert properties["loss_type"]["enum"] == list(grpo.LOSS_TYPES)
+    assert properties["scale_rewards"]["enum"] == list(grpo.SCALE_REWARDS)

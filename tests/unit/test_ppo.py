@@ -1,5 +1,5 @@
-"""Turn-level PPO (sftrl.train.ppo): GAE, the clipped objectives, the action log-prob, reward plumbing and resume,
-on the real micro base model where a model is needed."""
+"""Turn-level PPO (sftrl.train.ppo, ppo_samples, ppo_model, ppo_update): GAE, the clipped objectives, the action
+log-prob, reward plumbing and resume, on the real micro base model where a model is needed."""
 import copy
 import math
 
@@ -8,10 +8,11 @@ import torch
 
 from sftrl.checkpoint import Checkpoint
 from sftrl.modeling import load_model, load_tokenizer
+from sftrl.io import read_json, write_json
 from sftrl.task.cards import ID_RULE, Hand
 from sftrl.task.prompt import parse_formula, render_answer, render_prompt
 from sftrl.task.verifier import score
-from sftrl.train import ppo, rl
+from sftrl.train import ppo, ppo_model, ppo_samples, ppo_update, rl
 
 MODEL_SETTINGS = {"path": None, "dtype": "float32", "attn_implementation": "sdpa", "device": "cpu"}
 SETTINGS = {
@@ -34,7 +35,7 @@ def test_gae_by_hand_with_episodes_of_different_lengths():
     gamma, lam = 0.9, 0.95
     rewards = [[5.0], [-1.0, -3.0, 5.0]]
     values = [[1.0], [0.5, -0.5, 2.0]]
-    advantages, returns = ppo.gae(rewards, values, gamma, lam)
+    advantages, returns = ppo_samples.gae(rewards, values, gamma, lam)
     # episode 1: one terminal attempt
     assert advantages[0] == pytest.approx([5.0 - 1.0])
     # episode 2, backwards: the last attempt is terminal (no bootstrap into the next episode)
@@ -47,7 +48,7 @@ def test_gae_by_hand_with_episodes_of_different_lengths():
     assert advantages[1] == pytest.approx([a0, a1, a2])
     assert returns[1] == pytest.approx([a0 + 0.5, a1 - 0.5, a2 + 2.0])
     with pytest.raises(ValueError, match="2 rewards but 1 values"):
-        ppo.gae([[1.0, 2.0]], [[0.0]], gamma, lam)
+        ppo_samples.gae([[1.0, 2.0]], [[0.0]], gamma, lam)
 
 
 @pytest.mark.parametrize("advantage, ratio, clipped", [
@@ -58,7 +59,7 @@ def test_gae_by_hand_with_episodes_of_different_lengths():
 ])
 def test_clipped_objective_gradient_sign(advantage, ratio, clipped):
     new = torch.tensor([math.log(ratio)], requires_grad=True)
-    losses = ppo.ppo_losses(new, torch.tensor([0.0]), torch.tensor([advantage]), torch.tensor([0.0]),
+    losses = ppo_update.ppo_losses(new, torch.tensor([0.0]), torch.tensor([advantage]), torch.tensor([0.0]),
                             torch.tensor([0.0]), torch.tensor([0.0]), clip=0.1, value_clip=0.1)
     losses["policy"].sum().backward()
     if clipped:
@@ -74,7 +75,7 @@ def test_clipped_objective_gradient_sign(advantage, ratio, clipped):
 def test_value_loss_clipping():
     old, ret = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0, 2.0, 0.0])
     new = torch.tensor([1.5, 1.05, 1.5], requires_grad=True)
-    losses = ppo.ppo_losses(torch.zeros(3), torch.zeros(3), torch.zeros(3), new, old, ret, clip=0.1, value_clip=0.1)
+    losses = ppo_update.ppo_losses(torch.zeros(3), torch.zeros(3), torch.zeros(3), new, old, ret, clip=0.1, value_clip=0.1)
     # row 0: unclipped (1.5-2)^2 = 0.25, clipped (1.1-2)^2 = 0.81 -> the max, 0.81, is the clipped one (no gradient)
     # row 1: inside the clip range: both terms equal (1.05-2)^2
     # row 2: unclipped (1.5-0)^2 = 2.25 > clipped (1.1-0)^2 = 1.21 -> the unclipped term, with gradient
@@ -92,14 +93,14 @@ def test_formula_split_from_decoded_text(tokenizer):
     hand = Hand(("A", "2", "3", "4"), (1, 2, 3, 4))
     text = render_answer(hand, "1*2*3*4")
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    split = ppo.formula_split(tokenizer, ids)
+    split = ppo_samples.formula_split(tokenizer, ids)
     before, after = tokenizer.decode(ids[:split]), tokenizer.decode(ids[split:])
     assert before + after == text
     assert '"formula":' in after and '"formula":' not in before
-    weights = ppo.token_weights(tokenizer, ids, 0.5)
+    weights = ppo_samples.token_weights(tokenizer, ids, 0.5)
     assert weights == [0.5] * split + [1.0] * (len(ids) - split)
     no_key = tokenizer("no answer here", add_special_tokens=False).input_ids
-    assert ppo.token_weights(tokenizer, no_key, 0.5) == [1.0] * len(no_key)
+    assert ppo_samples.token_weights(tokenizer, no_key, 0.5) == [1.0] * len(no_key)
 
 
 def records_with_rewards(tokenizer):
@@ -117,16 +118,16 @@ def records_with_rewards(tokenizer):
 
 
 def test_reward_plumbing_from_score_to_advantages(tokenizer):
-    samples, episodes = ppo.attempt_samples(records_with_rewards(tokenizer), tokenizer, 0.5)
+    samples, episodes = ppo_samples.attempt_samples(records_with_rewards(tokenizer), tokenizer, 0.5)
     assert episodes == [[0], [1, 2]]
     assert [s["reward"] for s in samples] == [5.0, -2.0, 5.0]  # CORRECT_SOLUTION, INCORRECT_NUMBER, CORRECT
     for s, v in zip(samples, [0.25, -1.0, 2.0]):
         s["old_value"] = v
-    ppo.assign_advantages(samples, episodes, gamma=0.9, lam=0.95, normalize=False)
-    expected, returns = ppo.gae([[5.0], [-2.0, 5.0]], [[0.25], [-1.0, 2.0]], 0.9, 0.95)
+    ppo_samples.assign_advantages(samples, episodes, gamma=0.9, lam=0.95, normalize=False)
+    expected, returns = ppo_samples.gae([[5.0], [-2.0, 5.0]], [[0.25], [-1.0, 2.0]], 0.9, 0.95)
     assert [s["advantage"] for s in samples] == pytest.approx([a for ep in expected for a in ep])
     assert [s["return"] for s in samples] == pytest.approx([r for ep in returns for r in ep])
-    ppo.assign_advantages(samples, episodes, gamma=0.9, lam=0.95, normalize=True)
+    ppo_samples.assign_advantages(samples, episodes, gamma=0.9, lam=0.95, normalize=True)
     normalized = [s["advantage"] for s in samples]
     assert sum(normalized) == pytest.approx(0.0, abs=1e-9)
 
@@ -136,11 +137,11 @@ def test_action_logprob_matches_unpadded_forward_and_first_epoch_ratio_is_one(mi
     first PPO epoch (weights unchanged) every ratio is 1 and nothing is clipped, whatever the minibatch."""
     policy = load_model(micro_base, "float32", "sdpa", "cpu").eval()
     torch.manual_seed(0)
-    actor_critic = ppo._actor_critic_class()(policy, ppo.value_head(policy.config.hidden_size, [4, 8])).eval()
-    samples, _ = ppo.attempt_samples(records_with_rewards(tokenizer), tokenizer, 0.5)
+    actor_critic = ppo_model._actor_critic_class()(policy, ppo_model.value_head(policy.config.hidden_size, [4, 8])).eval()
+    samples, _ = ppo_samples.attempt_samples(records_with_rewards(tokenizer), tokenizer, 0.5)
     samples[0]["prompt_ids"] = samples[0]["prompt_ids"] * 3  # different prompt lengths in one batch
     with torch.no_grad():
-        batched, values, _, _ = actor_critic(ppo.collate(samples, tokenizer.pad_token_id, "cpu"), 0.7)
+        batched, values, _, _ = actor_critic(ppo_model.collate(samples, tokenizer.pad_token_id, "cpu"), 0.7)
         for j, s in enumerate(samples):
             ids = torch.tensor([s["prompt_ids"] + s["response_ids"]])
             out = policy(input_ids=ids, output_hidden_states=True)
@@ -150,8 +151,8 @@ def test_action_logprob_matches_unpadded_forward_and_first_epoch_ratio_is_one(mi
             assert batched[j].item() == pytest.approx((logp * torch.tensor(s["weights"])).sum().item(), abs=1e-4)
             value = actor_critic.value_head(out.hidden_states[-1][0, p - 1]).item()
             assert values[j].item() == pytest.approx(value, abs=1e-5)
-        alone, _, _, _ = actor_critic(ppo.collate(samples[1:2], tokenizer.pad_token_id, "cpu"), 0.7)
-    losses = ppo.ppo_losses(alone, batched[1:2], torch.tensor([1.0]), torch.zeros(1), torch.zeros(1),
+        alone, _, _, _ = actor_critic(ppo_model.collate(samples[1:2], tokenizer.pad_token_id, "cpu"), 0.7)
+    losses = ppo_update.ppo_losses(alone, batched[1:2], torch.tensor([1.0]), torch.zeros(1), torch.zeros(1),
                             torch.zeros(1), clip=0.1, value_clip=0.1)
     assert losses["ratio"].item() == pytest.approx(1.0, abs=1e-4)  # fp32 sums of ~60 token log-probs
     assert losses["clip_fraction"].item() == 0.0
@@ -186,23 +187,23 @@ def test_resume_after_interruption_equals_uninterrupted(micro_base, tmp_path, mo
     exported = out_a / "checkpoint-2"
     assert (exported / ppo.VALUE_HEAD_FILE).is_file() and not (exported / "optimizer.pt").exists()
     assert load_tokenizer(exported) is not None
-    info = rl.read_json(exported / "sftrl_checkpoint.json")
+    info = read_json(exported / "sftrl_checkpoint.json")
     assert info == Checkpoint.rl("ppo", "sft-4", 2).to_json()
     log_table = pd.read_csv(log_a)
     assert list(log_table.columns) == rl.LOG_COLUMNS and log_table["update"].tolist() == [1, 2]
 
     # b: the same run, killed while saving update 2, then rerun after Snakemake removed the job's outputs
-    save = rl.save_checkpoint
+    save = ppo.save_checkpoint
 
-    def killed_at_update_2(*args, **kwargs):
-        if args[4] == 2:
+    def killed_at_update_2(work_dir, out_dir, start, update, *args):
+        if update == 2:
             raise KeyboardInterrupt
-        return save(*args, **kwargs)
+        return save(work_dir, out_dir, start, update, *args)
 
-    monkeypatch.setattr(rl, "save_checkpoint", killed_at_update_2)
+    monkeypatch.setattr(ppo, "save_checkpoint", killed_at_update_2)
     with pytest.raises(KeyboardInterrupt):
         run_ppo(micro_base, tmp_path / "b")
-    monkeypatch.setattr(rl, "save_checkpoint", save)
+    monkeypatch.setattr(ppo, "save_checkpoint", save)
     out_b, log_b = tmp_path / "b" / "rl" / "ppo-from-sft-4", tmp_path / "b" / "log.csv"
     import shutil
 
@@ -276,8 +277,8 @@ def test_kl_penalty_has_the_gradient_of_the_kl_in_expectation():
     for x in range(3):
         new = torch.log_softmax(theta, -1)[x : x + 1]
         sample = {"reward": 0.0, "old_value": 0.0, "kl": (new - ref[x]).item()}
-        ppo.assign_advantages([sample], [[0]], gamma=0.9, lam=0.95, normalize=False, kl_coef=kl_coef)
-        losses = ppo.ppo_losses(new, new.detach(), torch.tensor([sample["advantage"]], dtype=torch.float64),
+        ppo_samples.assign_advantages([sample], [[0]], gamma=0.9, lam=0.95, normalize=False, kl_coef=kl_coef)
+        losses = ppo_update.ppo_losses(new, new.detach(), torch.tensor([sample["advantage"]], dtype=torch.float64),
                                 torch.zeros(1), torch.zeros(1), torch.zeros(1), clip=0.1, value_clip=0.1)
         (gradient,) = torch.autograd.grad(losses["policy"].sum(), theta)
         expected += logp[x].exp().detach() * gradient
@@ -293,29 +294,29 @@ def test_advantages_use_torch_std_and_nonfinite_episodes_are_dropped():
     rewards, values = [5.0, -2.0, 5.0, -1.0, -3.0], [0.25, -1.0, 2.0, 0.5, 0.0]
     episodes = [[0], [1, 2], [3, 4]]
     samples = [{"reward": r, "old_value": v, "old_logprob": -1.0} for r, v in zip(rewards, values)]
-    ppo.assign_advantages(samples, episodes, gamma=0.9, lam=0.95, normalize=True)
-    raw, _ = ppo.gae([[rewards[i] for i in ep] for ep in episodes], [[values[i] for i in ep] for ep in episodes],
+    ppo_samples.assign_advantages(samples, episodes, gamma=0.9, lam=0.95, normalize=True)
+    raw, _ = ppo_samples.gae([[rewards[i] for i in ep] for ep in episodes], [[values[i] for i in ep] for ep in episodes],
                      0.9, 0.95)
     raw = torch.tensor([a for ep in raw for a in ep], dtype=torch.float64)
     expected = (raw - raw.mean()) / (raw.std() + 1e-5)  # torch.std: unbiased
     assert [s["advantage"] for s in samples] == pytest.approx(expected.tolist())
     one = [{"reward": 5.0, "old_value": 1.0}]
-    ppo.assign_advantages(one, [[0]], gamma=0.9, lam=0.95, normalize=True)
+    ppo_samples.assign_advantages(one, [[0]], gamma=0.9, lam=0.95, normalize=True)
     assert one[0]["advantage"] == 0.0
 
     samples[1]["old_logprob"] = float("nan")
     samples[4]["kl"] = float("inf")
-    kept, kept_episodes, dropped = ppo.drop_nonfinite(samples, episodes)
+    kept, kept_episodes, dropped = ppo_samples.drop_nonfinite(samples, episodes)
     assert dropped == 4 and kept == [samples[0]] and kept_episodes == [[0]]
     samples[4]["kl"] = 0.5
-    kept, kept_episodes, dropped = ppo.drop_nonfinite(samples, episodes)
+    kept, kept_episodes, dropped = ppo_samples.drop_nonfinite(samples, episodes)
     assert dropped == 2 and kept == [samples[0], samples[3], samples[4]] and kept_episodes == [[0], [1, 2]]
 
 
 @pytest.mark.parametrize("n, minibatch, micro, processes", [(5, 2, 1, 2), (7, 3, 2, 2), (9, 4, 3, 3), (4, 2, 1, 1)])
 def test_minibatch_plan_gives_every_process_the_same_steps_and_passes(n, minibatch, micro, processes):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
-    plans = [ppo.minibatch_plan(order, minibatch, micro, processes, p) for p in range(processes)]
+    plans = [ppo_update.minibatch_plan(order, minibatch, micro, processes, p) for p in range(processes)]
     assert len({len(plan) for plan in plans}) == 1  # optimizer steps
     for steps in zip(*plans):
         assert len({len(micro_batches) for _, micro_batches in steps}) == 1  # backward passes in each step
@@ -326,7 +327,7 @@ def test_minibatch_plan_gives_every_process_the_same_steps_and_passes(n, minibat
     covered = sorted(i for plan in plans for _, mbs in plan for index, weight in mbs if weight for i in index)
     assert covered == list(range(n))
     # one process runs the minibatches of minibatch_size in order, without padding
-    single = ppo.minibatch_plan(order, minibatch * processes, micro, 1, 0)
+    single = ppo_update.minibatch_plan(order, minibatch * processes, micro, 1, 0)
     assert [size for size, _ in single] == [size for size, _ in plans[0]]
 
 
@@ -354,20 +355,20 @@ def learn_records(tokenizer, rank):
 
 
 def learn_once(model_dir, ppo_settings, rank):
-    """ppo.learn from the micro base and a fixed value-head init on `learn_records(rank)`; the trained actor-critic's
+    """ppo_update.learn from the micro base and a fixed value-head init on `learn_records(rank)`; the trained actor-critic's
     state and the update's diagnostics."""
     from accelerate import Accelerator
 
     tokenizer = load_tokenizer(model_dir)
     policy = load_model(model_dir, "float32", "sdpa", "cpu")
     torch.manual_seed(0)
-    actor_critic = ppo._actor_critic_class()(policy, ppo.value_head(policy.config.hidden_size, [4, 8]))
+    actor_critic = ppo_model._actor_critic_class()(policy, ppo_model.value_head(policy.config.hidden_size, [4, 8]))
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.Adam(actor_critic.parameters(), lr=ppo_settings["lr"], eps=1e-7)
     actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
     records = learn_records(tokenizer, rank)
-    samples, episodes = ppo.attempt_samples(records, tokenizer, 0.5)
-    samples, successes, stats = ppo.learn(actor_critic, optimizer, accelerator, None, samples, episodes,
+    samples, episodes = ppo_samples.attempt_samples(records, tokenizer, 0.5)
+    samples, successes, stats = ppo_update.learn(actor_critic, optimizer, accelerator, None, samples, episodes,
                                           [r["success"] for r in records], ppo_settings, 0.7,
                                           tokenizer.pad_token_id, "cpu", seed=11)
     state = {k: v.detach().clone().contiguous() for k, v in accelerator.unwrap_model(actor_critic).state_dict().items()}
@@ -403,7 +404,7 @@ def _ddp_worker(rank, world, port, model_dir, root):
             from safetensors.torch import save_file
 
             save_file(state, root / "two_processes.safetensors")
-            rl.write_json(root / "two_processes.json", {"samples": samples, "stats": stats})
+            write_json(root / "two_processes.json", {"samples": samples, "stats": stats})
     except BaseException:
         (root / f"error-{rank}.txt").write_text(traceback.format_exc())
         raise
@@ -444,7 +445,7 @@ def test_two_processes_with_unequal_attempt_counts_finish_and_equal_one_process_
 
     single, samples, successes, stats = learn_once(micro_base, {**DDP_LEARN, "minibatch_size": 4}, None)
     two = load_file(tmp_path / "two_processes.safetensors")
-    recorded = rl.read_json(tmp_path / "two_processes.json")
+    recorded = read_json(tmp_path / "two_processes.json")
     assert len(samples) == 5 and [s["advantage"] for s in recorded["samples"]] == pytest.approx(
         [s["advantage"] for s in samples], abs=1e-6)
     assert sorted(recorded["stats"]["value_loss"]) == pytest.approx(sorted(stats["value_loss"]), abs=1e-5)

@@ -562,15 +562,15 @@ def test_sft_resumes_after_a_kill_during_a_checkpoint_save(micro_base, sft_data,
 
 def test_sft_with_no_complete_checkpoint_starts_over(tmp_path):
     """A kill during the very first save leaves nothing to resume from: the folder is moved aside, None returned."""
-    from sftrl.train import sft
+    from sftrl.train import workdir
 
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "model.safetensors").write_bytes(b"partial")
     (tmp_path / "checkpoint-30").mkdir()  # numeric order, not string order: 30 is newer than 4
     (tmp_path / "checkpoint-30" / "trainer_state.json").write_text('{"global_step": 4}')  # not its own step
-    assert sft.resume_checkpoint(tmp_path) is None
+    assert workdir.resume_checkpoint(tmp_path) is None
     assert sorted(p.name.split(".")[0] for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-30"]
-    assert not (tmp_path / "checkpoint-3").exists() and sft.trainer_checkpoints(tmp_path) == []
+    assert not (tmp_path / "checkpoint-3").exists() and workdir.work_checkpoints(tmp_path) == []
 
 
 def test_sft_with_damaged_final_weights_fails_naming_them(micro_base, sft_data, sft_reference, tmp_path):

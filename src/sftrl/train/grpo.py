@@ -19,8 +19,8 @@ as sampled, or trimmed of surrounding whitespace as Llama-3.x's does).
 
 Checkpoints and resume: the trainer's own `checkpoint-<update>` folders (weights, optimizer, scheduler, RNG, the log
 history) live in `work_dir` and are resumed by TRL's resume_from_checkpoint; each is exported to
-`<out_dir>/checkpoint-<update>` (sftrl.checkpoint's naming, model files hard-linked, written atomically) at once.
-Saved: every rl.save_every updates and the last (rl.save_updates).
+`<out_dir>/checkpoint-<update>` at once (train/workdir.py, as SFT's). Saved: every rl.save_every updates and the
+last (rl.save_updates).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import os
 import time
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, checkpoint_folder
 from ..generation.kv import KVBackend
 from ..generation.sampling import stop_token_ids
 from ..modeling import load_model, load_tokenizer
@@ -38,10 +38,14 @@ from ..task.cards import RULES
 from ..task.prompt import render_prompt
 from ..task.rollout import run_episodes
 from ..task.verifier import score
-from . import rl, sft
-from .launch import check_deepspeed
-from .sft import (
+from . import rl
+from .launch import check_deepspeed, trainer_arguments
+from .rl_command import arm_command
+from .workdir import (
+    checkpoint_step,
     drop_old_optimizer_states,
+    export_missing,
+    export_trainer_checkpoint,
     resume_checkpoint,
 )
 
@@ -53,6 +57,8 @@ ALGO = "grpo"
 # and explained_variance stay NaN.
 TRL_COLUMNS = {"reward": "reward", "success_rate": "success_rate", "clip_ratio/region_mean": "clip_fraction",
                "kl": "approx_kl", "entropy": "entropy", "tokens": "tokens", "seconds": "seconds"}
+# TRL's GRPO loss types and reward scalings that config rl.grpo may name: the schema's enums of rl.grpo.loss_type
+# and scale_rewards list the same (tests/unit/test_grpo.py checks).
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
 INTEGER_SETTINGS = ("updates", "hands_per_update", "num_generations", "micro_batch_size", "num_iterations")
@@ -256,7 +262,6 @@ def grpo_config(settings: dict, work_dir, on_cpu: bool):
         seed=rl_settings["seed"],
         max_steps=grpo["updates"],
         save_strategy="no",  # saved by SaveAndExport at rl.save_updates (every save_every and the last update)
-        save_only_model=False,  # optimizer state is needed to resume exactly
         logging_steps=1,  # one log row per update
         per_device_train_batch_size=grpo["micro_batch_size"],
         gradient_accumulation_steps=micro_batches,
@@ -283,22 +288,14 @@ def grpo_config(settings: dict, work_dir, on_cpu: bool):
         mask_truncated_completions=False,  # an attempt cut at max_new_tokens is scored (penalised) like any other
         disable_dropout=True,
         use_vllm=False,
-        # Plain fp32 on CPU (TRL defaults to bf16; cpu_notes.md pitfall 2), no activation checkpointing there.
-        use_cpu=on_cpu,
-        bf16=settings["model"]["dtype"] == "bfloat16" and not on_cpu,
-        fp16=False,
-        gradient_checkpointing=not on_cpu,
-        deepspeed=grpo["deepspeed"],  # multi-GPU (rl.grpo.launcher accelerate, workflow/rules/rl.smk)
-        dataloader_num_workers=0,
-        report_to="none",
         log_completions=False,
+        **trainer_arguments(settings["model"]["dtype"], on_cpu, grpo["deepspeed"]),
     )
 
 
-def export_checkpoint(checkpoint_dir: Path, out_dir: Path, start: Checkpoint) -> Path:
-    """A trainer checkpoint as the plain model directory sftrl.checkpoint names (SFT's export: hard links, model
-    files only; rl.export_checkpoint would carry the trainer's scheduler / RNG / state files along)."""
-    return sft.export_checkpoint(checkpoint_dir, out_dir, lambda update: Checkpoint.rl(ALGO, start, update))
+def export_checkpoint(checkpoint: Path, out_dir: Path, start: Checkpoint) -> Path:
+    """A trainer checkpoint as the RL checkpoint of its update (workdir.export_trainer_checkpoint)."""
+    return export_trainer_checkpoint(checkpoint, out_dir, Checkpoint.rl(ALGO, start, checkpoint_step(checkpoint)))
 
 
 def log_rows(log_history: list[dict]) -> list[dict]:
@@ -356,7 +353,7 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: 
 
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                checkpoint = work_dir / f"checkpoint-{state.global_step}"
+                checkpoint = work_dir / checkpoint_folder(state.global_step)
                 export_checkpoint(checkpoint, out_dir, start)
                 drop_old_optimizer_states(work_dir, keep=checkpoint)
                 rl.write_log(log_path, log_rows(state.log_history))
@@ -378,10 +375,7 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: 
         log.info("resuming GRPO from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # Re-export what the work dir holds (idempotent), so a rerun after Snakemake removed the outputs restores them.
-    for update in sorted(saves):
-        checkpoint = work_dir / f"checkpoint-{update}"
-        if checkpoint.is_dir() and not (out_dir / checkpoint.name).exists():
-            export_checkpoint(checkpoint, out_dir, start)
+    export_missing(work_dir, out_dir, lambda checkpoint: export_checkpoint(checkpoint, out_dir, start))
     rl.write_log(log_path, log_rows(trainer.state.log_history))
     log.info("GRPO from %s: %d updates in %.0f s -> %s, log -> %s", start.name, grpo["updates"],
              time.perf_counter() - began, out_dir, log_path)
@@ -394,4 +388,4 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: 
 
 def command(parser):
     """`sftrl rl grpo`: what rule rl_grpo runs (train/rl.py arm_command)."""
-    return rl.arm_command(parser, train_grpo)
+    return arm_command(parser, train_grpo)

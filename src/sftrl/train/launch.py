@@ -1,13 +1,9 @@
-"""What every training job (SFT, PPO, GRPO) checks and prepares before its loop: the DeepSpeed file and package
-its launcher settings name, and a work directory whose saved state is resumed only if it was made by this job."""
+"""Where a training job runs: the DeepSpeed file and package its launcher settings name (SFT, PPO, GRPO), and the
+arguments of a transformers Trainer (SFT, GRPO) for that machine. (Its work directory: train/workdir.py.)"""
 from __future__ import annotations
 
 import importlib.util
-import logging
-import shutil
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def check_deepspeed(path, key: str) -> None:
@@ -21,15 +17,11 @@ def check_deepspeed(path, key: str) -> None:
                                   "not installed here")
 
 
-def stamped_work_dir(work_dir, made_from: str, what: str) -> Path:
-    """`work_dir`, emptied first unless its state was made from `made_from` (a fingerprint of the settings, inputs
-    and code): after a config or code edit Snakemake reruns the job to recompute, so older state is discarded, not
-    resumed. `what` names the inputs in the log line."""
-    work_dir = Path(work_dir)
-    stamp = work_dir / "fingerprint.txt"
-    if work_dir.exists() and (not stamp.exists() or stamp.read_text() != made_from):
-        log.warning("discarding the state in %s: made from other %s", work_dir, what)
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(made_from)
-    return work_dir
+def trainer_arguments(dtype: str, on_cpu: bool, deepspeed) -> dict:
+    """The TrainingArguments SFT's and GRPO's trainers share: plain fp32 without activation checkpointing on CPU (TRL
+    defaults to bf16 + gradient checkpointing; cpu_notes.md pitfall 2), bf16 where configured on GPUs, DeepSpeed
+    when configured (multi-GPU: launcher accelerate), no dataloader workers, no reporting; and every save with its
+    optimizer state, which an exact resume needs."""
+    return {"use_cpu": on_cpu, "bf16": dtype == "bfloat16" and not on_cpu, "fp16": False,
+            "gradient_checkpointing": not on_cpu, "deepspeed": deepspeed, "dataloader_num_workers": 0,
+            "report_to": "none", "save_only_model": False}

@@ -1,119 +1,40 @@
 """Supervised fine-tuning with TRL's SFTTrainer: completion-only loss, a checkpoint every `save_steps`, the three
 loss records (ID-train subset, ID-test, OOD) at every checkpoint, and resume after interruption.
 
-Checkpoint layout (why two places): Snakemake deletes a job's declared outputs before the job starts, so the
-trainer's own resumable state (weights + optimizer + RNG) lives in `work_dir`, outside the outputs. Each saved
-checkpoint is exported at once below `export_dir` (named by sftrl.checkpoint; model files hard-linked, no optimizer state), which is
-what the rest of the workflow reads. A rerun after an interruption resumes from the newest complete checkpoint
-in `work_dir`; no completed checkpoint is recomputed or deleted, and one cut short by a kill during its save is
-moved aside (`resume_checkpoint`).
+Checkpoints live in the trainer's work directory and are exported from there at once (train/workdir.py: why two
+places, resume, export); a rerun after an interruption resumes from the newest complete checkpoint in `work_dir`,
+no completed checkpoint is recomputed or deleted, and one cut short by a kill during its save is moved aside.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import re
-import shutil
 import time
 from pathlib import Path
 
 from .. import codegraph
-from ..checkpoint import SFT_EXPORT, Checkpoint
-from ..io import atomic_dir, fingerprint, read_json, read_jsonl, write_csv, write_json
-from ..modeling import DATE_STRING, ModelDirError, chat_prompt, check_weight_files, load_model, load_tokenizer
-from .launch import check_deepspeed, stamped_work_dir
+from ..checkpoint import Checkpoint, checkpoint_folder
+from ..io import fingerprint, read_json, read_jsonl, write_csv, write_json
+from ..modeling import DATE_STRING, chat_prompt, load_model, load_tokenizer
+from .launch import check_deepspeed, trainer_arguments
+from .workdir import (
+    checkpoint_step,
+    drop_old_optimizer_states,
+    export_missing,
+    export_trainer_checkpoint,
+    resume_checkpoint,
+    stamped_work_dir,
+    work_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
-# Files a checkpoint needs to be loaded as a model; optimizer/scheduler/RNG state stay in the trainer's dir.
-MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
-TRAINER_ONLY_FILES = {"trainer_state.json", "training_args.bin"}
 EVAL_SETS = {"id_train": "train_loss.jsonl", "id_test": "id_test.jsonl", "ood": "ood_loss.jsonl"}
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")  # transformers' own pattern for checkpoint folders
 
 
-def trainer_step(checkpoint_dir: Path) -> int:
-    """The step of one of the trainer's own `checkpoint-<step>` directories (transformers' naming)."""
-    return int(checkpoint_dir.name.rsplit("-", 1)[-1])
-
-
-def export_checkpoint(checkpoint_dir: Path, export_dir: Path, label=None) -> Path:
-    """Expose a trainer checkpoint as a plain model directory (hard links: no extra disk for 7B weights), labelled
-    `label(step)` (a Checkpoint; default: the SFT checkpoint of that step)."""
-    step = trainer_step(checkpoint_dir)
-    check_saved_weights(checkpoint_dir)  # never export (and have evaluation fail on) a damaged model
-    target = Path(export_dir) / SFT_EXPORT.format(step=step)
-    with atomic_dir(target) as tmp:
-        for source in sorted(checkpoint_dir.iterdir()):
-            if source.suffix in MODEL_FILE_SUFFIXES and source.name not in TRAINER_ONLY_FILES:
-                try:
-                    os.link(source, tmp / source.name)
-                except OSError:  # another filesystem: fall back to a copy
-                    shutil.copy2(source, tmp / source.name)
-        write_json(tmp / "sftrl_checkpoint.json", (label or (lambda n: Checkpoint("sft", n)))(step).to_json())
-    return target
-
-
-def trainer_checkpoints(work_dir: Path) -> list[Path]:
-    """The trainer's checkpoint-N folders in `work_dir`, by step (quarantined `*.incomplete-*` folders excluded)."""
-    found = [path for path in Path(work_dir).glob("checkpoint-*") if CHECKPOINT_RE.fullmatch(path.name)]
-    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
-
-
-def is_complete(checkpoint: Path) -> bool:
-    """Whether a trainer checkpoint was saved to the end. transformers' Trainer._save_checkpoint writes the model,
-    then optimizer, scheduler and RNG state, and trainer_state.json last (transformers 5.24, not atomically), so
-    a folder whose trainer_state.json is missing or cut short was interrupted during its save."""
-    try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and state.get("global_step") == int(checkpoint.name.split("-")[1])
-
-
-def check_saved_weights(checkpoint: Path) -> None:
-    """A checkpoint whose save completed (is_complete) must still hold readable weights (SFT, and GRPO, which
-    saves through the same code): a weights file missing,
-    truncated or garbled afterwards (disk trouble, a hand edit, a copy cut short) fails here, naming the file, and
-    not later in the evaluation of its export. It is not moved aside like an interrupted save: the optimizer state
-    to retrain from the previous checkpoint is gone (drop_old_optimizer_states), so only the user can choose
-    between restoring the file and training again."""
-    try:
-        if not list(checkpoint.glob("*.safetensors")):
-            raise ModelDirError(f"no *.safetensors weights file in {checkpoint}")
-        check_weight_files(checkpoint)
-    except ModelDirError as err:
-        raise ValueError(f"trainer checkpoint {checkpoint} completed its save (trainer_state.json), but its "
-                         f"weights are damaged: {err}. Restore the file, or delete {checkpoint.parent} (the "
-                         "trainer's work directory) to train again") from err
-
-
-def resume_checkpoint(work_dir: Path) -> Path | None:
-    """The newest complete trainer checkpoint in `work_dir` (None: start from the beginning). Incomplete ones
-    newer than it (a kill during a save) are moved aside to `<name>.incomplete-<UTC time>` and logged: the trainer
-    cannot resume from them, and it saves that step again."""
-    checkpoints = trainer_checkpoints(work_dir)
-    while checkpoints and not is_complete(checkpoints[-1]):
-        incomplete = checkpoints.pop()
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        quarantine = incomplete.with_name(f"{incomplete.name}.incomplete-{stamp}")
-        incomplete.rename(quarantine)
-        log.warning("%s was interrupted during its save (no complete trainer_state.json): moved aside to %s; "
-                    "delete it when no longer needed", incomplete, quarantine.name)
-    if checkpoints:
-        check_saved_weights(checkpoints[-1])  # resumed from, or (at max_steps) exported as the final checkpoint
-    return checkpoints[-1] if checkpoints else None
-
-
-def drop_old_optimizer_states(work_dir: Path, keep: Path) -> None:
-    """Only the newest checkpoint's optimizer state is needed to resume; older ones are large and dead weight.
-    Runs after `keep` is completely saved, so an interrupted save still leaves an older resumable checkpoint."""
-    for checkpoint in trainer_checkpoints(work_dir):
-        if checkpoint != keep:
-            for name in ("optimizer.pt", "scheduler.pt"):
-                (checkpoint / name).unlink(missing_ok=True)
+def export_checkpoint(checkpoint: Path, export_dir) -> Path:
+    """A trainer checkpoint as the SFT checkpoint of its step (workdir.export_trainer_checkpoint)."""
+    return export_trainer_checkpoint(checkpoint, export_dir, Checkpoint("sft", checkpoint_step(checkpoint)))
 
 
 def log_warmup_constant(warmup_steps: int):
@@ -201,7 +122,6 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import SFTConfig, SFTTrainer
 
     began = time.perf_counter()
@@ -242,15 +162,7 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
         max_length=settings["max_length"],
         completion_only_loss=True,
         packing=False,
-        # Plain fp32 on CPU (TRL defaults to bf16 + gradient checkpointing; cpu_notes.md pitfall 2).
-        use_cpu=on_cpu,
-        bf16=model_settings["dtype"] == "bfloat16" and not on_cpu,
-        fp16=False,
-        gradient_checkpointing=not on_cpu,
-        deepspeed=settings["deepspeed"],
-        dataloader_num_workers=0,
-        report_to="none",
-        save_only_model=False,  # optimizer state is needed to resume exactly
+        **trainer_arguments(model_settings["dtype"], on_cpu, settings["deepspeed"]),
     )
     optimizers = (None, None)
     if schedule == "log_warmup_constant" and not settings["deepspeed"]:
@@ -262,7 +174,7 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
     class ExportOnSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                checkpoint = work_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+                checkpoint = work_dir / checkpoint_folder(state.global_step)
                 export_checkpoint(checkpoint, export_dir)
                 drop_old_optimizer_states(work_dir, keep=checkpoint)
                 log.info("exported %s", checkpoint.name)
@@ -300,7 +212,7 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
 
     trainer.add_callback(EvaluateStartingModel())
     resume = resume_checkpoint(work_dir)
-    if resume and trainer_step(resume) >= settings["max_steps"]:
+    if resume and checkpoint_step(resume) >= settings["max_steps"]:
         # Nothing left to train. transformers 5.24's Trainer, resumed from a checkpoint at max_steps, trains and
         # saves one more step (checkpoint-{max_steps+1}, with its losses in the table): never hand it a finished run.
         log.info("resuming SFT from %s: already at max_steps, nothing to train", resume)
@@ -312,11 +224,9 @@ def run_sft(model_dir, data_dir, settings: dict, model_settings: dict, work_dir,
         log_history = trainer.state.log_history
     # Re-export everything the trainer dir holds (idempotent), so a rerun after Snakemake removed the exports
     # restores them without retraining.
-    for checkpoint in trainer_checkpoints(work_dir):
-        if not (export_dir / SFT_EXPORT.format(step=trainer_step(checkpoint))).exists():
-            export_checkpoint(checkpoint, export_dir)
+    export_missing(work_dir, export_dir, lambda checkpoint: export_checkpoint(checkpoint, export_dir))
     write_csv(loss_table_path, loss_table([read_json(step0_path), *log_history]))
-    steps = [trainer_step(checkpoint) for checkpoint in trainer_checkpoints(work_dir)]
+    steps = [checkpoint_step(checkpoint) for checkpoint in work_checkpoints(work_dir)]
     log.info("SFT: %d steps, checkpoints at steps %s -> %s, losses -> %s, in %.0f s", settings["max_steps"], steps,
              export_dir, loss_table_path, time.perf_counter() - began)
 
