@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import codegraph
-from ..checkpoint import ALGORITHMS, SFT_EXPORT, Checkpoint
+# save_updates: the home of checkpoint schedules is sftrl.checkpoint; ppo and grpo call it as rl.save_updates
+from ..checkpoint import ALGORITHMS, SFT_EXPORT, Checkpoint, save_updates  # noqa: F401
 from ..generation.sampling import Sampling
 from ..io import atomic_dir, fingerprint, read_json, write_csv, write_json
 from ..task import points
@@ -86,7 +87,7 @@ def rollout_sampling(rl: dict, update: int, process_index: int = 0) -> Sampling:
     if rl["temperature"] <= 0:
         raise ValueError(f"rl.temperature = {rl['temperature']}: RL rollouts must sample (temperature > 0)")
     if "stop_tokens" not in rl:
-        raise ValueError("the RL settings lack stop_tokens (config eval.stop_tokens, which workflow/rules/common.smk "
+        raise ValueError("the RL settings lack stop_tokens (config eval.stop_tokens, which workflow/rules/rl.smk "
                          "rl_settings adds to config rl)")
     return Sampling.from_settings(rl, seed=update_seed(rl["seed"], update, process_index))
 
@@ -100,14 +101,6 @@ def run_settings(rl: dict, algo: str, stop_tokens) -> dict:
     step must not rerun the existing runs), with config eval.stop_tokens, so rollouts stop where evaluation stops
     (rollout_sampling)."""
     return {**{k: v for k, v in rl.items() if k not in RL_PLAN_KEYS or k == algo}, "stop_tokens": list(stop_tokens)}
-
-
-def save_updates(updates: int, save_every: int) -> list[int]:
-    """Updates after which a checkpoint is saved: every `save_every`, and the last one."""
-    if updates < 1 or save_every < 1:
-        raise ValueError(f"rl updates = {updates}, rl.save_every = {save_every}: both must be >= 1")
-    saved = list(range(save_every, updates + 1, save_every))
-    return saved if saved and saved[-1] == updates else saved + [updates]
 
 
 # -----------------------------------------------------------------------------
