@@ -114,38 +114,39 @@ def rl_targets():
     return targets
 
 
-# One rule per arm (rl_ppo, rl_grpo), made from this one definition: their outputs differ by the arm's update count.
-# Each runs `sftrl rl <algo>`, whose code is its arm only.
-for _algo in ALGORITHMS:
+# One rule per arm (rl_ppo, rl_grpo), made by one function: their outputs differ by the arm's update count. Each runs
+# `sftrl rl <algo>`, whose code is its arm only. A function, not a loop body: a rule's shell command is formatted
+# again when its job runs, and a loop variable would then hold the last arm for every rule (a closure keeps each).
+def _rl_rule(algo):
 
     rule:
         name:
-            f"rl_{_algo}"
+            f"rl_{algo}"
         input:
             model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
-            code=code(f"rl {_algo}"),
+            code=code(f"rl {algo}"),
         output:
-            checkpoints=[directory(f"{RESULTS}/rl/{_algo}-from-{{start}}/checkpoint-{u}")
-                         for u in rl_updates(_algo)],
-            log=f"{RESULTS}/rl/{_algo}-from-{{start}}/log.csv",
+            checkpoints=[directory(f"{RESULTS}/rl/{algo}-from-{{start}}/checkpoint-{u}")
+                         for u in rl_updates(algo)],
+            log=f"{RESULTS}/rl/{algo}-from-{{start}}/log.csv",
         params:
-            settings=rl_settings(_algo),
+            settings=rl_settings(algo),
             model_settings=settings("model"),
             env_settings=settings("env"),
             data_settings=settings("data", "sft"),
-            launcher=rl_launcher(_algo),
+            launcher=rl_launcher(algo),
             out_dir=lambda wc, output: os.path.dirname(output.log),
             # resumable state (weights, optimizer, the arm's own such as PPO's value head, log rows): outside the
             # outputs, which Snakemake deletes before a job starts ({start}: the job's wildcard)
-            work_dir=f"{RESULTS}/work/rl/{_algo}-from-{{start}}",
+            work_dir=f"{RESULTS}/work/rl/{algo}-from-{{start}}",
         wildcard_constraints:
             start=r"base|sft-\d+",
         log:
-            f"logs/rl/{_algo}-from-{{start}}.log",
+            f"logs/rl/{algo}-from-{{start}}.log",
         conda:
             "../envs/train.yaml"
         benchmark:
-            f"benchmarks/rl/{_algo}-from-{{start}}.tsv"
+            f"benchmarks/rl/{algo}-from-{{start}}.tsv"
         # one thread on CPU: two runs side by side use 2 cores better than one run with two threads (cpu_notes.md)
         threads: 1
         resources:
@@ -154,12 +155,16 @@ for _algo in ALGORITHMS:
         shell:
             # one f-string part, the arm (`rl ppo`); the plain parts are formatted by Snakemake, per job
             "OMP_NUM_THREADS={threads} {params.launcher:q} "
-            f"rl {_algo}"
+            f"rl {algo}"
             " --model {input.model:q} --start {wildcards.start:q}"
             " --settings {params.settings:q} --model-settings {params.model_settings:q}"
             " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
             " --out-dir {params.out_dir:q} --work-dir {params.work_dir:q} --log {output.log:q} --threads {threads}"
             " > {log:q} 2>&1"
+
+
+for _algo in ALGORITHMS:
+    _rl_rule(_algo)
 
 
 rule rl_log:
