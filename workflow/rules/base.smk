@@ -3,17 +3,6 @@
 # base.shipped is null — and its ability probe.
 
 
-def shipped_base_files():
-    """The shipped base's files (inputs of pretrain_base); a missing copy fails at parse time, naming the key."""
-    shipped = shipped_base_dir()
-    if shipped is None:
-        return []
-    if not os.path.isfile(os.path.join(shipped, "MANIFEST.json")):
-        raise WorkflowError(f"config base.shipped = {config['base']['shipped']!r}: no shipped base there "
-                            f"({shipped}/MANIFEST.json missing); set base.shipped: null to pretrain")
-    return sorted(os.path.join(shipped, name) for name in os.listdir(shipped))
-
-
 rule pretrain_base:
     input:
         code=code("pretrain"),

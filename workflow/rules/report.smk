@@ -4,14 +4,6 @@
 # paper's claims checked against this run's tables.
 
 
-def claims_inputs(wildcards):
-    """Every table a claim reads; a function, so the sweeps are known once every rule (rl too) is defined."""
-    tables = [f"{RESULTS}/tables/spectral_{table}.csv" for table in ("sigma", "angles")]
-    tables += [f"{RESULTS}/tables/restore_{sweep}.csv" for sweep in restore_sweeps()]
-    return {"eval_table": f"{RESULTS}/tables/eval.csv", "selection": f"{RESULTS}/sft/selection.json",
-            "tables": tables, "code": code("claims")}
-
-
 rule claims:
     input:
         unpack(claims_inputs),

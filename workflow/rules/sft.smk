@@ -1,15 +1,6 @@
 # Supervised fine-tuning (sftrl.train.sft): one job writes a checkpoint every sft.save_steps.
 
 
-def sft_launcher():
-    """`sftrl` in-process (CPU or one GPU), or `accelerate launch` for multi-GPU / DeepSpeed (config sft.launcher).
-    An argument list, rendered with `:q` in the shell command: each word quoted."""
-    if config["sft"]["launcher"] == "accelerate":
-        n = config["sft"]["num_processes"]
-        return ["accelerate", "launch", "--num_processes", str(n), "-m", "sftrl.cli"]
-    return ["sftrl"]
-
-
 rule sft:
     input:
         model=base_model_dir(),
