@@ -182,6 +182,27 @@ _RL_FROM_SELECTION = re.compile(
     rf"^(?P<algo>{'|'.join(ALGORITHMS)})-from-(?P<start>{'|'.join(SELECTIONS)})-u(?P<update>\d+)$")
 
 
+def sft_saved_steps(max_steps: int, save_steps: int) -> list[int]:
+    """The steps whose checkpoint SFT saves: what transformers' Trainer does with save_strategy="steps"
+    (DefaultFlowCallback.on_step_end): every step that is a multiple of `save_steps`, and `max_steps`, where
+    training stops (tests/unit/test_checkpoint.py runs that callback)."""
+    if max_steps < 1 or save_steps < 1:
+        raise ValueError(f"sft.max_steps = {max_steps}, sft.save_steps = {save_steps}: both must be >= 1")
+    return _every_and_last(save_steps, max_steps)
+
+
+def save_updates(updates: int, save_every: int) -> list[int]:
+    """Updates after which an RL run saves a checkpoint: every `save_every`, and the last one."""
+    if updates < 1 or save_every < 1:
+        raise ValueError(f"rl updates = {updates}, rl.save_every = {save_every}: both must be >= 1")
+    return _every_and_last(save_every, updates)
+
+
+def _every_and_last(every: int, last: int) -> list[int]:
+    saved = list(range(every, last + 1, every))
+    return saved if saved and saved[-1] == last else saved + [last]
+
+
 def needs_selection(name: str) -> bool:
     """Whether a configured name resolves only through the SFT selection (inter_sft, end_sft, <algo>-from-end_sft-uN)."""
     return name in SELECTIONS or _RL_FROM_SELECTION.match(str(name)) is not None

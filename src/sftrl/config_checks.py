@@ -233,7 +233,7 @@ _RL_NAME = re.compile(rf"^(?P<algo>{'|'.join(ALGORITHMS)})-from-(?P<start>.+)-u(
 def check_planned_rl_checkpoint(name: str, key: str, saved_updates: Mapping[str, list], sft_steps) -> None:
     """An RL checkpoint named in the config (restore.<sweep>.<role>) must be one its run saves: rule rl_<algo> makes
     the run from any start the DAG asks for, but saves only the updates saved_updates[algo] lists
-    (rl.<algo>.updates, rl.save_every: train.rl.save_updates), from a start that exists (a saved SFT step)."""
+    (rl.<algo>.updates, rl.save_every: sftrl.checkpoint.save_updates), from a start that exists (a saved SFT step)."""
     match = _RL_NAME.match(name)
     if match is None:
         return

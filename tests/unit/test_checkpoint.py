@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from sftrl.checkpoint import (END_SFT, INTER_SFT, NAME_PATTERN, SELECTIONS, Checkpoint, label, sort_key)
+from sftrl.checkpoint import (END_SFT, INTER_SFT, NAME_PATTERN, SELECTIONS, Checkpoint, label, save_updates,
+                              sft_saved_steps, sort_key)
 
 SELECTION = {INTER_SFT: {"step": 80, "ood_accuracy": 0.3}, END_SFT: {"step": 160, "ood_accuracy": 0.05}}
 
@@ -185,3 +186,35 @@ def test_rl_names_with_a_selection_start_resolve_through_the_selection():
     assert label("ppo-from-end_sft-u8") == "PPO from End_SFT, update 8"
     with pytest.raises(ValueError, match="needs the SFT selection"):
         Checkpoint.resolve("ppo-from-end_sft-u8")
+
+
+@pytest.mark.parametrize("max_steps,save_steps", [(8, 4), (10, 4), (160, 40), (7, 1), (1, 1), (3, 5), (9, 8)])
+def test_sft_saved_steps_are_the_steps_hf_trainer_saves(tmp_path, max_steps, save_steps):
+    """sft_saved_steps against transformers' own decision: DefaultFlowCallback.on_step_end, which Trainer asks after
+    every optimizer step whether to save (save_strategy="steps", as train/sft.py configures), run step by step
+    until it stops training."""
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import DefaultFlowCallback, TrainerControl, TrainerState
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, save_strategy="steps",
+                             save_steps=save_steps, eval_strategy="no", report_to="none", use_cpu=True)
+    state = TrainerState(max_steps=max_steps)
+    state.compute_steps(args, max_steps)
+    saved = []
+    for step in range(1, max_steps + 1):
+        state.global_step = step
+        control = DefaultFlowCallback().on_step_end(args, state, TrainerControl())
+        saved += [step] if control.should_save else []
+        if control.should_training_stop:
+            break
+    assert state.global_step == max_steps
+    assert sft_saved_steps(max_steps, save_steps) == saved
+
+
+def test_save_schedules_exact_and_checked():
+    assert sft_saved_steps(8, 4) == [4, 8] and sft_saved_steps(10, 4) == [4, 8, 10] and sft_saved_steps(3, 5) == [3]
+    assert save_updates(5, 2) == [2, 4, 5] and save_updates(4, 2) == [2, 4] and save_updates(3, 5) == [3]
+    for bad, key in [(lambda: sft_saved_steps(0, 4), "sft.max_steps"), (lambda: sft_saved_steps(8, 0), "sft.save_steps"),
+                     (lambda: save_updates(0, 1), "rl updates"), (lambda: save_updates(4, 0), "rl.save_every")]:
+        with pytest.raises(ValueError, match=key):
+            bad()

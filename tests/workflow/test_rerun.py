@@ -207,7 +207,9 @@ def test_a_moved_copy_of_a_completed_run_schedules_nothing(completed, tmp_path):
 # each rule runs is read from its shell command in workflow/rules/*.smk, what a command imports from
 # sftrl.codegraph; the stamps Snakemake recorded come from one `snakemake --detailed-summary` of the completed run.
 
-RULE_BLOCK = re.compile(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoint) \w+:|\Z)", re.S | re.M)
+RULE_BLOCK = re.compile(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoint|use rule) \w+|\Z)", re.S | re.M)
+# `use rule A as B with:` (rl_grpo): A's shell with B's own params
+USE_BLOCK = re.compile(r"^use rule (\w+) as (\w+) with:\n(.*?)(?=^(?:rule|checkpoint|use rule) \w+|\Z)", re.S | re.M)
 LIBRARY_MODULES = sorted(p.relative_to(REPO / "src").with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
                          for p in (REPO / "src" / "sftrl").rglob("*.py"))
 
@@ -217,17 +219,24 @@ def rule_commands(repo: Path) -> dict[str, str]:
     sys.path.insert(0, str(repo / "src"))
     from sftrl.cli import COMMANDS
 
-    found = {}
+    bodies, uses = {}, []
     for smk in sorted((repo / "workflow" / "rules").glob("*.smk")):
-        for name, body in RULE_BLOCK.findall(smk.read_text()):
-            shell = re.search(r'shell:\s*\n((?:\s*(?:"[^"\n]*"|#[^\n]*)\n)+)', body)
-            if not shell:
-                continue
-            text = "".join(re.findall(r'"([^"\n]*)"', shell.group(1)))
-            words = re.search(r"(?:^|\s)(?:sftrl|\{params\.launcher(?::q)?\})\s+(.*)", text)
-            if words:
-                tokens = words.group(1).split()
-                found[name] = max((c for c in COMMANDS if tokens[: len(c.split())] == c.split()), key=len)
+        bodies.update(RULE_BLOCK.findall(smk.read_text()))
+        uses += USE_BLOCK.findall(smk.read_text())
+    rules = {name: (body, body) for name, body in bodies.items()}  # rule -> (its shell's body, its params' body)
+    rules.update({name: (bodies[base], body) for base, name, body in uses})
+    found = {}
+    for name, (body, own) in rules.items():
+        shell = re.search(r'shell:\s*\n((?:\s*(?:"[^"\n]*"|#[^\n]*)\n)+)', body)
+        if not shell:
+            continue
+        text = "".join(re.findall(r'"([^"\n]*)"', shell.group(1)))
+        algo = re.search(r'^\s+algo="(\w+)",', own, re.M)  # the arm of a rule that runs `rl {params.algo}`
+        text = text.replace("{params.algo:q}", algo.group(1)) if algo else text
+        words = re.search(r"(?:^|\s)(?:sftrl|\{params\.launcher(?::q)?\})\s+(.*)", text)
+        if words:
+            tokens = words.group(1).split()
+            found[name] = max((c for c in COMMANDS if tokens[: len(c.split())] == c.split()), key=len)
     return found
 
 

@@ -1,6 +1,28 @@
 # The study's report (sftrl.report): results/SUMMARY.md, the headline table with links to every figure, written by
 # the DAG; the HTML report is `snakemake --report results/report.html` (make report), built from the outputs that
-# the stage rules flag with report(...) and the captions under workflow/report/.
+# the stage rules flag with report(...) and the captions under workflow/report/; and the claims table, each of the
+# paper's claims checked against this run's tables.
+
+
+rule claims:
+    input:
+        unpack(claims_inputs),
+    output:
+        table=report(f"{RESULTS}/tables/claims.csv", caption="../report/table_claims.rst",
+                     category="6. Restoration", subcategory="Tables"),
+        markdown=f"{RESULTS}/tables/claims.md",
+    params:
+        expect_rows=expected_eval_rows(),
+    log:
+        "logs/report/claims.log",
+    conda:
+        "../envs/analysis.yaml"
+    benchmark:
+        "benchmarks/report/claims.tsv"
+    shell:
+        "sftrl claims --eval-table {input.eval_table:q} --selection {input.selection:q} --tables {input.tables:q}"
+        " --out {output.table:q} --markdown {output.markdown:q}"
+        " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"
 
 
 rule summary:

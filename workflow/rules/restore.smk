@@ -3,6 +3,8 @@
 # SVD caches (rule svd: no SVD per point) and evaluated ID / OOD by the one eval_checkpoint rule. Restored models are
 # temp() unless restore.keep_models: deleted once both evaluations are done (the cached factors are what is kept).
 # A point's params are its own spec, so editing one sweep's values reruns only that sweep's jobs and its figure.
+
+
 rule restore:
     input:
         unpack(restore_inputs),
@@ -112,24 +114,3 @@ rule fig7:
         "benchmarks/figs/fig7.tsv"
     shell:
         "sftrl figure fig7 --table {input.table:q} --out {params.stem:q} > {log:q} 2>&1"
-
-
-rule claims:
-    input:
-        unpack(claims_inputs),
-    output:
-        table=report(f"{RESULTS}/tables/claims.csv", caption="../report/table_claims.rst",
-                     category="6. Restoration", subcategory="Tables"),
-        markdown=f"{RESULTS}/tables/claims.md",
-    params:
-        expect_rows=expected_eval_rows(),
-    log:
-        "logs/report/claims.log",
-    conda:
-        "../envs/analysis.yaml"
-    benchmark:
-        "benchmarks/report/claims.tsv"
-    shell:
-        "sftrl claims --eval-table {input.eval_table:q} --selection {input.selection:q} --tables {input.tables:q}"
-        " --out {output.table:q} --markdown {output.markdown:q}"
-        " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"

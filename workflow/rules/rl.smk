@@ -2,11 +2,11 @@
 # checkpoint every rl.save_every updates; each checkpoint is evaluated by eval_checkpoint into results/tables/eval.csv.
 # Runs: every algorithm in rl.algorithms from every rl.start_from checkpoint, and PPO from every rl.recovery_window
 # step; inter_sft / end_sft resolve through the select_sft checkpoint, and a run named twice runs once.
-# (the helpers that plan the runs live in common.smk, section RL)
 
 
-# One rule per arm, written out (outputs differ by the arm's update count); rl_grpo is rl_ppo with "grpo" for
-# "ppo" (and COMMANDS "rl grpo" -> sftrl.train.grpo:command). Each runs `sftrl rl <algo>`, whose code is its arm only.
+# One definition for both arms: rl_grpo is rl_ppo with the arm's own items (`use rule ... with:` replaces named
+# items one by one; outputs differ by the arm's update count). Each runs `sftrl rl <algo>`, whose code is its arm
+# only (COMMANDS "rl ppo" -> sftrl.train.ppo:command, "rl grpo" -> sftrl.train.grpo:command).
 rule rl_ppo:
     input:
         model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
@@ -15,13 +15,15 @@ rule rl_ppo:
         checkpoints=[directory(f"{RESULTS}/rl/ppo-from-{{start}}/checkpoint-{u}") for u in rl_updates("ppo")],
         log=f"{RESULTS}/rl/ppo-from-{{start}}/log.csv",
     params:
+        algo="ppo",
         settings=rl_settings("ppo"),
         model_settings=settings("model"),
         env_settings=settings("env"),
         data_settings=settings("data", "sft"),
         launcher=rl_launcher("ppo"),
         out_dir=lambda wc, output: os.path.dirname(output.log),
-        # resumable state (weights, value head, optimizer, log rows): outside the outputs, which Snakemake deletes
+        # resumable state (weights, optimizer, log rows; PPO's value head, GRPO's RNG): outside the outputs,
+        # which Snakemake deletes
         work_dir=lambda wc: f"{RESULTS}/work/rl/ppo-from-{wc.start}",
     wildcard_constraints:
         start=r"base|sft-\d+",
@@ -37,14 +39,14 @@ rule rl_ppo:
         mem_mb=8000,
         runtime=240,
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher:q} rl ppo --model {input.model:q} --start {wildcards.start:q}"
-        " --settings {params.settings:q} --model-settings {params.model_settings:q}"
+        "OMP_NUM_THREADS={threads} {params.launcher:q} rl {params.algo:q} --model {input.model:q}"
+        " --start {wildcards.start:q} --settings {params.settings:q} --model-settings {params.model_settings:q}"
         " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
         " --out-dir {params.out_dir:q} --work-dir {params.work_dir:q} --log {output.log:q} --threads {threads}"
         " > {log:q} 2>&1"
 
 
-rule rl_grpo:
+use rule rl_ppo as rl_grpo with:
     input:
         model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
         code=code("rl grpo"),
@@ -52,33 +54,14 @@ rule rl_grpo:
         checkpoints=[directory(f"{RESULTS}/rl/grpo-from-{{start}}/checkpoint-{u}") for u in rl_updates("grpo")],
         log=f"{RESULTS}/rl/grpo-from-{{start}}/log.csv",
     params:
+        algo="grpo",
         settings=rl_settings("grpo"),
-        model_settings=settings("model"),
-        env_settings=settings("env"),
-        data_settings=settings("data", "sft"),
         launcher=rl_launcher("grpo"),
-        out_dir=lambda wc, output: os.path.dirname(output.log),
-        # resumable trainer state (weights, optimizer, RNG, log history): outside the outputs, which Snakemake deletes
         work_dir=lambda wc: f"{RESULTS}/work/rl/grpo-from-{wc.start}",
-    wildcard_constraints:
-        start=r"base|sft-\d+",
     log:
         "logs/rl/grpo-from-{start}.log",
-    conda:
-        "../envs/train.yaml"
     benchmark:
         "benchmarks/rl/grpo-from-{start}.tsv"
-    # one thread on CPU: two runs side by side use 2 cores better than one run with two threads (cpu_notes.md)
-    threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=240,
-    shell:
-        "OMP_NUM_THREADS={threads} {params.launcher:q} rl grpo --model {input.model:q} --start {wildcards.start:q}"
-        " --settings {params.settings:q} --model-settings {params.model_settings:q}"
-        " --env-settings {params.env_settings:q} --data-settings {params.data_settings:q}"
-        " --out-dir {params.out_dir:q} --work-dir {params.work_dir:q} --log {output.log:q} --threads {threads}"
-        " > {log:q} 2>&1"
 
 
 rule rl_log:

@@ -2,7 +2,7 @@
 # ONCE into a verified SVD cache (rule svd, one job per checkpoint x shard); every analysis reads the cache, so
 # rerunning an analysis never recomputes an SVD. Numerics: sftrl.weights (names, tensors, svd, subspace); tables:
 # sftrl.analysis; figures: sftrl.figures (drawn only from the tidy tables under results/tables/). Figures (PNG) and
-# tables are flagged for the HTML report (`make report`), with captions from workflow/report/.
+# tables are flagged for the HTML report (`make report`), with captions from workflow/report/. Plan: spectral_plan.smk.
 
 
 rule svd:
@@ -25,6 +25,8 @@ rule svd:
     resources:
         mem_mb=8000,
         runtime=120,
+    wildcard_constraints:
+        shard="|".join(svd_shards()),
     shell:
         "OMP_NUM_THREADS={threads} sftrl svd --model {input.model:q} --names {params.names:q}"
         " --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"

@@ -20,7 +20,7 @@ as sampled, or trimmed of surrounding whitespace as Llama-3.x's does).
 Checkpoints and resume: the trainer's own `checkpoint-<update>` folders (weights, optimizer, scheduler, RNG, the log
 history) live in `work_dir` and are resumed by TRL's resume_from_checkpoint; each is exported to
 `<out_dir>/checkpoint-<update>` at once (train/workdir.py, as SFT's). Saved: every rl.save_every updates and the
-last (rl.save_updates).
+last (save_updates).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import os
 import time
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, checkpoint_folder
+from ..checkpoint import Checkpoint, checkpoint_folder, save_updates
 from ..generation.kv import KVBackend
 from ..generation.sampling import stop_token_ids
 from ..modeling import load_model, load_tokenizer
@@ -261,7 +261,7 @@ def grpo_config(settings: dict, work_dir, on_cpu: bool):
         output_dir=str(work_dir),
         seed=rl_settings["seed"],
         max_steps=grpo["updates"],
-        save_strategy="no",  # saved by SaveAndExport at rl.save_updates (every save_every and the last update)
+        save_strategy="no",  # saved by SaveAndExport at save_updates (every save_every and the last update)
         logging_steps=1,  # one log row per update
         per_device_train_batch_size=grpo["micro_batch_size"],
         gradient_accumulation_steps=micro_batches,
@@ -327,7 +327,7 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: 
     torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     work_dir = rl.prepare_work_dir(work_dir, settings, start_model_dir, ALGO)
-    saves = set(rl.save_updates(grpo["updates"], rl_settings["save_every"]))
+    saves = set(save_updates(grpo["updates"], rl_settings["save_every"]))
     model_settings, state = settings["model"], PartialState()
     tokenizer = load_tokenizer(start_model_dir)
     # each process's own device (cuda:<local rank> under accelerate launch; cpu when configured)
@@ -337,7 +337,7 @@ def train_grpo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: 
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": prompt_text(p)}]} for p in problems])
 
     class SaveAndExport(TrainerCallback):
-        """Save at rl.save_updates and export each save at once; time each update for its log row."""
+        """Save at save_updates and export each save at once; time each update for its log row."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.tick = time.perf_counter()

@@ -44,7 +44,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, checkpoint_folder
+from ..checkpoint import Checkpoint, checkpoint_folder, save_updates
 from ..generation.backends import make_backend
 from ..io import atomic_dir, read_json, write_json
 from ..modeling import load_model, load_tokenizer
@@ -136,7 +136,7 @@ def train_ppo(start_model_dir, start: Checkpoint, out_dir, work_dir, settings: d
     began = time.perf_counter()
     work_dir = rl.prepare_work_dir(work_dir, settings, start_model_dir, ALGO)
     resume_from, done, log_rows = resume_state(work_dir)
-    saves = rl.save_updates(ppo["updates"], rl_settings["save_every"])
+    saves = save_updates(ppo["updates"], rl_settings["save_every"])
     if resume_from is not None:
         log.info("resuming PPO from %s (update %d of %d)", resume_from, done, ppo["updates"])
 

@@ -9,7 +9,7 @@ Both arms are called with one signature (`TRAINERS`):
 * `settings`: {"rl": config rl (with its ppo / grpo subsection, and eval.stop_tokens as `stop_tokens`), "model":
   config model, "env": config env, "sft_data": config data.sft} — exactly the rule's params, so Snakemake reruns a
   run when any of them changes.
-* Checkpoints: `checkpoint-<update>` every `rl.save_every` updates and at the last one (`save_updates`), saved
+* Checkpoints: `checkpoint-<update>` every `rl.save_every` updates and at the last one (`sftrl.checkpoint.save_updates`), saved
   whole into `work_dir` and exported at once below `out_dir` = the parent of
   `Checkpoint.rl(algo, start, u).model_dir(...)` as a plain model directory with `sftrl_checkpoint.json`
   (train/workdir.py: why two places, export, resume).
@@ -78,7 +78,7 @@ def rollout_sampling(rl: dict, update: int, process_index: int = 0) -> Sampling:
     if rl["temperature"] <= 0:
         raise ValueError(f"rl.temperature = {rl['temperature']}: RL rollouts must sample (temperature > 0)")
     if "stop_tokens" not in rl:
-        raise ValueError("the RL settings lack stop_tokens (config eval.stop_tokens, which workflow/rules/common.smk "
+        raise ValueError("the RL settings lack stop_tokens (config eval.stop_tokens, which workflow/rules/rl.smk "
                          "rl_settings adds to config rl)")
     return Sampling.from_settings(rl, seed=update_seed(rl["seed"], update, process_index))
 
@@ -92,14 +92,6 @@ def run_settings(rl: dict, algo: str, stop_tokens) -> dict:
     step must not rerun the existing runs), with config eval.stop_tokens, so rollouts stop where evaluation stops
     (rollout_sampling)."""
     return {**{k: v for k, v in rl.items() if k not in RL_PLAN_KEYS or k == algo}, "stop_tokens": list(stop_tokens)}
-
-
-def save_updates(updates: int, save_every: int) -> list[int]:
-    """Updates after which a checkpoint is saved: every `save_every`, and the last one."""
-    if updates < 1 or save_every < 1:
-        raise ValueError(f"rl updates = {updates}, rl.save_every = {save_every}: both must be >= 1")
-    saved = list(range(save_every, updates + 1, save_every))
-    return saved if saved and saved[-1] == updates else saved + [updates]
 
 
 # -----------------------------------------------------------------------------

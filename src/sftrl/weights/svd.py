@@ -117,7 +117,7 @@ def _check_names(names: Sequence[str], out_path) -> None:
     an empty shard would only shrink every table built from it."""
     if not names:
         raise ValueError(f"SVD shard {out_path}: no matrices to decompose (empty --names); a shard holds the "
-                         "matrices of its shard plan (common.smk svd_shards)")
+                         "matrices of its shard plan (spectral_plan.smk svd_shards)")
 
 
 def _read_metadata(path: Path) -> dict:
@@ -268,7 +268,7 @@ def group_shards(paths) -> dict:
 
 
 def planned_names(plan: Mapping[str, Sequence[str]] | None, path) -> list[str] | None:
-    """The matrices the shard plan (shard id -> matrix names: common.smk svd_shards, rule params) puts in the shard
+    """The matrices the shard plan (shard id -> matrix names: spectral_plan.smk svd_shards, rule params) puts in the shard
     file `path` (`<results>/svd/<checkpoint>/<shard id>.safetensors`); None without a plan."""
     if plan is None:
         return None
@@ -292,7 +292,7 @@ def load_checkpoint_svd(shards: Sequence[str | os.PathLike], model_dir=None,
 
 
 def plan_argument(parser) -> None:
-    """`--svd-plan`: the shard plan the readers check every shard against (rules pass common.smk svd_shards())."""
+    """`--svd-plan`: the shard plan the readers check every shard against (rules pass spectral_plan.smk svd_shards())."""
     parser.add_argument("--svd-plan", type=json.loads, default=None,
                         help="JSON shard id -> matrix names: every shard must hold exactly its planned matrices")
 
