@@ -77,8 +77,10 @@ class SlurmRun:
         self.began = 0.0
         self.started: datetime.datetime | None = None
         self.result: dict | None = None
+        self.cluster_touched = False
 
     def start(self) -> None:
+        self.cluster_touched = True  # from here on, stop() owes the machine a down.sh (a half-started cluster too)
         began = time.monotonic()
         up = subprocess.run(["bash", str(SCRIPTS / "up.sh")], env=env(), capture_output=True, text=True, timeout=900)
         self.up_seconds = time.monotonic() - began
@@ -115,7 +117,7 @@ class SlurmRun:
             ids = re.findall(r"submitted with SLURM jobid (\d+)", self.out_path.read_text(errors="replace"))
             if ids and (self.result is None or self.result["returncode"] != 0):
                 subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
-        if not self.was_running:
+        if self.cluster_touched and not self.was_running:
             result = subprocess.run(["bash", str(SCRIPTS / "down.sh")], env=env(), capture_output=True, text=True,
                                     timeout=120)
             print(result.stdout + result.stderr)
