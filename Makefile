@@ -6,6 +6,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CORES   ?= all
 REPORT  := results/report.html
+# A config file over config/config.yaml (snakemake --configfile), e.g. config/seeds.yaml; none by default.
+CONFIGFILE ?=
+SNAKE_CONFIG := $(if $(CONFIGFILE),--configfile $(CONFIGFILE))
 # Reproducible CPU runs: one BLAS pool per library, sized to the machine; never reach the Hub.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -14,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 # Rules call the `sftrl` CLI: put the venv first on PATH for every job Snakemake starts.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install results report report-check test gpu-check lint dryrun clean
+.PHONY: install results results-seeds report report-check test gpu-check lint dryrun clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,16 +34,21 @@ install: $(STAMP)
 results: $(STAMP)
 	@mkdir -p .snakemake
 	@flock -n -E 75 .snakemake/make-results.lock sh -c '$(BIN)/python scripts/unlock_stale.py && \
-		$(BIN)/snakemake --cores $(CORES) --rerun-incomplete all && $(BIN)/snakemake --cores $(CORES) --report $(REPORT) --report-stylesheet workflow/report/style.css' \
+		$(BIN)/snakemake --cores $(CORES) $(SNAKE_CONFIG) --rerun-incomplete all && $(BIN)/snakemake --cores $(CORES) $(SNAKE_CONFIG) --report $(REPORT) --report-stylesheet workflow/report/style.css' \
 		|| { rc=$$?; [ $$rc = 75 ] && echo "make results: another one is running in this directory"; exit $$rc; }
 	@$(BIN)/python scripts/stage_timings.py
 	@echo "make results: done. Report: $(abspath $(REPORT))  Summary: $(abspath results/SUMMARY.md)"
+
+## The study with three replicate seeds (config/seeds.yaml; issue 28): seed 0 is the default run's, so after
+## `make results` only seeds 1 and 2 run, then the across-seed claims table and figures.
+results-seeds:
+	$(MAKE) results CONFIGFILE=config/seeds.yaml
 
 ## The HTML report of the finished run (every figure captioned, the tables, the configuration, each result's
 ## rule, code and runtime), from the existing results: `snakemake --report` runs no job (--cores only because the
 ## report lists each rule's threads, some of which are the machine's cores).
 report: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --report $(REPORT) --report-stylesheet workflow/report/style.css
+	$(BIN)/snakemake --cores $(CORES) $(SNAKE_CONFIG) --report $(REPORT) --report-stylesheet workflow/report/style.css
 	@echo "make report: $(abspath $(REPORT))"
 
 ## Open the report in headless Chromium (installed from Debian's packages when missing; not part of `make test`):

@@ -1,7 +1,7 @@
 """Rollout evaluation speed of the generation backends (issue 12): one fixed SFT checkpoint, both eval splits
 (234 episodes each, verify_iter 5, greedy), today's `hf` backend as the baseline measured in the same run.
 
-    python bench/bench_eval.py results/sft/checkpoint-240 --threads 1 --out bench_eval.json
+    python bench/bench_eval.py results/seed-0/sft/checkpoint-240 --threads 1 --out bench_eval.json
 
 Measured numbers: the KVBackend docstring (sftrl/generation/kv.py). Run it under `nice -n 19` on a shared machine.
 

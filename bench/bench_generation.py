@@ -1,7 +1,7 @@
 """Evaluation throughput of the hf backend (first-attempt GeneralPoints prompts, greedy), in prompts per second,
 for several batch sizes, against unbatched generation (batch 1) measured in the same run.
 
-    python bench/bench_generation.py results/sft/checkpoint-480 --n 512 --threads 2
+    python bench/bench_generation.py results/seed-0/sft/checkpoint-480 --n 512 --threads 2
 
 Use a fine-tuned checkpoint: it writes the ~50-token answers an evaluation generates, while the base model
 stops after a few tokens and so flatters the rate. The table also gives the mean generated tokens per prompt.

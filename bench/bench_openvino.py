@@ -3,11 +3,11 @@ pipeline with prefix caching, against the `kv` backend and the `hf` baseline, me
 
     # export (optimum-intel 2.2 needs transformers <= 5.5, so in an environment of its own):
     python -m venv /tmp/ov-export && /tmp/ov-export/bin/pip install "optimum-intel[openvino]==2.2.0"
-    /tmp/ov-export/bin/optimum-cli export openvino --model results/sft/checkpoint-480 \\
+    /tmp/ov-export/bin/optimum-cli export openvino --model results/seed-0/sft/checkpoint-480 \\
         --task text-generation-with-past --weight-format fp32 /tmp/end_sft_openvino
     # run (the project's environment plus the engine's runtime):
     pip install openvino-genai==2026.4.1.0
-    python bench/bench_openvino.py results/sft/checkpoint-480 /tmp/end_sft_openvino --threads 1
+    python bench/bench_openvino.py results/seed-0/sft/checkpoint-480 /tmp/end_sft_openvino --threads 1
 
 Same problems, sampling and columns as bench_eval.py (wall and CPU seconds for both splits, successes, the fraction
 of attempts token-for-token identical to the baseline's); speed-ups are to the `hf` baseline and to `kv`. The engine

@@ -9,7 +9,7 @@ compute phase is set beside its floor: the model's FLOPs for the tokens it fed (
 same run, as bench_eval.py measures it). "padded" counts every position of a micro-batch, "real" only the tokens of
 a sample; for the rollout, "padded" is every token the kv backend fed (prefill + decode) and "real" the decoded ones. The ratio floor / measured says how far each phase is from what the arithmetic needs.
 
-    .venv/bin/python bench/bench_ppo.py --model results/sft/checkpoint-480 --updates 2
+    .venv/bin/python bench/bench_ppo.py --model results/seed-0/sft/checkpoint-480 --updates 2
 
 The phases are timed by wrapping the trainer's own functions for the duration of the run (a benchmark's probe; the
 numbers are the real trainer's). CPU seconds, not wall: on a shared machine they are the steadier of the two. Results:
@@ -108,7 +108,7 @@ def settings_from_config(config: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="results/sft/checkpoint-480", help="the SFT checkpoint PPO starts from")
+    parser.add_argument("--model", default="results/seed-0/sft/checkpoint-480", help="the SFT checkpoint PPO starts from")
     parser.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
     parser.add_argument("--updates", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the rule's: 1)")

@@ -30,7 +30,7 @@ PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 # rules: SFT, evaluations, SVDs; the select_sft checkpoint and the jobs planned after it; plain CPU jobs), not the
 # whole DAG: every SLURM job waits on the plugin's status polling, so `all` (~90 jobs) took 13 minutes of `make test`.
 # The RL and restoration jobs are the same kinds of job again (their resources are in profiles/slurm).
-TARGETS = ["results/base/abilities.json", "results/tables/eval_sft.csv", "results/sft/selection.json",
+TARGETS = ["results/base/abilities.json", "results/seed-0/tables/eval_sft.csv", "results/seed-0/sft/selection.json",
            "results/figs/fig4.pdf", "results/cluster/gpu_check.txt"]
 
 

@@ -5,9 +5,13 @@ A checkpoint is named by its stage, the run that made it and its step:
 | stage | name | run | model directory |
 |---|---|---|---|
 | `base` | `base` | – | the embedded or configured base model |
-| `sft` | `sft-<step>` | – (one SFT run) | `results/sft/checkpoint-<step>` |
-| `rl` | `<algo>-from-<start>-u<update>`, e.g. `ppo-from-sft-160-u8` | `<algo>-from-<start>` (`start`: base or sft-N) | `results/rl/<run>/checkpoint-<update>` |
-| `restored` | `restored-<sweep>-<point>`, e.g. `restored-rank-direction-k0.2` | `<sweep>-<point>` | `results/restore/<run>` |
+| `sft` | `sft-<step>` | – (one SFT run) | `results/seed-<s>/sft/checkpoint-<step>` |
+| `rl` | `<algo>-from-<start>-u<update>`, e.g. `ppo-from-sft-160-u8` | `<algo>-from-<start>` (`start`: base or sft-N) | `results/seed-<s>/rl/<run>/checkpoint-<update>` |
+| `restored` | `restored-<sweep>-<point>`, e.g. `restored-rank-direction-k0.2` | `<sweep>-<point>` | `results/seed-<s>/restore/<run>` |
+
+Every checkpoint but the base belongs to a study replicate, its *seed* (config `seeds`): its model and its
+per-checkpoint results live under the replicate's folder `results/seed-<s>/`. The base is shared by every replicate:
+its results (evaluation, SVDs) live directly under `results/`.
 
 The two SFT checkpoints the paper singles out are *selections*: `inter_sft` (best OOD accuracy) and `end_sft`
 (the end of SFT), resolved to a concrete `sft-<step>` by the selection rule. This module alone knows that grammar:
@@ -41,12 +45,17 @@ _NAME = re.compile(
 # Snakemake wildcard constraint for a concrete checkpoint name (selections are resolved before they reach a path).
 # (named groups become plain ones: Snakemake wraps the pattern in a group of its own).
 NAME_PATTERN = re.sub(r"\(\?P<\w+>", "(?:", _NAME.pattern.removeprefix("^(?:").removesuffix(")$"))
+# The same for the checkpoints of one study replicate: every one but the shared base.
+REPLICATE_NAME_PATTERN = NAME_PATTERN.removeprefix("(?:base)|")
 # The folder of a run's checkpoint `step`: in an SFT or RL run's export directory and in its trainer's work
 # directory alike (transformers' Trainer names its own folders so: PREFIX_CHECKPOINT_DIR).
 CHECKPOINT_FOLDER = "checkpoint-{step}"
 _FOLDER = re.compile(CHECKPOINT_FOLDER.format(step=r"(\d+)"))
 # Per-checkpoint results of one kind (eval, svd, ...): `name` is a checkpoint name, or a wildcard in a rule.
 RESULTS_DIR = "{results}/{kind}/{name}"
+# The folder of one study replicate (config `seeds`) inside the results directory: `seed` is an integer, or a
+# wildcard in a rule.
+SEED_FOLDER = "seed-{seed}"
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ class Checkpoint:
         if needs_selection(name):
             if selection is None:
                 what = "is a selection" if name in SELECTIONS else "starts from a selection"
-                raise ValueError(f"{name} {what}: it needs the SFT selection (results/sft/selection.json)")
+                raise ValueError(f"{name} {what}: it needs the SFT selection (results/seed-<s>/sft/selection.json)")
             if name in SELECTIONS:
                 return cls("sft", int(selection[name]["step"]))
             match = _RL_FROM_SELECTION.match(name)
@@ -144,19 +153,34 @@ class Checkpoint:
             return f"Restored {self.run}"
         return f"{STAGES[self.stage]} step {self.step}"
 
-    def model_dir(self, results: str, base_dir: str) -> str:
-        """The Hugging Face directory of this checkpoint (the base's is the embedded or configured model)."""
+    @property
+    def seed_dependent(self) -> bool:
+        """Whether this checkpoint belongs to one study replicate (every one but the shared base)."""
+        return self.stage != "base"
+
+    def _root(self, results: str, seed) -> str:
+        if not self.seed_dependent:
+            return str(results)
+        if seed is None:
+            raise ValueError(f"checkpoint {self.name} belongs to a study replicate: its seed is needed")
+        return seed_dir(results, seed)
+
+    def model_dir(self, results: str, base_dir: str, seed) -> str:
+        """The Hugging Face directory of this checkpoint in replicate `seed` (the base's is the embedded or
+        configured model, whatever the seed)."""
         if self.stage == "base":
             return str(base_dir)
+        root = self._root(results, seed)
         if self.stage == "rl":
-            return f"{results}/rl/{self.run}/{checkpoint_folder(self.step)}"
+            return f"{root}/rl/{self.run}/{checkpoint_folder(self.step)}"
         if self.stage == "restored":
-            return f"{results}/restore/{self.run}"
-        return f"{results}/sft/{checkpoint_folder(self.step)}"
+            return f"{root}/restore/{self.run}"
+        return f"{root}/sft/{checkpoint_folder(self.step)}"
 
-    def results_dir(self, results: str, kind: str) -> str:
-        """Per-checkpoint results of one kind, e.g. `results/eval/sft-40`, `results/svd/base`."""
-        return RESULTS_DIR.format(results=results, kind=kind, name=self.name)
+    def results_dir(self, results: str, kind: str, seed) -> str:
+        """Per-checkpoint results of one kind, e.g. `results/seed-0/eval/sft-40`, `results/svd/base` (the base's
+        are shared by every replicate: `seed` is not used)."""
+        return RESULTS_DIR.format(results=self._root(results, seed), kind=kind, name=self.name)
 
     @classmethod
     def from_results_path(cls, path, kind: str) -> "Checkpoint":
@@ -213,6 +237,11 @@ def label(name: str) -> str:
     if (match := _RL_FROM_SELECTION.match(str(name))):
         return f"{ALGORITHMS[match['algo']]} from {SELECTIONS[match['start']]}, update {match['update']}"
     return SELECTIONS.get(name) or Checkpoint.parse(name).label
+
+
+def seed_dir(results: str, seed) -> str:
+    """The folder of study replicate `seed` (an integer, or a wildcard such as "{seed}" in a rule)."""
+    return f"{results}/{SEED_FOLDER.format(seed=seed)}"
 
 
 def checkpoint_folder(step: int) -> str:

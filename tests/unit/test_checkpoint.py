@@ -1,5 +1,6 @@
 """The checkpoint vocabulary (sftrl.checkpoint): names parse and print back, selections resolve only with the
 selection, checkpoints sort in study order, and results / model paths go there and back."""
+import re
 from pathlib import Path
 
 import pytest
@@ -86,12 +87,19 @@ def test_labels():
 def test_results_dir_round_trip():
     for checkpoint in (Checkpoint("base"), Checkpoint("sft", 4), Checkpoint("sft", 40)):
         for kind in ("svd", "eval"):
-            directory = checkpoint.results_dir("results", kind)
-            assert directory == f"results/{kind}/{checkpoint.name}"
+            directory = checkpoint.results_dir("results", kind, 3)
+            # the base is shared by every replicate; every other checkpoint lives in its replicate's folder
+            root = "results" if checkpoint.stage == "base" else "results/seed-3"
+            assert directory == f"{root}/{kind}/{checkpoint.name}"
             shard = Path(directory) / "layers000-001.safetensors"
             assert Checkpoint.from_results_path(shard, kind) == checkpoint
             assert Checkpoint.from_results_path(str(shard), kind) == checkpoint
-    assert Checkpoint("sft", 40).results_dir("/abs/results", "svd") == "/abs/results/svd/sft-40"
+    assert Checkpoint("sft", 40).results_dir("/abs/results", "svd", 0) == "/abs/results/seed-0/svd/sft-40"
+    # a rule's pattern: the {seed} wildcard stands for the replicate
+    assert Checkpoint("sft", 40).results_dir("results", "eval", "{seed}") == "results/seed-{seed}/eval/sft-40"
+    assert Checkpoint("base").results_dir("results", "eval", None) == "results/eval/base"
+    with pytest.raises(ValueError, match="sft-40 belongs to a study replicate: its seed is needed"):
+        Checkpoint("sft", 40).results_dir("results", "eval", None)
     # the innermost <kind>/<checkpoint> directory counts, whatever the results root is called
     assert Checkpoint.from_results_path("/data/svd/results/svd/sft-4/embed.safetensors", "svd") == Checkpoint("sft", 4)
     with pytest.raises(ValueError, match="not a file directly inside a svd/<checkpoint>/ results directory"):
@@ -103,9 +111,20 @@ def test_results_dir_round_trip():
 
 
 def test_model_dir():
-    assert Checkpoint("base").model_dir("results", "resources/base") == "resources/base"
-    assert Checkpoint("base").model_dir("results", Path("/models/qwen")) == "/models/qwen"
-    assert Checkpoint("sft", 40).model_dir("results", "resources/base") == "results/sft/checkpoint-40"
+    assert Checkpoint("base").model_dir("results", "resources/base", 1) == "resources/base"
+    assert Checkpoint("base").model_dir("results", Path("/models/qwen"), None) == "/models/qwen"
+    assert Checkpoint("sft", 40).model_dir("results", "resources/base", 0) == "results/seed-0/sft/checkpoint-40"
+    assert Checkpoint("sft", 40).model_dir("results", "resources/base", 2) == "results/seed-2/sft/checkpoint-40"
+    with pytest.raises(ValueError, match="its seed is needed"):
+        Checkpoint("sft", 40).model_dir("results", "resources/base", None)
+
+
+def test_replicate_name_pattern():
+    from sftrl.checkpoint import NAME_PATTERN, REPLICATE_NAME_PATTERN
+
+    for name in ("sft-4", "ppo-from-base-u2", "grpo-from-sft-4-u1", "restored-rank-direction-k0.2"):
+        assert re.fullmatch(REPLICATE_NAME_PATTERN, name) and re.fullmatch(NAME_PATTERN, name)
+    assert re.fullmatch(NAME_PATTERN, "base") and not re.fullmatch(REPLICATE_NAME_PATTERN, "base")
 
 
 def test_name_pattern_matches_exactly_the_concrete_names():
@@ -131,7 +150,7 @@ def test_rl_checkpoint_fields_and_paths():
     checkpoint = Checkpoint.rl("ppo", "sft-160", 8)
     assert checkpoint == Checkpoint.parse("ppo-from-sft-160-u8") == Checkpoint("rl", 8, "ppo-from-sft-160")
     assert (checkpoint.algo, checkpoint.start, checkpoint.step) == ("ppo", Checkpoint("sft", 160), 8)
-    assert checkpoint.model_dir("results", "b") == "results/rl/ppo-from-sft-160/checkpoint-8"
+    assert checkpoint.model_dir("results", "b", 0) == "results/seed-0/rl/ppo-from-sft-160/checkpoint-8"
     assert checkpoint.to_json() == {"checkpoint": "ppo-from-sft-160-u8", "stage": "rl", "step": 8,
                                     "algorithm": "ppo", "start": "sft-160"}
     assert checkpoint.label == "PPO from SFT step 160, update 8"
@@ -151,8 +170,8 @@ def test_rl_checkpoint_fields_and_paths():
 def test_restored_checkpoint_fields_and_paths():
     checkpoint = Checkpoint.parse("restored-rank-direction-k0.2")
     assert (checkpoint.stage, checkpoint.step, checkpoint.run) == ("restored", 0, "rank-direction-k0.2")
-    assert checkpoint.model_dir("results", "b") == "results/restore/rank-direction-k0.2"
-    assert checkpoint.results_dir("results", "eval") == "results/eval/restored-rank-direction-k0.2"
+    assert checkpoint.model_dir("results", "b", 1) == "results/seed-1/restore/rank-direction-k0.2"
+    assert checkpoint.results_dir("results", "eval", 1) == "results/seed-1/eval/restored-rank-direction-k0.2"
     assert checkpoint.to_json() == {"checkpoint": "restored-rank-direction-k0.2", "stage": "restored", "step": 0,
                                     "sweep": "rank", "point": "direction-k0.2"}
     with pytest.raises(ValueError, match="restored model has step 0"):
@@ -182,7 +201,7 @@ def test_rl_names_with_a_selection_start_resolve_through_the_selection():
     selection = {"inter_sft": {"step": 40}, "end_sft": {"step": 480}}
     assert needs_selection("ppo-from-end_sft-u8") and needs_selection("end_sft") and not needs_selection("sft-40")
     assert Checkpoint.resolve("ppo-from-end_sft-u8", selection).name == "ppo-from-sft-480-u8"
-    assert Checkpoint.resolve("grpo-from-inter_sft-u2", selection).model_dir("r", "b") == "r/rl/grpo-from-sft-40/checkpoint-2"
+    assert Checkpoint.resolve("grpo-from-inter_sft-u2", selection).model_dir("r", "b", 0) == "r/seed-0/rl/grpo-from-sft-40/checkpoint-2"
     assert label("ppo-from-end_sft-u8") == "PPO from End_SFT, update 8"
     with pytest.raises(ValueError, match="needs the SFT selection"):
         Checkpoint.resolve("ppo-from-end_sft-u8")

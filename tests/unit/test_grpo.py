@@ -36,7 +36,7 @@ SETTINGS = {
     "sft_data": {"seed": 0, "id_test_fraction": 0.15},
 }
 START = Checkpoint("sft", 4)
-RUN = "rl/grpo-from-sft-4"  # the run's directory below results (sftrl.checkpoint)
+RUN = "seed-0/rl/grpo-from-sft-4"  # the run's directory below results, replicate 0 (sftrl.checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def train(model_dir, root, monkeypatch, settings=SETTINGS):
 
     monkeypatch.setattr(grpo, "make_rollout", recording_rollout)
     monkeypatch.setattr(grpo, "grpo_config", lambda *a, **k: configs.append(grpo_config(*a, **k)) or configs[-1])
-    out_dir = Path(Checkpoint.rl("grpo", START, 0).model_dir(str(root), "")).parent  # root/rl/grpo-from-sft-4
+    out_dir = Path(Checkpoint.rl("grpo", START, 0).model_dir(str(root), "", 0)).parent  # root/seed-0/rl/grpo-from-sft-4
     # the log inside the run's directory, as in the workflow (rule rl_grpo)
     trainer = grpo.train_grpo(model_dir, START, out_dir, root / "work", settings, out_dir / "log.csv")
     return trainer, rollouts, configs, batches
@@ -222,7 +222,7 @@ def test_grpo_trains_with_the_episode_rewards_and_saves(stopping_base, tmp_path,
 
     start_weights = load_file(stopping_base / "model.safetensors")
     for update in (1, 2):
-        model_dir = Path(Checkpoint.rl("grpo", START, update).model_dir(str(tmp_path), ""))
+        model_dir = Path(Checkpoint.rl("grpo", START, update).model_dir(str(tmp_path), "", 0))
         load_model(model_dir, device="cpu")
         load_tokenizer(model_dir)
         assert json.loads((model_dir / "sftrl_checkpoint.json").read_text()) == \

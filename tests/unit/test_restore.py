@@ -155,7 +155,7 @@ def test_sweep_points_are_checkpoint_names():
     for sweep, group in (("rank", points), ("layer", layers)):
         for point in group:
             ckpt = Checkpoint.parse(f"restored-{sweep}-{point}")
-            assert ckpt.model_dir("results", "b") == f"results/restore/{sweep}-{point}"
+            assert ckpt.model_dir("results", "b", 0) == f"results/seed-0/restore/{sweep}-{point}"
     with pytest.raises(ValueError, match=r"restore.rank: top = 2.0: k out of range"):
         sweep_points("rank", {"arms": ["direction"], "top": [2.0]})
 

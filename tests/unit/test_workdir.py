@@ -27,8 +27,8 @@ def test_checkpoint_folder_name_and_step():
     assert checkpoint_folder(40) == "checkpoint-40" and folder_step("checkpoint-40") == 40
     for other in ("checkpoint-6.incomplete-20261204T191500Z", "checkpoint-x", "checkpoint-", "ckpt-3", "checkpoint-3/"):
         assert folder_step(other) is None, other
-    assert Checkpoint("sft", 40).model_dir("results", "base").endswith("/" + checkpoint_folder(40))
-    assert Checkpoint.rl("ppo", "sft-40", 8).model_dir("results", "base") == "results/rl/ppo-from-sft-40/checkpoint-8"
+    assert Checkpoint("sft", 40).model_dir("results", "base", 0).endswith("/" + checkpoint_folder(40))
+    assert Checkpoint.rl("ppo", "sft-40", 8).model_dir("results", "base", 0) == "results/seed-0/rl/ppo-from-sft-40/checkpoint-8"
 
 
 def test_work_checkpoints_in_step_order_without_the_moved_aside(tmp_path):

@@ -206,7 +206,7 @@ def test_hostile_deepspeed_path_reaches_the_launcher_as_one_argument(tmp_path):
         config["rl"]["ppo"].update(launcher="accelerate", num_processes=2, deepspeed=str(deepspeed))
 
     workdir = make_workdir(tmp_path / "work", edit=edit)
-    result = snakemake(workdir, "-n", "-p", "results/rl/ppo-from-sft-4/log.csv", timeout=120)
+    result = snakemake(workdir, "-n", "-p", "results/seed-0/rl/ppo-from-sft-4/log.csv", timeout=120)
     command = next(line for line in result.stdout.splitlines() if "rl ppo --model" in line)
     words = shlex.split(command.removeprefix("Shell command: "))
     assert words[:5] == ["OMP_NUM_THREADS=1", "accelerate", "launch", "--num_processes", "2"]
@@ -226,7 +226,7 @@ def test_damaged_derived_files_fail_their_readers(micro_run, micro_snakefile, tm
 
     work = tmp_path / "work"
     shutil.copytree(micro_run, work, symlinks=True, ignore=shutil.ignore_patterns("conda", "singularity"))
-    table = work / "results" / "tables" / "eval.csv"
+    table = work / "results" / "seed-0" / "tables" / "eval.csv"
     lines = table.read_text().splitlines(keepends=True)
     victim = next(i for i, line in enumerate(lines) if ",sft-8," in line and ",ood," in line)
     table.write_text("".join(lines[:victim] + lines[victim + 1:]))
@@ -237,11 +237,11 @@ def test_damaged_derived_files_fail_their_readers(micro_run, micro_snakefile, tm
                     "--settings", '{"dtype": "float32", "device": "cpu"}', "--out", str(shard)],
                    check=True, capture_output=True)
 
-    result = snakemake(work, "--cores", "1", "--keep-going", "-f", "results/figs/fig1.pdf", "results/tables/drift.csv",
-                       snakefile=micro_snakefile, check=False, timeout=300)
+    result = snakemake(work, "--cores", "1", "--keep-going", "-f", "results/figs/fig1.pdf",
+                       "results/seed-0/tables/drift.csv", snakefile=micro_snakefile, check=False, timeout=300)
     assert result.returncode != 0
     fig1 = (work / "logs" / "figs" / "fig1.log").read_text()
-    assert "results/tables/eval.csv lacks 1 row(s)" in fig1 and "sft-8 ood" in fig1, fig1[-2000:]
-    drift = (work / "logs" / "spectral" / "drift.log").read_text()
+    assert "results/seed-0/tables/eval.csv lacks 1 row(s)" in fig1 and "sft-8 ood" in fig1, fig1[-2000:]
+    drift = (work / "logs" / "seed-0" / "spectral" / "drift.log").read_text()
     assert str(shard.relative_to(work)) in drift and "model.layers.0.mlp.down_proj.weight" in drift, drift[-2000:]
     assert not (work / "results" / "figs" / "fig1.pdf").exists()

@@ -21,18 +21,20 @@ pytestmark = pytest.mark.workflow
 STAGES = {
     "pretraining": (lambda r: (r / "work" / "pretrain" / "state.pt").exists(),
                     lambda r: (r / "models" / "base").exists()),
-    "SFT": (lambda r: (r / "work" / "sft" / "checkpoint-4" / "trainer_state.json").exists(),
-            lambda r: (r / "tables" / "sft_loss.csv").exists()),
-    "evaluation": (lambda r: any((r / "eval").glob("*/*.summary.json")),
-                   lambda r: (r / "tables" / "eval_sft.csv").exists()),
-    "SVD": (lambda r: any((r / "svd").glob("*/*.safetensors")),
-            lambda r: len(list((r / "svd").glob("*/*.safetensors"))) == 6),
+    "SFT": (lambda r: (r / "seed-0" / "work" / "sft" / "checkpoint-4" / "trainer_state.json").exists(),
+            lambda r: (r / "seed-0" / "tables" / "sft_loss.csv").exists()),
+    "evaluation": (lambda r: any((r / "seed-0" / "eval").glob("*/*.summary.json")),
+                   lambda r: (r / "seed-0" / "tables" / "eval_sft.csv").exists()),
+    "SVD": (lambda r: any((r / "seed-0" / "svd").glob("*/*.safetensors")),
+            lambda r: len(list(r.glob("**/svd/*/*.safetensors"))) == 6),
 }
-TABLES = ["tables/eval_sft.csv", "tables/sft_loss.csv", "tables/spectral_sigma.csv", "tables/spectral_angles.csv",
-          "tables/spectral_energy.csv", "tables/drift.csv", "tables/embed_lmhead.csv", "base/pretrain_loss.csv"]
-WEIGHTS = ["models/base/model.safetensors", "sft/checkpoint-4/model.safetensors", "sft/checkpoint-8/model.safetensors"]
+TABLES = ["seed-0/tables/eval_sft.csv", "seed-0/tables/sft_loss.csv", "seed-0/tables/spectral_sigma.csv",
+          "seed-0/tables/spectral_angles.csv", "seed-0/tables/spectral_energy.csv", "seed-0/tables/drift.csv",
+          "seed-0/tables/embed_lmhead.csv", "base/pretrain_loss.csv"]
+WEIGHTS = ["models/base/model.safetensors", "seed-0/sft/checkpoint-4/model.safetensors",
+           "seed-0/sft/checkpoint-8/model.safetensors"]
 # the weights are made on the way to the tables
-TARGETS = [f"results/{path}" for path in TABLES + ["sft/selection.json"]]
+TARGETS = [f"results/{path}" for path in TABLES + ["seed-0/sft/selection.json"]]
 
 
 def run_until_killed(workdir: Path, stage: str) -> None:
@@ -70,8 +72,8 @@ def test_killed_four_times_then_resumed_equals_an_uninterrupted_run(micro_run, t
         pd.testing.assert_frame_equal(a, b, check_exact=True, obj=table)
     for weights in WEIGHTS:
         assert (resumed / weights).read_bytes() == (reference / weights).read_bytes(), weights
-    assert json.loads((resumed / "sft/selection.json").read_text()) == \
-        json.loads((reference / "sft/selection.json").read_text())
+    assert json.loads((resumed / "seed-0/sft/selection.json").read_text()) == \
+        json.loads((reference / "seed-0/sft/selection.json").read_text())
     # no half-written file survives anywhere in results/ (atomic outputs leave none behind)
     leftovers = [p for p in resumed.rglob(".*") if "work" not in p.parts and p.name != ".snakemake_timestamp"]
     assert not leftovers

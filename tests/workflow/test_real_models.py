@@ -67,22 +67,22 @@ def test_real_model_dag(real_run):
     arch, model_dir, workdir, seconds = real_run
     print(f"{arch}: micro DAG `all` on the real-model path took {seconds:.1f} s")
     results = workdir / "results"
-    table = pd.read_csv(results / "tables" / "eval.csv")
+    table = pd.read_csv(results / "seed-0" / "tables" / "eval.csv")
     study = table[table["stage"].isin(["base", "sft"])]
     assert len(study) == 2 * 3 and (table["n"] == 4).all()  # base + 2 SFT checkpoints, ID and OOD
     # RL and restoration ran on the real architecture too: RL checkpoints evaluated, every sweep's table and figure
     assert {"ppo", "grpo"} <= set(table.loc[table["stage"] == "rl", "algorithm"])
     for sweep in ("rank", "layer", "reverse"):
-        assert len(pd.read_csv(results / "tables" / f"restore_{sweep}.csv")) > 0
+        assert len(pd.read_csv(results / "seed-0" / "tables" / f"restore_{sweep}.csv")) > 0
     for step in (2, 4):  # SFT checkpoints are saved like the base: sharded or not, loadable, with the template
-        out = Checkpoint("sft", step).model_dir("results", str(model_dir))
+        out = Checkpoint("sft", step).model_dir("results", str(model_dir), 0)
         assert (workdir / out / "config.json").exists()
         assert (workdir / out / "chat_template.jinja").exists() or "chat_template" in json.loads(
             (workdir / out / "tokenizer_config.json").read_text())
-    angles = pd.read_csv(results / "tables" / "spectral_angles.csv")
+    angles = pd.read_csv(results / "seed-0" / "tables" / "spectral_angles.csv")
     assert set(angles["pair"]) == {"base->end_sft", "inter_sft->end_sft"}
     assert angles["angle_deg"].between(0, 90).all()
-    sigma = pd.read_csv(results / "tables" / "spectral_sigma.csv")
+    sigma = pd.read_csv(results / "seed-0" / "tables" / "spectral_sigma.csv")
     # every analysed matrix of the base was paired with its SFT counterpart, whatever names each stored it under
     assert set(sigma["kind"]) >= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "embed_tokens", "lm_head"}
     assert all(name == canonical_name(name) for name in sigma["matrix"])
@@ -90,7 +90,7 @@ def test_real_model_dag(real_run):
     cross = {"qwen2": set(), "mllama": {1}}[arch]
     assert set(angles.loc[angles["cross_attention"], "layer"]) == cross
     assert (angles.loc[angles["cross_attention"], "angle_deg"] < 1e-2).all()
-    drift = pd.read_csv(results / "tables" / "drift.csv")
+    drift = pd.read_csv(results / "seed-0" / "tables" / "drift.csv")
     layers = {"qwen2": 2, "mllama": 4}[arch]
     assert (drift.loc[drift["kind"] == "up_proj", "n_matrices"] == layers - len(cross)).all()
     for name in ("fig1", "fig2", "fig3", "fig4", "drift", "fig1b", "recovery_window", "fig5", "fig6", "fig7"):

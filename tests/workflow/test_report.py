@@ -21,11 +21,12 @@ FIGURE_CATEGORIES = {"fig1": "3. SFT and evaluation", "fig2": "3. SFT and evalua
                      "embed_lmhead": "4. Spectral analysis", "drift": "5. Rotation drift",
                      "fig1b": "3b. RL", "recovery_window": "3b. RL",
                      "fig5": "6. Restoration", "fig6": "6. Restoration", "fig7": "6. Restoration"}
-TABLES = ["tables/eval.csv", "sft/selection.json", "tables/sft_loss.csv", "tables/spectral_sigma.csv",
-          "tables/spectral_angles.csv", "tables/spectral_energy.csv", "tables/embed_lmhead.csv", "tables/drift.csv",
-          "tables/drift_correlation.json", "base/abilities.json", "SUMMARY.md", "tables/headline.html",
-          "tables/rl_log.csv", "tables/restore_rank.csv", "tables/restore_layer.csv", "tables/restore_reverse.csv",
-          "tables/claims.csv"]
+# a replicate's tables (results/seed-0/) and the shared / across-seed ones (results/)
+TABLES = [f"seed-0/{path}" for path in (
+    "tables/eval.csv", "sft/selection.json", "tables/sft_loss.csv", "tables/spectral_sigma.csv",
+    "tables/spectral_angles.csv", "tables/spectral_energy.csv", "tables/embed_lmhead.csv", "tables/drift.csv",
+    "tables/drift_correlation.json", "tables/rl_log.csv", "tables/restore_rank.csv", "tables/restore_layer.csv",
+    "tables/restore_reverse.csv")] + ["base/abilities.json", "SUMMARY.md", "tables/headline.html", "tables/claims.csv"]
 
 
 def embedded(report: str, name: str):
@@ -120,24 +121,31 @@ def test_summary_links_resolve(micro_run):
         assert label in body
 
 
+def where(ckpt: str) -> str:
+    """The folder below results/ (and logs/) of a checkpoint's files: the base's are shared, the others replicate 0's."""
+    return "" if ckpt == "base" else "seed-0/"
+
+
 def test_long_jobs_log_a_progress_bar_and_end_with_one_summary_line(micro_run):
     """Pretraining, SFT, every evaluation and every SVD: a tqdm bar in the log, and its last line says what the job
     wrote and how long it took."""
     logs = micro_run / "logs"
     expected = {  # log -> (progress bar prefix, the last line's pattern)
         "base/pretrain.log": ("pretrain: 100%", r"pretrained 30 steps .* -> results/models/base, .* in \d+ s$"),
-        "sft/sft.log": ("100%|", r"SFT: 8 steps, checkpoints at steps \[4, 8\] -> results/sft, .* in \d+ s$"),
-        # one job per checkpoint, both splits: a bar and a summary line each, the OOD one last
-        **{f"eval/{ckpt}.log": ("eval ood: 100%", rf"eval \S+ on ood: accuracy .* -> "
-                                rf"results/eval/{ckpt}/ood.jsonl, .* in [\d.]+ s$")
+        "seed-0/sft/sft.log": ("100%|", r"SFT: 8 steps, checkpoints at steps \[4, 8\] -> results/seed-0/sft, .* in \d+ s$"),
+        # one job per checkpoint, both splits: a bar and a summary line each, the OOD one last (the shared base's
+        # logs directly under logs/, a replicate's under logs/seed-<s>/)
+        **{f"{where(ckpt)}eval/{ckpt}.log": ("eval ood: 100%", rf"eval \S+ on ood: accuracy .* -> "
+                                            rf"results/{where(ckpt)}eval/{ckpt}/ood.jsonl, .* in [\d.]+ s$")
            for ckpt in ("base", "sft-4", "sft-8")},
-        **{f"svd/{ckpt}/{shard}.log": ("svd: 100%",
-                                       rf"SVD shard results/svd/{ckpt}/{shard}.safetensors: .* in [\d.]+ s$")
+        **{f"{where(ckpt)}svd/{ckpt}/{shard}.log": (
+            "svd: 100%", rf"SVD shard results/{where(ckpt)}svd/{ckpt}/{shard}.safetensors: .* in [\d.]+ s$")
            for ckpt in ("base", "sft-4", "sft-8") for shard in ("embed", "layers000-001")},
     }
     for ckpt in ("base", "sft-4", "sft-8"):
-        log = (logs / "eval" / f"{ckpt}.log").read_text()
-        assert "eval id: 100%" in log and re.search(rf"eval \S+ on id: accuracy .* -> results/eval/{ckpt}/id.jsonl", log)
+        log = (logs / f"{where(ckpt)}eval" / f"{ckpt}.log").read_text()
+        assert "eval id: 100%" in log and re.search(
+            rf"eval \S+ on id: accuracy .* -> results/{where(ckpt)}eval/{ckpt}/id.jsonl", log)
     for name, (bar, last) in expected.items():
         lines = [line for line in re.split(r"[\r\n]", (logs / name).read_text()) if line.strip()]
         assert any(bar in line for line in lines), f"logs/{name}: no progress bar"

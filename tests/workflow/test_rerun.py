@@ -73,20 +73,20 @@ SWEEP_EDITS = {
     # eval.* is the eval_checkpoint sweep; probe_base reads eval.batch_size and eval.max_new_tokens (its task probe
     # uses the same generation budget), so it reruns for those and only those.
     "eval.max_new_tokens": (("eval", "max_new_tokens"), 32,
-                            {"eval_checkpoint": 3, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
+                            {"eval_base": 1, "eval_checkpoint": 2, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
                              "select_sft": 1, "fig1": 1,
                              **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL}),
     "eval.temperature": (("eval", "temperature"), 0.7,
-                         {"eval_checkpoint": 3, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL,
+                         {"eval_base": 1, "eval_checkpoint": 2, "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL,
                           **AFTER_SFT_TABLE, **FINAL}),
     # the evaluation problem sets: regenerated, then every evaluation reads them; the probe does not
     "data.eval.n": (("data", "eval", "n"), 16,
-                    {"eval_set": 2, "eval_checkpoint": 3, "eval_table": 1, "select_sft": 1, "fig1": 1,
+                    {"eval_set": 2, "eval_base": 1, "eval_checkpoint": 2, "eval_table": 1, "select_sft": 1, "fig1": 1,
                      **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL}),
     # the rule-reading hand set: remade, then every checkpoint's rule reading (and the base probe's) reads it; no
     # rollout evaluation reruns
     "rule_reading.n": (("rule_reading", "n"), 8,
-                       {"rule_reading_hands": 1, "rule_reading": 3, "probe_base": 1, "fig_base_abilities": 1,
+                       {"rule_reading_hands": 1, "rule_reading_base": 1, "rule_reading": 2, "probe_base": 1, "fig_base_abilities": 1,
                         "eval_table": 1, "select_sft": 1, "fig1": 1, **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL}),
     # spectral.top_r: the pair tables and what reads them, and the embed/lm_head angles; never an SVD
     "spectral.top_r": (("spectral", "top_r"), 16,
@@ -131,18 +131,18 @@ def test_touching_library_code_schedules_nothing(completed):
 # jobs and everything downstream of them.
 LIBRARY_EDITS = {
     # (rule_reading: the SFT loss sets' NLL is computed with SFT's tokenization, for the base too)
-    "train/sft.py": {"sft": 1, "eval_checkpoint": 2, "rule_reading": 3, "eval_table": 1, "select_sft": 1, "fig1": 1,
+    "train/sft.py": {"sft": 1, "eval_checkpoint": 2, "rule_reading_base": 1, "rule_reading": 2, "eval_table": 1, "select_sft": 1, "fig1": 1,
                      "fig2": 1, **SPECTRAL_AFTER_SFT, **AFTER_SFT_TABLE, **RESTORE_AFTER_EVAL, **FINAL},
     # the episode loop: every evaluation and the probe (which runs the GeneralPoints task too)
-    "task/rollout.py": {"eval_checkpoint": 3, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
+    "task/rollout.py": {"eval_base": 1, "eval_checkpoint": 2, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
                         "select_sft": 1, "fig1": 1, **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL},
     # the SVD numerics: every SVD (3 checkpoints + the reverse sweep's RL checkpoint, x 2 shards) and every analysis
     # that reads them ... and every restored model (sftrl.restore reads the cache through it): 6 micro points, each
     # evaluated (ID and OOD in one job)
-    "weights/svd.py": {"svd": 8, **SPECTRAL_ANALYSES, "restore": 6, "eval_checkpoint": 6, "rule_reading": 6,
+    "weights/svd.py": {"svd_base": 2, "svd": 6, **SPECTRAL_ANALYSES, "restore": 6, "eval_checkpoint": 6, "rule_reading": 6,
                        **RESTORE_AFTER_EVAL, **FINAL},
     # the log-prob scorer: every checkpoint's rule reading and NLL, and the base probe's rule reading; no rollout
-    "evaluation/logprob.py": {"rule_reading": 3, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
+    "evaluation/logprob.py": {"rule_reading_base": 1, "rule_reading": 2, "probe_base": 1, "fig_base_abilities": 1, "eval_table": 1,
                               "select_sft": 1, "fig1": 1, **AFTER_EVAL, **AFTER_SFT_TABLE, **FINAL},
 }
 

@@ -42,14 +42,14 @@ def _edited(workdir, tmp_path, path, value):
 def test_completed_run_evaluated_and_deleted_the_restored_models(micro_run):
     results = micro_run / "results"
     config = yaml.safe_load((micro_run / "config" / "config.yaml").read_text())["restore"]
-    assert not config["keep_models"] and not any((results / "restore").glob("*/*.safetensors"))
+    assert not config["keep_models"] and not any((results / "seed-0" / "restore").glob("*/*.safetensors"))
     for sweep in ("rank", "layer"):
-        table = (results / "tables" / f"restore_{sweep}.csv").read_text().splitlines()
+        table = (results / "seed-0" / "tables" / f"restore_{sweep}.csv").read_text().splitlines()
         assert len(table) > 1
     assert (results / "figs" / "fig5.pdf").is_file() and (results / "figs" / "fig6.pdf").is_file()
     claims = (results / "tables" / "claims.csv").read_text()
     assert "rank_top20_direction" in claims and "reverse_drops_ood" in claims
-    record = json.loads(next((results / "eval").glob("restored-rank-direction-*/ood.summary.json")).read_text())
+    record = json.loads(next((results / "seed-0" / "eval").glob("restored-rank-direction-*/ood.summary.json")).read_text())
     assert record["stage"] == "restored"
 
 

@@ -30,9 +30,9 @@ from slurm_run import PROFILES, STATE, TIMEOUT
 IGNORED_COLUMNS = ["seconds"]
 # Rules whose `threads: workflow.cores` the CI profile pins (set-threads) to the local --cores 2 value.
 PINNED_THREADS = {"pretrain_base": 2, "probe_base": 2, "sft": 2}
-SLURM_RULES = {"pretrain_base", "probe_base", "sft_data", "sft", "eval_set", "eval_checkpoint", "eval_table_sft",
-               "select_sft", "svd", "spectral_pair", "spectral_tables", "fig4", "gpu_check", "rule_reading_hands",
-               "rule_reading"}
+SLURM_RULES = {"pretrain_base", "probe_base", "sft_data", "sft", "eval_set", "eval_base", "eval_checkpoint",
+               "eval_table_sft", "select_sft", "svd_base", "svd", "spectral_pair", "spectral_tables", "fig4",
+               "gpu_check", "rule_reading_hands", "rule_reading_base", "rule_reading"}
 
 pytestmark = pytest.mark.workflow
 
@@ -114,14 +114,15 @@ def test_micro_dag_through_slurm(slurm_run, micro_run):
         assert in_job == {threads}, f"{rule} ran with threads {in_job} in its SLURM job (expected {threads})"
 
     # --- identical numbers ---
-    slurm_table = pd.read_csv(slurm_dir / "results" / "tables" / "eval_sft.csv")
-    local_table = pd.read_csv(local_dir / "results" / "tables" / "eval_sft.csv")
+    slurm_table = pd.read_csv(slurm_dir / "results" / "seed-0" / "tables" / "eval_sft.csv")
+    local_table = pd.read_csv(local_dir / "results" / "seed-0" / "tables" / "eval_sft.csv")
     pd.testing.assert_frame_equal(slurm_table.drop(columns=IGNORED_COLUMNS),
                                   local_table.drop(columns=IGNORED_COLUMNS), check_exact=True)
-    pd.testing.assert_frame_equal(pd.read_csv(slurm_dir / "results" / "tables" / "sft_loss.csv"),
-                                  pd.read_csv(local_dir / "results" / "tables" / "sft_loss.csv"), check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_csv(slurm_dir / "results" / "seed-0" / "tables" / "sft_loss.csv"),
+                                  pd.read_csv(local_dir / "results" / "seed-0" / "tables" / "sft_loss.csv"),
+                                  check_exact=True)
     # every evaluation's episodes (base and SFT checkpoints)
-    episodes = sorted((slurm_dir / "results" / "eval").rglob("*.jsonl"))
+    episodes = sorted((slurm_dir / "results").rglob("eval/*/*.jsonl"))
     assert {(p.parent.name, p.stem) for p in episodes} == set(zip(slurm_table["checkpoint"], slurm_table["split"]))
     for path in episodes:
         twin = local_dir / path.relative_to(slurm_dir)

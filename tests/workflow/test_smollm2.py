@@ -119,8 +119,8 @@ def smollm2_config(model_dir):
     return edit
 
 
-TARGETS = ["results/eval/base/id.summary.json", "results/eval/base/ood.summary.json", "results/sft/checkpoint-2",
-           "results/restore/rank-direction-k1.0", "results/rl/ppo-from-sft-2/checkpoint-1"]
+TARGETS = ["results/eval/base/id.summary.json", "results/eval/base/ood.summary.json", "results/seed-0/sft/checkpoint-2",
+           "results/seed-0/restore/rank-direction-k1.0", "results/seed-0/rl/ppo-from-sft-2/checkpoint-1"]
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +159,9 @@ def test_smollm2_through_the_real_model_path(smollm2_run):
         assert summary["n"] == 2
     base = _load(model_dir)
     # every checkpoint stores the tied matrix once and loads tied
-    outputs = {"sft": results / "sft" / "checkpoint-2", "restored": results / "restore" / "rank-direction-k1.0",
-               "ppo": results / "rl" / "ppo-from-sft-2" / "checkpoint-1"}
+    replicate = results / "seed-0"
+    outputs = {"sft": replicate / "sft" / "checkpoint-2", "restored": replicate / "restore" / "rank-direction-k1.0",
+               "ppo": replicate / "rl" / "ppo-from-sft-2" / "checkpoint-1"}
     models = {}
     for name, out in outputs.items():
         assert EMBED in (stored := _stored(out)) and HEAD not in stored, name

@@ -20,7 +20,7 @@ def snakemake(workdir, *args, check=True, timeout=900, **kwargs):
 def test_micro_dag_end_to_end(micro_run):
     config = yaml.safe_load(MICRO.read_text())
     results = micro_run / "results"
-    table = pd.read_csv(results / "tables" / "eval.csv")
+    table = pd.read_csv(results / "seed-0" / "tables" / "eval.csv")
     n_checkpoints = config["sft"]["max_steps"] // config["sft"]["save_steps"]
     # base + every SFT checkpoint, ID and OOD (RL rows: test_rl_outputs)
     assert (table["stage"].isin(["base", "sft"])).sum() == 2 * (1 + n_checkpoints)
@@ -31,7 +31,7 @@ def test_micro_dag_end_to_end(micro_run):
         for ext in (".pdf", ".png"):
             assert (results / "figs" / f"{name}{ext}").stat().st_size > 1000
     assert (results / "base" / "abilities.json").exists()
-    assert (results / "sft" / "selection.json").exists()
+    assert (results / "seed-0" / "sft" / "selection.json").exists()
     # rule reading and the SFT-loss-set NLL of every evaluated model (RL and restored rows too), and of the base
     # in both answer notations; the probe's hand set: rule_reading.n face-card hands per split
     for column in ("rule_reading", "rule_reading_ci_low", "rule_reading_ci_high", "rule_reading_mean"):
@@ -41,15 +41,15 @@ def test_micro_dag_end_to_end(micro_run):
     abilities = json.loads((results / "base" / "abilities.json").read_text())["abilities"]
     for prefix in ("own", "json"):
         assert abilities[f"rule_reading_{prefix}"]["n"] == 2 * config["rule_reading"]["n"]
-    assert "ood_rule_reading" in json.loads((results / "sft" / "selection.json").read_text())["other_metric_peaks"]
-    losses = pd.read_csv(results / "tables" / "sft_loss.csv")
+    assert "ood_rule_reading" in json.loads((results / "seed-0" / "sft" / "selection.json").read_text())["other_metric_peaks"]
+    losses = pd.read_csv(results / "seed-0" / "tables" / "sft_loss.csv")
     assert {"id_train", "id_test", "ood"} <= set(losses["split"])
     assert sorted(losses[losses["split"] == "ood"]["step"]) == [0, *range(4, 9, 4)]
     for step in (4, 8):
-        assert (results / "sft" / f"checkpoint-{step}" / "model.safetensors").exists()
-        assert not (results / "sft" / f"checkpoint-{step}" / "optimizer.pt").exists()
+        assert (results / "seed-0" / "sft" / f"checkpoint-{step}" / "model.safetensors").exists()
+        assert not (results / "seed-0" / "sft" / f"checkpoint-{step}" / "optimizer.pt").exists()
     # every rule wrote its log
-    assert (micro_run / "logs" / "sft" / "sft.log").stat().st_size > 0
+    assert (micro_run / "logs" / "seed-0" / "sft" / "sft.log").stat().st_size > 0
 
 
 def test_rl_outputs(micro_run):
@@ -57,10 +57,10 @@ def test_rl_outputs(micro_run):
     step), PPO also from the recovery window: a start named twice runs once; each run evaluated at its saved update."""
     config = yaml.safe_load(MICRO.read_text())
     results = micro_run / "results"
-    table = pd.read_csv(results / "tables" / "eval.csv")
+    table = pd.read_csv(results / "seed-0" / "tables" / "eval.csv")
     rl = table[table["stage"] == "rl"]
     updates = {algo: config["rl"][algo]["updates"] for algo in ("ppo", "grpo")}
-    selection = json.loads((results / "sft" / "selection.json").read_text())
+    selection = json.loads((results / "seed-0" / "sft" / "selection.json").read_text())
     starts = {selection[key]["step"] for key in ("inter_sft", "end_sft")}  # the tie-break decides Inter_SFT
     runs = sorted({f"{algo}-from-sft-{s}" for algo in ("grpo", "ppo") for s in starts}
                   | {f"ppo-from-sft-{s}" for s in config["rl"]["recovery_window"]})
@@ -69,10 +69,10 @@ def test_rl_outputs(micro_run):
     assert rl.groupby("checkpoint")["split"].apply(sorted).tolist() == [["id", "ood"]] * len(runs)
     for run in runs:
         algo = run.split("-")[0]
-        ckpt = results / "rl" / run / f"checkpoint-{updates[algo]}"
+        ckpt = results / "seed-0" / "rl" / run / f"checkpoint-{updates[algo]}"
         assert (ckpt / "model.safetensors").exists() and not (ckpt / "optimizer.pt").exists()
         assert (ckpt / "value_head.safetensors").exists() == (algo == "ppo")  # GRPO has no critic
-    log = pd.read_csv(results / "tables" / "rl_log.csv")
+    log = pd.read_csv(results / "seed-0" / "tables" / "rl_log.csv")
     assert sorted(set(log["run"])) == runs
     assert log.groupby("run")["update"].max().tolist() == [updates[run.split("-")[0]] for run in runs]
     assert log["tokens"].gt(0).all()
@@ -94,25 +94,27 @@ def test_spectral_outputs(micro_run):
     # every selected matrix of every checkpoint decomposed once: base + 2 SFT checkpoints + the reverse restoration
     # sweep's RL target (its start resolved through the selection) x (layers, embed) shards
     config = yaml.safe_load(MICRO.read_text())
-    selection = json.loads((results / "sft" / "selection.json").read_text())
+    selection = json.loads((results / "seed-0" / "sft" / "selection.json").read_text())
     reverse = Checkpoint.resolve(config["restore"]["reverse"]["target"], selection).name
-    assert sorted(p.relative_to(results / "svd").as_posix() for p in (results / "svd").rglob("*.safetensors")) == sorted(
-        f"{checkpoint}/{shard}.safetensors" for checkpoint in ("base", "sft-4", "sft-8", reverse)
-        for shard in ("embed", "layers000-001"))
-    angles = pd.read_csv(results / "tables" / "spectral_angles.csv")
+    # (the base's once, shared by every replicate seed; the others in the replicate's folder)
+    svd_files = sorted(p.relative_to(results).as_posix() for p in results.rglob("svd/*/*.safetensors"))
+    assert svd_files == sorted(
+        f"{'svd' if checkpoint == 'base' else 'seed-0/svd'}/{checkpoint}/{shard}.safetensors"
+        for checkpoint in ("base", "sft-4", "sft-8", reverse) for shard in ("embed", "layers000-001"))
+    angles = pd.read_csv(results / "seed-0" / "tables" / "spectral_angles.csv")
     assert list(dict.fromkeys(angles["pair"])) == ["base->end_sft", "inter_sft->end_sft"]
     assert angles["angle_deg"].between(0, 90).all()
-    sigma = pd.read_csv(results / "tables" / "spectral_sigma.csv")
+    sigma = pd.read_csv(results / "seed-0" / "tables" / "spectral_sigma.csv")
     assert set(sigma["kind"]) >= {"q_proj", "k_proj", "v_proj", "up_proj", "embed_tokens", "lm_head"}
-    energy = pd.read_csv(results / "tables" / "spectral_energy.csv")
+    energy = pd.read_csv(results / "seed-0" / "tables" / "spectral_energy.csv")
     assert "pair" in energy.columns
-    drift = pd.read_csv(results / "tables" / "drift.csv")
+    drift = pd.read_csv(results / "seed-0" / "tables" / "drift.csv")
     assert sorted(set(drift["step"])) == [4, 8] and drift["ood_accuracy"].between(0, 1).all()
-    correlation = json.loads((results / "tables" / "drift_correlation.json").read_text())
+    correlation = json.loads((results / "seed-0" / "tables" / "drift_correlation.json").read_text())
     assert {t: c["by_kind"]["all"]["n"] for t, c in correlation["by_target"].items()} == {"ood_accuracy": 2,
                                                                                           "ood_loss": 2}
     assert drift["ood_loss"].gt(0).all()
-    embed = pd.read_csv(results / "tables" / "embed_lmhead.csv")
+    embed = pd.read_csv(results / "seed-0" / "tables" / "embed_lmhead.csv")
     assert sorted(set(embed["step"])) == [0, 4, 8]
 
 
@@ -128,16 +130,16 @@ def test_rerunning_an_analysis_recomputes_no_svd(micro_run, micro_snakefile):
 def test_rerun_of_sft_resumes_without_recomputing(micro_run, micro_snakefile):
     """Forcing the SFT rule again resumes from the trainer's last checkpoint instead of retraining."""
     results = micro_run / "results"
-    before = (results / "sft" / "checkpoint-8" / "model.safetensors").read_bytes()
-    losses = (results / "tables" / "sft_loss.csv").read_text()
+    before = (results / "seed-0" / "sft" / "checkpoint-8" / "model.safetensors").read_bytes()
+    losses = (results / "seed-0" / "tables" / "sft_loss.csv").read_text()
     snakemake(micro_run, "--cores", "2", "--forcerun", "sft", "--until", "sft", snakefile=micro_snakefile)
-    log = (micro_run / "logs" / "sft" / "sft.log").read_text()
+    log = (micro_run / "logs" / "seed-0" / "sft" / "sft.log").read_text()
     assert "resuming SFT" in log and "nothing to train" in log
-    assert (results / "sft" / "checkpoint-8" / "model.safetensors").read_bytes() == before
-    assert (results / "sft" / "checkpoint-4" / "model.safetensors").exists()
+    assert (results / "seed-0" / "sft" / "checkpoint-8" / "model.safetensors").read_bytes() == before
+    assert (results / "seed-0" / "sft" / "checkpoint-4" / "model.safetensors").exists()
     # not one step more (transformers resumed at max_steps trains one): same checkpoints, same loss table
-    assert sorted(p.name for p in (results / "sft").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
-    assert (results / "tables" / "sft_loss.csv").read_text() == losses
+    assert sorted(p.name for p in (results / "seed-0" / "sft").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert (results / "seed-0" / "tables" / "sft_loss.csv").read_text() == losses
 
 
 def test_one_figure_builds_only_what_it_needs(tmp_path):

@@ -18,12 +18,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from sftrl import codegraph  # noqa: E402
-from sftrl.checkpoint import (ALGORITHMS, NAME_PATTERN, RESULTS_DIR, SELECTIONS, Checkpoint,  # noqa: E402
-                              needs_selection, save_updates, sft_saved_steps)
+from sftrl.checkpoint import (ALGORITHMS, NAME_PATTERN, REPLICATE_NAME_PATTERN, RESULTS_DIR, SELECTIONS,  # noqa: E402
+                              Checkpoint, needs_selection, save_updates, seed_dir, sft_saved_steps)
 from sftrl.cli import command_module  # noqa: E402
 
 RESULTS = "results"
 SPLITS = ["id", "ood"]
+# The study replicates (config seeds, issue 28): everything a seed changes lives under results/seed-<s>/ (SEEDED, a
+# rule pattern with the {seed} wildcard); the data, the base and the base's results are shared by every replicate.
+SEEDS = config["seeds"]
+SEEDED = seed_dir(RESULTS, "{seed}")
 # Rules that use every core of the machine they run on. A function, evaluated per job: Snakemake then needs no
 # --cores to parse the workflow (`snakemake --unlock`, `--rulegraph` work without it).
 ALL_CORES = lambda wildcards: workflow.cores  # noqa: E731
@@ -100,6 +104,17 @@ def settings(*keys):
     for key in keys:
         section = section[key]
     return json.dumps(section, sort_keys=True)
+
+
+def replicate_seed(section, seed):
+    """A config section (sft, rl, eval: each has a `seed`) as replicate `seed` runs it: its seed + the replicate's
+    seed, so the default replicate 0 runs exactly the configured seeds and replicate s differs in every one of them."""
+    return {**section, "seed": section["seed"] + int(seed)}
+
+
+def seeded_settings(key):
+    """Input function: `settings(key)` of the job's replicate ({seed} wildcard); see replicate_seed."""
+    return lambda wildcards: json.dumps(replicate_seed(config[key], wildcards.seed), sort_keys=True)
 
 
 _CODE_STAMPS = {}
@@ -190,26 +205,40 @@ def evaluated_checkpoints():
     return [Checkpoint("base")] + sft_checkpoints()
 
 
-def model_dir(ckpt):
-    return ckpt.model_dir(RESULTS, base_model_dir())
+def model_dir(ckpt, seed):
+    """The model directory of `ckpt` in replicate `seed` (an integer or the "{seed}" wildcard; unused by the base)."""
+    return ckpt.model_dir(RESULTS, base_model_dir(), seed)
 
 
 def checkpoint_model(wildcards):
-    """Input function: the model directory of the {ckpt} wildcard."""
-    return model_dir(Checkpoint.parse(wildcards.ckpt))
+    """Input function: the model directory of the {ckpt} wildcard (in the {seed} replicate unless it is the base)."""
+    return model_dir(Checkpoint.parse(wildcards.ckpt), wildcards.get("seed"))
 
 
-def results_dir(kind, ckpt=None):
-    """Per-checkpoint results directory of one kind: of `ckpt`, or a pattern with the {ckpt} wildcard."""
+def results_dir(kind, ckpt=None, seed="{seed}"):
+    """Per-checkpoint results directory of one kind: of `ckpt` in replicate `seed`; without `ckpt`, a pattern with
+    the {ckpt} wildcard: a replicate's checkpoints (under results/seed-{seed}/), or with seed=None the shared ones
+    (the base's, directly under results/)."""
     if ckpt is None:
-        return RESULTS_DIR.format(results=RESULTS, kind=kind, name="{ckpt}")
-    return ckpt.results_dir(RESULTS, kind)
+        return RESULTS_DIR.format(results=RESULTS if seed is None else SEEDED, kind=kind, name="{ckpt}")
+    return ckpt.results_dir(RESULTS, kind, seed)
 
 
-def selection_file():
-    """The select_sft checkpoint's output, results/sft/selection.json (raises IncompleteCheckpointException until
-    it has run, which Snakemake handles: it plans what depends on the selection once it exists)."""
-    return checkpoints.select_sft.get().output[0]
+def seeded(path):
+    """A replicate's file (path relative to its results/seed-<s>/ folder), as a pattern with the {seed} wildcard."""
+    return f"{SEEDED}/{path}"
+
+
+def each_seed(path):
+    """The same replicate file of every configured seed, in config order (the inputs of an across-seed output)."""
+    return [f"{seed_dir(RESULTS, seed)}/{path}" for seed in SEEDS]
+
+
+def selection_file(seed):
+    """The select_sft checkpoint's output for replicate `seed`, results/seed-<s>/sft/selection.json (raises
+    IncompleteCheckpointException until it has run, which Snakemake handles: it plans what depends on the
+    selection once it exists)."""
+    return checkpoints.select_sft.get(seed=seed).output[0]
 
 
 def has_rl_rule(name):
@@ -218,14 +247,15 @@ def has_rl_rule(name):
     return workflow.is_rule(f"rl_{algo}") or workflow.is_rule("rl")
 
 
-def resolve(name, key):
-    """The checkpoint name `name` of config `key` as a concrete Checkpoint: base, sft-<step>, an RL or restored
-    checkpoint, or a selection (inter_sft, end_sft, <algo>-from-<selection>-u<update>) looked up in selection.json.
-    Fails naming `key` for a name that is not a checkpoint, an SFT step SFT does not save, or an RL checkpoint that
-    neither exists nor has a rule to make it. Called by input functions (once every rule is defined)."""
+def resolve(name, key, seed):
+    """The checkpoint name `name` of config `key` as a concrete Checkpoint of replicate `seed`: base, sft-<step>, an
+    RL or restored checkpoint, or a selection (inter_sft, end_sft, <algo>-from-<selection>-u<update>) looked up in
+    the replicate's selection.json. Fails naming `key` for a name that is not a checkpoint, an SFT step SFT does not
+    save, or an RL checkpoint that neither exists nor has a rule to make it. Called by input functions (once every
+    rule is defined)."""
     selection = None
     if needs_selection(name):
-        with selection_file().open() as f:
+        with selection_file(seed).open() as f:
             selection = json.load(f)
     try:
         ckpt = Checkpoint.resolve(name, selection)
@@ -233,9 +263,9 @@ def resolve(name, key):
         raise WorkflowError(f"config {key}: {e}")
     if ckpt.stage == "sft" and ckpt.step not in sft_steps():
         raise WorkflowError(f"config {key}: {name} is not a saved SFT step {sft_steps()}")
-    if ckpt.stage == "rl" and not has_rl_rule(ckpt.name) and not os.path.isdir(model_dir(ckpt)):
-        raise WorkflowError(f"config {key} = {name!r}: an RL checkpoint ({model_dir(ckpt)}), but this workflow has "
-                            "no rule to make it (rl_<algo>, issue 13) and it does not exist")
+    if ckpt.stage == "rl" and not has_rl_rule(ckpt.name) and not os.path.isdir(model_dir(ckpt, seed)):
+        raise WorkflowError(f"config {key} = {name!r}: an RL checkpoint ({model_dir(ckpt, seed)}), but this "
+                            "workflow has no rule to make it (rl_<algo>, issue 13) and it does not exist")
     return ckpt
 
 
@@ -282,7 +312,7 @@ def expected_eval_rows(rl=True):
 
 def all_targets():
     """The default target's files; each stage's targets come from its plan (called once every .smk is included)."""
-    targets = [f"{RESULTS}/tables/eval.csv", f"{RESULTS}/figs/fig1.pdf", f"{RESULTS}/figs/fig2.pdf"]
+    targets = each_seed("tables/eval.csv") + [f"{RESULTS}/figs/fig1.pdf", f"{RESULTS}/figs/fig2.pdf"]
     if not config["model"]["path"]:
         targets += [f"{RESULTS}/base/abilities.json", f"{RESULTS}/figs/base_abilities.pdf"]
     return targets + spectral_targets() + rl_targets() + restore_targets() + [f"{RESULTS}/SUMMARY.md"]
@@ -291,6 +321,7 @@ def all_targets():
 # One set of wildcard constraints for every rule (svd's {shard}, known from the spectral plan, is the svd rule's).
 wildcard_constraints:
     split="|".join(SPLITS),
+    seed=r"\d+",
     ckpt=NAME_PATTERN,
     # concrete checkpoints only: inter_sft / end_sft are resolved by spectral_tables, so a pair's numbers depend on
     # its two checkpoints alone (a changed selection reuses them)

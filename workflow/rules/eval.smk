@@ -1,7 +1,8 @@
 # Rollout evaluation of every checkpoint on the fixed ID and OOD problem sets (sftrl.evaluation), its rule-reading
-# probe and SFT-loss-set NLL (forward passes only), the tidy results table every figure reads (base, SFT and RL
-# rows), and the data-dependent Inter_SFT / End_SFT selection (from the base + SFT table, since the RL runs depend
-# on it).
+# probe and SFT-loss-set NLL (forward passes only), each replicate's tidy results table every figure reads (base, SFT
+# and RL rows), and its data-dependent Inter_SFT / End_SFT selection (from the base + SFT table, since the RL runs
+# depend on it). A replicate's checkpoints are evaluated under results/seed-<s>/eval/ with the replicate's sampling
+# seed; the shared base once, under results/eval/base/, with eval.seed (`use rule ... as *_base`).
 
 
 rule eval_checkpoint:
@@ -14,17 +15,19 @@ rule eval_checkpoint:
         episodes=[f"{results_dir('eval')}/{split}.jsonl" for split in SPLITS],
         summaries=[f"{results_dir('eval')}/{split}.summary.json" for split in SPLITS],
     params:
-        settings=settings("eval"),
+        settings=seeded_settings("eval"),
         model_settings=settings("model"),
         verify_iter=lookup(dpath="env/verify_iter", within=config),
         run=config["run"],
+    wildcard_constraints:
+        ckpt=REPLICATE_NAME_PATTERN,
     log:
-        "logs/eval/{ckpt}.log",
+        "logs/seed-{seed}/eval/{ckpt}.log",
     conda:
         # hf backend: the training env; eval.backend = vllm needs ../envs/vllm.yaml (set per rule on the cluster)
         "../envs/train.yaml"
     benchmark:
-        "benchmarks/eval/{ckpt}.tsv"
+        "benchmarks/seed-{seed}/eval/{ckpt}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
@@ -34,6 +37,20 @@ rule eval_checkpoint:
         " --settings {params.settings:q} --model-settings {params.model_settings:q}"
         " --verify-iter {params.verify_iter:q} --run {params.run:q} --checkpoint {wildcards.ckpt:q}"
         " --out {output.episodes:q} --summary {output.summaries:q} > {log:q} 2>&1"
+
+
+use rule eval_checkpoint as eval_base with:
+    output:
+        episodes=[f"{results_dir('eval', seed=None)}/{split}.jsonl" for split in SPLITS],
+        summaries=[f"{results_dir('eval', seed=None)}/{split}.summary.json" for split in SPLITS],
+    params:
+        settings=settings("eval"),
+    wildcard_constraints:
+        ckpt="base",
+    log:
+        "logs/eval/{ckpt}.log",
+    benchmark:
+        "benchmarks/eval/{ckpt}.tsv"
 
 
 rule rule_reading_hands:
@@ -73,12 +90,14 @@ rule rule_reading:
         chat_format=lookup(dpath="sft/chat_format", within=config),
         target=lookup(dpath="env/target", within=config),
         run=config["run"],
+    wildcard_constraints:
+        ckpt=REPLICATE_NAME_PATTERN,
     log:
-        "logs/eval/{ckpt}.rule_reading.log",
+        "logs/seed-{seed}/eval/{ckpt}.rule_reading.log",
     conda:
         "../envs/train.yaml"
     benchmark:
-        "benchmarks/eval/{ckpt}.rule_reading.tsv"
+        "benchmarks/seed-{seed}/eval/{ckpt}.rule_reading.tsv"
     threads: 1
     resources:
         mem_mb=4000,
@@ -88,6 +107,17 @@ rule rule_reading:
         " --id-loss-set {input.id_loss:q} --ood-loss-set {input.ood_loss:q} --chat-format {params.chat_format:q}"
         " --settings {params.settings:q} --model-settings {params.model_settings:q} --target {params.target:q}"
         " --run {params.run:q} --checkpoint {wildcards.ckpt:q} --out {output:q} > {log:q} 2>&1"
+
+
+use rule rule_reading as rule_reading_base with:
+    output:
+        f"{results_dir('eval', seed=None)}/rule_reading.json",
+    wildcard_constraints:
+        ckpt="base",
+    log:
+        "logs/eval/{ckpt}.rule_reading.log",
+    benchmark:
+        "benchmarks/eval/{ckpt}.rule_reading.tsv"
 
 
 rule eval_table_sft:
@@ -101,11 +131,11 @@ rule eval_table_sft:
         code=code("table"),
     output:
         # base and SFT only: what select_sft reads (the RL runs it starts are evaluated after it)
-        f"{RESULTS}/tables/eval_sft.csv",
+        seeded("tables/eval_sft.csv"),
     log:
-        "logs/eval/table_sft.log",
+        "logs/seed-{seed}/eval/table_sft.log",
     benchmark:
-        "benchmarks/eval/table_sft.tsv"
+        "benchmarks/seed-{seed}/eval/table_sft.tsv"
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -118,12 +148,12 @@ rule eval_table:
         measures=eval_table_measures,
         code=code("table"),
     output:
-        report(f"{RESULTS}/tables/eval.csv", caption="../report/table_eval.rst", category="3. SFT and evaluation",
+        report(seeded("tables/eval.csv"), caption="../report/table_eval.rst", category="3. SFT and evaluation",
                subcategory="Tables"),
     log:
-        "logs/eval/table.log",
+        "logs/seed-{seed}/eval/table.log",
     benchmark:
-        "benchmarks/eval/table.tsv"
+        "benchmarks/seed-{seed}/eval/table.tsv"
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -132,19 +162,19 @@ rule eval_table:
 
 checkpoint select_sft:
     input:
-        table=f"{RESULTS}/tables/eval_sft.csv",
-        losses=f"{RESULTS}/tables/sft_loss.csv",
+        table=seeded("tables/eval_sft.csv"),
+        losses=seeded("tables/sft_loss.csv"),
         code=code("select"),
     output:
-        report(f"{RESULTS}/sft/selection.json", caption="../report/table_selection.rst",
+        report(seeded("sft/selection.json"), caption="../report/table_selection.rst",
                category="3. SFT and evaluation", subcategory="Tables"),
     params:
         end_sft=lookup(dpath="selection/end_sft", within=config),
         expect_rows=expected_eval_rows(rl=False),
     log:
-        "logs/sft/select.log",
+        "logs/seed-{seed}/sft/select.log",
     benchmark:
-        "benchmarks/sft/select.tsv"
+        "benchmarks/seed-{seed}/sft/select.tsv"
     conda:
         "../envs/analysis.yaml"
     shell:

@@ -1,12 +1,13 @@
 # The figures (sftrl.figures), each as PDF + PNG, drawn only from the tidy tables and reports. The PNG of each
 # is flagged for the HTML report (`make report`; it renders inline, a PDF would need a viewer), with its caption
-# from workflow/report/.
+# from workflow/report/. A figure over SFT, RL or restoration draws every replicate seed (config seeds: thin lines
+# around their mean); the spectral ones draw the first seed's weights (spectral_plan.smk first_seed).
 
 
 rule fig1:
     input:
-        table=f"{RESULTS}/tables/eval.csv",
-        selection=f"{RESULTS}/sft/selection.json",
+        tables=each_seed("tables/eval.csv"),
+        selections=each_seed("sft/selection.json"),
         code=code("figure fig1"),
     output:
         pdf=f"{RESULTS}/figs/fig1.pdf",
@@ -14,7 +15,8 @@ rule fig1:
                    category="3. SFT and evaluation", subcategory="Figures"),
     params:
         stem=stem,
-        expect_rows=expected_eval_rows(),  # the rows the table must hold (a damaged table fails, naming them)
+        seeds=SEEDS,
+        expect_rows=expected_eval_rows(),  # the rows each table must hold (a damaged table fails, naming them)
     log:
         "logs/figs/fig1.log",
     benchmark:
@@ -22,13 +24,13 @@ rule fig1:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure fig1 --eval-table {input.table:q} --selection {input.selection:q} --out {params.stem:q}"
-        " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"
+        "sftrl figure fig1 --seeds {params.seeds:q} --eval-table {input.tables:q} --selection {input.selections:q}"
+        " --out {params.stem:q} --expect-rows {params.expect_rows:q} > {log:q} 2>&1"
 
 
 rule fig2:
     input:
-        losses=f"{RESULTS}/tables/sft_loss.csv",
+        losses=each_seed("tables/sft_loss.csv"),
         code=code("figure fig2"),
     output:
         pdf=f"{RESULTS}/figs/fig2.pdf",
@@ -36,6 +38,7 @@ rule fig2:
                    category="3. SFT and evaluation", subcategory="Figures"),
     params:
         stem=stem,
+        seeds=SEEDS,
     log:
         "logs/figs/fig2.log",
     benchmark:
@@ -43,7 +46,7 @@ rule fig2:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure fig2 --loss-table {input.losses:q} --out {params.stem:q} > {log:q} 2>&1"
+        "sftrl figure fig2 --seeds {params.seeds:q} --loss-table {input.losses:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig_base_abilities:

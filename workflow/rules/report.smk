@@ -1,7 +1,7 @@
 # The study's report (sftrl.report): results/SUMMARY.md, the headline table with links to every figure, written by
 # the DAG; the HTML report is `snakemake --report results/report.html` (make report), built from the outputs that
 # the stage rules flag with report(...) and the captions under workflow/report/; and the claims table, each of the
-# paper's claims checked against this run's tables.
+# paper's claims checked against this run's tables: per replicate seed, their mean and an interval over both.
 
 
 rule claims:
@@ -12,6 +12,7 @@ rule claims:
                      category="6. Restoration", subcategory="Tables"),
         markdown=f"{RESULTS}/tables/claims.md",
     params:
+        seeds=SEEDS,
         expect_rows=expected_eval_rows(),
     log:
         "logs/report/claims.log",
@@ -20,19 +21,20 @@ rule claims:
     benchmark:
         "benchmarks/report/claims.tsv"
     shell:
-        "sftrl claims --eval-table {input.eval_table:q} --selection {input.selection:q} --tables {input.tables:q}"
+        "sftrl claims --seeds {params.seeds:q} --eval-table {input.eval_tables:q} --selection {input.selections:q}"
+        " --tables {input.tables:q}"
         " --out {output.table:q} --markdown {output.markdown:q}"
         " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"
 
 
 rule summary:
     input:
-        table=f"{RESULTS}/tables/eval.csv",
-        selection=f"{RESULTS}/sft/selection.json",
+        tables=each_seed("tables/eval.csv"),
+        selections=each_seed("sft/selection.json"),
         # every figure (its PNG) and table the run makes, from all_targets(): the summary comes last, links them all
         figures=[t.removesuffix(".pdf") + ".png" for t in all_targets() if t.startswith(f"{RESULTS}/figs/")],
-        tables=[t for t in all_targets() if t.endswith((".csv", ".json")) and t != f"{RESULTS}/tables/eval.csv"]
-        + [f"{RESULTS}/tables/sft_loss.csv"],
+        other_tables=[t for t in all_targets() if t.endswith((".csv", ".json")) and not t.endswith("/tables/eval.csv")]
+        + each_seed("tables/sft_loss.csv"),
         code=code("summary"),
     output:
         summary=report(f"{RESULTS}/SUMMARY.md", caption="../report/summary.rst", category="1. Summary",
@@ -41,6 +43,7 @@ rule summary:
         html=report(f"{RESULTS}/tables/headline.html", caption="../report/headline.rst", category="1. Summary",
                     subcategory="Headline"),
     params:
+        seeds=SEEDS,
         expect_rows=expected_eval_rows(),
     log:
         "logs/report/summary.log",
@@ -49,6 +52,6 @@ rule summary:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl summary --eval-table {input.table:q} --selection {input.selection:q} --figures {input.figures:q}"
-        " --tables {input.tables:q} --out {output.summary:q} --html {output.html:q}"
+        "sftrl summary --seeds {params.seeds:q} --eval-table {input.tables:q} --selection {input.selections:q}"
+        " --figures {input.figures:q} --tables {input.other_tables:q} --out {output.summary:q} --html {output.html:q}"
         " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"

@@ -3,7 +3,8 @@
 
 def claims_inputs(wildcards):
     """Every table a claim reads; a function, so the sweeps are known once every rule (rl too) is defined."""
-    tables = [f"{RESULTS}/tables/spectral_{table}.csv" for table in ("sigma", "angles")]
-    tables += [f"{RESULTS}/tables/restore_{sweep}.csv" for sweep in restore_sweeps()]
-    return {"eval_table": f"{RESULTS}/tables/eval.csv", "selection": f"{RESULTS}/sft/selection.json",
-            "tables": tables, "code": code("claims")}
+    tables = [f"tables/spectral_{table}.csv" for table in ("sigma", "angles")]
+    tables += [f"tables/restore_{sweep}.csv" for sweep in restore_sweeps()]
+    return {"eval_tables": each_seed("tables/eval.csv"), "selections": each_seed("sft/selection.json"),
+            "tables": [f"{seed_dir(RESULTS, seed)}/{table}" for seed in SEEDS for table in tables],
+            "code": code("claims")}

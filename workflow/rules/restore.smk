@@ -1,25 +1,26 @@
 # Restoration sweeps (sftrl.restore; paper §4.3, Figures 5-7): every point of config restore.rank / layer / reverse
-# is one restored model, `restored-<sweep>-<point>` (sftrl.checkpoint), written from the reference's and the target's
-# SVD caches (rule svd: no SVD per point) and evaluated ID / OOD by the one eval_checkpoint rule. Restored models are
-# temp() unless restore.keep_models: deleted once both evaluations are done (the cached factors are what is kept).
-# A point's params are its own spec, so editing one sweep's values reruns only that sweep's jobs and its figure.
+# is one restored model per replicate seed, `restored-<sweep>-<point>` (sftrl.checkpoint), written from the
+# reference's and the target's SVD caches (rule svd: no SVD per point) and evaluated ID / OOD by the one
+# eval_checkpoint rule. Restored models are temp() unless restore.keep_models: deleted once both evaluations are done
+# (the cached factors are what is kept). A point's params are its own spec, so editing one sweep's values reruns only
+# that sweep's jobs and its figure.
 
 
 rule restore:
     input:
         unpack(restore_inputs),
     output:
-        restored_model(f"{RESULTS}/restore/{{sweep}}-{{point}}"),
+        restored_model(seeded("restore/{sweep}-{point}")),
     params:
         spec=lambda wc: spec_json(restore_points(wc.sweep)[wc.point]),
         # the configured names: editing restore.<sweep>.reference / target reruns that sweep
         pair=lambda wc: json.dumps([config["restore"][wc.sweep][role] for role in ("reference", "target")]),
     log:
-        "logs/restore/{sweep}-{point}.log",
+        "logs/seed-{seed}/restore/{sweep}-{point}.log",
     conda:
         "../envs/analysis.yaml"
     benchmark:
-        "benchmarks/restore/{sweep}-{point}.tsv"
+        "benchmarks/seed-{seed}/restore/{sweep}-{point}.tsv"
     threads: 1
     resources:
         mem_mb=8000,
@@ -36,17 +37,17 @@ rule restore_table:
     input:
         unpack(restore_table_inputs),
     output:
-        report(f"{RESULTS}/tables/restore_{{sweep}}.csv", caption="../report/table_restore.rst",
+        report(seeded("tables/restore_{sweep}.csv"), caption="../report/table_restore.rst",
                category="6. Restoration", subcategory="Tables"),
     params:
         settings=lambda wc: settings("restore", wc.sweep),
         run=config["run"],
     log:
-        "logs/restore/table_{sweep}.log",
+        "logs/seed-{seed}/restore/table_{sweep}.log",
     conda:
         "../envs/analysis.yaml"
     benchmark:
-        "benchmarks/restore/table_{sweep}.tsv"
+        "benchmarks/seed-{seed}/restore/table_{sweep}.tsv"
     wildcard_constraints:
         sweep="|".join(SWEEPS),
     shell:
@@ -58,7 +59,7 @@ rule restore_table:
 
 rule fig5:
     input:
-        table=f"{RESULTS}/tables/restore_layer.csv",
+        tables=each_seed("tables/restore_layer.csv"),
         code=code("figure fig5"),
     output:
         pdf=f"{RESULTS}/figs/fig5.pdf",
@@ -66,6 +67,7 @@ rule fig5:
                    category="6. Restoration", subcategory="Figures"),
     params:
         stem=stem,
+        seeds=SEEDS,
     log:
         "logs/figs/fig5.log",
     conda:
@@ -73,12 +75,12 @@ rule fig5:
     benchmark:
         "benchmarks/figs/fig5.tsv"
     shell:
-        "sftrl figure fig5 --table {input.table:q} --out {params.stem:q} > {log:q} 2>&1"
+        "sftrl figure fig5 --seeds {params.seeds:q} --table {input.tables:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig6:
     input:
-        table=f"{RESULTS}/tables/restore_rank.csv",
+        tables=each_seed("tables/restore_rank.csv"),
         code=code("figure fig6"),
     output:
         pdf=f"{RESULTS}/figs/fig6.pdf",
@@ -86,6 +88,7 @@ rule fig6:
                    category="6. Restoration", subcategory="Figures"),
     params:
         stem=stem,
+        seeds=SEEDS,
     log:
         "logs/figs/fig6.log",
     conda:
@@ -93,12 +96,12 @@ rule fig6:
     benchmark:
         "benchmarks/figs/fig6.tsv"
     shell:
-        "sftrl figure fig6 --table {input.table:q} --out {params.stem:q} > {log:q} 2>&1"
+        "sftrl figure fig6 --seeds {params.seeds:q} --table {input.tables:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig7:
     input:
-        table=f"{RESULTS}/tables/restore_reverse.csv",
+        tables=each_seed("tables/restore_reverse.csv"),
         code=code("figure fig7"),
     output:
         pdf=f"{RESULTS}/figs/fig7.pdf",
@@ -106,6 +109,7 @@ rule fig7:
                    category="6. Restoration", subcategory="Figures"),
     params:
         stem=stem,
+        seeds=SEEDS,
     log:
         "logs/figs/fig7.log",
     conda:
@@ -113,4 +117,4 @@ rule fig7:
     benchmark:
         "benchmarks/figs/fig7.tsv"
     shell:
-        "sftrl figure fig7 --table {input.table:q} --out {params.stem:q} > {log:q} 2>&1"
+        "sftrl figure fig7 --seeds {params.seeds:q} --table {input.tables:q} --out {params.stem:q} > {log:q} 2>&1"

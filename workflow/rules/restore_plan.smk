@@ -30,9 +30,9 @@ def restore_sweeps():
 def restore_inputs(wildcards):
     inputs = {"code": code("restore")}
     for role in ("reference", "target"):
-        ckpt = resolve(config["restore"][wildcards.sweep][role], f"restore.{wildcards.sweep}.{role}")
-        inputs[role] = model_dir(ckpt)
-        inputs[f"{role}_svd"] = svd_files(ckpt)
+        ckpt = resolve(config["restore"][wildcards.sweep][role], f"restore.{wildcards.sweep}.{role}", wildcards.seed)
+        inputs[role] = model_dir(ckpt, wildcards.seed)
+        inputs[f"{role}_svd"] = svd_files(ckpt, wildcards.seed)
     return inputs
 
 
@@ -42,19 +42,21 @@ def restored_model(path):
 
 def restore_table_inputs(wildcards):
     """Eval summaries of the sweep's points, of its reference and of its target (deduplicated: B = T happens)."""
-    sweep = wildcards.sweep
+    sweep, seed = wildcards.sweep, wildcards.seed
     ckpts = [Checkpoint("restored", 0, f"{sweep}-{point}") for point in restore_points(sweep)]
-    ckpts += [resolve(config["restore"][sweep][role], f"restore.{sweep}.{role}") for role in ("reference", "target")]
-    summaries = list(dict.fromkeys(f"{results_dir('eval', ckpt)}/{split}.summary.json"
+    ckpts += [resolve(config["restore"][sweep][role], f"restore.{sweep}.{role}", seed)
+              for role in ("reference", "target")]
+    summaries = list(dict.fromkeys(f"{results_dir('eval', ckpt, seed)}/{split}.summary.json"
                                    for ckpt in ckpts for split in SPLITS))
-    measures = list(dict.fromkeys(f"{results_dir('eval', ckpt)}/rule_reading.json" for ckpt in ckpts))
+    measures = list(dict.fromkeys(f"{results_dir('eval', ckpt, seed)}/rule_reading.json" for ckpt in ckpts))
     inputs = {"summaries": summaries, "measures": measures, "code": code("restore-table")}
     if any(needs_selection(config["restore"][sweep][role]) for role in ("reference", "target")):
-        inputs["selection"] = selection_file()
+        inputs["selection"] = selection_file(seed)
     return inputs
 
 
 def restore_targets():
     sweeps = restore_sweeps()
     return ([f"{RESULTS}/figs/{RESTORE_FIGURES[sweep]}.pdf" for sweep in sweeps]
-            + [f"{RESULTS}/tables/restore_{sweep}.csv" for sweep in sweeps] + [f"{RESULTS}/tables/claims.csv"])
+            + [table for sweep in sweeps for table in each_seed(f"tables/restore_{sweep}.csv")]
+            + [f"{RESULTS}/tables/claims.csv"])

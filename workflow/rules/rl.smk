@@ -1,5 +1,6 @@
-# RL from chosen SFT checkpoints (sftrl.train: rl, ppo, grpo): one job per run `<algo>-from-<start>`, writing a
-# checkpoint every rl.save_every updates; each checkpoint is evaluated by eval_checkpoint into results/tables/eval.csv.
+# RL from chosen SFT checkpoints (sftrl.train: rl, ppo, grpo): one job per run `<algo>-from-<start>` and replicate
+# seed, writing a checkpoint every rl.save_every updates; each checkpoint is evaluated by eval_checkpoint into the
+# replicate's results/seed-<s>/tables/eval.csv.
 # Runs: every algorithm in rl.algorithms from every rl.start_from checkpoint, and PPO from every rl.recovery_window
 # step; inter_sft / end_sft resolve through the select_sft checkpoint, and a run named twice runs once.
 
@@ -9,11 +10,11 @@
 # only (COMMANDS "rl ppo" -> sftrl.train.ppo:command, "rl grpo" -> sftrl.train.grpo:command).
 rule rl_ppo:
     input:
-        model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
+        model=lambda wc: model_dir(Checkpoint.parse(wc.start), wc.seed),
         code=code("rl ppo"),
     output:
-        checkpoints=[directory(f"{RESULTS}/rl/ppo-from-{{start}}/checkpoint-{u}") for u in rl_updates("ppo")],
-        log=f"{RESULTS}/rl/ppo-from-{{start}}/log.csv",
+        checkpoints=[directory(seeded(f"rl/ppo-from-{{start}}/checkpoint-{u}")) for u in rl_updates("ppo")],
+        log=seeded("rl/ppo-from-{start}/log.csv"),
     params:
         algo="ppo",
         settings=rl_settings("ppo"),
@@ -24,15 +25,15 @@ rule rl_ppo:
         out_dir=lambda wc, output: os.path.dirname(output.log),
         # resumable state (weights, optimizer, log rows; PPO's value head, GRPO's RNG): outside the outputs,
         # which Snakemake deletes
-        work_dir=lambda wc: f"{RESULTS}/work/rl/ppo-from-{wc.start}",
+        work_dir=lambda wc: f"{seed_dir(RESULTS, wc.seed)}/work/rl/ppo-from-{wc.start}",
     wildcard_constraints:
         start=r"base|sft-\d+",
     log:
-        "logs/rl/ppo-from-{start}.log",
+        "logs/seed-{seed}/rl/ppo-from-{start}.log",
     conda:
         "../envs/train.yaml"
     benchmark:
-        "benchmarks/rl/ppo-from-{start}.tsv"
+        "benchmarks/seed-{seed}/rl/ppo-from-{start}.tsv"
     # one thread on CPU: two runs side by side use 2 cores better than one run with two threads (cpu_notes.md)
     threads: 1
     resources:
@@ -48,20 +49,20 @@ rule rl_ppo:
 
 use rule rl_ppo as rl_grpo with:
     input:
-        model=lambda wc: model_dir(Checkpoint.parse(wc.start)),
+        model=lambda wc: model_dir(Checkpoint.parse(wc.start), wc.seed),
         code=code("rl grpo"),
     output:
-        checkpoints=[directory(f"{RESULTS}/rl/grpo-from-{{start}}/checkpoint-{u}") for u in rl_updates("grpo")],
-        log=f"{RESULTS}/rl/grpo-from-{{start}}/log.csv",
+        checkpoints=[directory(seeded(f"rl/grpo-from-{{start}}/checkpoint-{u}")) for u in rl_updates("grpo")],
+        log=seeded("rl/grpo-from-{start}/log.csv"),
     params:
         algo="grpo",
         settings=rl_settings("grpo"),
         launcher=rl_launcher("grpo"),
-        work_dir=lambda wc: f"{RESULTS}/work/rl/grpo-from-{wc.start}",
+        work_dir=lambda wc: f"{seed_dir(RESULTS, wc.seed)}/work/rl/grpo-from-{wc.start}",
     log:
-        "logs/rl/grpo-from-{start}.log",
+        "logs/seed-{seed}/rl/grpo-from-{start}.log",
     benchmark:
-        "benchmarks/rl/grpo-from-{start}.tsv"
+        "benchmarks/seed-{seed}/rl/grpo-from-{start}.tsv"
 
 
 rule rl_log:
@@ -69,12 +70,12 @@ rule rl_log:
         logs=rl_log_inputs,
         code=code("rl-log"),
     output:
-        report(f"{RESULTS}/tables/rl_log.csv", caption="../report/table_rl_log.rst", category="3b. RL",
+        report(seeded("tables/rl_log.csv"), caption="../report/table_rl_log.rst", category="3b. RL",
                subcategory="Tables"),
     log:
-        "logs/rl/rl_log.log",
+        "logs/seed-{seed}/rl/rl_log.log",
     benchmark:
-        "benchmarks/rl/rl_log.tsv"
+        "benchmarks/seed-{seed}/rl/rl_log.tsv"
     conda:
         "../envs/analysis.yaml"
     shell:
@@ -83,9 +84,8 @@ rule rl_log:
 
 rule fig_recovery_window:
     input:
-        summaries=recovery_window_summaries,
-        measures=recovery_window_measures,
-        selection=f"{RESULTS}/sft/selection.json",
+        tables=each_seed("tables/eval.csv"),
+        selections=each_seed("sft/selection.json"),
         code=code("figure recovery_window"),
     output:
         pdf=f"{RESULTS}/figs/recovery_window.pdf",
@@ -93,6 +93,8 @@ rule fig_recovery_window:
                    subcategory="Figures"),
     params:
         stem=stem,
+        seeds=SEEDS,
+        expect_rows=expected_eval_rows(),
     log:
         "logs/figs/recovery_window.log",
     benchmark:
@@ -100,15 +102,14 @@ rule fig_recovery_window:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure recovery_window --summaries {input.summaries:q} --measures {input.measures:q}"
-        " --selection {input.selection:q}"
-        " --out {params.stem:q} > {log:q} 2>&1"
+        "sftrl figure recovery_window --seeds {params.seeds:q} --eval-table {input.tables:q}"
+        " --selection {input.selections:q} --expect-rows {params.expect_rows:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule fig1b:
     input:
-        table=f"{RESULTS}/tables/eval.csv",
-        selection=f"{RESULTS}/sft/selection.json",
+        tables=each_seed("tables/eval.csv"),
+        selections=each_seed("sft/selection.json"),
         code=code("figure fig1b"),
     output:
         pdf=f"{RESULTS}/figs/fig1b.pdf",
@@ -116,6 +117,7 @@ rule fig1b:
                    subcategory="Figures"),
     params:
         stem=stem,
+        seeds=SEEDS,
         expect_rows=expected_eval_rows(),
     log:
         "logs/figs/fig1b.log",
@@ -124,5 +126,5 @@ rule fig1b:
     conda:
         "../envs/analysis.yaml"
     shell:
-        "sftrl figure fig1b --eval-table {input.table:q} --selection {input.selection:q} --out {params.stem:q}"
-        " --expect-rows {params.expect_rows:q} > {log:q} 2>&1"
+        "sftrl figure fig1b --seeds {params.seeds:q} --eval-table {input.tables:q} --selection {input.selections:q}"
+        " --out {params.stem:q} --expect-rows {params.expect_rows:q} > {log:q} 2>&1"

@@ -48,29 +48,28 @@ _check_rl_config()
 
 
 def rl_settings(algo):
-    """A run's knobs as one JSON string: config rl without the run plan and the other arms' subsections, so adding a
-    start or a recovery step does not rerun the existing runs."""
-    return json.dumps(run_settings(config["rl"], algo, config["eval"]["stop_tokens"]), sort_keys=True)
+    """Input function: a run's knobs as one JSON string, with the replicate's seed (replicate_seed): config rl
+    without the run plan and the other arms' subsections, so adding a start or a recovery step does not rerun the
+    existing runs."""
+    return lambda wildcards: json.dumps(run_settings(replicate_seed(config["rl"], wildcards.seed), algo,
+                                                     config["eval"]["stop_tokens"]), sort_keys=True)
 
 
-def rl_runs(ppo_only_window=False):
-    """(algo, concrete start Checkpoint) of every configured run, in config order, without repeats (common.smk
-    rl_named_runs; inter_sft / end_sft resolve once select_sft has run). ppo_only_window: only the PPO runs (the
-    window's and those from rl.start_from), as the recovery-window figure needs."""
+def rl_runs(seed):
+    """(algo, concrete start Checkpoint) of every configured run of replicate `seed`, in config order, without
+    repeats (common.smk rl_named_runs; inter_sft / end_sft resolve once the replicate's select_sft has run)."""
     runs = []
     for algo, name in rl_named_runs():
-        if ppo_only_window and algo != "ppo":
-            continue
-        run = (algo, resolve(name, "rl.start_from" if name in config["rl"]["start_from"] else "rl.recovery_window"))
+        key = "rl.start_from" if name in config["rl"]["start_from"] else "rl.recovery_window"
+        run = (algo, resolve(name, key, seed))
         if run not in runs:
             runs.append(run)
     return runs
 
 
-def rl_checkpoints(runs=None):
-    """Every evaluated RL checkpoint: each saved update of each run."""
-    return [Checkpoint.rl(algo, start, u) for algo, start in (rl_runs() if runs is None else runs)
-            for u in rl_updates(algo)]
+def rl_checkpoints(seed):
+    """Every evaluated RL checkpoint of replicate `seed`: each saved update of each run."""
+    return [Checkpoint.rl(algo, start, u) for algo, start in rl_runs(seed) for u in rl_updates(algo)]
 
 
 def rl_launcher(algo):
@@ -84,29 +83,14 @@ def rl_launcher(algo):
 
 
 def rl_log_inputs(wildcards):
-    return [f"{RESULTS}/rl/{algo}-from-{start.name}/log.csv" for algo, start in rl_runs()]
-
-
-def recovery_window_summaries(wildcards):
-    """Only what the figure draws: the summaries of Inter_SFT, End_SFT, every PPO run's start and checkpoints."""
-    runs = rl_runs(ppo_only_window=True)
-    ckpts = [resolve(name, "rl.recovery_window") for name in SELECTIONS] + [start for _, start in runs]
-    ckpts += rl_checkpoints(runs)
-    names = list(dict.fromkeys(c.name for c in ckpts))
-    return [f"{RESULTS}/eval/{name}/{split}.summary.json" for name in names for split in SPLITS]
-
-
-def recovery_window_measures(wildcards):
-    """The rule-reading reports of the checkpoints whose summaries the recovery-window figure reads."""
-    names = dict.fromkeys(os.path.basename(os.path.dirname(p)) for p in recovery_window_summaries(wildcards))
-    return [f"{RESULTS}/eval/{name}/rule_reading.json" for name in names]
+    return [seeded(f"rl/{algo}-from-{start.name}/log.csv") for algo, start in rl_runs(wildcards.seed)]
 
 
 def rl_targets():
     rl = config["rl"]
     if not (rl["algorithms"] and rl["start_from"]) and not rl["recovery_window"]:
         return []
-    targets = [f"{RESULTS}/tables/rl_log.csv", f"{RESULTS}/figs/fig1b.pdf"]
+    targets = each_seed("tables/rl_log.csv") + [f"{RESULTS}/figs/fig1b.pdf"]
     if rl["recovery_window"] or ("ppo" in rl["algorithms"] and rl["start_from"]):
         targets.append(f"{RESULTS}/figs/recovery_window.pdf")
     return targets

@@ -1,4 +1,4 @@
-# Supervised fine-tuning (sftrl.train.sft): one job writes a checkpoint every sft.save_steps.
+# Supervised fine-tuning (sftrl.train.sft): one job per replicate seed writes a checkpoint every sft.save_steps.
 
 
 rule sft:
@@ -10,23 +10,23 @@ rule sft:
         ood_loss=f"{RESULTS}/data/sft/ood_loss.jsonl",
         code=code("sft"),
     output:
-        checkpoints=[directory(model_dir(ckpt)) for ckpt in sft_checkpoints()],
-        losses=report(f"{RESULTS}/tables/sft_loss.csv", caption="../report/table_sft_loss.rst",
+        checkpoints=[directory(model_dir(ckpt, "{seed}")) for ckpt in sft_checkpoints()],
+        losses=report(seeded("tables/sft_loss.csv"), caption="../report/table_sft_loss.rst",
                       category="3. SFT and evaluation", subcategory="Tables"),
     params:
-        settings=settings("sft"),
+        settings=seeded_settings("sft"),
         model_settings=settings("model"),
         launcher=sft_launcher(),
         data_dir=lambda wc, input: os.path.dirname(input.train),
         export_dir=lambda wc, output: os.path.dirname(output.checkpoints[0]),
         # Trainer state (optimizer, RNG) for resume; outside the outputs, which Snakemake deletes before a run.
-        work_dir=f"{RESULTS}/work/sft",
+        work_dir=seeded("work/sft"),
     log:
-        "logs/sft/sft.log",
+        "logs/seed-{seed}/sft/sft.log",
     conda:
         "../envs/train.yaml"
     benchmark:
-        "benchmarks/sft/sft.tsv"
+        "benchmarks/seed-{seed}/sft/sft.tsv"
     threads: ALL_CORES
     resources:
         mem_mb=8000,

@@ -16,40 +16,54 @@ rule svd:
         names=lambda wc: json.dumps(svd_shards()[wc.shard]),
         settings=spectral_settings("dtype", "device"),
     log:
-        "logs/svd/{ckpt}/{shard}.log",
+        "logs/seed-{seed}/svd/{ckpt}/{shard}.log",
     conda:
         "../envs/analysis.yaml"
     benchmark:
-        "benchmarks/svd/{ckpt}/{shard}.tsv"
+        "benchmarks/seed-{seed}/svd/{ckpt}/{shard}.tsv"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=120,
     wildcard_constraints:
         shard="|".join(svd_shards()),
+        ckpt=REPLICATE_NAME_PATTERN,
     shell:
         "OMP_NUM_THREADS={threads} sftrl svd --model {input.model:q} --names {params.names:q}"
         " --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"
+
+
+# The shared base's SVDs: once for every replicate, under results/svd/base/.
+use rule svd as svd_base with:
+    output:
+        f"{results_dir('svd', seed=None)}/{{shard}}.safetensors",
+    wildcard_constraints:
+        shard="|".join(svd_shards()),
+        ckpt="base",
+    log:
+        "logs/svd/{ckpt}/{shard}.log",
+    benchmark:
+        "benchmarks/svd/{ckpt}/{shard}.tsv"
 
 
 rule spectral_pair:
     input:
         unpack(spectral_pair_inputs),
     output:
-        sigma=f"{RESULTS}/spectral/{{ref}}/{{tgt}}/sigma.csv",
-        angles=f"{RESULTS}/spectral/{{ref}}/{{tgt}}/angles.csv",
-        energy=f"{RESULTS}/spectral/{{ref}}/{{tgt}}/energy.csv",
+        sigma=seeded("spectral/{ref}/{tgt}/sigma.csv"),
+        angles=seeded("spectral/{ref}/{tgt}/angles.csv"),
+        energy=seeded("spectral/{ref}/{tgt}/energy.csv"),
     params:
         top_r=lookup(dpath="spectral/top_r", within=config),
         run=config["run"],
         cross_attention=json.dumps(cross_attention_layers()),
         svd_plan=json.dumps(svd_shards()),  # every shard must hold exactly its planned matrices
     log:
-        "logs/spectral/{ref}/{tgt}.log",
+        "logs/seed-{seed}/spectral/{ref}/{tgt}.log",
     conda:
         "../envs/analysis.yaml"
     benchmark:
-        "benchmarks/spectral/{ref}/{tgt}.tsv"
+        "benchmarks/seed-{seed}/spectral/{ref}/{tgt}.tsv"
     threads: 1
     resources:
         mem_mb=8000,
@@ -67,20 +81,20 @@ rule spectral_tables:
     input:
         unpack(spectral_tables_inputs),
     output:
-        sigma=report(f"{RESULTS}/tables/spectral_sigma.csv", caption="../report/table_spectral.rst",
+        sigma=report(seeded("tables/spectral_sigma.csv"), caption="../report/table_spectral.rst",
                      category="4. Spectral analysis", subcategory="Tables"),
-        angles=report(f"{RESULTS}/tables/spectral_angles.csv", caption="../report/table_spectral.rst",
+        angles=report(seeded("tables/spectral_angles.csv"), caption="../report/table_spectral.rst",
                       category="4. Spectral analysis", subcategory="Tables"),
-        energy=report(f"{RESULTS}/tables/spectral_energy.csv", caption="../report/table_spectral.rst",
+        energy=report(seeded("tables/spectral_energy.csv"), caption="../report/table_spectral.rst",
                       category="4. Spectral analysis", subcategory="Tables"),
     params:
         pairs=json.dumps(spectral_pairs()),
     log:
-        "logs/spectral/tables.log",
+        "logs/seed-{seed}/spectral/tables.log",
     conda:
         "../envs/analysis.yaml"
     benchmark:
-        "benchmarks/spectral/tables.tsv"
+        "benchmarks/seed-{seed}/spectral/tables.tsv"
     shell:
         # `{input}` as a whole: its named parts are unknown until select_sft has run (a dry run formats this
         # command before that); the command picks the per-pair CSVs out of it, in config order
@@ -90,21 +104,21 @@ rule spectral_tables:
 
 rule embed_lmhead:
     input:
-        svd=[svd_files(ckpt, ["embed"]) for ckpt in evaluated_checkpoints()],
+        svd=[svd_files(ckpt, shards=["embed"]) for ckpt in evaluated_checkpoints()],
         code=code("embed-lmhead"),
     output:
-        report(f"{RESULTS}/tables/embed_lmhead.csv", caption="../report/table_embed_lmhead.rst",
+        report(seeded("tables/embed_lmhead.csv"), caption="../report/table_embed_lmhead.rst",
                category="4. Spectral analysis", subcategory="Tables"),
     params:
         top_r=lookup(dpath="spectral/top_r", within=config),
         run=config["run"],
         svd_plan=json.dumps(svd_shards()),
     log:
-        "logs/spectral/embed_lmhead.log",
+        "logs/seed-{seed}/spectral/embed_lmhead.log",
     conda:
         "../envs/analysis.yaml"
     benchmark:
-        "benchmarks/spectral/embed_lmhead.tsv"
+        "benchmarks/seed-{seed}/spectral/embed_lmhead.tsv"
     shell:
         "sftrl embed-lmhead --svd {input.svd:q} --top-r {params.top_r:q} --run {params.run:q} --out {output:q}"
         " --svd-plan {params.svd_plan:q} > {log:q} 2>&1"
@@ -113,13 +127,13 @@ rule embed_lmhead:
 rule drift:
     input:
         svd=[svd_files(ckpt) for ckpt in evaluated_checkpoints()],
-        table=f"{RESULTS}/tables/eval_sft.csv",  # OOD along SFT: the base + SFT rows (no wait for RL)
-        losses=f"{RESULTS}/tables/sft_loss.csv",
+        table=seeded("tables/eval_sft.csv"),  # OOD along SFT: the base + SFT rows (no wait for RL)
+        losses=seeded("tables/sft_loss.csv"),
         code=code("drift"),
     output:
-        table=report(f"{RESULTS}/tables/drift.csv", caption="../report/table_drift.rst",
+        table=report(seeded("tables/drift.csv"), caption="../report/table_drift.rst",
                      category="5. Rotation drift", subcategory="Tables"),
-        correlation=report(f"{RESULTS}/tables/drift_correlation.json", caption="../report/table_drift.rst",
+        correlation=report(seeded("tables/drift_correlation.json"), caption="../report/table_drift.rst",
                            category="5. Rotation drift", subcategory="Tables"),
     params:
         top_k=lookup(dpath="spectral/drift_top_k", within=config),
@@ -128,11 +142,11 @@ rule drift:
         svd_plan=json.dumps(svd_shards()),
         expect_rows=expected_eval_rows(rl=False),
     log:
-        "logs/spectral/drift.log",
+        "logs/seed-{seed}/spectral/drift.log",
     conda:
         "../envs/analysis.yaml"
     benchmark:
-        "benchmarks/spectral/drift.tsv"
+        "benchmarks/seed-{seed}/spectral/drift.tsv"
     shell:
         "sftrl drift --svd {input.svd:q} --eval-table {input.table:q} --loss-table {input.losses:q}"
         " --top-k {params.top_k:q} --run {params.run:q} --cross-attention {params.cross_attention:q} --out {output.table:q} --correlation {output.correlation:q}"
@@ -141,7 +155,7 @@ rule drift:
 
 rule fig3:
     input:
-        table=f"{RESULTS}/tables/spectral_sigma.csv",
+        table=first_seed("tables/spectral_sigma.csv"),
         code=code("figure fig3"),
     output:
         pdf=f"{RESULTS}/figs/fig3.pdf",
@@ -162,7 +176,7 @@ rule fig3:
 
 rule fig4:
     input:
-        table=f"{RESULTS}/tables/spectral_angles.csv",
+        table=first_seed("tables/spectral_angles.csv"),
         code=code("figure fig4"),
     output:
         pdf=f"{RESULTS}/figs/fig4.pdf",
@@ -184,7 +198,7 @@ rule fig4:
 
 rule fig4_layers:
     input:
-        table=f"{RESULTS}/tables/spectral_angles.csv",
+        table=first_seed("tables/spectral_angles.csv"),
         code=code("figure fig4_layers"),
     output:
         pdf=f"{RESULTS}/figs/fig4_layers.pdf",
@@ -204,7 +218,7 @@ rule fig4_layers:
 
 rule fig_embed_lmhead:
     input:
-        table=f"{RESULTS}/tables/embed_lmhead.csv",
+        table=first_seed("tables/embed_lmhead.csv"),
         code=code("figure embed_lmhead"),
     output:
         pdf=f"{RESULTS}/figs/embed_lmhead.pdf",
@@ -224,8 +238,8 @@ rule fig_embed_lmhead:
 
 rule fig_drift:
     input:
-        table=f"{RESULTS}/tables/drift.csv",
-        correlation=f"{RESULTS}/tables/drift_correlation.json",
+        table=first_seed("tables/drift.csv"),
+        correlation=first_seed("tables/drift_correlation.json"),
         code=code("figure drift"),
     output:
         pdf=f"{RESULTS}/figs/drift.pdf",

@@ -53,9 +53,9 @@ def cross_attention_layers():
     return sorted(layers(checkpoint_parameter_names(real_model_dir())))
 
 
-def svd_files(ckpt, shards=None):
-    """The SVD cache files of one checkpoint (all shards, or the named ones)."""
-    return [f"{results_dir('svd', ckpt)}/{shard}.safetensors" for shard in (shards or svd_shards())]
+def svd_files(ckpt, seed="{seed}", shards=None):
+    """The SVD cache files of one checkpoint of replicate `seed` (all shards, or the named ones)."""
+    return [f"{results_dir('svd', ckpt, seed)}/{shard}.safetensors" for shard in (shards or svd_shards())]
 
 
 def svd_embed_shard():
@@ -78,32 +78,39 @@ def spectral_pair_inputs(wildcards):
     """Model directories and SVD shards of a concrete pair (base / sft-<step>; no selection needed)."""
     inputs = {"code": code("spectral")}
     for role in ("ref", "tgt"):
-        ckpt = resolve(getattr(wildcards, role), "spectral.pairs")
-        inputs[f"{role}_model"] = model_dir(ckpt)
-        inputs[f"{role}_svd"] = svd_files(ckpt)
+        ckpt = resolve(getattr(wildcards, role), "spectral.pairs", wildcards.seed)
+        inputs[f"{role}_model"] = model_dir(ckpt, wildcards.seed)
+        inputs[f"{role}_svd"] = svd_files(ckpt, wildcards.seed)
     return inputs
 
 
 def spectral_tables_inputs(wildcards):
     """Per-pair tables of every configured pair, in config order (sigma, angles, energy per pair), with the
     names inter_sft / end_sft resolved through the select_sft checkpoint."""
-    tables = []
+    tables, seed = [], wildcards.seed
     for ref, tgt in spectral_pairs():
-        concrete = [resolve(name, "spectral.pairs").name for name in (ref, tgt)]
+        concrete = [resolve(name, "spectral.pairs", seed).name for name in (ref, tgt)]
         if concrete[0] == concrete[1]:  # e.g. the best OOD checkpoint is the last one: Inter_SFT = End_SFT
-            logger.warning(f"config spectral.pairs: {ref} and {tgt} are the same checkpoint ({concrete[0]}) in this "
-                           "run; that pair compares a checkpoint with itself (all angles 0)")
-        tables += [f"{RESULTS}/spectral/{concrete[0]}/{concrete[1]}/{table}.csv" for table in SPECTRAL_TABLES]
+            logger.warning(f"config spectral.pairs: {ref} and {tgt} are the same checkpoint ({concrete[0]}) in "
+                           f"replicate seed {seed}; that pair compares a checkpoint with itself (all angles 0)")
+        tables += [f"{seed_dir(RESULTS, seed)}/spectral/{concrete[0]}/{concrete[1]}/{table}.csv"
+                   for table in SPECTRAL_TABLES]
     inputs = {"tables": tables, "code": code("spectral-collect")}
     if {name for pair in spectral_pairs() for name in pair} & set(SELECTIONS):
-        inputs["selection"] = selection_file()
+        inputs["selection"] = selection_file(seed)
     return inputs
 
 
 def spectral_targets():
-    targets = [f"{RESULTS}/tables/spectral_{table}.csv" for table in SPECTRAL_TABLES]
-    targets += [f"{RESULTS}/tables/drift.csv", f"{RESULTS}/tables/drift_correlation.json"]
-    targets += [f"{RESULTS}/figs/{name}.pdf" for name in ("fig3", "fig4", "fig4_layers", "drift")]
+    tables = [f"tables/spectral_{table}.csv" for table in SPECTRAL_TABLES]
+    tables += ["tables/drift.csv", "tables/drift_correlation.json"]
+    figures = ["fig3", "fig4", "fig4_layers", "drift"]
     if svd_embed_shard():
-        targets += [f"{RESULTS}/tables/embed_lmhead.csv", f"{RESULTS}/figs/embed_lmhead.pdf"]
-    return targets
+        tables, figures = tables + ["tables/embed_lmhead.csv"], figures + ["embed_lmhead"]
+    return [path for table in tables for path in each_seed(table)] + [f"{RESULTS}/figs/{name}.pdf" for name in figures]
+
+
+def first_seed(path):
+    """A replicate file of the first configured seed: what the spectral figures draw (one replicate's weights; the
+    other replicates' tables sit beside it under results/seed-<s>/tables/)."""
+    return each_seed(path)[0]
