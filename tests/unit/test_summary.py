@@ -51,7 +51,7 @@ HEADLINE = """\
 
 def test_headline_table_and_links(results):
     out = results / "SUMMARY.md"
-    main(["summary", "--eval-table", str(results / "tables" / "eval.csv"),
+    main(["summary", "--seeds", "0", "--eval-table", str(results / "tables" / "eval.csv"),
           "--selection", str(results / "sft" / "selection.json"),
           "--figures", str(results / "figs" / "fig1.png"), str(results / "figs" / "drift.png"), "--out", str(out),
           "--html", str(results / "tables" / "headline.html")])
