@@ -285,7 +285,8 @@ def markdown(table: pd.DataFrame, seeds: list[int] | None = None) -> str:
 
 def command(parser):
     from ..evaluation.table import expect_argument, read_eval_table
-    from .seeds import aggregate, check_per_seed, group_by_seed, seeds_argument
+    from ..seed_arguments import check_per_seed, group_by_seed, seeds_argument
+    from .seeds import aggregate
 
     seeds_argument(parser)
     parser.add_argument("--eval-table", nargs="+", required=True, help="each seed's eval.csv")

@@ -272,7 +272,7 @@ def write_summary(table_path, selection_path, figures: list[str], tables: list[s
 
 def command(parser):
     from ..evaluation.table import expect_argument
-    from .seeds import check_per_seed, seeds_argument
+    from ..seed_arguments import check_per_seed, seeds_argument
 
     seeds_argument(parser)
     parser.add_argument("--eval-table", nargs="+", required=True, help="each seed's tables/eval.csv")
