@@ -45,8 +45,7 @@ def combine(points, lows, highs) -> dict[str, float]:
     S = float(t.ppf(0.975, n - 1) * points.std(ddof=1) / math.sqrt(n))
     L = float(np.sqrt(np.mean((points - lows) ** 2)))
     U = float(np.sqrt(np.mean((highs - points) ** 2)))
-    return {"mean": m, "low": m - math.hypot(S, L), "high": m + math.hypot(S, U), "S": S, "L": L, "U": U,
-            "sd": float(points.std(ddof=1))}
+    return {"mean": m, "low": m - math.hypot(S, L), "high": m + math.hypot(S, U), "S": S, "L": L, "U": U}
 
 
 def _per_seed(points) -> str:
@@ -63,13 +62,8 @@ def aggregate(seeds: list[int], runs: list[list[Row]]) -> pd.DataFrame:
     out = []
     for rows in zip(*runs):
         points = [row.fields["ours"] for row in rows]
-        if len(rows) == 1:
-            fields = dict(rows[0].fields)
-            sd = np.nan
-        else:
-            fields, sd = _combined(rows), np.nan
-            if all(np.isfinite(points)):
-                sd = float(np.std(points, ddof=1))
+        fields = dict(rows[0].fields) if len(rows) == 1 else _combined(rows)
+        sd = float(np.std(points, ddof=1)) if len(rows) > 1 and all(np.isfinite(points)) else np.nan
         fields.update(seeds=";".join(map(str, seeds)), per_seed=_per_seed(points), seed_sd=sd)
         out.append(fields)
     return pd.DataFrame(out, columns=COLUMNS + SEED_COLUMNS)
