@@ -765,7 +765,8 @@ EVAL_CASES = {
             expect_rows={"checkpoints": ["base", "sft-4", "sft-8"], "splits": ["id", "ood"]}),
         ValueError, [str(t / "eval.csv"), "lacks 2 row", "sft-4 id", "sft-4 ood"]),
     "eval table holds a row twice (claims)": lambda t, m: (
-        lambda: mod("sftrl.cli").main(["claims", "--eval-table", str(eval_table(t, twice=[("base", "ood")])),
+        lambda: mod("sftrl.cli").main(["claims", "--seeds", "0",
+                                       "--eval-table", str(eval_table(t, twice=[("base", "ood")])),
                                        "--selection", str(t / "selection.json"), "--out", str(t / "claims.csv"),
                                        "--markdown", str(t / "claims.md"), "--expect-rows", json.dumps(EXPECT_ROWS)]),
         ValueError, [str(t / "eval.csv"), "twice", "base ood"]),

@@ -1,6 +1,7 @@
 """results/SUMMARY.md (sftrl.report.summary): the headline table from a small synthetic evaluation table and selection,
 exactly; later stages keyed by stage; links relative to the summary's folder."""
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -51,7 +52,7 @@ HEADLINE = """\
 
 def test_headline_table_and_links(results):
     out = results / "SUMMARY.md"
-    main(["summary", "--eval-table", str(results / "tables" / "eval.csv"),
+    main(["summary", "--seeds", "0", "--eval-table", str(results / "tables" / "eval.csv"),
           "--selection", str(results / "sft" / "selection.json"),
           "--figures", str(results / "figs" / "fig1.png"), str(results / "figs" / "drift.png"), "--out", str(out),
           "--html", str(results / "tables" / "headline.html")])
@@ -111,3 +112,74 @@ def test_bad_tables_are_named(tmp_path):
     unknown.to_csv(tmp_path / "unknown.csv", index=False)
     with pytest.raises(ValueError, match="dpo"):
         write_summary(tmp_path / "unknown.csv", tmp_path / "selection.json", [], [], tmp_path / "S.md")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# seeds: one seed writes what the one-run code wrote; several write each seed's headline
+
+FROZEN = Path(__file__).parents[1] / "data" / "summary_one_seed"
+WITH_RL = {**MEASURED, "ppo-from-sft-30-u50": (10, 4, 0.0, 0.0), "ppo-from-sft-30-u100": (13, 5, 0.05, 0.0)}
+
+
+def seed_folder(root, measured=WITH_RL):
+    """A seed's results folder as the workflow lays it out: tables/eval.csv, sft/selection.json."""
+    (root / "tables").mkdir(parents=True)
+    table = eval_table(root / "tables" / "eval.csv", measured)
+    select_sft(table, root / "sft" / "selection.json")
+    return table, root / "sft" / "selection.json"
+
+
+def test_one_seed_writes_what_the_one_run_code_wrote(results):
+    """SUMMARY.md and headline.html byte for byte as the code before seeds wrote them (frozen under
+    tests/data/summary_one_seed, made by ba90eed's summary.py on this very folder)."""
+    table, selection = seed_folder(results / "run")
+    main(["summary", "--seeds", "5", "--eval-table", str(table), "--selection", str(selection),
+          "--figures", str(results / "figs" / "fig1.png"), str(results / "figs" / "drift.png"),
+          "--tables", str(results / "tables" / "claims.csv"),
+          "--out", str(results / "SUMMARY.md"), "--html", str(results / "tables" / "headline.html")])
+    assert (results / "SUMMARY.md").read_text() == (FROZEN / "SUMMARY.md").read_text()
+    assert (results / "tables" / "headline.html").read_text() == (FROZEN / "headline.html").read_text()
+
+
+def test_several_seeds_each_get_their_headline(tmp_path):
+    measured = {1: WITH_RL, 4: {**WITH_RL, "sft-10": (8, 2, 0.1, 0.2), "sft-20": (12, 7, 0.0, 0.25)}}
+    paths = {seed: seed_folder(tmp_path / f"seed-{seed}", m) for seed, m in measured.items()}
+    main(["summary", "--seeds", "4", "1", "--eval-table", *(str(paths[s][0]) for s in (4, 1)),
+          "--selection", *(str(paths[s][1]) for s in (4, 1)), "--tables", str(tmp_path / "tables" / "claims.csv"),
+          "--out", str(tmp_path / "SUMMARY.md"), "--html", str(tmp_path / "tables" / "headline.html")])
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert text.startswith("# sftrl study summary: run `t`, seeds 4, 1\n")
+    assert "## Headline\n" not in text and "[claims.md](tables/claims.md)" in text
+    one, four = text.index("## Headline, seed 1\n"), text.index("## Headline, seed 4\n")
+    assert four < one < text.index("## Figures")  # in the order of --seeds
+    # each seed's own selection: seed 4's Inter_SFT is step 20 (OOD 7/20), seed 1's step 10
+    assert "| Inter_SFT | `sft-20` | 60.0 % (12/20) | 35.0 % (7/20) |" in text[four:one]
+    assert "| Inter_SFT | `sft-10` | 40.0 % (8/20) | 30.0 % (6/20) |" in text[one:]
+    assert text.count("| PPO from SFT step 30, update 100 |") == 2 and text.count("Accuracy: share") == 2
+    for seed in (4, 1):
+        assert f"- [eval.csv](seed-{seed}/tables/eval.csv)" in text
+        assert f"- [selection.json](seed-{seed}/sft/selection.json)" in text
+    page = (tmp_path / "tables" / "headline.html").read_text()
+    assert "<title>sftrl headline: run t, seeds 4, 1</title>" in page
+    headings = re.findall(r"<h2>([^<]*)</h2>", page)
+    assert headings == ["Headline, seed 4", "Headline, seed 1", f"Evaluation table, seed 4 ({paths[4][0]})",
+                        f"Evaluation table, seed 1 ({paths[1][0]})"]
+    assert "<tr><td>Inter_SFT</td><td>sft-20</td>" in page and "<tr><td>Inter_SFT</td><td>sft-10</td>" in page
+
+
+def test_one_file_per_seed_or_a_clear_error(tmp_path, capsys):
+    table, selection = seed_folder(tmp_path / "seed-0")
+    with pytest.raises(SystemExit) as err:
+        main(["summary", "--seeds", "0", "1", "--eval-table", str(table), "--selection", str(selection),
+              "--out", str(tmp_path / "SUMMARY.md")])
+    assert err.value.code == 2
+    assert "--seeds, --eval-table, --selection name one entry per seed: got 2, 1, 1" in capsys.readouterr().err
+    assert not (tmp_path / "SUMMARY.md").exists()
+
+
+def test_a_bad_seed_table_is_named(tmp_path):
+    good, selection = seed_folder(tmp_path / "seed-0")
+    bad, bad_selection = seed_folder(tmp_path / "seed-1")
+    pd.read_csv(bad).assign(run="other").pipe(lambda t: pd.concat([pd.read_csv(good), t])).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))} with {re.escape(str(bad_selection))}: .*runs"):
+        write_summary([good, bad], [selection, bad_selection], [], [], tmp_path / "S.md", seeds=[0, 1])

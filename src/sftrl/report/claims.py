@@ -13,10 +13,13 @@ Intervals: parametric bootstrap (2000 draws, fixed seed, percentiles 2.5 / 97.5)
 split: an accuracy resampled as Binomial(n, p̂) / n over its episodes; a rule reading as Binomial(n, p̂) / n over its
 hands (conservative for per-hand scores in {0, 1/2, 1}); an NLL as Normal(value, its standard error over examples). The
 spectral claim reports the 5-95 % spread across matrices instead (the SVDs are exact, there is nothing to resample).
+Several seeds (whole replicates of the study): each seed's rows as above, then aggregated per claim and metric by
+report.seeds (mean over seeds; an interval combining the seeds' spread with their own intervals; see there).
 Torch-free.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -61,18 +64,39 @@ def _interval(point: float, draws: np.ndarray) -> tuple[float, float, float]:
     return float(point), float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))
 
 
-def _claim(claim, statement, paper, unit, criterion, source, value=None, verdict_if=None, reason="no data",
-           metric="accuracy"):
-    """A row; `value` = (point, low, high) or None, `verdict_if(point, low, high)` -> bool."""
+@dataclass
+class Row:
+    """One claim row of one run: its output fields (COLUMNS), and what its verdict reads, kept apart so the seeds'
+    aggregation (report.seeds) can read the same verdict from a combined interval: `criterion(point, low, high)`, a
+    pure function of the interval, and `precondition`, what must hold in the run besides (the verdict is precondition
+    and criterion). `sigma_detail`: the spectral claim's (pair, median abs(Δσ/σ) in %), which its statement quotes."""
+    fields: dict
+    criterion: Callable[[float, float, float], bool]
+    precondition: bool = True
+    statement: str = ""  # without the quoted detail
+    sigma_detail: tuple[str, float] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.fields["claim"], self.fields["metric"]
+
+
+def verdict(point: float, low: float, high: float, criterion, precondition: bool) -> str:
+    return ("pass" if precondition and criterion(point, low, high) else "fail") if np.isfinite(point) else "undefined"
+
+
+def _claim(claim, statement, paper, unit, criterion_text, source, value=None, criterion=None, reason="no data",
+           metric="accuracy", precondition=True) -> Row:
+    """A row; `value` = (point, low, high) or None, `criterion(point, low, high)` -> bool."""
     if metric in ("rule_reading", "nll"):
         paper = NOT_IN_PAPER
     row = {"claim": claim, "metric": metric, "statement": statement, "paper": paper, "unit": unit,
-           "criterion": criterion, "source": source, "ours": np.nan, "low": np.nan, "high": np.nan, "verdict": reason}
+           "criterion": criterion_text, "source": source, "ours": np.nan, "low": np.nan, "high": np.nan,
+           "verdict": reason}
     if value is not None:
         point, low, high = value
-        row.update(ours=point, low=low, high=high)
-        row["verdict"] = ("pass" if verdict_if(point, low, high) else "fail") if np.isfinite(point) else "undefined"
-    return row
+        row.update(ours=point, low=low, high=high, verdict=verdict(point, low, high, criterion, precondition))
+    return Row(row, criterion, precondition, statement)
 
 
 class Claims:
@@ -100,8 +124,8 @@ class Claims:
         return _claim("ood_peaks_then_falls", f"OOD {what} peaks early in SFT (Inter_SFT), then falls by End_SFT",
                       "Llama-3.2-11B 17.52 → 8.97 % (−48 %); Qwen-2.5-7B 19.67 % → −13 %",
                       f"{unit} (Inter − End, OOD)", "Inter_SFT before End_SFT and the drop's interval above 0",
-                      "eval.csv, selection.json", value, lambda p, lo, hi: lo > 0 and self._inter_before_end(),
-                      metric=metric)
+                      "eval.csv, selection.json", value, lambda p, lo, hi: lo > 0, metric=metric,
+                      precondition=self._inter_before_end())
 
     def _inter_before_end(self) -> bool:
         return self.selection["inter_sft"]["step"] < self.selection["end_sft"]["step"]
@@ -131,21 +155,22 @@ class Claims:
 
     def sigma_vs_angles(self):
         sigma, angles = self.tables.get("spectral_sigma"), self.tables.get("spectral_angles")
-        value = None
+        value, detail = None, None
         if sigma is not None and angles is not None and len(sigma) and len(angles):
             pair = sigma["pair"].iloc[0]  # the first configured pair
             rel = 100 * sigma.loc[sigma["pair"] == pair].groupby("matrix")["rel_delta"].apply(lambda x: x.abs().median())
             a = angles[(angles["pair"] == pair) & (~angles["trivial"].astype(bool))]
             mean_angle = a.groupby("matrix")["angle_deg"].mean()
-            self.sigma_detail = (pair, float(rel.median()), float(mean_angle.median()))
+            detail = (pair, float(rel.median()))
             value = (float(mean_angle.median()), float(mean_angle.quantile(0.05)), float(mean_angle.quantile(0.95)))
         row = _claim("sigma_stable_angles_large", "singular values barely change while singular vectors rotate",
                      "Δσ within 0–0.005; top angles 25–30°, rising to 90° in the tail", "° (median over matrices "
                      "of the mean top-r principal angle; interval: 5–95 % across matrices)",
                      "median abs(Δσ/σ) < 1 % while the median mean angle > 10°", "spectral_sigma.csv, spectral_angles.csv",
-                     value, lambda p, lo, hi: self.sigma_detail[1] < 1 and p > 10, metric="weights")
-        if value is not None:
-            row["statement"] += f" (pair {self.sigma_detail[0]}: median abs(Δσ/σ) = {self.sigma_detail[1]:.3g} %)"
+                     value, lambda p, lo, hi: p > 10, metric="weights", precondition=detail is None or detail[1] < 1)
+        if detail is not None:
+            row.sigma_detail = detail
+            row.fields["statement"] += sigma_statement(detail[0], [detail[1]])
         return row
 
     def _restore_recovery(self, sweep: str, select: Callable[[pd.DataFrame], pd.Series], claim, statement, paper,
@@ -210,25 +235,49 @@ class Claims:
                       "interval above 0", "eval.csv (stage rl, ≥ 2 starts)", value, lambda p, lo, hi: lo > 0,
                       metric=metric)
 
-    def table(self) -> pd.DataFrame:
+    def rows(self) -> list[Row]:
         """Every OOD claim once per metric (accuracy first), the ID and spectral claims once."""
         ood = [self.ood_falls, self.rl_recovery, self.rank_top20, self.layer_first25, self.reverse_drop, self.late_sft]
         rows = [claim(metric) for claim in ood[:1] for metric in METRICS] + [self.id_rises()]
         rows += [claim(metric) for claim in ood[1:2] for metric in METRICS] + [self.sigma_vs_angles()]
         rows += [claim(metric) for claim in ood[2:] for metric in METRICS]
-        return pd.DataFrame(rows, columns=COLUMNS)
+        return rows
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([row.fields for row in self.rows()], columns=COLUMNS)
 
 
-def markdown(table: pd.DataFrame) -> str:
+def sigma_statement(pair: str, percents: list[float]) -> str:
+    """What the spectral claim's statement quotes: each seed's median abs(Δσ/σ), in the seeds' order."""
+    return f" (pair {pair}: median abs(Δσ/σ) = {' / '.join(f'{a:.3g}' for a in percents)} %)"
+
+
+def markdown(table: pd.DataFrame, seeds: list[int] | None = None) -> str:
+    """claims.md; with two or more `seeds` the header says how they were combined, and a "per seed" column follows
+    "ours" (with one, the page is the one-run page)."""
     def number(x):
         return "–" if pd.isna(x) else f"{x:.1f}"
 
-    lines = ["# Claims of arXiv 2508.16546 against this run", "",
-             "Computed by `sftrl claims` from the results tables; intervals are 95 % (see src/sftrl/report/claims.py).",
-             "", "| claim | metric | paper | ours [95 % interval] | unit | criterion | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    several = seeds is not None and len(seeds) > 1
+    if several:
+        from .seeds import INTERVAL_METHOD
+
+        lines = [f"# Claims of arXiv 2508.16546 against this study's {len(seeds)} seeds "
+                 f"({', '.join(map(str, seeds))})", "",
+                 "Computed by `sftrl claims` from each seed's results tables (see src/sftrl/report/claims.py and "
+                 f"seeds.py): ours = the {INTERVAL_METHOD}. The verdict reads that interval, and passes only where "
+                 "every seed's precondition holds.",
+                 "", "| claim | metric | paper | ours [95 % interval] | per seed | unit | criterion | verdict |",
+                 "|---|---|---|---|---|---|---|---|"]
+    else:
+        lines = ["# Claims of arXiv 2508.16546 against this run", "",
+                 "Computed by `sftrl claims` from the results tables; intervals are 95 % (see src/sftrl/report/claims.py).",
+                 "", "| claim | metric | paper | ours [95 % interval] | unit | criterion | verdict |",
+                 "|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         ours = f"{number(r['ours'])} [{number(r['low'])}, {number(r['high'])}]"
+        if several:
+            ours += " | " + " / ".join(number(float(p)) for p in r["per_seed"].split(";"))
         lines.append(f"| {r['statement']} | {r['metric']} | {r['paper']} | {ours} | {r['unit']} | {r['criterion']} | "
                      f"**{r['verdict']}** |")
     return "\n".join(lines) + "\n"
@@ -236,20 +285,30 @@ def markdown(table: pd.DataFrame) -> str:
 
 def command(parser):
     from ..evaluation.table import expect_argument, read_eval_table
+    from ..seed_arguments import check_per_seed, group_by_seed, seeds_argument
+    from .seeds import aggregate
 
-    parser.add_argument("--eval-table", required=True)
-    parser.add_argument("--selection", required=True)
+    seeds_argument(parser)
+    parser.add_argument("--eval-table", nargs="+", required=True, help="each seed's eval.csv")
+    parser.add_argument("--selection", nargs="+", required=True, help="each seed's sft/selection.json")
     expect_argument(parser)
     parser.add_argument("--tables", nargs="*", default=[],
-                        help="spectral_sigma.csv, spectral_angles.csv, restore_<sweep>.csv (by file name)")
+                        help="every seed's spectral_sigma.csv, spectral_angles.csv, restore_<sweep>.csv (by file "
+                             "name); a table belongs to the seed whose --eval-table sits in its folder")
     parser.add_argument("--out", required=True, help="claims.csv")
     parser.add_argument("--markdown", required=True, help="claims.md")
 
     def run(args):
-        tables = {Path(p).stem: pd.read_csv(p) for p in args.tables}
-        selection = read_json(args.selection)
-        table = Claims(read_eval_table(args.eval_table, args.expect_rows, selection), selection, tables).table()
+        check_per_seed(parser, args, "--eval-table", "--selection")
+        groups = group_by_seed(parser, args.tables, args.eval_table, "--eval-table")
+        runs = []
+        for eval_path, selection_path, paths in zip(args.eval_table, args.selection, groups):
+            tables = {Path(p).stem: pd.read_csv(p) for p in paths}
+            selection = read_json(selection_path)
+            eval_table = read_eval_table(eval_path, args.expect_rows, selection)
+            runs.append(Claims(eval_table, selection, tables).rows())  # a fresh bootstrap per seed
+        table = aggregate(args.seeds, runs)
         write_csv(args.out, table)
-        write_text(args.markdown, markdown(table))
+        write_text(args.markdown, markdown(table, args.seeds))
 
     return run
