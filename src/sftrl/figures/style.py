@@ -44,7 +44,7 @@ def rule_blind_line(ax) -> None:
 # is drawn as before); with several, each seed is a thin mark and the mean over seeds today's mark. The mean carries
 # no interval (errorbar=None): seaborn's bootstrap band would depend on an unseeded RNG and hide the seeds themselves.
 THIN = {"alpha": 0.35, "linewidth": 0.8}  # one seed's line among several
-SEED_DOT = {"size": 3, "jitter": 0.12, "linewidth": 0.4, "edgecolor": "white"}  # one seed's value over a mean bar
+SEED_DOT = {"size": 3, "linewidth": 0.4, "edgecolor": "white"}  # one seed's value over a mean bar
 DOT_COLOR = "0.15"
 
 
@@ -88,7 +88,7 @@ def curves(ax, data, *, x: str, y: str, hue: str, **kwargs) -> dict:
 
 def bars(ax, data, *, x: str, y: str, hue: str | None = None, **kwargs) -> None:
     """`sns.barplot(data, x, y, hue, **kwargs)`; with several seeds the bar is the mean over seeds and each seed's
-    value a small dot over it."""
+    value a small dot over it (under a bar label's text)."""
     import seaborn as sns
 
     if n_seeds(data) < 2:
@@ -97,7 +97,9 @@ def bars(ax, data, *, x: str, y: str, hue: str | None = None, **kwargs) -> None:
     sns.barplot(data=data, x=x, y=y, hue=hue, errorbar=None, ax=ax, **kwargs)
     order = {k: v for k, v in kwargs.items() if k in ("order", "hue_order")}
     dots = {"palette": dict.fromkeys(data[hue].dropna().unique(), DOT_COLOR)} if hue else {"color": DOT_COLOR}
-    sns.stripplot(data=data, x=x, y=y, hue=hue, dodge=hue is not None, legend=False, ax=ax, zorder=3, **order,
+    # a swarm, not a jittered strip: equal values sit side by side, and no random jitter makes the figure differ
+    # from run to run
+    sns.swarmplot(data=data, x=x, y=y, hue=hue, dodge=hue is not None, legend=False, ax=ax, zorder=2.5, **order,
                   **dots, **SEED_DOT)
 
 
