@@ -1,8 +1,8 @@
-"""Restoration figures (paper §4.3), drawn from the per-sweep tables results/tables/restore_<sweep>.csv only:
-layer-wise (Figure 5), rank-wise (Figure 6) and reverse restoration (Figure 7). Each has an ID and an OOD accuracy
-panel and, where the table has it, an OOD rule-reading panel (a rule-blind model scores 50 %), with the sweep's
-reference B and target T as horizontal lines. Each takes {seed: table}; several seeds are drawn as figures.style
-draws them (thin lines or dots = each seed, the mean as the line or bar)."""
+"""Restoration figures (paper §4.3), drawn from each seed's per-sweep table results/seed-<s>/tables/restore_<sweep>.csv
+only: layer-wise (Figure 5), rank-wise (Figure 6) and reverse restoration (Figure 7). Each has an ID and an OOD
+accuracy panel and, where the table has it, an OOD rule-reading panel (a rule-blind model scores 50 %), with the
+sweep's reference B and target T as horizontal lines. Each takes {seed: table}; several seeds are drawn as
+figures.style draws them (thin lines or dots = each seed, the mean as the line or bar)."""
 from __future__ import annotations
 
 import pandas as pd

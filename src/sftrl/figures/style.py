@@ -1,5 +1,5 @@
-"""The one look of every figure (seaborn paper theme, headless backend) and the one way to save it: PDF + PNG,
-each written atomically, so a figure appears whole or not at all."""
+"""The one look of every figure (seaborn paper theme, headless backend), the one way to save it (PDF + PNG, each
+written atomically, so a figure appears whole or not at all) and the one way to draw several seeds."""
 from __future__ import annotations
 
 import os
@@ -40,9 +40,10 @@ def rule_blind_line(ax) -> None:
     ax.axhline(RULE_BLIND, color="grey", linestyle=":", linewidth=1, label=f"rule-blind ({RULE_BLIND:.0f} %)")
 
 
-# Several seeds (issue 28), one way in every figure: with ONE seed each helper makes exactly today's call (the figure
-# is drawn as before); with several, each seed is a thin mark and the mean over seeds today's mark. The mean carries
-# no interval (errorbar=None): seaborn's bootstrap band would depend on an unseeded RNG and hide the seeds themselves.
+# Several seeds (issue 28), one way in every figure: with ONE seed each helper makes the call the figures made before
+# seeds existed (the same artists: tests/unit/test_figure_seeds.py); with several, each seed is a thin mark and the
+# mean over the seeds (per x, over the seeds that have it) the single run's mark. The mean carries no interval
+# (errorbar=None): seaborn's bootstrap band would depend on an unseeded RNG and hide the seeds themselves.
 THIN = {"alpha": 0.35, "linewidth": 0.8}  # one seed's line among several
 SEED_DOT = {"size": 3, "linewidth": 0.4, "edgecolor": "white"}  # one seed's value over a mean bar
 DOT_COLOR = "0.15"
@@ -61,13 +62,14 @@ def seeds_title(title: str, n: int, bars: bool = False) -> str:
 
 
 def hue_colors(data, hue: str) -> dict:
-    """Each hue level's colour as seaborn's default categorical palette gives it (levels in order of appearance, so
-    the same for the seeds' lines, their mean and markers drawn apart)."""
+    """Each hue level's colour as seaborn's default categorical palette gives it (levels in order of appearance; the
+    current colour cycle, husl past its length), so the seeds' lines, their mean and the markers drawn apart agree."""
     import pandas as pd
     import seaborn as sns
 
     levels = list(pd.unique(data[hue].dropna()))
-    return dict(zip(levels, sns.color_palette(n_colors=len(levels))))
+    return dict(zip(levels, sns.color_palette(None if len(levels) <= len(sns.color_palette()) else "husl",
+                                              len(levels))))
 
 
 def curves(ax, data, *, x: str, y: str, hue: str, **kwargs) -> dict:
@@ -104,9 +106,10 @@ def bars(ax, data, *, x: str, y: str, hue: str | None = None, **kwargs) -> None:
 
 
 def levels(ax, values, *, horizontal: bool = True, label: str | None = None, mean: bool = True, **line) -> None:
-    """Reference lines at `values` (one per seed). One value: the line as today. Several: each seed's line thin;
-    with `mean` the mean as the labelled line, else the first seed's line carries the label."""
-    import numpy as np
+    """Reference lines at `values` (one per seed). One value: the single run's line. Several: each seed's line thin;
+    with `mean` the mean (of the values that are not NaN) as the labelled line, else the first seed's line carries
+    the label (Inter_SFT / End_SFT: a mean step is no checkpoint)."""
+    import pandas as pd
 
     draw = ax.axhline if horizontal else ax.axvline
     values = list(values)
@@ -119,4 +122,4 @@ def levels(ax, values, *, horizontal: bool = True, label: str | None = None, mea
     for i, value in enumerate(values):
         draw(value, label=None if mean or i else label, **thin)
     if mean:
-        draw(float(np.mean(values)), label=label, **line)
+        draw(float(pd.Series(values, dtype=float).mean()), label=label, **line)
