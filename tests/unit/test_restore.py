@@ -358,7 +358,7 @@ def test_sweep_table_figure_and_claims(tmp_path):
         sweep_table("rank", RANK, paths + _summaries(tmp_path, {"sft-12": (0, 0)}), "micro", SELECTION)
 
     table.to_csv(tmp_path / "restore_rank.csv", index=False)
-    fig6(pd.read_csv(tmp_path / "restore_rank.csv"), tmp_path / "fig6")
+    fig6({0: pd.read_csv(tmp_path / "restore_rank.csv")}, tmp_path / "fig6")
     assert (tmp_path / "fig6.pdf").stat().st_size > 0 and (tmp_path / "fig6.png").stat().st_size > 0
 
     eval_table = pd.DataFrame([{"stage": "sft", "step": step, "split": split, "n": 20, "successes": s}
@@ -450,7 +450,7 @@ def test_sweep_tables_carry_rule_reading_and_the_figures_draw_it(tmp_path, monke
     drawn = []
     real_save = figures.save
     monkeypatch.setattr(figures, "save", lambda fig, stem: (drawn.append(len(fig.axes)), real_save(fig, stem)))
-    figures.fig6(table, tmp_path / "fig6")
-    figures.fig7(table.assign(arm="direction"), tmp_path / "fig7")
-    figures.fig6(table.drop(columns="rule_reading"), tmp_path / "fig6_old")  # a table without the columns
+    figures.fig6({0: table}, tmp_path / "fig6")
+    figures.fig7({0: table.assign(arm="direction")}, tmp_path / "fig7")
+    figures.fig6({0: table.drop(columns="rule_reading")}, tmp_path / "fig6_old")  # a table without the columns
     assert drawn == [3, 3, 2] and (tmp_path / "fig6.png").stat().st_size > 0

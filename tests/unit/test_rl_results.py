@@ -49,8 +49,8 @@ def test_recovered_fraction_per_ppo_start(tmp_path):
     # (OOD_RL - OOD_End) / (OOD_Inter - OOD_End) with Inter 0.30, End 0.15
     assert data["recovered_fraction"].tolist() == pytest.approx([(0.25 - 0.15) / 0.15, (0.21 - 0.15) / 0.15,
                                                                  (0.25 - 0.15) / 0.15])
-    recovery_window(table, SELECTION, tmp_path / "figs" / "recovery_window")
-    fig1b(table, SELECTION, tmp_path / "figs" / "fig1b")
+    recovery_window({0: table}, {0: SELECTION}, tmp_path / "figs" / "recovery_window")
+    fig1b({0: table}, {0: SELECTION}, tmp_path / "figs" / "fig1b")
     for stem in ("recovery_window", "fig1b"):
         for ext in (".pdf", ".png"):
             assert (tmp_path / "figs" / f"{stem}{ext}").stat().st_size > 0
@@ -61,7 +61,7 @@ def test_no_ood_drop_gives_an_undefined_fraction(tmp_path):
     table = summary_table(summaries(tmp_path, flat))
     data = recovery_table(table, SELECTION)
     assert data["recovered_fraction"].isna().all()  # 0/0: nothing was lost, nothing to recover
-    recovery_window(table, SELECTION, tmp_path / "rw")
+    recovery_window({0: table}, {0: SELECTION}, tmp_path / "rw")
     assert (tmp_path / "rw.png").exists()
 
 
@@ -111,8 +111,8 @@ def test_rule_reading_and_nll_join_the_table_and_the_figures(tmp_path):
     data = recovery_table(table, SELECTION)
     assert data["rule_reading_start"].tolist() == pytest.approx([reading[s] for s in ("sft-10", "sft-20", "sft-30")])
     assert data["rule_reading_rl"].tolist() == pytest.approx([reading[c] for c in data["checkpoint"]])
-    recovery_window(table, SELECTION, tmp_path / "figs" / "recovery_window")
-    fig1(table, {**SELECTION, "inter_sft": {"step": 10, "degenerate": False}}, tmp_path / "figs" / "fig1")
+    recovery_window({0: table}, {0: SELECTION}, tmp_path / "figs" / "recovery_window")
+    fig1({0: table}, {0: {**SELECTION, "inter_sft": {"step": 10, "degenerate": False}}}, tmp_path / "figs" / "fig1")
     for stem in ("recovery_window", "fig1"):
         assert (tmp_path / "figs" / f"{stem}.png").stat().st_size > 0
     with pytest.raises(ValueError, match=r"no rule-reading report .* \['sft-30'\]"):
