@@ -4,23 +4,35 @@ argparse (exit 2, usage), naming the flags, before anything is read.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
+class _UniqueSeeds(argparse.Action):
+    """--seeds with a repeated seed fails at parse time: each seed is one replicate."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        twice = sorted({s for s in values if values.count(s) > 1})
+        if twice:
+            raise argparse.ArgumentError(self, f"lists seed(s) {twice} more than once; each seed is one replicate")
+        setattr(namespace, self.dest, values)
+
+
 def seeds_argument(parser) -> None:
-    parser.add_argument("--seeds", type=int, nargs="+", required=True,
-                        help="the study's seeds, in config order; every per-seed flag lists one file per seed, in "
-                             "this order")
+    parser.add_argument("--seeds", type=int, nargs="+", required=True, action=_UniqueSeeds,
+                        help="the study's seeds (config `seeds`, in its order); every per-seed flag lists one file "
+                             "per seed, in this order")
 
 
 def check_per_seed(parser, args, *flags: str) -> None:
-    """Fail (argparse's error, naming the flags) unless the seeds are unique and every flag has one entry per seed."""
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds lists a seed twice: {args.seeds}")
-    counts = [len(getattr(args, flag.lstrip("-").replace("-", "_"))) for flag in flags]
-    if any(c != len(args.seeds) for c in counts):
-        parser.error(f"--seeds, {', '.join(flags)} name one entry per seed: got {len(args.seeds)}, "
-                     + ", ".join(map(str, counts)))
+    """Fail (argparse's usage error, naming the flag) unless each of `flags` (e.g. "--eval-table") has one value per
+    seed."""
+    seeds = args.seeds
+    for flag in flags:
+        given = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if len(given) != len(seeds):
+            parser.error(f"{flag} gives {len(given)} path(s) for {len(seeds)} --seeds ({' '.join(map(str, seeds))}): "
+                         f"one per seed, in --seeds order")
 
 
 def group_by_seed(parser, tables: list[str], anchors: list[str], anchor_flag: str, table_flag: str = "--tables"

@@ -224,10 +224,11 @@ def test_tables_are_grouped_by_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--seeds", "0", "1", "--eval-table", "E0", "--selection", "S0", "S1"],
-     "--seeds, --eval-table, --selection name one entry per seed: got 2, 1, 2"),
+     "--eval-table gives 1 path(s) for 2 --seeds (0 1): one per seed"),
     (["--seeds", "0", "--eval-table", "E0", "--selection", "S0", "S1"],
-     "--seeds, --eval-table, --selection name one entry per seed: got 1, 1, 2"),
-    (["--seeds", "2", "2", "--eval-table", "E0", "E1", "--selection", "S0", "S1"], "--seeds lists a seed twice"),
+     "--selection gives 2 path(s) for 1 --seeds (0): one per seed"),
+    (["--seeds", "2", "2", "--eval-table", "E0", "E1", "--selection", "S0", "S1"],
+     "--seeds: lists seed(s) [2] more than once"),
 ])
 def test_one_file_per_seed_or_a_clear_error(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as err:

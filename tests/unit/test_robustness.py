@@ -750,7 +750,7 @@ EVAL_CASES = {
         lambda: mod("sftrl.evaluation.select").select_sft(write(t / "eval.csv", "a,b\n1,2\n"), t / "sel.json"),
         ValueError, [str(t / "eval.csv"), "accuracy"]),
     "eval table lacks rows (fig1)": lambda t, m: (
-        lambda: mod("sftrl.cli").main(["figure", "fig1", "--eval-table", str(eval_table(t, drop=[("sft-8", "ood")])),
+        lambda: mod("sftrl.cli").main(["figure", "fig1", "--seeds", "0", "--eval-table", str(eval_table(t, drop=[("sft-8", "ood")])),
                                        "--selection", str(t / "selection.json"), "--out", str(t / "fig1"),
                                        "--expect-rows", json.dumps(EXPECT_ROWS)]),
         ValueError, [str(t / "eval.csv"), "lacks 1 row", "sft-8 ood"]),

@@ -173,7 +173,7 @@ def test_one_file_per_seed_or_a_clear_error(tmp_path, capsys):
         main(["summary", "--seeds", "0", "1", "--eval-table", str(table), "--selection", str(selection),
               "--out", str(tmp_path / "SUMMARY.md")])
     assert err.value.code == 2
-    assert "--seeds, --eval-table, --selection name one entry per seed: got 2, 1, 1" in capsys.readouterr().err
+    assert "--eval-table gives 1 path(s) for 2 --seeds (0 1): one per seed" in capsys.readouterr().err
     assert not (tmp_path / "SUMMARY.md").exists()
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pandas as pd
 
 from ..checkpoint import label
-from .seeds import per_seed, seed_table, seeds_argument
+from ..seed_arguments import check_per_seed, seeds_argument
+from .seeds import seed_table
 from .style import RULE_BLIND, bars, curves, levels, n_seeds, rule_blind_line, save, seeds_title, style
 
 ROLE_LINES = {"reference": ("tab:green", "--"), "target": ("tab:red", ":"), "both": ("tab:gray", "--")}
@@ -96,7 +97,7 @@ def _command(draw):
         parser.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
 
         def run(args):
-            per_seed(parser, args, "--table")
+            check_per_seed(parser, args, "--table")
             draw({seed: pd.read_csv(path) for seed, path in zip(args.seeds, args.table)}, args.out)
 
         return run

@@ -1,35 +1,11 @@
-"""The seed axis of the figure commands (issue 28): `--seeds` (the config's seeds, in its order) and one input per
-seed in every per-seed flag, checked at parse time; the seeds' tables joined into one with a `seed` column, which
-the drawing helpers of figures.style read."""
+"""The seed axis of the figure commands (issue 28): the seeds' tables joined into one with a `seed` column, which the
+drawing helpers of figures.style read, and the evaluation-table arguments fig1, fig1b and recovery_window share
+(`--seeds` and one input per seed in every per-seed flag: sftrl.seed_arguments)."""
 from __future__ import annotations
-
-import argparse
 
 import pandas as pd
 
-
-class _UniqueSeeds(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        twice = sorted({s for s in values if values.count(s) > 1})
-        if twice:
-            raise argparse.ArgumentError(self, f"lists seed(s) {twice} more than once; each seed is one replicate")
-        setattr(namespace, self.dest, values)
-
-
-def seeds_argument(parser) -> None:
-    parser.add_argument("--seeds", type=int, nargs="+", required=True, action=_UniqueSeeds,
-                        help="the seeds (config `seeds`, in its order); every per-seed flag gives one input per seed, "
-                             "in this order")
-
-
-def per_seed(parser, args, *flags: str) -> None:
-    """Fail (a usage error naming the flags) unless each of `flags` (e.g. "--eval-table") has one value per seed."""
-    seeds = args.seeds
-    for flag in flags:
-        given = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if len(given) != len(seeds):
-            parser.error(f"{flag} gives {len(given)} path(s) for {len(seeds)} --seeds ({' '.join(map(str, seeds))}): "
-                         f"one per seed, in --seeds order")
+from ..seed_arguments import check_per_seed, seeds_argument
 
 
 def seed_table(tables: dict) -> pd.DataFrame:
@@ -50,7 +26,7 @@ def eval_arguments(parser):
     parser.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
 
     def read(args):
-        per_seed(parser, args, "--eval-table", "--selection")
+        check_per_seed(parser, args, "--eval-table", "--selection")
         selections = {seed: read_json(path) for seed, path in zip(args.seeds, args.selection)}
         tables = {seed: read_eval_table(path, args.expect_rows, selections[seed])
                   for seed, path in zip(args.seeds, args.eval_table)}

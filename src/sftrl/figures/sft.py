@@ -6,7 +6,8 @@ import pandas as pd
 
 from ..checkpoint import ALGORITHMS, END_SFT, INTER_SFT, SELECTIONS
 from ..evaluation.recovery import rl_endpoints
-from .seeds import eval_arguments, per_seed, seed_table, seeds_argument
+from ..seed_arguments import check_per_seed, seeds_argument
+from .seeds import eval_arguments, seed_table
 from .style import RULE_BLIND, curves, levels, n_seeds, rule_blind_line, save, seeds_title, style
 
 # answer stages (sftrl.task.diagnose) drawn in fig1's right panel, by their eval.csv columns
@@ -131,7 +132,7 @@ def fig2_command(parser):
     parser.add_argument("--out", required=True, help="figure stem (writes .pdf and .png)")
 
     def run(args):
-        per_seed(parser, args, "--loss-table")
+        check_per_seed(parser, args, "--loss-table")
         fig2({seed: pd.read_csv(path) for seed, path in zip(args.seeds, args.loss_table)}, args.out)
 
     return run
