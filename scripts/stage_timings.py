@@ -15,10 +15,13 @@ from pathlib import Path
 
 
 def stage_seconds(benchmarks: Path) -> dict[str, tuple[int, float]]:
-    """stage (the first directory under benchmarks/) -> (jobs, summed wall seconds)."""
+    """stage (the first directory under benchmarks/, below a replicate's seed-<s>/: summed over the seeds) ->
+    (jobs, summed wall seconds)."""
     totals: dict[str, tuple[int, float]] = {}
     for tsv in sorted(benchmarks.rglob("*.tsv")):
-        stage = tsv.relative_to(benchmarks).parts[0] if len(tsv.relative_to(benchmarks).parts) > 1 else tsv.stem
+        parts = tsv.relative_to(benchmarks).parts
+        parts = parts[1:] if re.fullmatch(r"seed-\d+", parts[0]) else parts
+        stage = parts[0] if len(parts) > 1 else tsv.stem
         with open(tsv) as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         if rows:

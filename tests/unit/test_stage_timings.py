@@ -22,9 +22,10 @@ def bench(path: Path, seconds: float):
 def test_seconds_are_summed_per_stage(tmp_path, capsys):
     timings = load()
     bench(tmp_path / "b" / "eval" / "base" / "id.tsv", 1.5)
-    bench(tmp_path / "b" / "eval" / "sft-4" / "ood.tsv", 2.25)
-    bench(tmp_path / "b" / "sft" / "sft.tsv", 10.0)
-    assert timings.stage_seconds(tmp_path / "b") == {"eval": (2, 3.75), "sft": (1, 10.0)}
+    bench(tmp_path / "b" / "seed-0" / "eval" / "sft-4" / "ood.tsv", 2.25)
+    bench(tmp_path / "b" / "seed-0" / "sft" / "sft.tsv", 4.0)
+    bench(tmp_path / "b" / "seed-1" / "sft" / "sft.tsv", 6.0)  # a stage's jobs summed over the replicates
+    assert timings.stage_seconds(tmp_path / "b") == {"eval": (2, 3.75), "sft": (2, 10.0)}
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "x.snakemake.log").write_text("...\nElapsed time: 0:12:34.5\n")
     assert timings.main(["--benchmarks", str(tmp_path / "b"), "--logs", str(tmp_path / "logs")]) == 0

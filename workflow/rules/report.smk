@@ -33,7 +33,8 @@ rule summary:
         selections=each_seed("sft/selection.json"),
         # every figure (its PNG) and table the run makes, from all_targets(): the summary comes last, links them all
         figures=[t.removesuffix(".pdf") + ".png" for t in all_targets() if t.startswith(f"{RESULTS}/figs/")],
-        other_tables=[t for t in all_targets() if t.endswith((".csv", ".json")) and not t.endswith("/tables/eval.csv")]
+        other_tables=[t for t in all_targets() if t.endswith((".csv", ".json"))
+                      and t not in each_seed("tables/eval.csv")]
         + each_seed("tables/sft_loss.csv"),
         code=code("summary"),
     output:
