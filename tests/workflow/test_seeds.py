@@ -43,6 +43,7 @@ def two_seeds(micro_run, micro_snakefile, tmp_path_factory):
     adding it, the modification times of every seed-0 and shared file before the two-seed run)."""
     workdir = tmp_path_factory.mktemp("seeds") / "run"
     shutil.copytree(micro_run, workdir, symlinks=True)
+    assert planned_jobs(snakemake(workdir, "-n", "all", snakefile=micro_snakefile)) == {}, "the micro run is not complete"
     with_seeds(workdir, [0, 1])
     dry = snakemake(workdir, "-n", "all", snakefile=micro_snakefile)
     results = workdir / "results"
