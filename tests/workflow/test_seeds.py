@@ -1,6 +1,7 @@
 """Seeds as a DAG axis (config `seeds`, issue 28): each seed is a whole study replicate under results/seed-<s>/,
 the seed-independent outputs are made once, adding a seed runs only that seed's jobs (and the across-seed
-aggregates), removing one deletes nothing. On a copy of the shared completed micro run (seed 0), with seed 1 added."""
+aggregates), removing one deletes nothing. On a copy of the shared completed micro run (seed 0), with seed 1 added
+and run up to its selection and fig2 (the claims across seeds: tests/unit/test_claims.py; `make results-seeds`)."""
 import json
 import re
 import shutil
@@ -19,6 +20,8 @@ AGGREGATE_OUTPUT = re.compile(r"^results/(figs/[\w.]+|tables/claims\.(csv|md)|ta
 # Made once for every replicate: the data, the base and the base's own results.
 SHARED = ["data/eval_id.jsonl", "data/sft/train.jsonl", "data/rule_reading_hands.jsonl", "models/base",
           "base/abilities.json", "eval/base/id.summary.json", "eval/base/rule_reading.json", "svd/base/embed.safetensors"]
+# What the test runs of seed 1: its SFT, evaluations and selection, and an across-seed figure.
+SEED_1_TARGETS = ["results/seed-1/tables/eval_sft.csv", "results/seed-1/sft/selection.json", "results/figs/fig2.pdf"]
 
 
 def with_seeds(workdir, seeds):
@@ -37,10 +40,20 @@ def planned_outputs(result) -> list[str]:
     return outputs
 
 
+def job_inputs(result, rule: str) -> list[str]:
+    """The input paths of `rule`'s one job in a dry run (its block's `input: a, b` line)."""
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() in (f"rule {rule}:", f"localrule {rule}:"))
+    line = next(line.strip() for line in lines[start + 1:] if line.strip().startswith("input: "))
+    return [path.strip() for path in line.removeprefix("input: ").split(",")]
+
+
 @pytest.fixture(scope="module")
 def two_seeds(micro_run, micro_snakefile, tmp_path_factory):
-    """A copy of the completed micro run (modification times kept) with seed 1 added: (workdir, the dry run of
-    adding it, the modification times of every seed-0 and shared file before the two-seed run)."""
+    """A copy of the completed micro run (modification times kept) with seed 1 added and run up to its selection and
+    fig2 (the rest of its replicate is the same rules as seed 0's, planned by the dry runs; `make results-seeds` runs
+    it all): (workdir, the dry run of adding the seed, the dry run of `all` once its selection is made, the
+    modification times of every seed-0 and shared file before the two-seed run)."""
     workdir = tmp_path_factory.mktemp("seeds") / "run"
     shutil.copytree(micro_run, workdir, symlinks=True)
     assert planned_jobs(snakemake(workdir, "-n", "all", snakefile=micro_snakefile)) == {}, "the micro run is not complete"
@@ -48,29 +61,44 @@ def two_seeds(micro_run, micro_snakefile, tmp_path_factory):
     dry = snakemake(workdir, "-n", "all", snakefile=micro_snakefile)
     results = workdir / "results"
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file() and "seed-1" not in p.parts}
-    snakemake(workdir, "--cores", "2", "all", snakefile=micro_snakefile)
-    return workdir, dry, before
+    snakemake(workdir, "--cores", "2", *SEED_1_TARGETS, snakefile=micro_snakefile)
+    selected = snakemake(workdir, "-n", "all", snakefile=micro_snakefile)
+    return workdir, dry, selected, before
+
+
+def assert_only_seed_1_and_aggregates(result) -> dict[str, int]:
+    """The dry run plans nothing shared and every output it plans is seed 1's or an across-seed aggregate."""
+    jobs = planned_jobs(result)
+    assert not {"pretrain_base", "sft_data", "eval_set", "rule_reading_hands", "probe_base", "eval_base",
+                "rule_reading_base", "svd_base", "fig_base_abilities"} & set(jobs), jobs
+    outputs = planned_outputs(result)
+    assert outputs and all(path.startswith("results/seed-1/") or AGGREGATE_OUTPUT.match(path) for path in outputs), \
+        [path for path in outputs if not (path.startswith("results/seed-1/") or AGGREGATE_OUTPUT.match(path))]
+    return jobs
 
 
 def test_adding_a_seed_runs_only_that_seeds_jobs(two_seeds):
-    _, dry, _ = two_seeds
-    jobs = planned_jobs(dry)
-    # the shared stages are not planned again ...
-    assert not {"pretrain_base", "sft_data", "eval_set", "rule_reading_hands", "probe_base", "eval_base",
-                "rule_reading_base", "svd_base", "fig_base_abilities"} & set(jobs), jobs
-    # ... seed 1 gets its own SFT and everything after it, up to its selection (the RL runs and restored models it
+    _, dry, selected, _ = two_seeds
+    jobs = assert_only_seed_1_and_aggregates(dry)
+    # seed 1 gets its own SFT and everything after it, up to its selection (the RL runs and restored models it
     # starts are planned once its select_sft has run) ...
     assert {"sft": 1, "eval_checkpoint": 2, "rule_reading": 2, "eval_table_sft": 1, "select_sft": 1} == \
         {rule: jobs[rule] for rule in ("sft", "eval_checkpoint", "rule_reading", "eval_table_sft", "select_sft")}
-    # ... and every output it plans is seed 1's or an across-seed aggregate
-    outputs = planned_outputs(dry)
-    assert outputs and all(path.startswith("results/seed-1/") or AGGREGATE_OUTPUT.match(path) for path in outputs), \
-        [path for path in outputs if not (path.startswith("results/seed-1/") or AGGREGATE_OUTPUT.match(path))]
     assert set(AGGREGATES) <= set(jobs) and all(jobs[rule] == 1 for rule in AGGREGATES), jobs
+    # ... then, its selection made, the rest of its replicate: RL, SVDs, spectral pairs, restoration (what was made is
+    # not planned again)
+    jobs = assert_only_seed_1_and_aggregates(selected)
+    assert {"rl_ppo", "rl_grpo", "svd", "spectral_pair", "restore", "restore_table", "claims"} <= set(jobs), jobs
+    assert not {"sft", "eval_table_sft", "select_sft", "fig2"} & set(jobs), jobs
+    # the claims table reads both replicates
+    inputs = job_inputs(selected, "claims")
+    for seed in (0, 1):
+        assert {f"results/seed-{seed}/tables/{name}.csv" for name in ("eval", "restore_rank", "spectral_sigma")} \
+            <= set(inputs), inputs
 
 
 def test_two_seeds_are_two_replicates_over_one_copy_of_the_shared_outputs(two_seeds):
-    workdir, _, before = two_seeds
+    workdir, _, _, before = two_seeds
     results = workdir / "results"
     # replicate 0 and everything shared were left as they were: the run made seed 1 and the aggregates only
     changed = sorted(str(p.relative_to(results)) for p, mtime in before.items()
@@ -90,23 +118,19 @@ def test_two_seeds_are_two_replicates_over_one_copy_of_the_shared_outputs(two_se
     losses = [pd.read_csv(results / f"seed-{seed}" / "tables" / "sft_loss.csv") for seed in (0, 1)]
     assert not losses[0]["loss"].equals(losses[1]["loss"])
     # evaluated on the same problems: both tables hold the base's rows, identical (one shared evaluation)
-    tables = [pd.read_csv(results / f"seed-{seed}" / "tables" / "eval.csv") for seed in (0, 1)]
+    tables = [pd.read_csv(results / f"seed-{seed}" / "tables" / "eval_sft.csv") for seed in (0, 1)]
     base = [table[table["stage"] == "base"].drop(columns=["seconds"], errors="ignore") for table in tables]
     pd.testing.assert_frame_equal(base[0].reset_index(drop=True), base[1].reset_index(drop=True))
+    assert not tables[0].equals(tables[1])
     assert json.loads((results / "seed-1" / "sft" / "selection.json").read_text())["end_sft"]["step"] == 8
-    # the claims table reports both replicates' values, their mean and one interval over both
-    claims = pd.read_csv(results / "tables" / "claims.csv", dtype={"seeds": str})
-    assert (claims["seeds"] == "0;1").all()
-    assert claims["per_seed"].str.count(";").eq(1).all()
-    for name in ("fig1", "fig2", "fig6", "recovery_window"):
-        assert (results / "figs" / f"{name}.pdf").stat().st_size > 1000
+    assert (results / "figs" / "fig2.pdf").stat().st_size > 1000
 
 
 def test_removing_a_seed_deletes_nothing_and_reruns_only_the_aggregates(two_seeds, micro_snakefile):
-    workdir, _, _ = two_seeds
+    workdir, _, selected, _ = two_seeds
     with_seeds(workdir, [0])
     jobs = planned_jobs(snakemake(workdir, "-n", "all", snakefile=micro_snakefile))
-    assert set(jobs) <= set(AGGREGATES) and "claims" in jobs, jobs
+    assert set(jobs) <= set(AGGREGATES) and "fig2" in jobs, jobs  # fig2 was drawn with both seeds
     assert (workdir / "results" / "seed-1" / "sft" / "checkpoint-8" / "model.safetensors").is_file()
-    with_seeds(workdir, [0, 1])  # as it was: complete again
-    assert planned_jobs(snakemake(workdir, "-n", "all", snakefile=micro_snakefile)) == {}
+    with_seeds(workdir, [0, 1])  # as it was: the same plan, nothing made redone
+    assert planned_jobs(snakemake(workdir, "-n", "all", snakefile=micro_snakefile)) == planned_jobs(selected)

@@ -180,8 +180,8 @@ def test_smollm2_through_the_real_model_path(smollm2_run):
     record = json.loads((outputs["restored"] / "sftrl_restore.json").read_text())
     assert len(record["restored_indices"]) == 30 and all("up_proj" in n for n in record["restored_indices"])
     # the SVD cache: the tied matrix once, in the embed shard
-    for ckpt in ("base", "sft-2"):
-        with safe_open(results / "svd" / ckpt / "embed.safetensors", framework="pt") as f:
+    for svd_dir in (results / "svd" / "base", replicate / "svd" / "sft-2"):
+        with safe_open(svd_dir / "embed.safetensors", framework="pt") as f:
             assert json.loads(f.metadata()["matrices"]) == [EMBED]
     # no embed-vs-lm_head job was planned: a tied model has nothing to compare
     dry = snakemake(workdir, "-n", "--cores", "2", "all")
