@@ -15,6 +15,7 @@ import ast
 import functools
 import hashlib
 from pathlib import Path
+from typing import NamedTuple
 
 PACKAGE = "sftrl"
 ROOT = Path(__file__).resolve().parent  # src/sftrl
@@ -51,11 +52,9 @@ def direct_imports(module: str, root: Path = ROOT) -> frozenset[str]:
     path = module_file(module, root)
     if path is None:
         raise ValueError(f"{module} is not a module of {PACKAGE} under {root}")
-    tree = ast.parse(path.read_text(), filename=str(path))
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            found |= {m for m in _resolve(module, path.name == "__init__.py", node) if module_file(m, root)}
+    for node in _read(path).imports:
+        found |= {m for m in _resolve(module, path.name == "__init__.py", node) if module_file(m, root)}
     return frozenset(found - {module})
 
 
@@ -97,14 +96,25 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 def module_code(module: str, root: Path = ROOT) -> str:
     """What `module` computes, as text: its AST without docstrings, without line numbers (so a comment or a blank
     line that shifts code changes nothing), while any changed constant, default, name or statement does."""
-    path = module_file(module, root)
+    return _read(module_file(module, root)).code
+
+
+class _Source(NamedTuple):
+    imports: tuple[ast.Import | ast.ImportFrom, ...]
+    code: str
+
+
+def _read(path: Path) -> _Source:
     stat = path.stat()
-    return _file_code(path, stat.st_mtime_ns, stat.st_size)
+    return _parse(path, stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=None)
-def _file_code(path: Path, mtime_ns: int, size: int) -> str:  # keyed by the file's stat: an edited file is re-read
-    return ast.dump(_strip_docstrings(ast.parse(path.read_text(), filename=str(path))), include_attributes=False)
+def _parse(path: Path, mtime_ns: int, size: int) -> _Source:  # keyed by the file's stat: an edited file is re-read
+    """A source file parsed once for both of its uses (every Snakemake parse reads the whole package)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    imports = tuple(node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
+    return _Source(imports, ast.dump(_strip_docstrings(tree), include_attributes=False))
 
 
 def code_hash(modules, root: Path = ROOT) -> str:
