@@ -1,6 +1,8 @@
 """Bad configuration, caught when the workflow is parsed: each case is a realistic mistake in the micro config, and
 a dry run must fail before any job runs, with a message that names the key (and the bad value). Library-side bad
 inputs (files, model outputs, settings only a GPU node can judge) are in tests/unit/test_robustness.py."""
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import yaml
 from helpers import MICRO, REPO, make_workdir, snakemake
@@ -71,11 +73,25 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def case_dry_runs(tmp_path_factory) -> dict:
+    """Each case's dry run, two at a time: a failing parse is one single-threaded process, and the test machine
+    has two cores (`make test` budget)."""
+    root = tmp_path_factory.mktemp("bad_config")
+
+    def dry_run(numbered):
+        number, case = numbered
+        workdir = make_workdir(root / f"case-{number}", edit=CASES[case][0])
+        return snakemake(workdir, "-n", "all", check=False, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CASES, pool.map(dry_run, enumerate(CASES))))
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, case):
-    edit, texts = CASES[case]
-    workdir = make_workdir(tmp_path, edit=edit)
-    result = snakemake(workdir, "-n", "all", check=False, timeout=120)
+def test_bad_config_fails_at_parse_time_naming_the_key(case_dry_runs, case):
+    texts = CASES[case][1]
+    result = case_dry_runs[case]
     output = result.stdout + result.stderr
     assert result.returncode != 0, f"{case}: the dry run accepted it"
     assert "Job stats" not in output, f"{case}: a plan was made before failing"

@@ -1,7 +1,7 @@
 """The micro DAG's real-model path (`model.path`) on tiny random-weight checkpoints of the paper's two architectures
 (tests/tiny_models.py: Qwen2ForCausalLM and MllamaForConditionalGeneration, saved as the real ones are), through
-real Snakemake, target `all`: SFT checkpoints, evaluation, selection, SVD shards, spectral pairs, drift, figures,
-summary — and whatever rules `all` gains later (RL, restoration) run here too, on both architectures. This is the
+real Snakemake: SFT checkpoints, evaluation, selection, SVD shards, spectral pairs, drift, RL, restoration on both
+architectures; on Mllama target `all`, so whatever rules `all` gains later run here too (TARGETS). This is the
 test that catches name mismatches and template errors before a user spends GPU hours.
 
 Budget: `make test` must stay under 15 minutes, so each run is small (2 SFT checkpoints of 2 steps, 4 episodes per
@@ -52,14 +52,26 @@ def real_model_config(arch, model_dir):
     return edit
 
 
+# What each architecture runs: Mllama (the one transformers' auto classes do not map) everything, `all`; Qwen2 every
+# output that depends on the architecture (training, evaluation, RL, restoration, SVDs and what names matrices), not
+# the across-stage figures, claims and summary, which read only tables (`make test` budget).
+ARCHITECTURE_TARGETS = ["results/seed-0/tables/eval.csv", "results/seed-0/tables/rl_log.csv",
+                        *(f"results/seed-0/tables/{name}.csv" for name in ("spectral_angles", "spectral_sigma", "drift",
+                                                                          "embed_lmhead", "restore_rank",
+                                                                          "restore_layer", "restore_reverse")),
+                        *(f"results/figs/{name}.pdf" for name in ("fig3", "fig4", "fig4_layers", "drift",
+                                                                  "embed_lmhead"))]
+TARGETS = {"mllama": ["all"], "qwen2": ARCHITECTURE_TARGETS}
+
+
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def real_run(request, tmp_path_factory):
-    """One completed `all` run per architecture; yields (architecture, model dir, work dir, seconds)."""
+    """One completed run of TARGETS per architecture; yields (architecture, model dir, work dir, seconds)."""
     root = tmp_path_factory.mktemp(request.param)
     model_dir = BUILDERS[request.param](root / "model")
     workdir = make_workdir(root / "work", edit=real_model_config(request.param, model_dir))
     start = time.perf_counter()
-    snakemake(workdir, "--cores", "2", "all", timeout=600)
+    snakemake(workdir, "--cores", "2", *TARGETS[request.param], timeout=600)
     return request.param, model_dir, workdir, time.perf_counter() - start
 
 
@@ -93,9 +105,12 @@ def test_real_model_dag(real_run):
     drift = pd.read_csv(results / "seed-0" / "tables" / "drift.csv")
     layers = {"qwen2": 2, "mllama": 4}[arch]
     assert (drift.loc[drift["kind"] == "up_proj", "n_matrices"] == layers - len(cross)).all()
-    for name in ("fig1", "fig2", "fig3", "fig4", "drift", "fig1b", "recovery_window", "fig5", "fig6", "fig7"):
+    for name in ("fig3", "fig4", "drift"):
         assert (results / "figs" / f"{name}.png").stat().st_size > 1000
-    assert (results / "SUMMARY.md").exists()
+    if TARGETS[arch] == ["all"]:
+        for name in ("fig1", "fig2", "fig1b", "recovery_window", "fig5", "fig6", "fig7"):
+            assert (results / "figs" / f"{name}.png").stat().st_size > 1000
+        assert (results / "SUMMARY.md").exists() and (results / "tables" / "claims.csv").exists()
 
 
 def test_stop_token_not_in_the_vocabulary_fails_at_parse_time(tmp_path):
