@@ -27,6 +27,10 @@ def setter(path: str, value):
 # case -> (edit, texts the error must contain)
 CASES = {
     "misspelt key": (setter("sft.save_stpes", 4), ["save_stpes"]),
+    # issue 28: the study replicates
+    "seed listed twice": (setter("seeds", [0, 0]), ["instance['seeds']", "uniqueItems"]),
+    "negative seed": (setter("seeds", [-1]), ["instance['seeds'][0]", "minimum"]),
+    "no seed": (setter("seeds", []), ["instance['seeds']", "minItems"]),
     "missing model dir": (setter("model.path", "/no/such/model"), ["/no/such/model"]),
     "empty model path": (setter("model.path", ""), ["path"]),
     "integer given as float": (setter("sft.save_steps", 4.0), ["sft.save_steps", "4.0"]),
