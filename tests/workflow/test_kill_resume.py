@@ -17,17 +17,6 @@ from helpers import REPO, env, make_workdir, snakemake
 
 pytestmark = pytest.mark.workflow
 
-# stage -> (the sign that it is under way in results/, the sign that it is over); the run is killed between them
-STAGES = {
-    "pretraining": (lambda r: (r / "work" / "pretrain" / "state.pt").exists(),
-                    lambda r: (r / "models" / "base").exists()),
-    "SFT": (lambda r: (r / "seed-0" / "work" / "sft" / "checkpoint-4" / "trainer_state.json").exists(),
-            lambda r: (r / "seed-0" / "tables" / "sft_loss.csv").exists()),
-    "evaluation": (lambda r: any((r / "seed-0" / "eval").glob("*/*.summary.json")),
-                   lambda r: (r / "seed-0" / "tables" / "eval_sft.csv").exists()),
-    "SVD": (lambda r: any((r / "seed-0" / "svd").glob("*/*.safetensors")),
-            lambda r: len(list(r.glob("**/svd/*/*.safetensors"))) == 6),
-}
 TABLES = ["seed-0/tables/eval_sft.csv", "seed-0/tables/sft_loss.csv", "seed-0/tables/spectral_sigma.csv",
           "seed-0/tables/spectral_angles.csv", "seed-0/tables/spectral_energy.csv", "seed-0/tables/drift.csv",
           "seed-0/tables/embed_lmhead.csv", "base/pretrain_loss.csv"]
@@ -36,14 +25,32 @@ WEIGHTS = ["models/base/model.safetensors", "seed-0/sft/checkpoint-4/model.safet
 # the weights are made on the way to the tables
 TARGETS = [f"results/{path}" for path in TABLES + ["seed-0/sft/selection.json"]]
 
+# stage -> (the sign that it is under way in results/, the sign that it is over, what the killed run targets); the
+# run is killed between the two signs. Each killed run targets only its stage and the ones before it, so a later
+# stage's jobs (the SVDs can run beside the evaluations) are never finished before their own stage is killed.
+STAGES = {
+    "pretraining": (lambda r: (r / "work" / "pretrain" / "state.pt").exists(),
+                    lambda r: (r / "models" / "base").exists(),
+                    ["results/base/pretrain_loss.csv"]),
+    "SFT": (lambda r: (r / "seed-0" / "work" / "sft" / "checkpoint-4" / "trainer_state.json").exists(),
+            lambda r: (r / "seed-0" / "tables" / "sft_loss.csv").exists(),
+            ["results/seed-0/tables/sft_loss.csv"]),
+    "evaluation": (lambda r: any((r / "seed-0" / "eval").glob("*/*.summary.json")),
+                   lambda r: (r / "seed-0" / "tables" / "eval_sft.csv").exists(),
+                   ["results/seed-0/tables/eval_sft.csv", "results/seed-0/sft/selection.json"]),
+    "SVD": (lambda r: any((r / "seed-0" / "svd").glob("*/*.safetensors")),
+            lambda r: len(list(r.glob("**/svd/*/*.safetensors"))) == 6,
+            TARGETS),
+}
+
 
 def run_until_killed(workdir: Path, stage: str) -> None:
     """Resume the run (as make results does) and SIGKILL its whole process group once `stage` is under way."""
     snakemake(workdir, "--unlock")
-    started, finished = STAGES[stage]
+    started, finished, targets = STAGES[stage]
     results = workdir / "results"
     process = subprocess.Popen(
-        [sys.executable, "-m", "snakemake", "--directory", str(workdir), "-s", str(REPO / "Snakefile"), "--cores", "2", "--rerun-incomplete", *TARGETS],
+        [sys.executable, "-m", "snakemake", "--directory", str(workdir), "-s", str(REPO / "Snakefile"), "--cores", "2", "--rerun-incomplete", *targets],
         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
