@@ -1,5 +1,8 @@
 import copy
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -63,14 +66,43 @@ def micro_snakefile(tmp_path_factory):
     return repo / "Snakefile"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def micro_run_started(request, tmp_path_factory):
+    """When a selected test uses `micro_run`: its Snakemake run, started with the session in the background, so that
+    it overlaps the unit tests (single-process, they leave part of the two cores idle); `micro_run` waits for it.
+    Yields (process, work dir, output file) or None."""
+    if not any("micro_run" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    from helpers import env, make_workdir
+
+    snakefile = request.getfixturevalue("micro_snakefile")
+    workdir = make_workdir(tmp_path_factory.mktemp("micro"))
+    out_path = tmp_path_factory.mktemp("micro_log") / "snakemake.out"  # not in the work dir tests copy and compare
+    with open(out_path, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory",
+                                    str(workdir), "--cores", "2", "all"],
+                                   env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield process, workdir, out_path
+    finally:
+        if process.poll() is None:  # a session cut short: stop the run and the jobs it started
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
 @pytest.fixture(scope="session")
-def micro_run(tmp_path_factory, micro_snakefile):
+def micro_run(micro_run_started):
     """A work directory holding one uninterrupted, completed micro run, the one run that the workflow tests share
     (run Snakemake on it with `snakefile=micro_snakefile`, or every code input would look changed)."""
-    from helpers import make_workdir, snakemake
-
-    workdir = make_workdir(tmp_path_factory.mktemp("micro"))
-    snakemake(workdir, "--cores", "2", "all", snakefile=micro_snakefile)
+    process, workdir, out_path = micro_run_started
+    if process.wait(timeout=900) != 0:
+        raise AssertionError(f"the shared micro run failed (rc={process.returncode}):\n"
+                             f"{out_path.read_text(errors='replace')[-6000:]}")
     return workdir
 
 
