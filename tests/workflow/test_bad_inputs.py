@@ -1,11 +1,13 @@
 """Bad configuration, caught when the workflow is parsed: each case is a realistic mistake in the micro config, and
 a dry run must fail before any job runs, with a message that names the key (and the bad value). Library-side bad
 inputs (files, model outputs, settings only a GPU node can judge) are in tests/unit/test_robustness.py."""
-from concurrent.futures import ThreadPoolExecutor
+import json
+import subprocess
+import sys
 
 import pytest
 import yaml
-from helpers import MICRO, REPO, make_workdir, snakemake
+from helpers import MICRO, REPO, env, make_workdir, snakemake
 
 pytestmark = pytest.mark.workflow
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -79,28 +81,27 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def case_dry_runs(request, tmp_path_factory) -> dict:
-    """The dry run of each selected case, two at a time: a failing parse is one single-threaded process, and the
-    test machine has two cores (`make test` budget)."""
+    """case -> (exit status, output) of the dry run of each selected case; tests/dry_runs.py runs them two at a time
+    from one Snakemake import (a failing parse is one single-threaded process; `make test` budget)."""
     root = tmp_path_factory.mktemp("bad_config")
     selected = {item.callspec.params["case"] for item in request.session.items
                 if item.originalname == "test_bad_config_fails_at_parse_time_naming_the_key"}
-
-    def dry_run(numbered):
-        number, case = numbered
-        workdir = make_workdir(root / f"case-{number}", edit=CASES[case][0])
-        return snakemake(workdir, "-n", "all", check=False, timeout=120)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        cases = [(number, case) for number, case in enumerate(CASES) if case in selected]
-        return dict(zip((case for _, case in cases), pool.map(dry_run, cases)))
+    cases = [case for case in CASES if case in selected]
+    workdirs = [str(make_workdir(root / f"case-{number}", edit=CASES[case][0])) for number, case in enumerate(cases)]
+    outputs = root / "outputs"
+    outputs.mkdir()
+    subprocess.run([sys.executable, str(REPO / "tests" / "dry_runs.py"), str(REPO / "Snakefile"), str(outputs),
+                    *workdirs], env=env(), check=True, timeout=600)
+    statuses = json.loads((outputs / "returncodes.json").read_text())
+    return {case: (statuses[str(number)], (outputs / f"{number}.out").read_text(errors="replace"))
+            for number, case in enumerate(cases)}
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_config_fails_at_parse_time_naming_the_key(case_dry_runs, case):
     texts = CASES[case][1]
-    result = case_dry_runs[case]
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, f"{case}: the dry run accepted it"
+    returncode, output = case_dry_runs[case]
+    assert returncode != 0, f"{case}: the dry run accepted it"
     assert "Job stats" not in output, f"{case}: a plan was made before failing"
     for text in texts:
         assert text in output, f"{case}: {text!r} not named in:\n{output[-2000:]}"
