@@ -28,30 +28,9 @@ def _publish(tmp: Path, mode: int) -> None:
     os.chmod(tmp, mode & ~_umask())
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path` (same filesystem, so
-    `os.replace` is atomic). On error the temporary is removed and `path` is left untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        _publish(tmp, 0o666)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path` as a whole. Temporaries of `path`
-    that a writer killed before publishing left behind (kill -9 runs no cleanup) are removed first: one job writes
-    a path, so nothing else is writing them."""
-    path = Path(path)
+def _scratch_dir(path: Path) -> Path:
+    """A new private directory `.{name}.<random>` beside `path`, after removing the ones a writer of `path` killed
+    before publishing left behind (kill -9 runs no cleanup; one job writes a path, so nothing else is writing them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkdtemp's names: prefix + 8 of [a-z0-9_] (tempfile._RandomNameSequence); nothing else, so the temporaries of
     # a longer sibling name (.k0.5.<random> beside k0) are never taken for this path's
@@ -59,7 +38,32 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
         if mine.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary file path (named with `suffix`, default `path`'s, for writers that read the format from
+    it) in a scratch directory beside `path`; on success it is renamed onto `path` (same filesystem, so `os.replace`
+    is atomic). Whatever else the writer puts beside its file (safetensors' own `.tmpXXXXXX`) stays in the scratch
+    directory, which is removed on error, on success, and by the next write of `path` after a kill."""
+    path = Path(path)
+    scratch = _scratch_dir(path)
+    tmp = scratch / f"{path.stem}{suffix or path.suffix}"
+    try:
+        yield tmp
+        _publish(tmp, 0o666)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it replaces `path` as a whole. Temporaries of `path`
+    that a writer killed before publishing left behind are removed first (`_scratch_dir`)."""
+    path = Path(path)
+    tmp = _scratch_dir(path)
     try:
         yield tmp
         _publish(tmp, 0o777)
