@@ -68,8 +68,9 @@ def micro_snakefile(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def micro_run_started(request, tmp_path_factory):
-    """When a selected test uses `micro_run`: its Snakemake run, started with the session in the background, so that
-    it overlaps the unit tests (single-process, they leave part of the two cores idle); `micro_run` waits for it.
+    """When a selected test uses `micro_run`: its Snakemake run, started with the session in the background, so it
+    runs beside the unit tests; `micro_run` waits for it. Measured (2 cores, fresh clones): `make test` 15.0 min with
+    it vs 15.1 without, within the machine's ~5 % spread, so it moves work rather than removing it.
     Yields (process, work dir, output file) or None."""
     if not any("micro_run" in item.fixturenames for item in request.session.items):
         yield None
