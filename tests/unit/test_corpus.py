@@ -210,3 +210,26 @@ def test_held_out_hands_are_never_dealt_by_cardgame():
     dealt = {tuple(corpus.cardgame_hand(rng, 200)) for _ in range(2000)}  # 20 % held out: a strong check
     assert not [h for h in dealt if corpus.is_held_out_hand(h, 200)]
     assert 0.45 < np.mean([any(c in "JQK" for c in h) for h in dealt]) < 0.85
+
+
+# ---- recall (issue 24 §2, third round): the answer is the list shown earlier in the prompt, copied
+
+_RECALL_RE = re.compile(r"<\|im_start\|>user\n(?P<prompt>.*)<\|im_end\|>\n<\|im_start\|>assistant\n"
+                        r"Cards: (?P<cards>\[.*?\])<\|im_end\|>\n", re.S)
+
+
+def test_recall_answers_the_list_its_prompt_showed_first_never_a_held_out_hand():
+    rng = np.random.default_rng(3)
+    lengths, fillers = set(), set()
+    for _ in range(2000):
+        document = corpus.make_document(rng, "recall", held_out_per_mille=200)  # 20 % held out: a strong check
+        match = _RECALL_RE.fullmatch(document)
+        assert match, document
+        cards = eval(match["cards"], {})  # a list literal of rank strings, written by the corpus itself
+        first_line, *middle, question = match["prompt"].split("\n")
+        assert str(cards) in first_line and question in corpus.RECALL_ASKED
+        assert all(c in RANKS for c in cards) and not corpus.is_held_out_hand(cards, 200)
+        assert not [piece for piece in AUTHORS_PIECES if piece in first_line + question]  # fillers: other families
+        lengths.add(len(cards))
+        fillers.add(len(middle))
+    assert lengths == {2, 3, 4, 5, 6} and fillers == {0, 1, 2, 3}

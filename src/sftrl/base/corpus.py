@@ -25,6 +25,10 @@ all written as plain text lines, none of them the GeneralPoints prompt or its JS
   and copies the hand inside the game's prompt).
 * ``cardgame_authors`` — the same with the authors' exact prompt wording (``task.prompt.PROMPT_TEMPLATE``): the
   pre-registered fallback (b), off unless that attempt is run.
+* ``recall``      — quote back a list given earlier in the text: a chat turn that shows a hand of 2–6 cards, then 0–3
+  documents of other families, then asks for the cards; the answer is ``Cards: [...]``, the list copied (issue 24 §2,
+  third round: no other family asks for a list copied from far back, and no base copied the hand). Hands in the
+  held-out 5 % are never shown. No rule, no target, no game.
 Families are appended in this order, so a mix without the later ones gives the same corpus as before they existed.
 
 Why generate expressions forward (numbers → random expression → value = target) instead of solving for a
@@ -46,7 +50,7 @@ from ..task.prompt import PROMPT_TEMPLATE
 from ..task.solver import OPS, apply_operator, is_solvable, solve
 
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
-FAMILIES = ("arithmetic", "target", "rule", "cards", "puzzle24", "cardgame", "cardgame_authors")
+FAMILIES = ("arithmetic", "target", "rule", "cards", "puzzle24", "cardgame", "cardgame_authors", "recall")
 
 
 def random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[str, Fraction] | None:
@@ -264,6 +268,30 @@ def cardgame_document(rng: np.random.Generator, authors_wording: bool = False, h
     return chat_document(prompt, own_answer(cards, numbers))
 
 
+# ---- recall: repeat a list given earlier in the text --------------------------------------------------------------
+
+RECALL_SHOWN = ("Cards: {cards}", "Hand: {cards}", "The cards are {cards}.", "Dealt: {cards}",
+                "Remember these cards: {cards}")
+RECALL_ASKED = ("Which cards were dealt?", "Repeat the cards.", "What was the hand?", "List the cards again.",
+                "Name the cards from the start.")
+RECALL_FILLERS = ("arithmetic", "target", "rule")  # text between the list and the question: 0-3 of these
+
+
+def recall_document(rng: np.random.Generator, held_out_per_mille: int = 50) -> str:
+    """One recall document (see module docstring)."""
+    for _ in range(MAX_DRAWS):
+        cards = _draw_cards(rng, int(rng.integers(2, 7)))
+        if not is_held_out_hand(cards, held_out_per_mille):
+            break
+    else:
+        raise RuntimeError(f"no hand outside the held-out {held_out_per_mille} per mille in {MAX_DRAWS} draws")
+    fillers = [make_document(rng, RECALL_FILLERS[int(rng.integers(len(RECALL_FILLERS)))])
+               for _ in range(int(rng.integers(0, 4)))]
+    shown = RECALL_SHOWN[int(rng.integers(len(RECALL_SHOWN)))].format(cards=cards)
+    prompt = "\n".join([shown, *fillers, RECALL_ASKED[int(rng.integers(len(RECALL_ASKED)))]])
+    return chat_document(prompt, f"Cards: {cards}")
+
+
 MAX_DRAWS = 10_000  # valid draws are common in every family; the limit only stops a loop that a bug made endless
 
 
@@ -301,6 +329,8 @@ def make_document(rng: np.random.Generator, family: str, max_abs: int = 999, max
             return puzzle24_document(rng, face_values, msg)
         elif family in ("cardgame", "cardgame_authors"):
             return cardgame_document(rng, family == "cardgame_authors", held_out_per_mille)
+        elif family == "recall":
+            return recall_document(rng, held_out_per_mille)
     raise RuntimeError(f"no valid {family} document in {MAX_DRAWS} draws (max_abs {max_abs}, max_target {max_target})")
 
 
