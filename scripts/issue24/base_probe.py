@@ -9,6 +9,7 @@ from sftrl.base.probe import probe
 model_dir, out, verify_iter = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = yaml.safe_load(open("config/config.yaml"))
 t = time.time()
-report = probe(model_dir, cfg["base"]["probe"], {k: cfg["eval"][k] for k in ("batch_size", "max_new_tokens")},
+eval_knobs = {k: cfg["eval"][k] for k in ("backend", "batch_size", "max_new_tokens", "stop_tokens")}
+report = probe(model_dir, cfg["base"]["probe"], eval_knobs,
                {**cfg["model"], "device": "cpu"}, out, verify_iter=verify_iter)
 print("PROBE", {k: round(v["accuracy"] * 100, 1) for k, v in report["abilities"].items()}, f"{time.time() - t:.0f}s")

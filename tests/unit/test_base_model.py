@@ -11,11 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftrl.base import corpus, pretrain
 from sftrl.base.probe import probe
+from sftrl.io import write_jsonl
 from sftrl.modeling import ModelDirError, chat_prompt, check_model_dir, load_model, load_tokenizer
 from sftrl.task.cards import OOD_RULE, RULES, Hand, deal
 from sftrl.task.data import eval_problems
 from sftrl.task.episode import Episode
 from sftrl.task.prompt import render_answer, render_prompt
+from sftrl.task.rule_hands import rule_reading_hands
 from sftrl.task.solver import solve
 from sftrl.task.verifier import feedback_turn, score
 
@@ -130,8 +132,8 @@ ABILITIES = {"arithmetic", "target", "rule_10", "rule_11_12_13", "rule_random", 
 def test_probe_reports_every_ability(tmp_path, micro_base, micro_base_settings):
     settings = micro_base_settings["probe"]
     out = tmp_path / "abilities.json"
-    report = probe(micro_base, settings, {"batch_size": 4, "max_new_tokens": 16}, PROBE_MODEL_SETTINGS, out,
-                   target=24, verify_iter=2)
+    report = probe(micro_base, settings, {"backend": "kv", "batch_size": 4, "max_new_tokens": 16},
+                   PROBE_MODEL_SETTINGS, out, target=24, verify_iter=2)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["model"] == str(micro_base) and set(report["abilities"]) == ABILITIES
     for name, value in report["abilities"].items():
@@ -143,9 +145,22 @@ def test_probe_reports_every_ability(tmp_path, micro_base, micro_base_settings):
         task = report["abilities"][f"generalpoints_{split}"]
         assert 0.0 <= task["format_error_rate"] <= 1.0 and len(task["examples"]) == 3
     # greedy throughout: probing again gives the same report
-    again = probe(micro_base, settings, {"batch_size": 4, "max_new_tokens": 16}, PROBE_MODEL_SETTINGS,
+    again = probe(micro_base, settings, {"backend": "kv", "batch_size": 4, "max_new_tokens": 16}, PROBE_MODEL_SETTINGS,
                   tmp_path / "again.json", target=24, verify_iter=2)
     assert again == report
+
+
+def test_probe_reports_the_same_through_either_transformers_backend(tmp_path, micro_base, micro_base_settings):
+    """The probe generates through eval.backend (kv on CPU, greedy: hf's tokens) and measures rule reading with
+    transformers' own attention under either: the report does not depend on the backend, to the last digit."""
+    hands = tmp_path / "hands.jsonl"
+    write_jsonl(hands, rule_reading_hands(6, seed=3))
+    reports = [probe(micro_base, micro_base_settings["probe"], {"backend": name, "batch_size": 4, "max_new_tokens": 16},
+                     PROBE_MODEL_SETTINGS, tmp_path / f"{name}.json", target=24, verify_iter=2,
+                     rule_reading_hands=hands)
+               for name in ("hf", "kv")]
+    assert {**reports[0], "model": None} == {**reports[1], "model": None}
+    assert "rule_reading_json" in reports[0]["abilities"]
 
 
 def test_abilities_figure(tmp_path):
@@ -182,8 +197,9 @@ def test_snapshots_are_points_of_the_same_run(tmp_path, micro_base, micro_base_s
 
 
 def test_probe_reports_every_ability_with_an_interval(tmp_path, micro_base):
-    report = probe(micro_base, {"n": 4, "seed": 7, "max_new_tokens": 8}, {"batch_size": 8, "max_new_tokens": 8},
-                   PROBE_MODEL_SETTINGS, tmp_path / "abilities.json", verify_iter=1)
+    report = probe(micro_base, {"n": 4, "seed": 7, "max_new_tokens": 8},
+                   {"backend": "kv", "batch_size": 8, "max_new_tokens": 8}, PROBE_MODEL_SETTINGS,
+                   tmp_path / "abilities.json", verify_iter=1)
     assert set(report["abilities"]) == ABILITIES
     for name, value in report["abilities"].items():
         lo, hi = value["ci95"]

@@ -42,8 +42,7 @@ rule probe_base:
                subcategory="Tables"),
     params:
         settings=settings("base", "probe"),
-        # only the eval knobs the probe uses, so an eval sampling sweep does not rerun the probe
-        eval_settings=json.dumps({k: config["eval"][k] for k in ("batch_size", "max_new_tokens", "stop_tokens")}, sort_keys=True),
+        eval_settings=json.dumps({k: config["eval"][k] for k in PROBE_EVAL_KEYS}, sort_keys=True),
         model_settings=settings("model"),
         target=lookup(dpath="env/target", within=config),
         verify_iter=lookup(dpath="env/verify_iter", within=config),

@@ -10,3 +10,7 @@ def shipped_base_files():
         raise WorkflowError(f"config base.shipped = {config['base']['shipped']!r}: no shipped base there "
                             f"({shipped}/MANIFEST.json missing); set base.shipped: null to pretrain")
     return sorted(os.path.join(shipped, name) for name in os.listdir(shipped))
+
+
+# The eval knobs the base probe uses (its backend, batch and stop tokens): an eval sampling sweep does not rerun it.
+PROBE_EVAL_KEYS = ("backend", "batch_size", "max_new_tokens", "stop_tokens")

@@ -149,7 +149,8 @@ def rule_reading_ability(backend, hands: list[dict], prefix: str, batch_size: in
     all hands, with its interval, the log-prob margin and the four cells; a rule-blind model scores exactly 50 %."""
     from ..evaluation.rule_reading import rule_reading
 
-    result = rule_reading(backend.model, backend.tokenizer, hands, prefix, batch_size, target)
+    with backend.stock_attention():  # the numbers the evaluation's rule-reading job gets on the same model
+        result = rule_reading(backend.model, backend.tokenizer, hands, prefix, batch_size, target)
     return {"accuracy": result["mean"], "n": result["n"], "ci95": result["ci95"], "margin": result["margin"],
             "cells": {f"{c['hands']}_hands_{c['prompt']}_prompt": c["accuracy"] for c in result["cells"]},
             "rule_blind": 0.5}
@@ -164,7 +165,9 @@ def probe(model_dir, settings: dict, eval_settings: dict, model_settings: dict, 
     base_settings = read_json(f"{model_dir}/sftrl_base.json")["settings"]
     held_out = base_settings["corpus"]["held_out_per_mille"]
     n, seed = settings["n"], settings["seed"]
-    backend = make_backend("hf", model_dir, model_settings, eval_settings["batch_size"])
+    # The evaluation's backend, except vllm: the rule-reading parts need the transformers model's forward passes.
+    backend_name = "hf" if eval_settings["backend"] == "vllm" else eval_settings["backend"]
+    backend = make_backend(backend_name, model_dir, model_settings, eval_settings["batch_size"])
     # greedy; eval's stop tokens and the probe's own budget (continuations of corpus text)
     greedy = Sampling.from_settings(eval_settings, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                                     max_new_tokens=settings["max_new_tokens"], seed=seed)
@@ -267,7 +270,8 @@ def command(parser):
     parser.add_argument("--model", required=True)
     parser.add_argument("--settings", type=settings, required=True, help="JSON of config base.probe")
     parser.add_argument("--eval-settings", type=settings, required=True,
-                        help="JSON of the config eval knobs the probe uses (batch_size, max_new_tokens, stop_tokens)")
+                        help="JSON of the config eval knobs the probe uses "
+                             "(backend, batch_size, max_new_tokens, stop_tokens)")
     parser.add_argument("--model-settings", type=settings, required=True, help="JSON of config model")
     parser.add_argument("--target", type=int, default=TARGET)
     parser.add_argument("--verify-iter", type=int, default=VERIFY_ITER)

@@ -1,6 +1,8 @@
 """The reference backend: transformers `generate`, batched, left padding, KV cache; runs anywhere."""
 from __future__ import annotations
 
+import contextlib
+
 from ..modeling import DATE_STRING, load_model, load_tokenizer
 from .sampling import Sampling, decode_all, generated_lengths, new_stats, stop_token_ids
 
@@ -21,6 +23,10 @@ class HFBackend:
         self.model.generation_config = GenerationConfig()
         self.batch_size = batch_size
         self.stats = new_stats()
+
+    def stock_attention(self):
+        """The model's attention is never switched here (see KVBackend.stock_attention)."""
+        return contextlib.nullcontext()
 
     def generate(self, prompts: list[str], sampling: Sampling, keys=None, keep: bool = True) -> list[str]:
         """`keys` and `keep` (conversation ids for KV reuse, see KVBackend) are accepted and ignored: every call

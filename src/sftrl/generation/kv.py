@@ -2,6 +2,7 @@
 feedback rounds in preallocated slot buffers (issue 12; measured numbers in the class docstring)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -174,6 +175,20 @@ class KVBackend:
         self.sessions: dict = {}  # key -> (token ids with cached K/V, [(K, V) per layer], each [kv_heads, n, head_dim])
         self.stats = new_stats()
         self._torch = torch
+
+    @contextlib.contextmanager
+    def stock_attention(self):
+        """transformers' own sdpa attention inside the block (the decode loop's kernel after it): forward passes made
+        there compute what every other forward pass of the project computes, to the last bit (the base probe's rule
+        reading, which the evaluation's rule-reading job also measures on the base)."""
+        if not self.bool_mask:  # eager: never switched
+            yield
+            return
+        self.model.set_attn_implementation("sdpa")
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(KV_SDPA)
 
     def release(self, keys=None) -> None:
         """Drop the cached conversations named in `keys` (all when None)."""
