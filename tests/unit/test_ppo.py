@@ -312,10 +312,12 @@ def test_advantages_use_torch_std_and_nonfinite_episodes_are_dropped():
     assert dropped == 2 and kept == [samples[0], samples[3], samples[4]] and kept_episodes == [[0], [1, 2]]
 
 
-@pytest.mark.parametrize("n, minibatch, micro, processes", [(5, 2, 1, 2), (7, 3, 2, 2), (9, 4, 3, 3), (4, 2, 1, 1)])
+@pytest.mark.parametrize("n, minibatch, micro, processes", [(5, 2, 1, 2), (7, 3, 2, 2), (9, 4, 3, 3), (4, 2, 1, 1),
+                                                             (40, 16, 16, 2), (33, 16, 16, 1)])
 def test_minibatch_plan_gives_every_process_the_same_steps_and_passes(n, minibatch, micro, processes):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
-    plans = [ppo_update.minibatch_plan(order, minibatch, micro, processes, p) for p in range(processes)]
+    lengths = [int(x) for x in torch.randint(100, 700, (n,), generator=torch.Generator().manual_seed(n + 1))]
+    plans = [ppo_update.minibatch_plan(order, lengths, minibatch, micro, processes, p) for p in range(processes)]
     assert len({len(plan) for plan in plans}) == 1  # optimizer steps
     for steps in zip(*plans):
         assert len({len(micro_batches) for _, micro_batches in steps}) == 1  # backward passes in each step
@@ -325,9 +327,23 @@ def test_minibatch_plan_gives_every_process_the_same_steps_and_passes(n, minibat
         assert all(weight in (0.0, 1.0) for _, mbs in steps for _, weight in mbs)
     covered = sorted(i for plan in plans for _, mbs in plan for index, weight in mbs if weight for i in index)
     assert covered == list(range(n))
-    # one process runs the minibatches of minibatch_size in order, without padding
-    single = ppo_update.minibatch_plan(order, minibatch * processes, micro, 1, 0)
+    # one process runs the minibatches of minibatch_size in order, without padding passes
+    single = ppo_update.minibatch_plan(order, lengths, minibatch * processes, micro, 1, 0)
     assert [size for size, _ in single] == [size for size, _ in plans[0]]
+    assert all(weight == 1.0 for _, mbs in single for _, weight in mbs)
+
+
+def test_length_chunks_keep_a_pass_within_the_length_slack_longest_first():
+    lengths = [190, 610, 330, 200, 600, 340, 185, 470, 750, 195]
+    chunks = ppo_update.length_chunks(list(range(10)), lengths, max_rows=3)
+    assert sorted(i for c in chunks for i in c) == list(range(10))
+    assert [[lengths[i] for i in c] for c in chunks] == [[750, 610, 600], [470], [340, 330], [200, 195, 190],
+                                                         [185]]
+    for chunk in chunks:  # padding of a pass <= LENGTH_SLACK of its longest sample per row
+        assert min(lengths[i] for i in chunk) >= (1 - ppo_update.LENGTH_SLACK) * lengths[chunk[0]]
+    # equal lengths keep their order; max_rows 1: one sample per pass
+    assert ppo_update.length_chunks([4, 2, 7], [5] * 8, 2) == [[4, 2], [7]]
+    assert ppo_update.length_chunks([0, 1], [3, 9], 1) == [[1], [0]]
 
 
 # -----------------------------------------------------------------------------

@@ -56,23 +56,47 @@ def gather_samples(accelerator, samples: list[dict], episodes: list[list[int]], 
     return all_samples, all_episodes, all_successes
 
 
-def minibatch_plan(order: list[int], minibatch_size: int, micro_batch_size: int, num_processes: int,
-                   process_index: int) -> list[tuple[int, list[tuple[list[int], float]]]]:
-    """What one process runs in one epoch over the global samples taken in `order`: per optimizer step (a
-    minibatch of minibatch_size × num_processes samples, the last one shorter), the minibatch's size and this
-    process's micro-batches, each (sample indices, weight). Every process gets the same number of optimizer steps
-    and, within each, the same number of micro-batches, which DDP needs: it synchronises every backward pass, so a
-    process that ran fewer would leave the others waiting forever (FIX: before, each process ran as many as its own
-    episodes produced attempts). Samples go to processes in turn (i, i + P, ...), so shares differ by at most one;
-    a process whose share is used up runs padding passes (the minibatch's first sample, weight 0)."""
+# A forward pass's rows are left-padded to its longest sample, and an episode's later attempts carry the earlier
+# ones in their prompt, so a pass that mixes first and fifth attempts feeds up to half padding (bench/README.md, PPO).
+# Samples of a pass are therefore the longest first, and a new pass starts where the next sample is shorter than the
+# pass's first by more than this fraction.
+LENGTH_SLACK = 0.25
+
+
+def length_chunks(index: list[int], lengths: list[int], max_rows: int) -> list[list[int]]:
+    """`index` cut into forward passes of at most `max_rows` samples of similar length (LENGTH_SLACK), longest
+    first; samples of equal length keep their order in `index`."""
+    chunks: list[list[int]] = []
+    for i in sorted(index, key=lambda i: -lengths[i]):
+        if chunks and len(chunks[-1]) < max_rows and lengths[i] >= (1 - LENGTH_SLACK) * lengths[chunks[-1][0]]:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def sample_lengths(samples: list[dict]) -> list[int]:
+    return [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
+
+
+def minibatch_plan(order: list[int], lengths: list[int], minibatch_size: int, micro_batch_size: int,
+                   num_processes: int, process_index: int) -> list[tuple[int, list[tuple[list[int], float]]]]:
+    """What one process runs in one epoch over the global samples taken in `order` (`lengths`: each sample's
+    tokens): per optimizer step (a minibatch of minibatch_size × num_processes samples, the last one shorter), the
+    minibatch's size and this process's micro-batches (`length_chunks` of its share), each (sample indices, weight).
+    Every process gets the same number of optimizer steps and, within each, the same number of micro-batches, which
+    DDP needs: it synchronises every backward pass, so a process that ran fewer would leave the others waiting
+    forever (FIX: before, each process ran as many as its own episodes produced attempts). Samples go to processes
+    in turn (i, i + P, ...), so shares differ by at most one; a process with fewer passes than another runs padding
+    passes (the minibatch's first sample, weight 0)."""
     plan = []
     step = minibatch_size * num_processes
     for start in range(0, len(order), step):
         minibatch = order[start : start + step]
-        share = minibatch[process_index::num_processes]
-        micro_batches = math.ceil(math.ceil(len(minibatch) / num_processes) / micro_batch_size)
-        chunks = [share[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(micro_batches)]
-        plan.append((len(minibatch), [(chunk, 1.0) if chunk else ([minibatch[0]], 0.0) for chunk in chunks]))
+        chunks = [length_chunks(minibatch[p::num_processes], lengths, micro_batch_size) for p in range(num_processes)]
+        passes = max(len(c) for c in chunks)
+        own = chunks[process_index]
+        plan.append((len(minibatch), [(chunk, 1.0) for chunk in own] + [([minibatch[0]], 0.0)] * (passes - len(own))))
     return plan
 
 
@@ -84,8 +108,8 @@ def old_pass(actor_critic, reference, samples: list[dict], micro_batch_size: int
     import torch
 
     with torch.no_grad():
-        for start in range(0, len(samples), micro_batch_size):
-            chunk = samples[start : start + micro_batch_size]
+        for index in length_chunks(list(range(len(samples))), sample_lengths(samples), micro_batch_size):
+            chunk = [samples[i] for i in index]
             batch = collate(chunk, pad_id, device)
             logp, value, _, token_logp = actor_critic(batch, temperature)
             kl = None
@@ -115,10 +139,11 @@ def optimize(actor_critic, optimizer, accelerator, samples: list[dict], ppo: dic
     processes = accelerator.num_processes
     stats = {"clip_fraction": [], "approx_kl": [], "value_loss": [], "entropy": []}
     generator = torch.Generator().manual_seed(seed)
+    lengths = sample_lengths(samples)
     for _ in range(ppo["ppo_epochs"]):
         order = torch.randperm(len(samples), generator=generator).tolist()
-        for size, micro_batches in minibatch_plan(order, ppo["minibatch_size"], ppo["micro_batch_size"], processes,
-                                                  accelerator.process_index):
+        for size, micro_batches in minibatch_plan(order, lengths, ppo["minibatch_size"], ppo["micro_batch_size"],
+                                                  processes, accelerator.process_index):
             for index, weight in micro_batches:
                 chunk = [samples[i] for i in index]
                 batch = collate(chunk, pad_id, device)
