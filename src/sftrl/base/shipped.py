@@ -137,10 +137,15 @@ def command(parser):
     parser.add_argument("--loss-log", required=True, help="its pretraining loss log")
     parser.add_argument("--settings", type=settings, required=True, help="JSON of the config base section that made it")
     parser.add_argument("--abilities", help="its probe results (abilities.json), recorded in the manifest's notes")
+    parser.add_argument("--probe-curve", help="JSON list of its probes along pretraining (one point per snapshot: "
+                                              "rule reading json / own prefix, copying the hand), recorded in the "
+                                              "manifest's notes")
     parser.add_argument("--out", required=True, help="where to ship it (resources/base)")
 
     def run(args):
         notes = {"abilities": read_json(args.abilities)} if args.abilities else {}
+        if args.probe_curve:
+            notes["probe_curve"] = read_json(args.probe_curve)
         manifest = ship(args.model, args.loss_log, args.out, args.settings, notes)
         print(f"shipped {len(manifest['files'])} files, {sum(f['bytes'] for f in manifest['files'].values())} bytes "
               f"-> {args.out}")
