@@ -116,7 +116,8 @@ def one_run(study_files) -> pd.DataFrame:
 # the criteria of claims.py, restated: (point, low, high) -> bool
 CRITERIA = {"ood_peaks_then_falls": lambda p, lo, hi: lo > 0, "id_rises": lambda p, lo, hi: lo > 0,
             "rl_recovery": lambda p, lo, hi: p >= 50 and lo > 0, "sigma_stable_angles_large": lambda p, lo, hi: p > 10,
-            "rank_top20_direction": lambda p, lo, hi: p >= 70, "layer_first25_direction": lambda p, lo, hi: p >= 70,
+            "rank_top20_direction": lambda p, lo, hi: p >= 70 and lo > 0,
+            "layer_first25_direction": lambda p, lo, hi: p >= 70 and lo > 0,
             "reverse_drops_ood": lambda p, lo, hi: lo > 0, "late_sft_unrecoverable": lambda p, lo, hi: lo > 0}
 
 
