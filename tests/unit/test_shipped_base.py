@@ -102,3 +102,23 @@ def test_a_null_continuation_is_no_continuation():
     assert shipped.weight_settings({**without, "continuation": None}) == shipped.weight_settings(without)
     stage = {"corpus": {"n_documents": 10, "mix": {"cardgame": 1.0}}, "train": base["train"]}
     assert shipped.weight_settings({**without, "continuation": stage})["continuation"] == stage
+
+
+def test_ship_base_records_the_probes_and_their_learning_curve(tmp_path, micro_base, micro_base_settings):
+    """`sftrl ship-base --abilities --probe-curve`: both files' contents land in the manifest's notes, unchanged."""
+    import json
+
+    from sftrl.cli import main
+
+    loss = tmp_path / "loss.csv"
+    loss.write_text("step,lr,loss\n1,0.001,6.9\n")
+    abilities = {"abilities": {"copy_hand_id": {"accuracy": 1.0, "n": 200}}}
+    curve = [{"step": 10, "rule_reading_own": 0.5, "copy_hand_id": 0.0},
+             {"step": 20, "rule_reading_own": 1.0, "copy_hand_id": 1.0}]
+    (tmp_path / "abilities.json").write_text(json.dumps(abilities))
+    (tmp_path / "curve.json").write_text(json.dumps(curve))
+    main(["ship-base", "--model", str(micro_base), "--loss-log", str(loss), "--settings", json.dumps(micro_base_settings),
+          "--abilities", str(tmp_path / "abilities.json"), "--probe-curve", str(tmp_path / "curve.json"),
+          "--out", str(tmp_path / "shipped")])
+    manifest = shipped.verify(tmp_path / "shipped")
+    assert manifest["notes"] == {"abilities": abilities, "probe_curve": curve}
