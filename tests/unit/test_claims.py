@@ -236,3 +236,16 @@ def test_one_file_per_seed_or_a_clear_error(tmp_path, capsys, flags, message):
         main(["claims", *flags, "--out", str(tmp_path / "c.csv"), "--markdown", str(tmp_path / "c.md")])
     assert err.value.code == 2 and message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_restoration_ratio_whose_interval_reaches_zero_does_not_pass(tmp_path):
+    """A restoration claim needs its lower bound above 0 besides ≥ 70 %: a large ratio over an OOD gap inside the
+    noise (the new base's 900 % [-700, 700]) fails, as the RL-recovery claim's criterion does."""
+    eval_csv, selection, tables = study(tmp_path)
+    rows = Claims(pd.read_csv(eval_csv), json.loads(Path(selection).read_text()),
+                  {Path(t).stem: pd.read_csv(t) for t in tables}).rows()
+    restoration = [row for row in rows if row.fields["claim"] in ("rank_top20_direction", "layer_first25_direction")]
+    assert len(restoration) == 6
+    for row in restoration:
+        assert not row.criterion(900.0, -700.0, 700.0)
+        assert row.criterion(80.0, 10.0, 150.0)

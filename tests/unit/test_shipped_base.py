@@ -1,12 +1,14 @@
 """The shipped base (sftrl.base.shipped): a manifest of sha256 + the settings that made it, verified before the DAG
 uses the copy; and the copy the repository ships, when config/config.yaml names one."""
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from sftrl.base import shipped
+from sftrl.cli import main
 from sftrl.io import read_json
 
 from helpers import REPO  # noqa: E402
@@ -106,10 +108,6 @@ def test_a_null_continuation_is_no_continuation():
 
 def test_ship_base_records_the_probes_and_their_learning_curve(tmp_path, micro_base, micro_base_settings):
     """`sftrl ship-base --abilities --probe-curve`: both files' contents land in the manifest's notes, unchanged."""
-    import json
-
-    from sftrl.cli import main
-
     loss = tmp_path / "loss.csv"
     loss.write_text("step,lr,loss\n1,0.001,6.9\n")
     abilities = {"abilities": {"copy_hand_id": {"accuracy": 1.0, "n": 200}}}
