@@ -59,9 +59,12 @@ report-check: $(STAMP)
 		$$SUDO apt-get update && $$SUDO apt-get install -y chromium; }
 	$(BIN)/python scripts/report_check.py $(REPORT) --out $(dir $(REPORT))report_check
 
-## Unit tests, then the micro config end to end through real Snakemake.
+## Unit tests, then the micro config end to end through real Snakemake. Two pytest workers (pytest-xdist) on the
+## 2-core budget machine: many tests wait on single-threaded Snakemake starts and job chains, so one process left a
+## core idle a third of the time. Units and order: tests/conftest.py. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder tests
 
 ## The prepared first GPU check (scripts/gpu_check.sh: ≤ 8 min on one H100 / H200, SmolLM2-135M; preparation in the
 ## script's header; `make gpu-check GPU_CHECK_DRY=1` runs its CPU-possible parts). Report: results/gpu_check/report.json

@@ -66,15 +66,12 @@ def micro_snakefile(tmp_path_factory):
     return repo / "Snakefile"
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def micro_run_started(request, tmp_path_factory):
-    """When a selected test uses `micro_run`: its Snakemake run, started with the session in the background, so it
-    runs beside the unit tests; `micro_run` waits for it. Measured (2 cores, fresh clones): `make test` 15.0 min with
-    it vs 15.1 without, within the machine's ~5 % spread, so it moves work rather than removing it.
-    Yields (process, work dir, output file) or None."""
-    if not any("micro_run" in item.fixturenames for item in request.session.items):
-        yield None
-        return
+    """The shared micro run's Snakemake, started in the background by the first test of the micro group (the group
+    `make test` runs first on one worker, `pytest_collection_modifyitems`), so it runs beside the other worker's
+    tests; `micro_run` waits for it. The SLURM run starts with it (conftest `slurm_run`), on the same worker.
+    Yields (process, work dir, output file)."""
     from helpers import env, make_workdir
 
     snakefile = request.getfixturevalue("micro_snakefile")
@@ -85,6 +82,7 @@ def micro_run_started(request, tmp_path_factory):
                                     str(workdir), "--cores", "2", "all"],
                                    env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        request.getfixturevalue("slurm_run")  # its polling waits overlap this run too
         yield process, workdir, out_path
     finally:
         if process.poll() is None:  # a session cut short: stop the run and the jobs it started
@@ -107,10 +105,11 @@ def micro_run(micro_run_started):
     return workdir
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def slurm_run(request, tmp_path_factory):
     """When tests/workflow/test_slurm.py is among the selected tests: the SLURM cluster and the micro targets' SLURM
-    run, started before the first test (tests/slurm_run.py says why) and stopped after the last; else None."""
+    run, started with the shared micro run (tests/slurm_run.py says why) and stopped after the last test; else
+    None."""
     wanted = any(item.path.name == "test_slurm.py" for item in request.session.items)
     if not wanted or os.environ.get("SFTRL_SKIP_SLURM") == "1":
         yield None
@@ -127,7 +126,51 @@ def slurm_run(request, tmp_path_factory):
         run.stop()
 
 
+# How `make test` (`pytest -n 2`, pytest-xdist) splits the tests between its two workers: in units, each run by one
+# worker in one process. The micro group: the files whose tests share the micro run (and the SLURM test, which
+# compares with it); some of them rerun jobs or rewrite code stamps in the shared run in place, so they run one after
+# another, in the worker that made the run. Files whose tests share no module fixture: one unit per test (the two
+# real-model DAGs run side by side). Every other file: one unit, so its module fixtures are built once.
+MICRO_GROUP = "micro_run"
+MICRO_FILES = {"test_kill_resume.py", "test_damaged_outputs.py", "test_report.py", "test_rerun.py",
+               "test_restore_dag.py", "test_seeds.py", "test_workflow.py", "test_slurm.py"}
+ONE_UNIT_PER_TEST = {"test_real_models.py"}
+
+
+def xdist_unit(nodeid: str) -> str:
+    """The unit of work of a test, from its node id alone (the xdist controller schedules node ids; it collects no
+    test)."""
+    path = nodeid.split("::")[0]
+    name = path.rsplit("/", 1)[-1]
+    return MICRO_GROUP if name in MICRO_FILES else nodeid if name in ONE_UNIT_PER_TEST else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scope scheduler with our units (its own `--dist loadgroup` marks no longer reach the node ids
+    under pytest 9, so the units are named here). Units go to the workers in collection order (the order
+    `pytest_collection_modifyitems` sets), each worker taking the next when it runs out."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return xdist_unit(nodeid)
+
+    return UnitScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Run the SLURM test last: its run (started with the session, conftest `slurm_run`) has then had the longest
-    time to finish, and the shared micro run it compares with is built by then."""
-    items.sort(key=lambda item: item.path.name == "test_slurm.py")  # stable: the rest keep their order
+    """The order of the units: the micro group first (its first test starts the shared micro run and the SLURM run in
+    the background; the kill-resume test, which needs the run only at its end, goes first so its worker computes
+    while the run runs; the SLURM test last, when its run has had the longest time to finish), then the other
+    workflow tests, then the unit tests, short fillers for the end. Ordering is speed only: any order passes."""
+    for item in items:  # a test that shares the micro run must be in the micro group, or two workers would make it
+        if "micro_run_started" in item.fixturenames and xdist_unit(item.nodeid) != MICRO_GROUP:
+            raise pytest.UsageError(f"{item.nodeid} uses the shared micro run: add {item.path.name} to conftest "
+                                    "MICRO_FILES")
+
+    def rank(item):
+        if xdist_unit(item.nodeid) == MICRO_GROUP:
+            return (0, {"test_kill_resume.py": 0, "test_slurm.py": 2}.get(item.path.name, 1))
+        return (1 if item.get_closest_marker("workflow") else 2, 0)
+
+    items.sort(key=rank)  # stable: within a rank, collection order

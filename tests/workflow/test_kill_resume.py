@@ -64,7 +64,9 @@ def run_until_killed(workdir: Path, stage: str) -> None:
         process.wait()
 
 
-def test_killed_four_times_then_resumed_equals_an_uninterrupted_run(micro_run, tmp_path):
+def test_killed_four_times_then_resumed_equals_an_uninterrupted_run(micro_run_started, request, tmp_path):
+    """Runs beside the shared micro run (conftest's ordering starts the micro group with it) and waits for that run
+    only to compare with it."""
     workdir = make_workdir(tmp_path)
     for stage in STAGES:
         run_until_killed(workdir, stage)
@@ -72,7 +74,7 @@ def test_killed_four_times_then_resumed_equals_an_uninterrupted_run(micro_run, t
     snakemake(workdir, "--cores", "2", "--rerun-incomplete", *TARGETS)
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, "-n", *TARGETS))
 
-    resumed, reference = workdir / "results", micro_run / "results"
+    resumed, reference = workdir / "results", request.getfixturevalue("micro_run") / "results"
     for table in TABLES:
         a, b = pd.read_csv(resumed / table), pd.read_csv(reference / table)
         a, b = (frame.drop(columns=[c for c in ("seconds", "model") if c in frame.columns]) for frame in (a, b))
