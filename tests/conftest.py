@@ -8,6 +8,21 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest workers on two cores beside the Snakemake runs they start, so the machine is
+# oversubscribed: OpenMP threads that wait sleep instead of spinning on a core another process needs (every process
+# the tests start inherits it; it changes no number), and each worker's own torch work runs on its share of the cores
+# (`torch_threads_per_worker`).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads_per_worker():
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 
 # A base-model config small enough for unit tests (seconds), same keys as config/config.yaml `base`.
 MICRO_BASE = {

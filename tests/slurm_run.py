@@ -1,11 +1,12 @@
-"""The SLURM run of tests/workflow/test_slurm.py, started at the beginning of the test session and checked at its end.
+"""The SLURM run of tests/workflow/test_slurm.py, started with the shared micro run and checked at the session's end.
 
 A SLURM run spends most of its wall time waiting: the executor plugin polls job status at growing intervals (2 s,
 then +10 s after every round in which no job finished, snakemake-executor-plugin-slurm 2.x), so the ~30 jobs of a
-chain 9 deep took ~190 s of which the jobs' own work is a fraction. Started early (conftest's `slurm_run`), that wait
-overlaps the other tests instead of adding to `make test`; the test itself then only waits for what is left and
-checks it. With the controller up the whole session, `snakemake` calls elsewhere also skip the plugin's ~9 s
-`scontrol show config` timeout against a stopped controller (a machine where the SLURM client is installed).
+chain 9 deep took ~190 s of which the jobs' own work is a fraction. Started early (conftest's `micro_run_started`,
+by the first test of the micro group, on the worker that runs them all), that wait overlaps the other tests instead
+of adding to `make test`; the test itself, the group's last, then only waits for what is left and checks it. With the
+controller up, `snakemake` calls elsewhere also skip the plugin's ~9 s `scontrol show config` timeout against a
+stopped controller (a machine where the SLURM client is installed).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ as in CI (`--profile profiles/slurm --profile profiles/slurm-localhost`), and th
     SFT loss table and every evaluation episode) is identical to the local `--cores 2` run of the same config (the
     shared micro run, conftest `micro_run`);
   * `gpu_check` (not part of `all`) ran in a job with the SFT rule's GPU request and recorded what it saw.
-The cluster and the SLURM run start with the test session (conftest `slurm_run`, tests/slurm_run.py: the run's
+The cluster and the SLURM run start with the shared micro run (conftest `slurm_run`, tests/slurm_run.py: the run's
 polling waits overlap the other tests); the cluster is stopped afterwards by scripts/slurm/down.sh, unless it was
 already running before.
 
