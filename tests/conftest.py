@@ -161,9 +161,10 @@ def xdist_unit(nodeid: str) -> str:
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's scope scheduler with our units (its own `--dist loadgroup` marks no longer reach the node ids
-    under pytest 9, so the units are named here). Units go to the workers in collection order (the order
-    `pytest_collection_modifyitems` sets), each worker taking the next when it runs out."""
+    """pytest-xdist's scope scheduler with our units: its own `--dist loadgroup` silently stops grouping under pytest
+    9.2, whose node ids ignore the `_nodeid` it rewrites (pytest-dev/pytest-xdist#1386, open), so the units are named
+    here. Units go to the workers in collection order (the order `pytest_collection_modifyitems` sets), each worker
+    taking the next when it runs out."""
     from xdist.scheduler import LoadScopeScheduling
 
     class UnitScheduling(LoadScopeScheduling):
