@@ -6,7 +6,11 @@ import sys
 
 import pytest
 
+# As the Makefile exports them, before anything runs: sftrl.modeling sets the first two when a test imports it, and
+# the job server (conftest `job_server`) runs only jobs whose environment is the one it started with.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `make test` runs two pytest workers on two cores beside the Snakemake runs they start, so the machine is
 # oversubscribed: OpenMP threads that wait sleep instead of spinning on a core another process needs (every process
@@ -22,6 +26,31 @@ def torch_threads_per_worker():
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def job_server():
+    """Every `sftrl` job of the tests' Snakemake runs is forked from one warm process per worker (sftrl.jobserver,
+    as under `make results`): most of a micro job's time is importing torch and transformers. A test that needs a
+    cold job sets SFTRL_JOBSERVER to "" (helpers.snakemake `extra_env`)."""
+    import shutil
+    import tempfile
+
+    from helpers import env
+
+    from sftrl.jobserver import ENV, start_server
+
+    folder = tempfile.mkdtemp(prefix="sftrl-test-jobserver-")  # short: a Unix socket path is at most 107 bytes
+    path = os.path.join(folder, "socket")
+    server = start_server(path, env())
+    os.environ[ENV] = path
+    try:
+        yield path
+    finally:
+        del os.environ[ENV]
+        server.terminate()
+        server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # A base-model config small enough for unit tests (seconds), same keys as config/config.yaml `base`.

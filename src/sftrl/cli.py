@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS = {
@@ -78,6 +79,17 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("SFTRL_JOBSERVER"):  # a job under `python -m sftrl.jobserver`: run it warm if the server can
+        from .jobserver import run_in_server
+
+        code = run_in_server(argv)
+        if code is not None:
+            raise SystemExit(code)
+    run_command(argv)
+
+
+def run_command(argv: list[str]) -> None:
+    """Run `sftrl ARGV` in this process."""
     verbose = bool(argv) and argv[0] in ("-v", "--verbose")
     argv = argv[verbose:]
     # the longest command name that prefixes the arguments ("figure fig1" before "figure")

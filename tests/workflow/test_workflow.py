@@ -142,6 +142,44 @@ def test_rerun_of_sft_resumes_without_recomputing(micro_run, micro_snakefile):
     assert (results / "seed-0" / "tables" / "sft_loss.csv").read_text() == losses
 
 
+def test_cold_jobs_recompute_the_warm_runs_bytes(micro_run, micro_snakefile, tmp_path):
+    """The shared micro run's jobs ran warm (sftrl.jobserver: conftest `job_server`). SFT, PPO, an evaluation and
+    an SVD shard rerun cold, in a copy of the run, write the same bytes (timing columns aside)."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+
+    from sftrl.jobserver import ENV
+
+    copy = tmp_path / "cold"
+    shutil.copytree(micro_run, copy, symlinks=True)
+    for state in ("sft", "rl/ppo-from-sft-4"):  # saved training state would make the reruns resume, not train
+        shutil.rmtree(copy / "results" / "seed-0" / "work" / state)
+    seed = "results/seed-0"
+    targets = [f"{seed}/tables/sft_loss.csv", f"{seed}/rl/ppo-from-sft-4/log.csv", f"{seed}/eval/sft-4/id.jsonl",
+               f"{seed}/svd/sft-8/layers000-001.safetensors"]
+    logs = ["logs/seed-0/sft/sft.log", "logs/seed-0/rl/ppo-from-sft-4.log", "logs/seed-0/eval/sft-4.log",
+            "logs/seed-0/svd/sft-8/layers000-001.log"]
+    snakemake(copy, "--cores", "2", "--force", *targets, snakefile=micro_snakefile, extra_env={ENV: ""})
+    for log in logs:
+        assert "sftrl: warm job" in (micro_run / log).read_text(), log
+        assert "sftrl: warm job" not in (copy / log).read_text(), log
+    for path in [*targets, f"{seed}/sft/checkpoint-4/model.safetensors", f"{seed}/sft/checkpoint-8/model.safetensors",
+                 f"{seed}/rl/ppo-from-sft-4/checkpoint-1/model.safetensors", f"{seed}/eval/sft-4/ood.jsonl"]:
+        if path.endswith(".csv"):
+            warm, cold = (pd.read_csv(root / path) for root in (micro_run, copy))
+            timing = [c for c in warm.columns if "second" in c]
+            pd.testing.assert_frame_equal(warm.drop(columns=timing), cold.drop(columns=timing), check_exact=True,
+                                          obj=path)
+        elif "/svd/" in path:  # the header's metadata keys come in a per-process order (a Rust HashMap)
+            warm, cold = (safe_open(root / path, framework="pt") for root in (micro_run, copy))
+            assert warm.metadata() == cold.metadata() and warm.keys() == cold.keys(), path
+            assert all(torch.equal(warm.get_tensor(key), cold.get_tensor(key)) for key in warm.keys()), path
+        else:
+            assert (micro_run / path).read_bytes() == (copy / path).read_bytes(), path
+
+
 def test_one_figure_builds_only_what_it_needs(tmp_path):
     workdir = make_workdir(tmp_path)
     rules = set(planned_jobs(snakemake(workdir, "-n", "results/figs/fig2.pdf")))

@@ -1,0 +1,110 @@
+"""sftrl.jobserver: a warm job behaves as the same command run cold (directory, descriptors, environment, exit
+status, signals, outputs), and whatever the server cannot run as a cold process would runs cold. The tests talk to
+the session's real server (conftest `job_server`) through the installed `sftrl` entry point."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import env
+
+from sftrl.jobserver import ENV, PER_JOB_VARIABLES, environment_difference
+
+SFTRL = str(Path(sys.executable).parent / "sftrl")
+
+
+def sftrl(*args, cwd, extra_env=None, **kwargs):
+    return subprocess.run([SFTRL, *args], cwd=cwd, env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def warm_pid(stderr: str) -> int | None:
+    match = re.search(r"sftrl: warm job (\d+), forked by job server", stderr)
+    return int(match.group(1)) if match else None
+
+
+def test_only_variables_read_at_import_time_must_match():
+    server = {"PATH": "/bin", "HF_HOME": "/a", "OMP_NUM_THREADS": "2", "SFTRL_X": "1"}
+    job = {"PATH": "/bin", "HF_HOME": "/b", "OMP_NUM_THREADS": "1", "TMPDIR": "/tmp", "SFTRL_Y": "2", "LD_PRELOAD": "x"}
+    assert environment_difference(server, job) == ["HF_HOME", "LD_PRELOAD"]
+    assert environment_difference(server, {**server, **{key: "9" for key in PER_JOB_VARIABLES}}) == []
+
+
+def test_a_warm_job_runs_in_its_clients_directory_with_its_descriptors_and_status(tmp_path, job_server):
+    result = sftrl("data", "eval-set", "--rule", "ood", "--n", "5", "--seed", "3", "--out", "sets/ood.jsonl",
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert warm_pid(result.stderr) is not None  # it did run in the server
+    assert len((tmp_path / "sets" / "ood.jsonl").read_text().splitlines()) == 5  # relative to the client's cwd
+    usage = sftrl("--help", cwd=tmp_path)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: sftrl")  # the client's stdout
+    failed = sftrl("table", "no-such-summary.json", "--out", "t.csv", cwd=tmp_path)
+    assert failed.returncode == 1 and "no-such-summary.json" in failed.stderr  # a traceback, status 1, as cold
+    wrong = sftrl("eval", "--model", "m", cwd=tmp_path)
+    assert wrong.returncode == 2 and "the following arguments are required" in wrong.stderr
+
+
+def test_warm_and_cold_jobs_write_the_same_bytes(tmp_path, job_server):
+    outputs = {}
+    for how, extra in (("warm", {}), ("cold", {ENV: ""})):
+        result = sftrl("data", "eval-set", "--rule", "id", "--n", "20", "--seed", "1", "--out", f"{how}.jsonl",
+                       cwd=tmp_path, extra_env=extra)
+        assert result.returncode == 0 and (warm_pid(result.stderr) is not None) == (how == "warm"), result.stderr
+        outputs[how] = (tmp_path / f"{how}.jsonl").read_bytes()
+    assert outputs["warm"] == outputs["cold"]
+
+
+@pytest.mark.parametrize("extra_env", [{"HF_HOME": "/elsewhere"}, {"SLURM_JOB_ID": "7"}])
+def test_what_the_server_cannot_run_as_a_cold_process_runs_cold(tmp_path, job_server, extra_env):
+    result = sftrl("data", "eval-set", "--rule", "id", "--n", "2", "--seed", "1", "--out", "x.jsonl", cwd=tmp_path,
+                   extra_env=extra_env)
+    assert result.returncode == 0 and warm_pid(result.stderr) is None, result.stderr
+    assert (tmp_path / "x.jsonl").exists()
+    if "HF_HOME" in extra_env:
+        assert "refused (environment differs in HF_HOME)" in result.stderr
+
+
+def blocked_job(tmp_path):
+    """A warm `sftrl table` that blocks opening a FIFO nobody writes; returns (client process, job pid)."""
+    fifo = tmp_path / "summary.json"
+    os.mkfifo(fifo)
+    err = tmp_path / "err.log"
+    client = subprocess.Popen([SFTRL, "table", str(fifo), "--out", "t.csv"], cwd=tmp_path,
+                              env=env(), stdout=subprocess.DEVNULL, stderr=err.open("w"))
+    deadline = time.monotonic() + 60
+    while (pid := warm_pid(err.read_text())) is None:
+        assert client.poll() is None and time.monotonic() < deadline, err.read_text()
+        time.sleep(0.05)
+    return client, pid
+
+
+def gone(pid: int, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_client_reaches_the_job_and_the_client_ends_as_it_did(tmp_path, job_server, number):
+    client, pid = blocked_job(tmp_path)
+    assert pid != client.pid
+    client.send_signal(number)
+    # SIGTERM kills both; SIGINT raises KeyboardInterrupt in the job, which Python ends with SIGINT too
+    assert client.wait(timeout=30) == -number
+    assert gone(pid)
+
+
+def test_a_client_killed_outright_takes_its_job_with_it(tmp_path, job_server):
+    client, pid = blocked_job(tmp_path)
+    client.kill()
+    client.wait(timeout=30)
+    assert gone(pid), "the job outlived its killed client"
