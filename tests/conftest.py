@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the tests start inherits it; it changes no number), and each worker's own torch work runs on its share of the cores
 # (`torch_threads_per_worker`).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import helpers  # noqa: E402,F401  (after the defaults above: helpers.SESSION_ENV is the environment they make)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,9 +13,20 @@ REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / ".test" / "config" / "config.yaml"
 
 
+# The environment the session started with (tests/conftest.py sets its defaults before it imports this module).
+# Code that tests run in-process adds variables to os.environ (torch's inductor TORCHINDUCTOR_CACHE_DIR, sftrl's GRPO
+# TRL_EXPERIMENTAL_SILENCE); a Snakemake run must not depend on which tests ran before it, and its jobs run warm
+# only in the environment the job server started with (sftrl.jobserver).
+SESSION_ENV = dict(os.environ)
+
+
 def env() -> dict:
-    """The environment of every Snakemake run: the venv's `sftrl` first on PATH, never the Hub."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    """The environment of every Snakemake run: the session's, the venv's `sftrl` first on PATH, never the Hub, and
+    the session's job server (conftest `job_server`) once it runs."""
+    from sftrl.jobserver import ENV
+
+    server = {ENV: os.environ[ENV]} if ENV in os.environ else {}
+    return {**SESSION_ENV, **server, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{SESSION_ENV['PATH']}",
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -54,6 +54,8 @@ PER_JOB_VARIABLES = frozenset(THREAD_VARIABLES) | {"TMPDIR", "TMP", "TEMP", "TEM
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "transformers.generation.utils",
            "transformers.models.llama.modeling_llama", "safetensors.torch", "threadpoolctl")
 _HEADER = struct.Struct("!I")
+# Signals a client passes on to its job (Snakemake stops a job with SIGTERM; Ctrl-C is SIGINT).
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Refused(Exception):
@@ -97,6 +99,10 @@ def run_in_server(argv: list[str]) -> int | None:
     path = os.environ.get(ENV)
     if not path or "SLURM_JOB_ID" in os.environ:
         return None
+    # From here on a signal for this process is the job's: held until the job's pid is known, then passed on
+    job, held = {}, []
+    previous = {number: signal.signal(number, lambda number, frame: os.kill(job["pid"], number) if job
+                                      else held.append(number)) for number in FORWARDED}
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
@@ -107,19 +113,24 @@ def run_in_server(argv: list[str]) -> int | None:
                      "umask": umask, "env": dict(os.environ), "fds": open_fds}, open_fds)
         reply, _ = _receive(sock)
     except OSError:
-        sock.close()
-        return None
+        reply = None
     if reply is None or "pid" not in reply:
         sock.close()
         if reply:  # said in the job's log: a run whose jobs all start cold should know why
             print(f"sftrl: job server refused ({reply.get('refused')}); running cold", file=sys.stderr)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in held:  # the command runs here after all: it gets them itself
+            signal.raise_signal(number)
         return None
-    pid = reply["pid"]
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(number, lambda received, frame: os.kill(pid, received))
+    pid = job["pid"] = reply["pid"]
+    for number in held:
+        os.kill(pid, number)
     status, _ = _receive(sock)  # a forwarded signal's handler runs and the wait goes on (PEP 475)
-    if status is None:
-        print("sftrl: the job server went away before the job ended", file=sys.stderr)
+    if status is None:  # the server died (killed?): its job must not run on unseen
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        print(f"sftrl: the job server went away before its job {pid} ended; the job was stopped", file=sys.stderr)
         return 1
     code = status["returncode"]
     if code < 0:  # killed by a signal: end the same way, so that the caller sees what a cold job would show
@@ -143,10 +154,14 @@ def _is_open(fd: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- the server
 
-def serve(path: str) -> None:
-    """Listen on PATH until SIGTERM / SIGINT; each accepted request is forked into a job (or refused)."""
+def serve(path: str, parent: int) -> None:
+    """Listen on PATH until SIGTERM, or until PARENT, the process that started the server, is gone (then it is no
+    longer the server's parent: a killed wrapper leaves no server behind); each accepted request is forked into a
+    job (or refused). Ctrl-C is not for the server: the jobs get it from the terminal, as cold ones would, and end
+    the way they end then; the server stops when its command has."""
     server_env = dict(os.environ)  # as it was before anything was imported
     server_pid = os.getpid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)  # before the imports: clients that come meanwhile wait in the backlog, none runs cold
     listener.listen(128)
@@ -161,20 +176,20 @@ def serve(path: str) -> None:
     stopping = []
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_read, selectors.EVENT_READ)
     jobs: dict[int, socket.socket] = {}  # pid -> its client's connection
     try:
-        while not stopping:
-            for key, _ in selector.select():
+        while not stopping and os.getppid() == parent:
+            for key, _ in selector.select(timeout=1.0):
                 if key.fileobj is wake_read:
                     wake_read.recv(4096)
                     _reap(jobs, selector)
                 elif key.fileobj is listener:
                     conn, _ = listener.accept()
-                    pid = _start_job(conn, server_env, closing=(listener, wake_read, wake_write))
+                    pid = _start_job(conn, server_env, inherited=[selector, listener, wake_read, wake_write,
+                                                                  *jobs.values()])
                     if pid:
                         jobs[pid] = conn
                         selector.register(conn, selectors.EVENT_READ, pid)
@@ -192,8 +207,9 @@ def serve(path: str) -> None:
                 os.unlink(path)
 
 
-def _start_job(conn: socket.socket, server_env: dict, closing) -> int | None:
-    """Fork a job for the request on CONN; the job never returns from here. Returns its pid (None if refused)."""
+def _start_job(conn: socket.socket, server_env: dict, inherited: list) -> int | None:
+    """Fork a job for the request on CONN; the job never returns from here. Returns its pid (None if refused).
+    INHERITED: the server's sockets and selector, which the job closes (another job's client must see its end)."""
     conn.settimeout(10)
     fds = []
     try:
@@ -214,12 +230,15 @@ def _start_job(conn: socket.socket, server_env: dict, closing) -> int | None:
         return None
     sys.stdout.flush()
     sys.stderr.flush()
+    # a signal passed on by the client as soon as it has the pid must find the job's own handlers: held until then
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     pid = os.fork()
     if pid == 0:
-        for sock in closing:
-            sock.close()
+        for resource in inherited:
+            resource.close()
         conn.close()
-        _become_job(request, fds)  # exits
+        _become_job(request, fds, mask)  # exits
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     for fd in fds:
         os.close(fd)
     conn.settimeout(None)
@@ -228,13 +247,12 @@ def _start_job(conn: socket.socket, server_env: dict, closing) -> int | None:
     return pid
 
 
-def _become_job(request: dict, fds: list[int]) -> None:
+def _become_job(request: dict, fds: list[int], mask) -> None:
     """In the fork: take on the client's file descriptors, directory, environment and threads, import sftrl
     afresh and run the command. Ends the process the way a cold `sftrl` run ends."""
     signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for number in (signal.SIGCHLD, *FORWARDED):  # a cold Python's handlers
+        signal.signal(number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
     for target in (0, 1, 2):
         if target in request["fds"]:
             os.dup2(fds[request["fds"].index(target)], target)
@@ -253,10 +271,11 @@ def _become_job(request: dict, fds: list[int]) -> None:
     for name in [name for name in sys.modules if name == "sftrl" or name.startswith("sftrl.")]:
         del sys.modules[name]  # the job imports sftrl from disk, as it is now
     sys.argv = ["sftrl", *request["argv"]]
-    from sftrl.cli import run_command
-
     code = 0
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal held since the fork arrives now
+        from sftrl.cli import run_command
+
         run_command(request["argv"])
     except SystemExit as exit:
         code = exit.code
@@ -316,7 +335,7 @@ def start_server(path: str, env: dict) -> subprocess.Popen:
     """A server listening on PATH (a new file; a Unix socket path is at most 107 bytes) for jobs whose environment is
     ENV; returns once it accepts connections (jobs that come before its imports end wait for them). Stop it with
     terminate()."""
-    server = subprocess.Popen([sys.executable, "-m", "sftrl.jobserver", "--serve", path],
+    server = subprocess.Popen([sys.executable, "-m", "sftrl.jobserver", "--serve", path, str(os.getpid())],
                               env={k: v for k, v in env.items() if k != ENV})
     while not os.path.exists(path):
         if server.poll() is not None:
@@ -327,10 +346,10 @@ def start_server(path: str, env: dict) -> subprocess.Popen:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m sftrl.jobserver COMMAND [ARGS]`: COMMAND's jobs run warm; exits with COMMAND's status.
-    (`python -m sftrl.jobserver --serve PATH` is the server itself.)"""
+    (`python -m sftrl.jobserver --serve PATH PARENT_PID` is the server itself.)"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--serve"] and len(argv) == 2:
-        serve(argv[1])
+    if argv[:1] == ["--serve"] and len(argv) == 3:
+        serve(argv[1], int(argv[2]))
         return 0
     if not argv:
         print("usage: python -m sftrl.jobserver COMMAND [ARGS]", file=sys.stderr)
@@ -340,14 +359,18 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(path, dict(os.environ))
         try:
             command = subprocess.Popen(argv, env={**os.environ, ENV: path})
-            while True:
-                try:
-                    return command.wait()
-                except KeyboardInterrupt:  # Ctrl-C reaches COMMAND itself (same process group): wait for it
-                    continue
+            # Ctrl-C reaches COMMAND itself (same process group); SIGTERM / SIGHUP sent here are passed on: wait
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for number in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(number, lambda received, frame: command.send_signal(received))
+            code = command.wait()
         finally:
             server.terminate()
             server.wait()
+    if code < 0:  # COMMAND was killed by a signal: end the same way
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
 
 
 if __name__ == "__main__":

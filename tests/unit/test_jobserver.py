@@ -83,11 +83,13 @@ def blocked_job(tmp_path):
 
 
 def gone(pid: int, seconds: float = 20) -> bool:
+    """The process ends within SECONDS (a zombie nobody has reaped yet counts as ended)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
             return True
         time.sleep(0.05)
     return False
@@ -108,3 +110,26 @@ def test_a_client_killed_outright_takes_its_job_with_it(tmp_path, job_server):
     client.kill()
     client.wait(timeout=30)
     assert gone(pid), "the job outlived its killed client"
+
+
+def test_the_wrapper_serves_its_commands_jobs_and_ends_with_its_status(tmp_path):
+    """`python -m sftrl.jobserver COMMAND` (make results): COMMAND's `sftrl` jobs run warm in a server of its own,
+    which is gone when COMMAND ends; the wrapper exits with COMMAND's status."""
+    script = f"{SFTRL} --help > out.txt 2> err.txt; exit 3"
+    own_env = {key: value for key, value in env().items() if key != ENV}
+    result = subprocess.run([sys.executable, "-m", "sftrl.jobserver", "sh", "-c", script], cwd=tmp_path, env=own_env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert (tmp_path / "out.txt").read_text().startswith("usage: sftrl")
+    err = (tmp_path / "err.txt").read_text()
+    server = re.search(r"sftrl: warm job \d+, forked by job server (\d+)", err)
+    assert server, err
+    assert gone(int(server.group(1))), "the server outlived its command"
+
+
+def test_a_server_whose_starter_has_gone_stops(tmp_path):
+    """A server left behind by a wrapper that was killed outright does not live on."""
+    path = tmp_path / "socket"
+    started = subprocess.run(["sh", "-c", f'"{sys.executable}" -m sftrl.jobserver --serve "{path}" $$ > /dev/null 2>&1 & '
+                                          'echo $!'], env=env(), capture_output=True, text=True, timeout=60)
+    assert gone(int(started.stdout), seconds=120)

@@ -265,6 +265,7 @@ OUTSIDE_THE_RULES = {
     "sftrl.cli": "dispatch only: editing the command table reruns nothing",
     "sftrl.config_checks": "parse-time checks of common.smk: they judge a config, they compute no result",
     "sftrl.base.gguf_import": "`sftrl import-gguf` makes a model.path by hand, before a run",
+    "sftrl.jobserver": "how a job's process starts (warm or cold), not what it computes: the same outputs either way",
 }
 
 
