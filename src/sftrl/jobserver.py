@@ -47,10 +47,11 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 # Read after the fork, or by no imported module: may differ between the server and a job. (tempfile's cached
 # directory is reset in the job; sftrl modules, which read SFTRL_*, are imported by the job itself.)
-PER_JOB_VARIABLES = frozenset(THREAD_VARIABLES) | {"TMPDIR", "TMP", "TEMP", "TEMPDIR", "PWD", "OLDPWD", "SHLVL", "_",
-                                                   "PYTEST_CURRENT_TEST"}
+PER_JOB_VARIABLES = frozenset(THREAD_VARIABLES) | {"TMPDIR", "TMP", "TEMP", "TEMPDIR", "PWD", "OLDPWD", "SHLVL", "_"}
 # What a job imports before it computes anything: torch, and transformers' model classes and generation code
-# (the costly part: sftrl.modeling loads every model through them). Figures and tables import none of these.
+# (the costly part: sftrl.modeling loads every model through them). Left out: pandas, scipy.stats, matplotlib and
+# seaborn (figures and tables, ~2 s each job): importing them here started two more threads, not identified, and a
+# fork copies no thread. (The threads the preload starts are OpenBLAS's, which shuts them down across a fork.)
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "transformers.generation.utils",
            "transformers.models.llama.modeling_llama", "safetensors.torch", "threadpoolctl")
 _HEADER = struct.Struct("!I")
@@ -354,19 +355,26 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print("usage: python -m sftrl.jobserver COMMAND [ARGS]", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="sftrl-jobserver-") as folder:
+    # a Unix socket's path holds at most 107 bytes: a cluster's long TMPDIR would not do
+    short = None if len(tempfile.gettempdir()) <= 64 else "/tmp"
+    with tempfile.TemporaryDirectory(prefix="sftrl-jobserver-", dir=short) as folder:
         path = os.path.join(folder, "socket")
-        server = start_server(path, dict(os.environ))
         try:
-            command = subprocess.Popen(argv, env={**os.environ, ENV: path})
+            server = start_server(path, dict(os.environ))
+        except (RuntimeError, OSError) as err:  # the study still runs, every job cold
+            print(f"sftrl.jobserver: no job server ({err}); {argv[0]}'s jobs start cold", file=sys.stderr)
+            server = None
+        try:
+            command = subprocess.Popen(argv, env={**os.environ, ENV: path} if server else dict(os.environ))
             # Ctrl-C reaches COMMAND itself (same process group); SIGTERM / SIGHUP sent here are passed on: wait
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             for number in (signal.SIGTERM, signal.SIGHUP):
                 signal.signal(number, lambda received, frame: command.send_signal(received))
             code = command.wait()
         finally:
-            server.terminate()
-            server.wait()
+            if server:
+                server.terminate()
+                server.wait()
     if code < 0:  # COMMAND was killed by a signal: end the same way
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)

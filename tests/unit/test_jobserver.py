@@ -114,9 +114,12 @@ def test_a_client_killed_outright_takes_its_job_with_it(tmp_path, job_server):
 
 def test_the_wrapper_serves_its_commands_jobs_and_ends_with_its_status(tmp_path):
     """`python -m sftrl.jobserver COMMAND` (make results): COMMAND's `sftrl` jobs run warm in a server of its own,
-    which is gone when COMMAND ends; the wrapper exits with COMMAND's status."""
+    which is gone when COMMAND ends; the wrapper exits with COMMAND's status. Under a TMPDIR too long for a Unix
+    socket's path too (a cluster's scratch space)."""
     script = f"{SFTRL} --help > out.txt 2> err.txt; exit 3"
-    own_env = {key: value for key, value in env().items() if key != ENV}
+    long_tmp = tmp_path / ("scratch-" * 12)
+    long_tmp.mkdir()
+    own_env = {**{key: value for key, value in env().items() if key != ENV}, "TMPDIR": str(long_tmp)}
     result = subprocess.run([sys.executable, "-m", "sftrl.jobserver", "sh", "-c", script], cwd=tmp_path, env=own_env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 3, result.stderr
