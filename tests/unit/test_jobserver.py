@@ -69,14 +69,16 @@ def test_what_the_server_cannot_run_as_a_cold_process_runs_cold(tmp_path, job_se
 
 
 def blocked_job(tmp_path):
-    """A warm `sftrl table` that blocks opening a FIFO nobody writes; returns (client process, job pid)."""
+    """A warm `sftrl table` blocked opening a FIFO nobody writes; returns (client process, job pid). It returns once
+    the job is in that open(): a KeyboardInterrupt that lands in a finalizer during the job's imports is ignored by
+    Python ("Exception ignored in ... __del__"), warm or cold, which would make the SIGINT test flaky."""
     fifo = tmp_path / "summary.json"
     os.mkfifo(fifo)
     err = tmp_path / "err.log"
     client = subprocess.Popen([SFTRL, "table", str(fifo), "--out", "t.csv"], cwd=tmp_path,
                               env=env(), stdout=subprocess.DEVNULL, stderr=err.open("w"))
     deadline = time.monotonic() + 60
-    while (pid := warm_pid(err.read_text())) is None:
+    while (pid := warm_pid(err.read_text())) is None or Path(f"/proc/{pid}/wchan").read_text() != "wait_for_partner":
         assert client.poll() is None and time.monotonic() < deadline, err.read_text()
         time.sleep(0.05)
     return client, pid
