@@ -106,7 +106,11 @@ def run_in_server(argv: list[str]) -> int | None:
                                       else held.append(number)) for number in FORWARDED}
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(path)
+        try:
+            sock.connect(path)
+        except OSError as err:
+            print(f"sftrl: no job server at {path!r} ({err.strerror}; {ENV}); running cold", file=sys.stderr)
+            raise
         open_fds = [fd for fd in (0, 1, 2) if _is_open(fd)]
         umask = os.umask(0)
         os.umask(umask)

@@ -58,7 +58,8 @@ def test_warm_and_cold_jobs_write_the_same_bytes(tmp_path, job_server):
     assert outputs["warm"] == outputs["cold"]
 
 
-@pytest.mark.parametrize("extra_env", [{"HF_HOME": "/elsewhere"}, {"SLURM_JOB_ID": "7"}])
+@pytest.mark.parametrize("extra_env", [{"HF_HOME": "/elsewhere"}, {"SLURM_JOB_ID": "7"},
+                                       {ENV: "/nonexistent/socket"}])
 def test_what_the_server_cannot_run_as_a_cold_process_runs_cold(tmp_path, job_server, extra_env):
     result = sftrl("data", "eval-set", "--rule", "id", "--n", "2", "--seed", "1", "--out", "x.jsonl", cwd=tmp_path,
                    extra_env=extra_env)
@@ -66,6 +67,8 @@ def test_what_the_server_cannot_run_as_a_cold_process_runs_cold(tmp_path, job_se
     assert (tmp_path / "x.jsonl").exists()
     if "HF_HOME" in extra_env:
         assert "refused (environment differs in HF_HOME)" in result.stderr
+    if ENV in extra_env:  # a wrong SFTRL_JOBSERVER is named, not silently ignored
+        assert "no job server at '/nonexistent/socket'" in result.stderr
 
 
 def blocked_job(tmp_path):
