@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from helpers import REPO, make_workdir
+from helpers import env as helpers_env
 
 SCRIPTS = REPO / "scripts" / "slurm"
 PROFILES = [REPO / "profiles" / "slurm", REPO / "profiles" / "slurm-localhost"]
@@ -36,8 +37,8 @@ TARGETS = ["results/base/abilities.json", "results/seed-0/tables/eval_sft.csv", 
 
 
 def env() -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "SFTRL_SLURM_STATE": str(STATE)}
+    """Every test Snakemake run's environment (helpers.env), and where the cluster keeps its state."""
+    return {**helpers_env(), "SFTRL_SLURM_STATE": str(STATE)}
 
 
 def why_not_runnable() -> str | None:
